@@ -1,0 +1,438 @@
+//! The blog's and the lesson's distributions (same parameters), plus the usual OT benchmarks.
+
+use crate::{DataError, Rng, Sampler};
+use rand::seq::SliceRandom;
+use rand::Rng as _;
+use rand_distr::StandardNormal;
+use std::f64::consts::PI;
+
+/// Names accepted by [`Distribution::from_name`].
+pub const DISTRIBUTION_NAMES: &[&str] = &[
+    "gaussian",
+    "square",
+    "heart",
+    "spiral",
+    "two-gaussians",
+    "smiley",
+    "moons",
+    "8gaussians",
+    "checkerboard",
+    "gaussian-nd",
+];
+
+/// A named distribution with its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Distribution {
+    /// Isotropic 2D Gaussian `N(0, scale² I)` (blog `create_gaussian_data`, scale 1).
+    Gaussian { scale: f64 },
+    /// Uniform on `[-scale, scale]²` (blog `create_square_data`, scale 3).
+    Square { scale: f64 },
+    /// Uniform inside the blog's heart curve, scaled (blog `create_heart_data`, scale 3).
+    Heart { scale: f64 },
+    /// Archimedean spiral with noise `0.1·scale` (blog `create_spiral_data`, scale 1).
+    Spiral { scale: f64 },
+    /// Two Gaussians at `x = ±shift` (blog `create_two_gaussians_data`, scale 1, shift 2.5).
+    TwoGaussians { scale: f64, shift: f64 },
+    /// Two eyes and a smile (blog `create_smiley_data`, scale 2.5).
+    Smiley { scale: f64 },
+    /// sklearn's `make_moons` with Gaussian noise (lesson: noise 0.05).
+    Moons { noise: f64 },
+    /// Eight Gaussians on a circle of radius `scale` (TorchCFM: scale 5, var 0.1).
+    EightGaussians { scale: f64, var: f64 },
+    /// The FFJORD checkerboard on `[-4, 4]²`.
+    Checkerboard,
+    /// Standard Gaussian in `dim` dimensions.
+    GaussianNd { dim: usize },
+}
+
+impl Distribution {
+    /// The distribution named `name` with the seeds' default parameters.
+    pub fn from_name(name: &str) -> Result<Self, DataError> {
+        Ok(match name {
+            "gaussian" => Self::Gaussian { scale: 1.0 },
+            "square" => Self::Square { scale: 3.0 },
+            "heart" => Self::Heart { scale: 3.0 },
+            "spiral" => Self::Spiral { scale: 1.0 },
+            "two-gaussians" => Self::TwoGaussians {
+                scale: 1.0,
+                shift: 2.5,
+            },
+            "smiley" => Self::Smiley { scale: 2.5 },
+            "moons" => Self::Moons { noise: 0.05 },
+            "8gaussians" => Self::EightGaussians {
+                scale: 5.0,
+                var: 0.1,
+            },
+            "checkerboard" => Self::Checkerboard,
+            "gaussian-nd" => Self::GaussianNd { dim: 2 },
+            _ => {
+                return Err(DataError::UnknownDistribution {
+                    name: name.to_string(),
+                    known: DISTRIBUTION_NAMES.join(", "),
+                })
+            }
+        })
+    }
+
+    /// Replaces the distribution's main parameter: `scale` (or `noise` for moons, `dim` for
+    /// gaussian-nd). Errors for a non-positive value or a distribution without one.
+    pub fn with_scale(self, value: f64) -> Result<Self, DataError> {
+        if !(value.is_finite() && value > 0.0) {
+            return Err(DataError::InvalidParameter {
+                dist: self.name(),
+                msg: format!("scale must be a positive number, got {value}"),
+            });
+        }
+        Ok(match self {
+            Self::Gaussian { .. } => Self::Gaussian { scale: value },
+            Self::Square { .. } => Self::Square { scale: value },
+            Self::Heart { .. } => Self::Heart { scale: value },
+            Self::Spiral { .. } => Self::Spiral { scale: value },
+            Self::TwoGaussians { shift, .. } => Self::TwoGaussians {
+                scale: value,
+                shift,
+            },
+            Self::Smiley { .. } => Self::Smiley { scale: value },
+            Self::Moons { .. } => Self::Moons { noise: value },
+            Self::EightGaussians { var, .. } => Self::EightGaussians { scale: value, var },
+            Self::Checkerboard => {
+                return Err(DataError::InvalidParameter {
+                    dist: "checkerboard",
+                    msg: "has no scale parameter".into(),
+                })
+            }
+            Self::GaussianNd { .. } => Self::GaussianNd {
+                dim: value.round() as usize,
+            },
+        })
+    }
+
+    /// Sets the dimension (only `gaussian-nd` has a free dimension; 2D shapes require 2).
+    pub fn with_dim(self, dim: usize) -> Result<Self, DataError> {
+        match self {
+            Self::GaussianNd { .. } if dim > 0 => Ok(Self::GaussianNd { dim }),
+            other if dim == 2 => Ok(other),
+            other => Err(DataError::InvalidParameter {
+                dist: other.name(),
+                msg: format!("dimension {dim} is not supported (2D shape)"),
+            }),
+        }
+    }
+
+    /// The config name of this distribution.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Gaussian { .. } => "gaussian",
+            Self::Square { .. } => "square",
+            Self::Heart { .. } => "heart",
+            Self::Spiral { .. } => "spiral",
+            Self::TwoGaussians { .. } => "two-gaussians",
+            Self::Smiley { .. } => "smiley",
+            Self::Moons { .. } => "moons",
+            Self::EightGaussians { .. } => "8gaussians",
+            Self::Checkerboard => "checkerboard",
+            Self::GaussianNd { .. } => "gaussian-nd",
+        }
+    }
+}
+
+fn normal(rng: &mut Rng) -> f64 {
+    rng.sample::<f64, _>(StandardNormal)
+}
+
+fn uniform(rng: &mut Rng) -> f64 {
+    rng.random::<f64>()
+}
+
+fn push(out: &mut Vec<f32>, x: f64, y: f64) {
+    out.push(x as f32);
+    out.push(y as f32);
+}
+
+fn shuffled_points(mut pts: Vec<[f64; 2]>, n: usize, rng: &mut Rng) -> Vec<f32> {
+    pts.shuffle(rng);
+    pts.truncate(n);
+    pts.into_iter()
+        .flat_map(|[x, y]| [x as f32, y as f32])
+        .collect()
+}
+
+impl Sampler for Distribution {
+    fn dim(&self) -> usize {
+        match self {
+            Self::GaussianNd { dim } => *dim,
+            _ => 2,
+        }
+    }
+
+    fn sample_vec(&self, n: usize, rng: &mut Rng) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n * self.dim());
+        match *self {
+            Self::Gaussian { scale } => {
+                for _ in 0..n {
+                    push(&mut out, normal(rng) * scale, normal(rng) * scale);
+                }
+            }
+            Self::GaussianNd { dim } => {
+                out.extend((0..n * dim).map(|_| normal(rng) as f32));
+            }
+            Self::Square { scale } => {
+                for _ in 0..n {
+                    let (x, y) = (uniform(rng), uniform(rng));
+                    push(&mut out, (x * 2.0 - 1.0) * scale, (y * 2.0 - 1.0) * scale);
+                }
+            }
+            Self::Heart { scale } => {
+                // Rejection from [-1, 1]², accept x² + (5(y + 1/4)/4 - sqrt|x|)² <= 1.
+                while out.len() < 2 * n {
+                    let x = uniform(rng) * 2.0 - 1.0;
+                    let y = uniform(rng) * 2.0 - 1.0;
+                    let h = 5.0 * (y + 0.25) / 4.0 - x.abs().sqrt();
+                    if x * x + h * h <= 1.0 {
+                        push(&mut out, x * scale, y * scale);
+                    }
+                }
+            }
+            Self::Spiral { scale } => {
+                let noise = 0.1 * scale;
+                for _ in 0..n {
+                    let theta = 6.0 * PI * uniform(rng);
+                    let r = theta / (2.0 * PI) * scale;
+                    let x = r * theta.cos() + noise * normal(rng);
+                    let y = r * theta.sin() + noise * normal(rng);
+                    push(&mut out, x, y);
+                }
+            }
+            Self::TwoGaussians { scale, shift } => {
+                let mut pts: Vec<[f64; 2]> = (0..n)
+                    .map(|i| {
+                        let dx = if i < n / 2 { -shift } else { shift };
+                        [normal(rng) * scale + dx, normal(rng) * scale]
+                    })
+                    .collect();
+                pts.shuffle(rng);
+                return pts
+                    .into_iter()
+                    .flat_map(|[x, y]| [x as f32, y as f32])
+                    .collect();
+            }
+            Self::Smiley { scale } => {
+                let m = n / 3 + 20;
+                let mut pts = Vec::with_capacity(3 * m);
+                for eye in [[-1.0, 0.9], [1.0, 0.9]] {
+                    for _ in 0..m {
+                        pts.push([
+                            normal(rng) * 0.2 + eye[0] * scale * 0.4,
+                            normal(rng) * 0.2 + eye[1] * scale * 0.4,
+                        ]);
+                    }
+                }
+                for _ in 0..m {
+                    let theta = -PI / 6.0 - 2.0 * PI / 3.0 * uniform(rng);
+                    let r = scale * 0.6 + (scale / 4.0) * uniform(rng);
+                    pts.push([r * theta.cos(), r * theta.sin()]);
+                }
+                return shuffled_points(pts, n, rng);
+            }
+            Self::Moons { noise } => {
+                // sklearn.datasets.make_moons(n, shuffle=True, noise=noise).
+                let n_out = n / 2;
+                let n_in = n - n_out;
+                let lin = |i: usize, m: usize| {
+                    if m <= 1 {
+                        0.0
+                    } else {
+                        PI * i as f64 / (m - 1) as f64
+                    }
+                };
+                let mut pts = Vec::with_capacity(n);
+                for i in 0..n_out {
+                    let a = lin(i, n_out);
+                    pts.push([a.cos(), a.sin()]);
+                }
+                for i in 0..n_in {
+                    let a = lin(i, n_in);
+                    pts.push([1.0 - a.cos(), 1.0 - a.sin() - 0.5]);
+                }
+                pts.shuffle(rng);
+                for p in pts.iter_mut() {
+                    p[0] += noise * normal(rng);
+                    p[1] += noise * normal(rng);
+                }
+                return pts
+                    .into_iter()
+                    .flat_map(|[x, y]| [x as f32, y as f32])
+                    .collect();
+            }
+            Self::EightGaussians { scale, var } => {
+                // TorchCFM's eight_normal_sample: covariance sqrt(var)·I around 8 centres.
+                let std = var.sqrt().sqrt();
+                let s = 1.0 / 2f64.sqrt();
+                let centers = [
+                    [1.0, 0.0],
+                    [-1.0, 0.0],
+                    [0.0, 1.0],
+                    [0.0, -1.0],
+                    [s, s],
+                    [-s, s],
+                    [s, -s],
+                    [-s, -s],
+                ];
+                for _ in 0..n {
+                    let c = centers[rng.random_range(0..8)];
+                    let x = c[0] * scale + std * normal(rng);
+                    let y = c[1] * scale + std * normal(rng);
+                    push(&mut out, x, y);
+                }
+            }
+            Self::Checkerboard => {
+                for _ in 0..n {
+                    let x1 = uniform(rng) * 4.0 - 2.0;
+                    let x2 = uniform(rng) - rng.random_range(0..2) as f64 * 2.0;
+                    let x2 = x2 + (x1.floor().rem_euclid(2.0));
+                    push(&mut out, x1 * 2.0, x2 * 2.0);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng_from_seed;
+    use candle_core::Device;
+
+    fn stats(v: &[f32], dim: usize) -> (Vec<f64>, Vec<f64>) {
+        let n = v.len() / dim;
+        let mut mean = vec![0.0; dim];
+        let mut var = vec![0.0; dim];
+        for p in v.chunks(dim) {
+            for d in 0..dim {
+                mean[d] += p[d] as f64 / n as f64;
+            }
+        }
+        for p in v.chunks(dim) {
+            for d in 0..dim {
+                var[d] += (p[d] as f64 - mean[d]).powi(2) / n as f64;
+            }
+        }
+        (mean, var)
+    }
+
+    #[test]
+    fn every_name_builds_and_samples_finite_points_of_right_shape() {
+        for name in DISTRIBUTION_NAMES {
+            let d = Distribution::from_name(name).unwrap();
+            let mut rng = rng_from_seed(0);
+            let t = d.sample(513, &mut rng, &Device::Cpu).unwrap();
+            assert_eq!(t.dims(), &[513, d.dim()], "{name}");
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{name}");
+        }
+        assert!(Distribution::from_name("banana").is_err());
+    }
+
+    #[test]
+    fn same_seed_same_points_other_seed_other_points() {
+        let d = Distribution::from_name("spiral").unwrap();
+        let a = d.sample_vec(100, &mut rng_from_seed(7));
+        let b = d.sample_vec(100, &mut rng_from_seed(7));
+        let c = d.sample_vec(100, &mut rng_from_seed(8));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn gaussian_moments_match_scale() {
+        let d = Distribution::Gaussian { scale: 2.0 };
+        let v = d.sample_vec(40_000, &mut rng_from_seed(1));
+        let (m, var) = stats(&v, 2);
+        for k in 0..2 {
+            assert!(m[k].abs() < 0.05, "mean {m:?}");
+            assert!((var[k] - 4.0).abs() < 0.15, "var {var:?}");
+        }
+        let nd = Distribution::GaussianNd { dim: 5 };
+        let v = nd.sample_vec(20_000, &mut rng_from_seed(2));
+        let (_, var) = stats(&v, 5);
+        assert!(var.iter().all(|x| (x - 1.0).abs() < 0.05), "{var:?}");
+    }
+
+    #[test]
+    fn square_is_uniform_on_its_box() {
+        let v = Distribution::Square { scale: 3.0 }.sample_vec(20_000, &mut rng_from_seed(3));
+        assert!(v.iter().all(|x| x.abs() <= 3.0));
+        let (_, var) = stats(&v, 2);
+        // Var of U(-3, 3) = 36 / 12 = 3.
+        assert!(var.iter().all(|x| (x - 3.0).abs() < 0.1), "{var:?}");
+    }
+
+    #[test]
+    fn heart_points_satisfy_the_heart_inequality() {
+        let v = Distribution::Heart { scale: 3.0 }.sample_vec(2000, &mut rng_from_seed(4));
+        for p in v.chunks(2) {
+            let (x, y) = (p[0] as f64 / 3.0, p[1] as f64 / 3.0);
+            let h = 5.0 * (y + 0.25) / 4.0 - x.abs().sqrt();
+            assert!(x * x + h * h <= 1.0 + 1e-5);
+        }
+    }
+
+    #[test]
+    fn moons_match_sklearn_geometry() {
+        // Without noise every point lies on one of the two unit half circles.
+        let v = Distribution::Moons { noise: 1e-9 }.sample_vec(1001, &mut rng_from_seed(5));
+        let mut upper = 0;
+        for p in v.chunks(2) {
+            let (x, y) = (p[0] as f64, p[1] as f64);
+            let r_out = (x * x + y * y).sqrt();
+            let r_in = ((x - 1.0).powi(2) + (y - 0.5).powi(2)).sqrt();
+            assert!((r_out - 1.0).abs() < 1e-5 && y >= -1e-6 || (r_in - 1.0).abs() < 1e-5);
+            if (r_out - 1.0).abs() < 1e-5 && y >= -1e-6 {
+                upper += 1;
+            }
+        }
+        assert!((500..=501).contains(&upper), "{upper}");
+    }
+
+    #[test]
+    fn spiral_radius_grows_with_angle_and_stays_within_three_turns() {
+        let v = Distribution::Spiral { scale: 1.0 }.sample_vec(5000, &mut rng_from_seed(6));
+        let rmax = v
+            .chunks(2)
+            .map(|p| ((p[0] * p[0] + p[1] * p[1]) as f64).sqrt())
+            .fold(0.0, f64::max);
+        assert!(rmax > 2.7 && rmax < 3.6, "{rmax}");
+    }
+
+    #[test]
+    fn two_gaussians_and_smiley_are_balanced() {
+        let v = Distribution::from_name("two-gaussians")
+            .unwrap()
+            .sample_vec(4000, &mut rng_from_seed(9));
+        let left = v.chunks(2).filter(|p| p[0] < 0.0).count();
+        assert!((1900..=2100).contains(&left), "{left}");
+        let v = Distribution::from_name("smiley")
+            .unwrap()
+            .sample_vec(3000, &mut rng_from_seed(9));
+        let eyes = v.chunks(2).filter(|p| p[1] > 0.4).count();
+        assert!((1850..=2150).contains(&eyes), "{eyes}");
+    }
+
+    #[test]
+    fn with_scale_and_dim_validate() {
+        assert!(Distribution::from_name("gaussian")
+            .unwrap()
+            .with_scale(-1.0)
+            .is_err());
+        assert!(Distribution::from_name("moons")
+            .unwrap()
+            .with_dim(3)
+            .is_err());
+        let nd = Distribution::from_name("gaussian-nd")
+            .unwrap()
+            .with_dim(7)
+            .unwrap();
+        assert_eq!(nd.dim(), 7);
+    }
+}

@@ -1,0 +1,157 @@
+//! Distances between two samples of points.
+
+use crate::ot::ot_pairing;
+use crate::{rows, MetricsError};
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+fn pair_rows(a: &Tensor, b: &Tensor) -> Result<(Vec<f64>, Vec<f64>, usize), MetricsError> {
+    let (va, na, da) = rows(a)?;
+    let (vb, nb, db) = rows(b)?;
+    if da != db {
+        return Err(MetricsError::Shape(format!(
+            "dimension mismatch: {da} vs {db}"
+        )));
+    }
+    if na == 0 || nb == 0 {
+        return Err(MetricsError::Shape("empty sample".into()));
+    }
+    if va.iter().chain(&vb).any(|x| !x.is_finite()) {
+        return Err(MetricsError::NonFinite("samples"));
+    }
+    Ok((va, vb, da))
+}
+
+/// Exact empirical 2-Wasserstein distance between two equal-size samples (Hungarian).
+pub fn w2(a: &Tensor, b: &Tensor) -> Result<f64, MetricsError> {
+    let (va, vb, d) = pair_rows(a, b)?;
+    let (_, mean_sq) = ot_pairing(&va, &vb, d)?;
+    Ok(mean_sq.sqrt())
+}
+
+fn mean_kernel(a: &[f64], b: &[f64], d: usize, k: impl Fn(f64) -> f64 + Sync) -> f64 {
+    let (n, m) = (a.len() / d, b.len() / d);
+    let total: f64 = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let ai = &a[i * d..(i + 1) * d];
+            (0..m)
+                .map(|j| {
+                    let bj = &b[j * d..(j + 1) * d];
+                    k(ai.iter().zip(bj).map(|(x, y)| (x - y) * (x - y)).sum())
+                })
+                .sum::<f64>()
+        })
+        .sum();
+    total / (n * m) as f64
+}
+
+/// Squared MMD (biased V-statistic) with a Gaussian kernel `exp(-|x-y|²/(2σ²))`.
+/// With `sigma = None` the bandwidth is the median pairwise distance of the pooled sample.
+pub fn mmd_rbf(a: &Tensor, b: &Tensor, sigma: Option<f64>) -> Result<f64, MetricsError> {
+    let (va, vb, d) = pair_rows(a, b)?;
+    let sigma = match sigma {
+        Some(s) if s > 0.0 => s,
+        Some(s) => {
+            return Err(MetricsError::Shape(format!(
+                "MMD bandwidth must be positive, got {s}"
+            )))
+        }
+        None => median_distance(&va, &vb, d),
+    };
+    let g = 1.0 / (2.0 * sigma * sigma);
+    let k = |sq: f64| (-g * sq).exp();
+    Ok((mean_kernel(&va, &va, d, k) + mean_kernel(&vb, &vb, d, k)
+        - 2.0 * mean_kernel(&va, &vb, d, k))
+    .max(0.0))
+}
+
+fn median_distance(a: &[f64], b: &[f64], d: usize) -> f64 {
+    // Median over a bounded subsample of pooled pairs.
+    let pooled: Vec<&[f64]> = a.chunks(d).chain(b.chunks(d)).collect();
+    let stride = (pooled.len() / 500).max(1);
+    let sub: Vec<&[f64]> = pooled.into_iter().step_by(stride).collect();
+    let mut dists = Vec::new();
+    for i in 0..sub.len() {
+        for j in i + 1..sub.len() {
+            dists.push(
+                sub[i]
+                    .iter()
+                    .zip(sub[j])
+                    .map(|(x, y)| (x - y) * (x - y))
+                    .sum::<f64>()
+                    .sqrt(),
+            );
+        }
+    }
+    if dists.is_empty() {
+        return 1.0;
+    }
+    dists.sort_by(|x, y| x.total_cmp(y));
+    dists[dists.len() / 2].max(1e-12)
+}
+
+/// Energy distance `2E|X-Y| - E|X-X'| - E|Y-Y'|` (Székely & Rizzo).
+pub fn energy_distance(a: &Tensor, b: &Tensor) -> Result<f64, MetricsError> {
+    let (va, vb, d) = pair_rows(a, b)?;
+    let k = |sq: f64| sq.sqrt();
+    Ok(2.0 * mean_kernel(&va, &vb, d, k)
+        - mean_kernel(&va, &va, d, k)
+        - mean_kernel(&vb, &vb, d, k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn sample(n: usize, shift: f64) -> Tensor {
+        // A deterministic, spread-out 2D sample.
+        let v: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let a = i as f64 * 2.399963;
+                let r = (i as f64 / n as f64).sqrt();
+                [(r * a.cos() + shift) as f32, (r * a.sin()) as f32]
+            })
+            .collect();
+        Tensor::from_vec(v, (n, 2), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn w2_of_a_shifted_copy_equals_the_shift() {
+        let a = sample(300, 0.0);
+        for shift in [0.0, 0.5, 3.0] {
+            let b = sample(300, shift);
+            assert!((w2(&a, &b).unwrap() - shift).abs() < 1e-5, "shift {shift}");
+        }
+    }
+
+    #[test]
+    fn mmd_and_energy_vanish_on_identical_samples_and_grow_with_shift() {
+        let a = sample(200, 0.0);
+        let near = sample(200, 0.1);
+        let far = sample(200, 1.0);
+        assert!(mmd_rbf(&a, &a, None).unwrap() < 1e-12);
+        assert!(energy_distance(&a, &a).unwrap().abs() < 1e-12);
+        let (m1, m2) = (
+            mmd_rbf(&a, &near, Some(0.5)).unwrap(),
+            mmd_rbf(&a, &far, Some(0.5)).unwrap(),
+        );
+        assert!(0.0 < m1 && m1 < m2);
+        let (e1, e2) = (
+            energy_distance(&a, &near).unwrap(),
+            energy_distance(&a, &far).unwrap(),
+        );
+        assert!(0.0 < e1 && e1 < e2);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let a = sample(10, 0.0);
+        let b = sample(11, 0.0);
+        assert!(w2(&a, &b).is_err());
+        let nan = Tensor::new(&[[f32::NAN, 0.0]], &Device::Cpu).unwrap();
+        let one = Tensor::new(&[[0.0f32, 0.0]], &Device::Cpu).unwrap();
+        assert!(matches!(w2(&nan, &one), Err(MetricsError::NonFinite(_))));
+    }
+}

@@ -1,0 +1,33 @@
+use candle_core::{Result, Tensor};
+
+/// A time-dependent velocity field `v(x, t)`.
+///
+/// `x` has shape `(B, ...)` and `t` shape `(B,)`; the result has the shape of `x`.
+pub trait VelocityField: Send + Sync {
+    /// Evaluates the velocity at points `x` and times `t`.
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
+}
+
+/// A velocity field given by a closure (analytic fields in tests, teachers, wrappers).
+pub struct FnField<F>(pub F);
+
+impl<F> VelocityField for FnField<F>
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync,
+{
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        (self.0)(x, t)
+    }
+}
+
+impl<T: VelocityField + ?Sized> VelocityField for Box<T> {
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        (**self).velocity(x, t)
+    }
+}
+
+impl<T: VelocityField + ?Sized> VelocityField for &T {
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        (**self).velocity(x, t)
+    }
+}

@@ -1,0 +1,19 @@
+//! Velocity fields `v(x, t)` for flow matching.
+//!
+//! - [`VelocityField`]: the one trait every model implements (and every solver consumes).
+//! - [`activation`]: GELU / SiLU as vectorisable candle custom ops with their own gradients.
+//! - [`Params`]: a candle `VarMap` filled from a seeded ChaCha RNG; saves/loads safetensors.
+//! - [`VelocityNet`] (blog) and [`VelocityMlp`] (lesson); [`ModelSpec`] builds either by name.
+
+pub mod activation;
+mod error;
+mod field;
+mod mlp;
+mod params;
+mod spec;
+
+pub use error::ModelError;
+pub use field::{FnField, VelocityField};
+pub use mlp::{sinusoidal_embedding, VelocityMlp, VelocityNet};
+pub use params::Params;
+pub use spec::{Model, ModelSpec};

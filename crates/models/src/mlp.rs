@@ -1,0 +1,111 @@
+use crate::activation::Activation;
+use crate::{ModelError, Params, VelocityField};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Linear, Module};
+
+/// The blog's `VelocityNet`: `[x, t]` → 3 hidden layers of width `h` → velocity.
+pub struct VelocityNet {
+    fc_in: Linear,
+    fc2: Linear,
+    fc3: Linear,
+    fc_out: Linear,
+    act: Activation,
+}
+
+impl VelocityNet {
+    /// Builds the network for `dim`-dimensional data with hidden width `hidden`.
+    pub fn new(
+        p: &mut Params,
+        dim: usize,
+        hidden: usize,
+        act: Activation,
+    ) -> std::result::Result<Self, ModelError> {
+        Ok(Self {
+            fc_in: p.linear("fc_in", dim + 1, hidden)?,
+            fc2: p.linear("fc2", hidden, hidden)?,
+            fc3: p.linear("fc3", hidden, hidden)?,
+            fc_out: p.linear("fc_out", hidden, dim)?,
+            act,
+        })
+    }
+}
+
+impl VelocityField for VelocityNet {
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let t = t.reshape((x.dim(0)?, 1))?.to_dtype(x.dtype())?;
+        let h = Tensor::cat(&[x, &t], 1)?;
+        let h = self.act.apply(&self.fc_in.forward(&h)?)?;
+        let h = self.act.apply(&self.fc2.forward(&h)?)?;
+        let h = self.act.apply(&self.fc3.forward(&h)?)?;
+        self.fc_out.forward(&h)
+    }
+}
+
+/// The lesson's 64-dim sinusoidal time encoding: `[sin(t·f_k), cos(t·f_k)]`,
+/// `f_k = exp(-ln(10000)·k/32)`, k = 0..32.
+pub fn sinusoidal_embedding(t: &Tensor, dims: usize) -> Result<Tensor> {
+    let half = dims / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| (-(10000f64.ln()) * k as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let t = t.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let arg = t.broadcast_mul(&freqs)?;
+    Tensor::cat(&[arg.sin()?, arg.cos()?], D::Minus1)
+}
+
+/// The lesson's `VelocityMLP`: sinusoidal time embedding → `Linear(64, h)` + SiLU, concatenated
+/// with `x`, then `layers` hidden layers of width `h` and a linear head.
+pub struct VelocityMlp {
+    time_embed: Linear,
+    net: Vec<Linear>,
+    act: Activation,
+}
+
+impl VelocityMlp {
+    /// Time-embedding width, fixed by the lesson.
+    pub const TIME_DIMS: usize = 64;
+
+    /// Builds the MLP for `dim`-dimensional data.
+    pub fn new(
+        p: &mut Params,
+        dim: usize,
+        hidden: usize,
+        layers: usize,
+        act: Activation,
+    ) -> std::result::Result<Self, ModelError> {
+        if layers == 0 {
+            return Err(ModelError::Invalid(
+                "VelocityMLP needs at least one layer".into(),
+            ));
+        }
+        let time_embed = p.linear("time_embed.0", Self::TIME_DIMS, hidden)?;
+        // Same indices as the PyTorch nn.Sequential (activations take the odd slots).
+        let mut net = vec![p.linear("net.0", dim + hidden, hidden)?];
+        for i in 1..layers {
+            net.push(p.linear(&format!("net.{}", 2 * i), hidden, hidden)?);
+        }
+        net.push(p.linear(&format!("net.{}", 2 * layers), hidden, dim)?);
+        Ok(Self {
+            time_embed,
+            net,
+            act,
+        })
+    }
+}
+
+impl VelocityField for VelocityMlp {
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let temb = sinusoidal_embedding(&t.flatten_all()?, Self::TIME_DIMS)?;
+        let temb = self.act.apply(&self.time_embed.forward(&temb)?)?;
+        let mut h = Tensor::cat(&[x, &temb], 1)?;
+        let last = self.net.len() - 1;
+        for (i, layer) in self.net.iter().enumerate() {
+            h = layer.forward(&h)?;
+            if i < last {
+                h = self.act.apply(&h)?;
+            }
+        }
+        Ok(h)
+    }
+}

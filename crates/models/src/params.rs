@@ -1,0 +1,132 @@
+use crate::ModelError;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Linear, VarMap};
+use rand::Rng as _;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+
+/// A model's trainable parameters: a named `VarMap` initialised from a seeded RNG.
+///
+/// Names follow PyTorch's `state_dict` (`fc_in.weight`, `net.0.bias`, …), so a safetensors
+/// checkpoint reads like the model it came from.
+pub struct Params {
+    varmap: VarMap,
+    device: Device,
+    rng: ChaCha8Rng,
+}
+
+impl Params {
+    /// Empty parameter set whose initial values are drawn from `seed`.
+    pub fn new(seed: u64, device: &Device) -> Self {
+        Self {
+            varmap: VarMap::new(),
+            device: device.clone(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The underlying variable map (for optimisers).
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// All trainable variables, in name order (stable across runs).
+    pub fn vars(&self) -> Vec<Var> {
+        let data = self.varmap.data().lock().expect("varmap lock poisoned");
+        let mut named: Vec<(&String, &Var)> = data.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Number of scalar parameters.
+    pub fn count(&self) -> usize {
+        self.vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    fn uniform(&mut self, name: &str, shape: &[usize], bound: f64) -> Result<Tensor, ModelError> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| ((self.rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        let t = Tensor::from_vec(data, shape, &self.device)?;
+        let var = Var::from_tensor(&t)?;
+        let tensor = var.as_tensor().clone();
+        self.varmap
+            .data()
+            .lock()
+            .expect("varmap lock poisoned")
+            .insert(name.to_string(), var);
+        Ok(tensor)
+    }
+
+    /// A `Linear(in, out)` layer named `name`, initialised like PyTorch's `nn.Linear`
+    /// (weight and bias uniform in ±1/sqrt(in)).
+    pub fn linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear, ModelError> {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let w = self.uniform(&format!("{name}.weight"), &[d_out, d_in], bound)?;
+        let b = self.uniform(&format!("{name}.bias"), &[d_out], bound)?;
+        Ok(Linear::new(w, Some(b)))
+    }
+
+    /// A parameter tensor of `shape` initialised uniformly in ±`bound`.
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        bound: f64,
+    ) -> Result<Tensor, ModelError> {
+        self.uniform(name, shape, bound)
+    }
+
+    /// Writes every parameter to a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        self.varmap.save(path).map_err(|e| ModelError::Checkpoint {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// Overwrites every parameter with the values stored in a safetensors file.
+    pub fn load(&mut self, path: &Path) -> Result<(), ModelError> {
+        let err = |msg: String| ModelError::Checkpoint {
+            path: path.display().to_string(),
+            msg,
+        };
+        let tensors =
+            candle_core::safetensors::load(path, &self.device).map_err(|e| err(e.to_string()))?;
+        let data = self.varmap.data().lock().expect("varmap lock poisoned");
+        for (name, var) in data.iter() {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| err(format!("tensor '{name}' is missing")))?;
+            if t.dims() != var.dims() {
+                return Err(err(format!(
+                    "tensor '{name}' has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    /// Copies every parameter value from `other` (same architecture), e.g. teacher → student.
+    pub fn copy_from(&self, other: &Params) -> Result<(), ModelError> {
+        let src = other.varmap.data().lock().expect("varmap lock poisoned");
+        let dst = self.varmap.data().lock().expect("varmap lock poisoned");
+        for (name, var) in dst.iter() {
+            let s = src.get(name).ok_or_else(|| {
+                ModelError::Invalid(format!("parameter '{name}' missing in source"))
+            })?;
+            var.set(&s.as_tensor().to_device(&self.device)?)?;
+        }
+        Ok(())
+    }
+}

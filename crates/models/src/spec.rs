@@ -1,0 +1,247 @@
+use crate::activation::Activation;
+use crate::{ModelError, Params, VelocityField, VelocityMlp, VelocityNet};
+use candle_core::{Device, Result, Tensor};
+use std::path::Path;
+
+/// A velocity-field architecture with its hyperparameters (the `[model]` config section).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ModelSpec {
+    /// The blog's VelocityNet.
+    VelocityNet {
+        hidden: usize,
+        #[serde(default = "gelu")]
+        activation: Activation,
+    },
+    /// The lesson's VelocityMLP.
+    VelocityMlp {
+        hidden: usize,
+        layers: usize,
+        #[serde(default = "silu")]
+        activation: Activation,
+    },
+}
+
+fn gelu() -> Activation {
+    Activation::Gelu
+}
+fn silu() -> Activation {
+    Activation::Silu
+}
+
+impl ModelSpec {
+    /// Checks hyperparameter ranges.
+    pub fn validate(&self) -> std::result::Result<(), ModelError> {
+        let (h, l) = match self {
+            Self::VelocityNet { hidden, .. } => (*hidden, 1),
+            Self::VelocityMlp { hidden, layers, .. } => (*hidden, *layers),
+        };
+        if h == 0 || h > 65_536 {
+            return Err(ModelError::Invalid(format!(
+                "hidden width must be in 1..=65536, got {h}"
+            )));
+        }
+        if l == 0 || l > 64 {
+            return Err(ModelError::Invalid(format!(
+                "layers must be in 1..=64, got {l}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Builds the model for `dim`-dimensional data with weights drawn from `seed`.
+    pub fn build(
+        &self,
+        dim: usize,
+        seed: u64,
+        device: &Device,
+    ) -> std::result::Result<Model, ModelError> {
+        self.validate()?;
+        let mut params = Params::new(seed, device);
+        let net: Box<dyn VelocityField> = match *self {
+            Self::VelocityNet { hidden, activation } => {
+                Box::new(VelocityNet::new(&mut params, dim, hidden, activation)?)
+            }
+            Self::VelocityMlp {
+                hidden,
+                layers,
+                activation,
+            } => Box::new(VelocityMlp::new(
+                &mut params,
+                dim,
+                hidden,
+                layers,
+                activation,
+            )?),
+        };
+        Ok(Model {
+            spec: self.clone(),
+            dim,
+            params,
+            net,
+        })
+    }
+
+    /// Builds the model and loads its weights from a safetensors checkpoint.
+    pub fn load(
+        &self,
+        dim: usize,
+        path: &Path,
+        device: &Device,
+    ) -> std::result::Result<Model, ModelError> {
+        let mut m = self.build(dim, 0, device)?;
+        m.params.load(path)?;
+        Ok(m)
+    }
+}
+
+/// A built model: its spec, its parameters and the network that reads them.
+pub struct Model {
+    /// Architecture and hyperparameters.
+    pub spec: ModelSpec,
+    /// Data dimension.
+    pub dim: usize,
+    /// Trainable parameters.
+    pub params: Params,
+    net: Box<dyn VelocityField>,
+}
+
+impl Model {
+    /// Saves the weights as safetensors.
+    pub fn save(&self, path: &Path) -> std::result::Result<(), ModelError> {
+        self.params.save(path)
+    }
+
+    /// A fresh model of the same architecture with a copy of these weights.
+    pub fn duplicate(&self) -> std::result::Result<Model, ModelError> {
+        let m = self.spec.build(self.dim, 0, self.params.device())?;
+        m.params.copy_from(&self.params)?;
+        Ok(m)
+    }
+}
+
+impl VelocityField for Model {
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.net.velocity(x, t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinusoidal_embedding;
+
+    fn input(n: usize) -> (Tensor, Tensor) {
+        let x = Tensor::arange(0f32, (2 * n) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((n, 2))
+            .unwrap();
+        let x = (x / (2.0 * n as f64)).unwrap();
+        let t = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
+        let t = (t / n as f64).unwrap();
+        (x, t)
+    }
+
+    #[test]
+    fn shapes_and_parameter_counts_match_pytorch() {
+        let net = ModelSpec::VelocityNet {
+            hidden: 64,
+            activation: Activation::Gelu,
+        }
+        .build(2, 0, &Device::Cpu)
+        .unwrap();
+        // 3·64+64 + 2·(64·64+64) + 64·2+2
+        assert_eq!(net.params.count(), 256 + 2 * 4160 + 130);
+        let mlp = ModelSpec::VelocityMlp {
+            hidden: 128,
+            layers: 3,
+            activation: Activation::Silu,
+        }
+        .build(2, 0, &Device::Cpu)
+        .unwrap();
+        // time 64·128+128, net.0 130·128+128, 2 × (128·128+128), head 128·2+2
+        assert_eq!(mlp.params.count(), 8320 + 16768 + 2 * 16512 + 258);
+        let (x, t) = input(5);
+        assert_eq!(net.velocity(&x, &t).unwrap().dims(), &[5, 2]);
+        assert_eq!(mlp.velocity(&x, &t).unwrap().dims(), &[5, 2]);
+    }
+
+    #[test]
+    fn seeded_init_is_deterministic_and_save_load_roundtrips() {
+        let spec = ModelSpec::VelocityMlp {
+            hidden: 16,
+            layers: 2,
+            activation: Activation::Silu,
+        };
+        let (x, t) = input(4);
+        let a = spec.build(2, 3, &Device::Cpu).unwrap();
+        let b = spec.build(2, 3, &Device::Cpu).unwrap();
+        let c = spec.build(2, 4, &Device::Cpu).unwrap();
+        let va: Vec<f32> = a
+            .velocity(&x, &t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let vb: Vec<f32> = b
+            .velocity(&x, &t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let vc: Vec<f32> = c
+            .velocity(&x, &t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(va, vb);
+        assert_ne!(va, vc);
+        let dir = std::env::temp_dir().join(format!("fm-models-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.safetensors");
+        a.save(&path).unwrap();
+        let l = spec.load(2, &path, &Device::Cpu).unwrap();
+        let vl: Vec<f32> = l
+            .velocity(&x, &t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(va, vl);
+        let other = ModelSpec::VelocityMlp {
+            hidden: 8,
+            layers: 2,
+            activation: Activation::Silu,
+        };
+        assert!(matches!(
+            other.load(2, &path, &Device::Cpu),
+            Err(ModelError::Checkpoint { .. })
+        ));
+        let dup = a.duplicate().unwrap();
+        let vd: Vec<f32> = dup
+            .velocity(&x, &t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(va, vd);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn time_embedding_matches_lesson_formula() {
+        let t = Tensor::new(&[0.0f32, 0.5], &Device::Cpu).unwrap();
+        let e: Vec<Vec<f32>> = sinusoidal_embedding(&t, 64).unwrap().to_vec2().unwrap();
+        assert_eq!(e[0][0], 0.0);
+        assert_eq!(e[0][32], 1.0);
+        let f3 = (-(10000f64.ln()) * 3.0 / 32.0).exp();
+        assert!((e[1][3] as f64 - (0.5 * f3).sin()).abs() < 1e-6);
+        assert!((e[1][35] as f64 - (0.5 * f3).cos()).abs() < 1e-6);
+    }
+}
