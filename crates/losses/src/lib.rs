@@ -1,1 +1,20 @@
+//! Conditional flow matching, built from three swappable parts and one training step.
+//!
+//! - [`path`]: a probability path `x_t = σ_t x_0 + α_t x_1 (+ σ_min ε)` and its velocity
+//!   `dx_t = σ̇_t x_0 + α̇_t x_1`, with linear, cosine and variance-preserving schedules.
+//! - [`coupling`]: how `(x_0, x_1)` pairs are drawn — independent, minibatch OT, or any other
+//!   [`Coupling`] (the reflow crate adds teacher couplings).
+//! - [`time`]: where `t` is drawn — uniform, the blog's warped, logit-normal.
+//! - [`train`]: [`Trainer::step`], the one training step (AdamW) every experiment uses.
 
+pub mod coupling;
+mod error;
+pub mod path;
+pub mod time;
+pub mod train;
+
+pub use coupling::{Coupling, Independent, MinibatchOt};
+pub use error::LossError;
+pub use path::{AffinePath, PathSample, ProbabilityPath, Schedule};
+pub use time::TimeSampler;
+pub use train::{cfm_loss, OptimConfig, Trainer};

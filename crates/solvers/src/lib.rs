@@ -16,7 +16,7 @@ mod stepper;
 
 pub use dopri5::{dopri5, Tolerances};
 pub use error::SolverError;
-pub use grid::{warp_time, warp_time_deriv, TimeGrid};
+pub use grid::{check_warp as grid_check_warp, warp_time, warp_time_deriv, TimeGrid};
 pub use solve::{integrate, solve, Method, Solution, SolverSpec};
 pub use stepper::{Euler, Heun, Midpoint, Rk4, Stepper};
 

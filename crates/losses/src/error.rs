@@ -1,0 +1,24 @@
+use thiserror::Error;
+
+/// Errors from building or running the flow-matching objective.
+#[derive(Debug, Error)]
+pub enum LossError {
+    /// A setting is out of range.
+    #[error("invalid loss setting: {0}")]
+    Invalid(String),
+    /// The loss became NaN or infinite.
+    #[error("loss is not finite ({0}) at step {1}")]
+    NonFiniteLoss(f32, usize),
+    /// Drawing data failed.
+    #[error(transparent)]
+    Data(#[from] flowmatch_data::DataError),
+    /// The OT coupling failed (e.g. non-finite costs).
+    #[error("OT coupling: {0}")]
+    Ot(#[from] flowmatch_metrics::MetricsError),
+    /// A solver (reflow teacher) failed.
+    #[error(transparent)]
+    Solver(#[from] flowmatch_solvers::SolverError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,263 @@
+//! Probability paths (Lipman et al. 2023; Meta `flow_matching`'s affine path + scheduler).
+
+use crate::LossError;
+use candle_core::Tensor;
+use flowmatch_data::Rng;
+use rand_distr::{Distribution, StandardNormal};
+use std::f64::consts::FRAC_PI_2;
+
+/// Coefficients of an affine path at one time: `x_t = σ x_0 + α x_1`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Coefficients {
+    /// Weight of the target, `α_t`.
+    pub alpha: f64,
+    /// Weight of the source, `σ_t`.
+    pub sigma: f64,
+    /// `dα/dt`.
+    pub d_alpha: f64,
+    /// `dσ/dt`.
+    pub d_sigma: f64,
+}
+
+/// The schedule `(α_t, σ_t)` of an affine path (config `loss.path`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// `α = t, σ = 1 - t`: straight lines at constant speed (rectified flow, I-CFM).
+    Linear,
+    /// `α = sin(πt/2), σ = cos(πt/2)`: the blog's variance-preserving cosine interpolation.
+    Cosine,
+    /// Variance preserving (Song et al. 2021) with β ∈ [0.1, 20], as Meta's `VPScheduler`.
+    Vp,
+}
+
+impl Schedule {
+    /// The coefficients at time `t ∈ [0, 1]`.
+    pub fn at(&self, t: f64) -> Coefficients {
+        match self {
+            Self::Linear => Coefficients {
+                alpha: t,
+                sigma: 1.0 - t,
+                d_alpha: 1.0,
+                d_sigma: -1.0,
+            },
+            Self::Cosine => Coefficients {
+                alpha: (FRAC_PI_2 * t).sin(),
+                sigma: (FRAC_PI_2 * t).cos(),
+                d_alpha: FRAC_PI_2 * (FRAC_PI_2 * t).cos(),
+                d_sigma: -FRAC_PI_2 * (FRAC_PI_2 * t).sin(),
+            },
+            Self::Vp => {
+                let (b0, b1) = (0.1, 20.0);
+                // σ̇ diverges at t = 1; stay a hair inside.
+                let t = t.min(1.0 - 1e-5);
+                let s = 1.0 - t;
+                let big_t = 0.5 * s * s * (b1 - b0) + s * b0;
+                let d_big_t = -s * (b1 - b0) - b0;
+                let alpha = (-0.5 * big_t).exp();
+                let d_alpha = -0.5 * d_big_t * alpha;
+                let sigma = (1.0 - alpha * alpha).sqrt();
+                Coefficients {
+                    alpha,
+                    sigma,
+                    d_alpha,
+                    d_sigma: -alpha * d_alpha / sigma,
+                }
+            }
+        }
+    }
+}
+
+/// A sampled point on the path and the conditional velocity to regress on.
+#[derive(Debug, Clone)]
+pub struct PathSample {
+    /// `x_t`.
+    pub x_t: Tensor,
+    /// Target velocity `dx_t/dt`.
+    pub dx_t: Tensor,
+}
+
+/// A conditional probability path between paired source and target points.
+pub trait ProbabilityPath: Send + Sync {
+    /// Samples `x_t` and `dx_t` for pairs `(x_0[i], x_1[i])` at times `t[i]`.
+    fn sample(
+        &self,
+        x0: &Tensor,
+        x1: &Tensor,
+        t: &[f32],
+        rng: &mut Rng,
+    ) -> Result<PathSample, LossError>;
+}
+
+/// `x_t = σ_t x_0 + α_t x_1 + σ_min ε`, `dx_t = σ̇_t x_0 + α̇_t x_1` (TorchCFM's and the
+/// lesson's `sigma_min`: Gaussian noise of std `σ_min` around the path, target unchanged).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AffinePath {
+    /// The schedule.
+    pub schedule: Schedule,
+    /// Std of the noise around the path (0 = exact interpolation).
+    pub sigma_min: f64,
+}
+
+impl AffinePath {
+    /// A path, checking `σ_min ≥ 0` and finite.
+    pub fn new(schedule: Schedule, sigma_min: f64) -> Result<Self, LossError> {
+        if !(sigma_min >= 0.0 && sigma_min.is_finite()) {
+            return Err(LossError::Invalid(format!(
+                "sigma_min must be ≥ 0, got {sigma_min}"
+            )));
+        }
+        Ok(Self {
+            schedule,
+            sigma_min,
+        })
+    }
+}
+
+/// A `(B, 1, 1, …)` column broadcastable against `like`.
+fn column(v: Vec<f32>, like: &Tensor) -> Result<Tensor, LossError> {
+    let mut shape = vec![v.len()];
+    shape.extend(std::iter::repeat_n(1, like.rank() - 1));
+    Ok(Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())?)
+}
+
+impl ProbabilityPath for AffinePath {
+    fn sample(
+        &self,
+        x0: &Tensor,
+        x1: &Tensor,
+        t: &[f32],
+        rng: &mut Rng,
+    ) -> Result<PathSample, LossError> {
+        if x0.dims() != x1.dims() || x0.dim(0)? != t.len() {
+            return Err(LossError::Invalid(format!(
+                "path: x0 {:?}, x1 {:?} and {} times do not fit",
+                x0.dims(),
+                x1.dims(),
+                t.len()
+            )));
+        }
+        let c: Vec<Coefficients> = t.iter().map(|&ti| self.schedule.at(ti as f64)).collect();
+        let col = |f: fn(&Coefficients) -> f64| column(c.iter().map(|k| f(k) as f32).collect(), x0);
+        let (a, s, da, ds) = (
+            col(|k| k.alpha)?,
+            col(|k| k.sigma)?,
+            col(|k| k.d_alpha)?,
+            col(|k| k.d_sigma)?,
+        );
+        let mut x_t = (x0.broadcast_mul(&s)? + x1.broadcast_mul(&a)?)?;
+        if self.sigma_min > 0.0 {
+            let noise: Vec<f32> = (0..x0.elem_count())
+                .map(|_| {
+                    (self.sigma_min
+                        * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng))
+                        as f32
+                })
+                .collect();
+            let noise = Tensor::from_vec(noise, x0.shape(), x0.device())?.to_dtype(x0.dtype())?;
+            x_t = (x_t + noise)?;
+        }
+        let dx_t = match self.schedule {
+            // Exactly x1 - x0, as in the seeds, with no rounding from the coefficients.
+            Schedule::Linear => (x1 - x0)?,
+            _ => (x0.broadcast_mul(&ds)? + x1.broadcast_mul(&da)?)?,
+        };
+        Ok(PathSample { x_t, dx_t })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use flowmatch_data::rng_from_seed;
+
+    fn pairs() -> (Tensor, Tensor, Vec<f32>) {
+        let x0 = Tensor::new(&[[1.0f32, -2.0], [0.5, 0.0], [-1.0, 3.0]], &Device::Cpu).unwrap();
+        let x1 = Tensor::new(&[[3.0f32, 1.0], [-0.5, 2.0], [2.0, 2.0]], &Device::Cpu).unwrap();
+        (x0, x1, vec![0.0, 0.3, 1.0])
+    }
+
+    fn v2(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_vec2().unwrap()
+    }
+
+    #[test]
+    fn linear_path_matches_closed_form() {
+        let (x0, x1, t) = pairs();
+        let p = AffinePath::new(Schedule::Linear, 0.0)
+            .unwrap()
+            .sample(&x0, &x1, &t, &mut rng_from_seed(0))
+            .unwrap();
+        let (a, b, xt, dx) = (v2(&x0), v2(&x1), v2(&p.x_t), v2(&p.dx_t));
+        for i in 0..3 {
+            for d in 0..2 {
+                let ti = t[i];
+                assert!((xt[i][d] - ((1.0 - ti) * a[i][d] + ti * b[i][d])).abs() < 1e-6);
+                assert_eq!(dx[i][d], b[i][d] - a[i][d]);
+            }
+        }
+    }
+
+    #[test]
+    fn cosine_and_vp_paths_match_closed_form_and_their_derivatives() {
+        let (x0, x1, t) = pairs();
+        let p = AffinePath::new(Schedule::Cosine, 0.0)
+            .unwrap()
+            .sample(&x0, &x1, &t, &mut rng_from_seed(0))
+            .unwrap();
+        let (a, b, xt, dx) = (v2(&x0), v2(&x1), v2(&p.x_t), v2(&p.dx_t));
+        let h = std::f32::consts::FRAC_PI_2;
+        for i in 0..3 {
+            for d in 0..2 {
+                let ti = t[i];
+                let want = (h * ti).cos() * a[i][d] + (h * ti).sin() * b[i][d];
+                let dwant = -h * (h * ti).sin() * a[i][d] + h * (h * ti).cos() * b[i][d];
+                assert!((xt[i][d] - want).abs() < 1e-5);
+                assert!((dx[i][d] - dwant).abs() < 1e-5);
+            }
+        }
+        for sched in [Schedule::Cosine, Schedule::Vp, Schedule::Linear] {
+            for k in 1..99 {
+                let t = k as f64 / 100.0;
+                let (c, e) = (1e-6, sched.at(t));
+                let (lo, hi) = (sched.at(t - c), sched.at(t + c));
+                assert!(
+                    ((hi.alpha - lo.alpha) / (2.0 * c) - e.d_alpha).abs()
+                        < 1e-4 * (1.0 + e.d_alpha.abs())
+                );
+                assert!(
+                    ((hi.sigma - lo.sigma) / (2.0 * c) - e.d_sigma).abs()
+                        < 1e-4 * (1.0 + e.d_sigma.abs())
+                );
+            }
+            // Endpoints: source at t=0 (up to VP's tiny α_0), target at t=1.
+            assert!((sched.at(1.0).alpha - 1.0).abs() < 1e-4 && sched.at(1.0).sigma < 5e-3);
+            assert!(sched.at(0.0).alpha < 1e-2 && (sched.at(0.0).sigma - 1.0).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn sigma_min_adds_noise_of_that_std_and_keeps_the_target() {
+        let n = 20_000;
+        let x0 = Tensor::zeros((n, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let x1 = Tensor::ones((n, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let t = vec![0.5f32; n];
+        let p = AffinePath::new(Schedule::Linear, 0.1)
+            .unwrap()
+            .sample(&x0, &x1, &t, &mut rng_from_seed(1))
+            .unwrap();
+        let dev = (p.x_t - 0.5)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        assert!((dev - 0.1).abs() < 0.003, "{dev}");
+        assert_eq!(p.dx_t.min_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
+        assert!(AffinePath::new(Schedule::Linear, -0.1).is_err());
+    }
+}
