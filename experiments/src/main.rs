@@ -1,1 +1,255 @@
-fn main() {}
+//! `flowmatch`: train, evaluate and sweep flow-matching experiments.
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand};
+use flowmatch_experiments::config::{parse_set, Config, ConfigSource};
+use flowmatch_experiments::logging::write_json;
+use flowmatch_experiments::run::{self, fresh_run_dir, progress_bar, RunPaths};
+use flowmatch_experiments::{device, sweep};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "flowmatch",
+    version,
+    about = "Flow matching and rectified flow experiments"
+)]
+struct Cli {
+    /// No progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train one config, evaluate it, write a run folder.
+    Run {
+        /// Config file (TOML).
+        config: PathBuf,
+        /// Override a key: --set train.steps=100 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Device: cpu, cuda, cuda:N, auto (same as --set device=…).
+        #[arg(long)]
+        device: Option<String>,
+        /// Parent folder of the run folder.
+        #[arg(long, default_value = "results/runs")]
+        out: PathBuf,
+    },
+    /// Run the cartesian product of a sweep file.
+    Sweep {
+        /// Sweep file (TOML: base, [set], [axes]).
+        sweep: PathBuf,
+        /// Runs at a time.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Run only share I of N (0-based), e.g. from a Slurm array.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
+        /// Override a key in every run (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Parent folder of the sweep folder.
+        #[arg(long, default_value = "results/runs")]
+        out: PathBuf,
+    },
+    /// Re-evaluate a saved run with other solvers / steps (--set solver.method=rk4 …).
+    Eval {
+        /// A run folder written by `flowmatch run`.
+        run_dir: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Rebuild summary.csv / summary.md of a sweep folder (e.g. after sharded runs).
+    Merge {
+        /// A sweep folder.
+        sweep_dir: PathBuf,
+    },
+}
+
+fn sets_of(raw: &[String]) -> Result<Vec<(String, toml::Value)>> {
+    raw.iter()
+        .map(|s| parse_set(s).map_err(|e| anyhow!(e.0)))
+        .collect()
+}
+
+fn main() -> ExitCode {
+    // Small models run fastest on one candle thread; sweeps parallelise across runs instead
+    // (their rayon pool is sized explicitly, so this only affects candle's matmuls).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let show = !cli.quiet;
+    match cli.cmd {
+        Cmd::Run {
+            config,
+            sets,
+            device,
+            out,
+        } => {
+            let mut sets = sets_of(&sets)?;
+            if let Some(d) = device {
+                sets.push(("device".into(), toml::Value::String(d)));
+            }
+            let (cfg, checked) = Config::load(&ConfigSource {
+                file: Some(&config),
+                sets: &sets,
+            })
+            .map_err(|e| anyhow!(e.0))?;
+            let (_, chosen) =
+                device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
+                    .map_err(|e| anyhow!(e))?;
+            let dir = fresh_run_dir(&out, &cfg.name);
+            eprintln!("run {} on {chosen} -> {}", cfg.name, dir.display());
+            let pb = progress_bar(cfg.train.steps as u64, show, &cfg.name);
+            let s = run::run(&cfg, &checked, &dir, &pb)?;
+            println!(
+                "{}: final_loss {:.4}  W2 {:.4} ({} {} steps, nfe {})  straightness {:.4}  S {:.4}",
+                s.name,
+                s.final_loss,
+                s.w2,
+                s.eval.solver,
+                s.eval.solver_steps,
+                s.nfe,
+                s.straightness,
+                s.rf_straightness
+            );
+            print_table(&s.eval.table);
+            println!("wrote {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sweep {
+            sweep: file,
+            jobs,
+            shard,
+            sets,
+            out,
+        } => {
+            let sets = sets_of(&sets)?;
+            let shard = match shard {
+                Some(s) => sweep::parse_shard(&s).map_err(|e| anyhow!(e))?,
+                None => (0, 1),
+            };
+            if jobs == 0 {
+                return Err(anyhow!("--jobs must be at least 1"));
+            }
+            let plan = sweep::plan(&file, &sets).map_err(|e| anyhow!(e.0))?;
+            eprintln!(
+                "sweep {}: {} runs, shard {}/{}, {jobs} at a time",
+                plan.name,
+                plan.runs.len(),
+                shard.0,
+                shard.1
+            );
+            let rep = sweep::execute(&plan, &out, jobs, shard, show)?;
+            println!(
+                "sweep {}: {} ran, {} already finished, {} failed",
+                plan.name,
+                rep.ran,
+                rep.skipped,
+                rep.failed.len()
+            );
+            for (name, err) in &rep.failed {
+                eprintln!("error: run {name}: {err}");
+            }
+            if shard.1 == 1 {
+                println!("wrote {}/summary.csv and summary.md", rep.dir.display());
+            } else {
+                println!(
+                    "shard done; when all shards are: flowmatch merge {}",
+                    rep.dir.display()
+                );
+            }
+            Ok(if rep.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Eval { run_dir, sets } => {
+            let sets = sets_of(&sets)?;
+            let cfg_path = run_dir.join("config.toml");
+            let model_path = RunPaths {
+                dir: run_dir.clone(),
+            }
+            .model();
+            if !model_path.is_file() {
+                return Err(anyhow!(
+                    "{} has no model.safetensors (not a run folder?)",
+                    run_dir.display()
+                ));
+            }
+            let (cfg, checked) = Config::load(&ConfigSource {
+                file: Some(&cfg_path),
+                sets: &sets,
+            })
+            .map_err(|e| anyhow!(e.0))?;
+            let (dev, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
+                .map_err(|e| anyhow!(e))?;
+            let model = checked.model.load(
+                flowmatch_data::Sampler::dim(&checked.source),
+                &model_path,
+                &dev,
+            )?;
+            let ev = run::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
+            let out = run_dir.join(format!("eval-{}-{}.json", ev.solver, ev.solver_steps));
+            write_json(&out, &ev).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "{} {} steps: W2 {:.4}  MMD {:.3e}  straightness {:.4}  S {:.4}  nfe {}",
+                ev.solver,
+                ev.solver_steps,
+                ev.w2,
+                ev.mmd,
+                ev.straightness,
+                ev.rf_straightness,
+                ev.nfe
+            );
+            print_table(&ev.table);
+            println!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Merge { sweep_dir } => {
+            let (done, planned) = sweep::merge(&sweep_dir)?;
+            println!(
+                "merged {done} of {planned} runs into {}/summary.csv and summary.md",
+                sweep_dir.display()
+            );
+            Ok(if done == planned {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn print_table(rows: &[run::TableRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "{:<14} {:>6} {:>6} {:>9} {:>10}",
+        "solver", "steps", "nfe", "W2", "MMD"
+    );
+    for r in rows {
+        println!(
+            "{:<14} {:>6} {:>6} {:>9.4} {:>10.3e}",
+            r.solver, r.steps, r.nfe, r.w2, r.mmd
+        );
+    }
+}

@@ -31,7 +31,8 @@ pub fn w2(a: &Tensor, b: &Tensor) -> Result<f64, MetricsError> {
 
 fn mean_kernel(a: &[f64], b: &[f64], d: usize, k: impl Fn(f64) -> f64 + Sync) -> f64 {
     let (n, m) = (a.len() / d, b.len() / d);
-    let total: f64 = (0..n)
+    // Rows in parallel, summed in a fixed order: the same numbers whatever the thread count.
+    let per_row: Vec<f64> = (0..n)
         .into_par_iter()
         .map(|i| {
             let ai = &a[i * d..(i + 1) * d];
@@ -42,8 +43,8 @@ fn mean_kernel(a: &[f64], b: &[f64], d: usize, k: impl Fn(f64) -> f64 + Sync) ->
                 })
                 .sum::<f64>()
         })
-        .sum();
-    total / (n * m) as f64
+        .collect();
+    per_row.iter().sum::<f64>() / (n * m) as f64
 }
 
 /// Squared MMD (biased V-statistic) with a Gaussian kernel `exp(-|x-y|²/(2σ²))`.
@@ -64,6 +65,12 @@ pub fn mmd_rbf(a: &Tensor, b: &Tensor, sigma: Option<f64>) -> Result<f64, Metric
     Ok((mean_kernel(&va, &va, d, k) + mean_kernel(&vb, &vb, d, k)
         - 2.0 * mean_kernel(&va, &vb, d, k))
     .max(0.0))
+}
+
+/// Median pairwise distance within one sample (a bandwidth for [`mmd_rbf`]).
+pub fn median_bandwidth(a: &Tensor) -> Result<f64, MetricsError> {
+    let (v, _, d) = rows(a)?;
+    Ok(median_distance(&v, &[], d))
 }
 
 fn median_distance(a: &[f64], b: &[f64], d: usize) -> f64 {

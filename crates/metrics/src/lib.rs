@@ -9,7 +9,7 @@ mod error;
 pub mod ot;
 pub mod trajectory;
 
-pub use distance::{energy_distance, mmd_rbf, w2};
+pub use distance::{energy_distance, median_bandwidth, mmd_rbf, w2};
 pub use error::MetricsError;
 pub use trajectory::{normalized_path_energy, path_energy, rf_straightness, straightness};
 

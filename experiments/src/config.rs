@@ -1,0 +1,570 @@
+//! The experiment config: defaults < TOML file < `FLOWMATCH_…` environment < `--set key=value`,
+//! parsed once with figment + serde (unknown keys are errors), then range-checked.
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use flowmatch_data::{Distribution, Sampler};
+use flowmatch_losses::{AffinePath, Schedule, TimeSampler};
+use flowmatch_models::{activation::Activation, ModelSpec};
+use flowmatch_solvers::{Method, SolverSpec, Tolerances};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A whole experiment: what to train, how, and how to evaluate it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Run name (default: the config file's stem).
+    pub name: String,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub device: String,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub loss: LossConfig,
+    pub train: TrainConfig,
+    pub solver: SolverConfig,
+    pub eval: EvalConfig,
+    pub logging: LoggingConfig,
+}
+
+/// `[data]`: the source and target distributions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub source: String,
+    pub target: String,
+    /// Overrides the source's scale parameter (see flowmatch-data).
+    pub source_scale: Option<f64>,
+    /// Overrides the target's scale parameter.
+    pub target_scale: Option<f64>,
+    /// Data dimension (only `gaussian-nd` is not 2D).
+    pub dim: usize,
+}
+
+/// `[model]`: the velocity field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `velocity-net` (blog) or `velocity-mlp` (lesson).
+    pub kind: String,
+    pub hidden: usize,
+    /// Hidden layers (velocity-mlp only).
+    pub layers: usize,
+    /// `gelu`, `silu` or `relu` (default: the seed's choice for the kind).
+    pub activation: Option<String>,
+}
+
+/// `[loss]`: probability path, coupling and time sampling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    /// `linear`, `cosine` or `vp`.
+    pub path: String,
+    /// `independent` or `ot`.
+    pub coupling: String,
+    pub sigma_min: f64,
+    /// `uniform`, `warped` or `logit-normal`.
+    pub time: String,
+    /// Warp slope for `time = "warped"`.
+    pub time_warp_s: f64,
+    pub logit_mean: f64,
+    pub logit_std: f64,
+}
+
+/// `[train]`: optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Save `model.safetensors` every this many steps (0 = only at the end).
+    pub checkpoint_every: usize,
+}
+
+/// `[solver]`: the sampler used for the headline metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SolverConfig {
+    /// `euler`, `midpoint`, `heun`, `rk4` or `dopri5`.
+    pub method: String,
+    pub steps: usize,
+    /// Time-grid warp `s ∈ [0, 1.5]`; absent = uniform grid.
+    pub warp_s: Option<f64>,
+    pub rtol: f64,
+    pub atol: f64,
+}
+
+/// `[eval]`: the evaluation after training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Generated and real samples compared (W2 is exact: O(n³)).
+    pub samples: usize,
+    /// Step counts of the table.
+    pub steps: Vec<usize>,
+    /// Methods of the table (`rk4-warp` = RK4 on the grid warped with `warp_s`).
+    pub methods: Vec<String>,
+    /// Warp slope used by warped table entries.
+    pub warp_s: f64,
+    /// Seed of the evaluation samples (independent of training).
+    pub seed: u64,
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// Log the loss every this many steps (metrics.jsonl and TensorBoard).
+    pub every: usize,
+    pub tensorboard: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            device: "cpu".into(),
+            data: DataConfig {
+                source: "gaussian".into(),
+                target: "moons".into(),
+                source_scale: None,
+                target_scale: None,
+                dim: 2,
+            },
+            model: ModelConfig {
+                kind: "velocity-mlp".into(),
+                hidden: 128,
+                layers: 3,
+                activation: None,
+            },
+            loss: LossConfig {
+                path: "linear".into(),
+                coupling: "independent".into(),
+                sigma_min: 0.0,
+                time: "uniform".into(),
+                time_warp_s: 0.5,
+                logit_mean: 0.0,
+                logit_std: 1.0,
+            },
+            train: TrainConfig {
+                steps: 5000,
+                batch_size: 256,
+                lr: 1e-3,
+                weight_decay: 0.0,
+                seed: 0,
+                checkpoint_every: 1000,
+            },
+            solver: SolverConfig {
+                method: "euler".into(),
+                steps: 100,
+                warp_s: None,
+                rtol: 1e-5,
+                atol: 1e-5,
+            },
+            eval: EvalConfig {
+                samples: 2000,
+                steps: vec![1, 2, 5, 10, 50, 100],
+                methods: vec!["euler".into()],
+                warp_s: 0.5,
+                seed: 1_000_003,
+            },
+            logging: LoggingConfig {
+                every: 10,
+                tensorboard: true,
+            },
+        }
+    }
+}
+
+/// A config error: one line naming the key and where its value came from.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// One entry of the eval table: a method on a uniform or warped grid.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TableMethod {
+    pub method: Method,
+    pub warped: bool,
+}
+
+/// Everything the run needs, checked: built from a [`Config`] by [`Config::validate`].
+pub struct Checked {
+    pub source: Distribution,
+    pub target: Distribution,
+    pub model: ModelSpec,
+    pub path: AffinePath,
+    pub ot: bool,
+    pub time: TimeSampler,
+    pub solver: SolverSpec,
+    pub table: Vec<TableMethod>,
+}
+
+/// Parses a `--set key=value`: the value as TOML (numbers, booleans, arrays), else a string.
+pub fn parse_set(s: &str) -> Result<(String, toml::Value), ConfigError> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| ConfigError(format!("--set '{s}': expected key=value")))?;
+    let key = k.trim().to_string();
+    if key.is_empty() {
+        return Err(ConfigError(format!("--set '{s}': empty key")));
+    }
+    let v = v.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(v.to_string()));
+    Ok((key, value))
+}
+
+/// Where a config comes from: a file (optional), the environment and `--set` overrides.
+pub struct ConfigSource<'a> {
+    pub file: Option<&'a Path>,
+    pub sets: &'a [(String, toml::Value)],
+}
+
+impl Config {
+    /// Layers defaults < file < `FLOWMATCH_SECTION__KEY` env vars < `--set`, then validates.
+    pub fn load(src: &ConfigSource) -> Result<(Config, Checked), ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = src.file {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+            if let Err(e) = text.parse::<toml::Table>() {
+                let msg = e.message().trim().replace('\n', " ");
+                let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+                return Err(ConfigError(match line {
+                    Some(l) => format!("{}:{l}: TOML syntax error: {msg}", path.display()),
+                    None => format!("{}: TOML syntax error: {msg}", path.display()),
+                }));
+            }
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            fig = fig
+                .merge(Serialized::default("name", stem))
+                .merge(Toml::file(path));
+        }
+        // Only FLOWMATCH_SECTION__KEY, FLOWMATCH_DEVICE and FLOWMATCH_NAME are config.
+        let env = Env::prefixed("FLOWMATCH_")
+            .filter(|k| k.as_str().contains("__") || k == "device" || k == "name");
+        fig = fig.merge(env.split("__"));
+        for (k, v) in src.sets {
+            fig = fig.merge(Serialized::default(k, v.clone()));
+        }
+        let cfg: Config = fig.extract().map_err(|e| ConfigError(figment_error(e)))?;
+        let origin = |key: &str| -> String {
+            match fig.find_metadata(key) {
+                Some(m) => match &m.source {
+                    Some(s) => format!(" (from {s})"),
+                    None => format!(" (from {})", m.name),
+                },
+                None => String::new(),
+            }
+        };
+        let checked = cfg
+            .validate()
+            .map_err(|(key, msg)| ConfigError(format!("{key}: {msg}{}", origin(key))))?;
+        Ok((cfg, checked))
+    }
+
+    /// Range and name checks; the error names the offending key.
+    pub fn validate(&self) -> Result<Checked, (&'static str, String)> {
+        let dist = |key: &'static str, name: &str, scale: Option<f64>, dim: usize| {
+            let mut d = Distribution::from_name(name).map_err(|e| (key, e.to_string()))?;
+            if let Some(s) = scale {
+                d = d.with_scale(s).map_err(|e| (key, e.to_string()))?;
+            }
+            d.with_dim(dim).map_err(|e| ("data.dim", e.to_string()))
+        };
+        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
+            return Err(("name", format!("'{}' is not a usable run name", self.name)));
+        }
+        let source = dist(
+            "data.source",
+            &self.data.source,
+            self.data.source_scale,
+            self.data.dim,
+        )?;
+        let target = dist(
+            "data.target",
+            &self.data.target,
+            self.data.target_scale,
+            self.data.dim,
+        )?;
+        if source.dim() != target.dim() {
+            return Err((
+                "data.dim",
+                format!("source has {} dims, target {}", source.dim(), target.dim()),
+            ));
+        }
+        let activation = match self.model.activation.as_deref() {
+            None => None,
+            Some("gelu") => Some(Activation::Gelu),
+            Some("silu") => Some(Activation::Silu),
+            Some("relu") => Some(Activation::Relu),
+            Some(a) => {
+                return Err((
+                    "model.activation",
+                    format!("unknown activation '{a}' (gelu, silu, relu)"),
+                ))
+            }
+        };
+        let model = match self.model.kind.as_str() {
+            "velocity-net" => ModelSpec::VelocityNet {
+                hidden: self.model.hidden,
+                activation: activation.unwrap_or(Activation::Gelu),
+            },
+            "velocity-mlp" => ModelSpec::VelocityMlp {
+                hidden: self.model.hidden,
+                layers: self.model.layers,
+                activation: activation.unwrap_or(Activation::Silu),
+            },
+            k => {
+                return Err((
+                    "model.kind",
+                    format!("unknown model '{k}' (velocity-net, velocity-mlp)"),
+                ))
+            }
+        };
+        model.validate().map_err(|e| ("model", e.to_string()))?;
+        let schedule = match self.loss.path.as_str() {
+            "linear" => Schedule::Linear,
+            "cosine" => Schedule::Cosine,
+            "vp" => Schedule::Vp,
+            p => {
+                return Err((
+                    "loss.path",
+                    format!("unknown path '{p}' (linear, cosine, vp)"),
+                ))
+            }
+        };
+        let path = AffinePath::new(schedule, self.loss.sigma_min)
+            .map_err(|e| ("loss.sigma_min", e.to_string()))?;
+        let ot = match self.loss.coupling.as_str() {
+            "independent" => false,
+            "ot" => true,
+            c => {
+                return Err((
+                    "loss.coupling",
+                    format!("unknown coupling '{c}' (independent, ot)"),
+                ))
+            }
+        };
+        let time = match self.loss.time.as_str() {
+            "uniform" => TimeSampler::Uniform,
+            "warped" => TimeSampler::Warped {
+                s: self.loss.time_warp_s,
+            },
+            "logit-normal" => TimeSampler::LogitNormal {
+                mean: self.loss.logit_mean,
+                std: self.loss.logit_std,
+            },
+            t => {
+                return Err((
+                    "loss.time",
+                    format!("unknown time sampler '{t}' (uniform, warped, logit-normal)"),
+                ))
+            }
+        };
+        time.validate().map_err(|e| ("loss.time", e.to_string()))?;
+        let t = &self.train;
+        if t.steps == 0 {
+            return Err(("train.steps", "must be at least 1".into()));
+        }
+        if t.batch_size == 0 {
+            return Err(("train.batch_size", "must be at least 1".into()));
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err((
+                "train.lr",
+                format!("must be a positive number, got {}", t.lr),
+            ));
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return Err((
+                "train.weight_decay",
+                format!("must be ≥ 0, got {}", t.weight_decay),
+            ));
+        }
+        let method = parse_method(&self.solver.method).map_err(|m| ("solver.method", m))?;
+        if self.solver.steps == 0 {
+            return Err(("solver.steps", "must be at least 1".into()));
+        }
+        if let Some(s) = self.solver.warp_s {
+            if !(0.0..=1.5).contains(&s) {
+                return Err(("solver.warp_s", format!("s={s} is outside [0, 1.5]")));
+            }
+        }
+        if !(self.solver.rtol > 0.0 && self.solver.atol > 0.0) {
+            return Err(("solver.rtol", "rtol and atol must be positive".into()));
+        }
+        let solver = SolverSpec {
+            method,
+            steps: self.solver.steps,
+            warp_s: self.solver.warp_s,
+            tol: Tolerances {
+                rtol: self.solver.rtol,
+                atol: self.solver.atol,
+            },
+            reverse: false,
+        };
+        let e = &self.eval;
+        if e.samples < 2 {
+            return Err(("eval.samples", "must be at least 2".into()));
+        }
+        if e.steps.is_empty() || e.steps.contains(&0) {
+            return Err((
+                "eval.steps",
+                "must be a non-empty list of step counts ≥ 1".into(),
+            ));
+        }
+        if !(0.0..=1.5).contains(&e.warp_s) {
+            return Err(("eval.warp_s", format!("s={} is outside [0, 1.5]", e.warp_s)));
+        }
+        let mut table = vec![];
+        for m in &e.methods {
+            let (name, warped) = match m.strip_suffix("-warp") {
+                Some(base) => (base, true),
+                None => (m.as_str(), false),
+            };
+            let method = parse_method(name).map_err(|msg| ("eval.methods", msg))?;
+            table.push(TableMethod { method, warped });
+        }
+        if self.logging.every == 0 {
+            return Err(("logging.every", "must be at least 1".into()));
+        }
+        crate::device::parse_device(&self.device).map_err(|m| ("device", m))?;
+        Ok(Checked {
+            source,
+            target,
+            model,
+            path,
+            ot,
+            time,
+            solver,
+            table,
+        })
+    }
+
+    /// The resolved config as TOML (written into every run folder).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+fn parse_method(name: &str) -> Result<Method, String> {
+    Ok(match name {
+        "euler" => Method::Euler,
+        "midpoint" => Method::Midpoint,
+        "heun" => Method::Heun,
+        "rk4" => Method::Rk4,
+        "dopri5" => Method::Dopri5,
+        m => {
+            return Err(format!(
+                "unknown solver '{m}' (euler, midpoint, heun, rk4, dopri5)"
+            ))
+        }
+    })
+}
+
+/// Flattens figment's error into one line: what is wrong, at which key, from which source.
+fn figment_error(e: figment::Error) -> String {
+    let e = e.into_iter().next().expect("figment errors are non-empty");
+    let key = if e.path.is_empty() {
+        String::new()
+    } else {
+        format!("{}: ", e.path.join("."))
+    };
+    let src = match &e.metadata {
+        Some(m) => match &m.source {
+            Some(s) => format!(" (from {s})"),
+            None => format!(" (from {})", m.name),
+        },
+        None => String::new(),
+    };
+    format!("{key}{}{src}", e.kind).replace('\n', " ")
+}
+
+/// Resolves `base` relative to the directory of `relative_to` unless it is absolute.
+pub fn resolve_relative(base: &str, relative_to: &Path) -> PathBuf {
+    let p = PathBuf::from(base);
+    if p.is_absolute() {
+        p
+    } else {
+        relative_to.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, sets: &[&str]) -> Result<(Config, Checked), ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exp.toml");
+        std::fs::write(&p, text).unwrap();
+        let sets: Vec<_> = sets.iter().map(|s| parse_set(s).unwrap()).collect();
+        Config::load(&ConfigSource {
+            file: Some(&p),
+            sets: &sets,
+        })
+    }
+
+    #[test]
+    fn layering_file_then_set() {
+        let (c, _) = load(
+            "[train]\nsteps = 7\nlr = 0.01\n",
+            &["train.steps=9", "data.target=spiral"],
+        )
+        .unwrap();
+        assert_eq!(c.train.steps, 9);
+        assert_eq!(c.train.lr, 0.01);
+        assert_eq!(c.data.target, "spiral");
+        assert_eq!(c.name, "exp");
+        assert_eq!(c.train.batch_size, 256);
+    }
+
+    #[test]
+    fn environment_layer_sits_between_file_and_set() {
+        // Only this test touches these variables.
+        std::env::set_var("FLOWMATCH_EVAL__SAMPLES", "77");
+        std::env::set_var("FLOWMATCH_UNRELATED", "1");
+        let (c, _) = load("[eval]\nsamples = 5\n", &[]).unwrap();
+        assert_eq!(c.eval.samples, 77);
+        let (c, _) = load("[eval]\nsamples = 5\n", &["eval.samples=9"]).unwrap();
+        assert_eq!(c.eval.samples, 9);
+        std::env::remove_var("FLOWMATCH_EVAL__SAMPLES");
+        std::env::remove_var("FLOWMATCH_UNRELATED");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_file() {
+        let e = load("[train]\nstepz = 7\n", &[]).err().unwrap().0;
+        assert!(e.contains("stepz") && e.contains("exp.toml"), "{e}");
+        let e = load("[train]\nsteps = \"many\"\n", &[]).err().unwrap().0;
+        assert!(e.contains("train.steps") && e.contains("exp.toml"), "{e}");
+        let e = load("[solver]\nwarp_s = 1.7\n", &[]).err().unwrap().0;
+        assert!(
+            e.contains("solver.warp_s") && e.contains("1.7") && e.contains("exp.toml"),
+            "{e}"
+        );
+        let e = load("", &["train.batch_size=0"]).err().unwrap().0;
+        assert!(e.contains("train.batch_size"), "{e}");
+        let e = load("[data]\ntarget = \"banana\"\n", &[]).err().unwrap().0;
+        assert!(e.contains("data.target") && e.contains("banana"), "{e}");
+        let e = load("[train\nsteps = 1", &[]).err().unwrap().0;
+        assert!(e.contains("exp.toml:1") && e.contains("syntax"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+}

@@ -1,0 +1,13 @@
+//! The flowmatch runner: configs, runs, sweeps, evaluation, logging.
+//!
+//! - [`config`]: figment layering and validation (the dotted keys are a contract).
+//! - [`run`]: config → build → train → checkpoint → evaluate → run folder.
+//! - [`sweep`]: cartesian products in parallel, resumable, shardable; summary tables.
+//! - [`logging`]: metrics.jsonl, TensorBoard events, atomic writes.
+//! - [`device`]: CPU / CUDA selection at run time.
+
+pub mod config;
+pub mod device;
+pub mod logging;
+pub mod run;
+pub mod sweep;

@@ -1,0 +1,334 @@
+//! One run: config → build → train → checkpoint → evaluate → run folder.
+
+use crate::config::{Checked, Config, TableMethod};
+use crate::device;
+use crate::logging::{write_atomic, write_json, RunLog};
+use anyhow::{anyhow, Context, Result};
+use candle_core::{Device, Tensor};
+use flowmatch_data::{rng_from_seed, Sampler};
+use flowmatch_losses::{Coupling, Independent, LossError, MinibatchOt, OptimConfig, Trainer};
+use flowmatch_metrics as metrics;
+use flowmatch_models::{Model, VelocityField};
+use flowmatch_solvers::{solve, SolverSpec};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One row of the evaluation table: a solver at a step count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableRow {
+    pub solver: String,
+    pub steps: usize,
+    pub nfe: usize,
+    pub w2: f64,
+    pub mmd: f64,
+}
+
+/// Metrics of one solver against fresh target samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// The headline solver, e.g. `euler` at 100 steps.
+    pub solver: String,
+    pub solver_steps: usize,
+    pub nfe: usize,
+    /// Exact W2 between generated and real samples.
+    pub w2: f64,
+    /// RBF-MMD² (bandwidth: median distance of the real sample).
+    pub mmd: f64,
+    pub energy_distance: f64,
+    /// Lesson's straightness |x1 - x0| / path length (1 = straight).
+    pub straightness: f64,
+    /// Liu et al.'s S (0 = straight).
+    pub rf_straightness: f64,
+    /// Tong et al.'s normalized path energy.
+    pub normalized_path_energy: f64,
+    /// W2 between the source and target samples (the cost of transport itself).
+    pub w2_source_target: f64,
+    /// Solver × steps.
+    pub table: Vec<TableRow>,
+}
+
+/// `summary.json`: deterministic (no timings), one per finished run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub name: String,
+    pub source: String,
+    pub target: String,
+    pub model: String,
+    pub path: String,
+    pub coupling: String,
+    pub train_steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// Mean training loss over the last 100 steps.
+    pub final_loss: f64,
+    pub w2: f64,
+    pub mmd: f64,
+    pub straightness: f64,
+    pub rf_straightness: f64,
+    pub normalized_path_energy: f64,
+    pub nfe: usize,
+    pub eval: Evaluation,
+}
+
+/// Builds the coupling of a checked config.
+pub fn build_coupling(checked: &Checked) -> Box<dyn Coupling> {
+    let s: Arc<dyn Sampler> = Arc::new(checked.source.clone());
+    let t: Arc<dyn Sampler> = Arc::new(checked.target.clone());
+    if checked.ot {
+        Box::new(MinibatchOt::new(s, t))
+    } else {
+        Box::new(Independent::new(s, t))
+    }
+}
+
+/// Where a run's files go.
+pub struct RunPaths {
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    pub fn summary(&self) -> PathBuf {
+        self.dir.join("summary.json")
+    }
+    /// A run is finished exactly when its summary exists (written last, atomically).
+    pub fn finished(&self) -> bool {
+        self.summary().is_file()
+    }
+}
+
+/// Picks `out/name`, or `out/name-2`, … when a finished run already holds the name.
+pub fn fresh_run_dir(out: &Path, name: &str) -> PathBuf {
+    let mut dir = out.join(name);
+    let mut k = 2;
+    while (RunPaths { dir: dir.clone() }).finished() {
+        dir = out.join(format!("{name}-{k}"));
+        k += 1;
+    }
+    dir
+}
+
+/// A progress bar for `n` steps, hidden when stderr is not a terminal or `show` is false.
+pub fn progress_bar(n: u64, show: bool, prefix: &str) -> ProgressBar {
+    use std::io::IsTerminal;
+    if !show || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(n);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_prefix(prefix.to_string());
+    pb
+}
+
+fn save_model(model: &Model, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    model.save(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Trains and evaluates one config into `dir`, returning its summary.
+pub fn run(cfg: &Config, checked: &Checked, dir: &Path, pb: &ProgressBar) -> Result<Summary> {
+    let (device, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
+        .map_err(|e| anyhow!(e))?;
+    let paths = RunPaths {
+        dir: dir.to_path_buf(),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A half-written earlier attempt is replaced, file by file.
+    for stale in ["metrics.jsonl", "timing.json"] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents")
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    write_atomic(&dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let mut log = RunLog::create(dir, cfg.logging.tensorboard)?;
+
+    let dim = checked.source.dim();
+    let model = checked.model.build(dim, cfg.train.seed, &device)?;
+    let optim = OptimConfig {
+        lr: cfg.train.lr,
+        weight_decay: cfg.train.weight_decay,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(
+        model,
+        Box::new(checked.path),
+        build_coupling(checked),
+        checked.time,
+        cfg.train.batch_size,
+        optim,
+    )?;
+    let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));
+    let started = Instant::now();
+    let mut recent: Vec<f32> = Vec::with_capacity(cfg.train.steps);
+    let mut last_ckpt: Option<usize> = None;
+    pb.set_length(cfg.train.steps as u64);
+    for step in 1..=cfg.train.steps {
+        let loss = match trainer.step(&mut rng) {
+            Ok(l) => l,
+            Err(e @ LossError::NonFiniteLoss(..)) => {
+                log.record(&json!({"step": step, "error": e.to_string()}))?;
+                log.close()?;
+                let kept = match last_ckpt {
+                    Some(s) => format!(
+                        "kept the checkpoint of step {s} in {}",
+                        paths.model().display()
+                    ),
+                    None => "no checkpoint had been written yet".to_string(),
+                };
+                return Err(anyhow!("{e}; run stopped, {kept}"));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        recent.push(loss);
+        if step % cfg.logging.every == 0 || step == cfg.train.steps {
+            log.record(&json!({"step": step, "loss": loss}))?;
+            log.scalar("train/loss", loss as f64, step);
+            pb.set_position(step as u64);
+            pb.set_message(format!("loss {loss:.4}"));
+        }
+        if cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 {
+            save_model(trainer.model(), &paths.model())?;
+            last_ckpt = Some(step);
+        }
+    }
+    let train_secs = started.elapsed().as_secs_f64();
+    let model = trainer.into_model();
+    save_model(&model, &paths.model())?;
+
+    pb.set_message("evaluating");
+    let eval_started = Instant::now();
+    let ev = evaluate(&model, cfg, checked, &checked.solver, &device)?;
+    let eval_secs = eval_started.elapsed().as_secs_f64();
+    let k = recent.len().min(100);
+    let final_loss = recent[recent.len() - k..]
+        .iter()
+        .map(|&l| l as f64)
+        .sum::<f64>()
+        / k as f64;
+    let summary = Summary {
+        name: cfg.name.clone(),
+        source: cfg.data.source.clone(),
+        target: cfg.data.target.clone(),
+        model: cfg.model.kind.clone(),
+        path: cfg.loss.path.clone(),
+        coupling: cfg.loss.coupling.clone(),
+        train_steps: cfg.train.steps,
+        batch_size: cfg.train.batch_size,
+        lr: cfg.train.lr,
+        seed: cfg.train.seed,
+        final_loss,
+        w2: ev.w2,
+        mmd: ev.mmd,
+        straightness: ev.straightness,
+        rf_straightness: ev.rf_straightness,
+        normalized_path_energy: ev.normalized_path_energy,
+        nfe: ev.nfe,
+        eval: ev.clone(),
+    };
+    log_evaluation(&mut log, &ev, cfg.train.steps)?;
+    log.close()?;
+    write_json(
+        &dir.join("timing.json"),
+        &json!({
+            "train_seconds": train_secs,
+            "train_steps_per_second": cfg.train.steps as f64 / train_secs,
+            "eval_seconds": eval_secs,
+        }),
+    )?;
+    write_json(&paths.summary(), &summary)?;
+    pb.finish_and_clear();
+    Ok(summary)
+}
+
+/// Writes an evaluation to metrics.jsonl and TensorBoard at `step`.
+pub fn log_evaluation(log: &mut RunLog, ev: &Evaluation, step: usize) -> Result<()> {
+    log.record(&json!({"step": step, "eval": ev}))?;
+    for (tag, v) in [
+        ("eval/w2", ev.w2),
+        ("eval/mmd", ev.mmd),
+        ("eval/straightness", ev.straightness),
+        ("eval/rf_straightness", ev.rf_straightness),
+        ("eval/normalized_path_energy", ev.normalized_path_energy),
+    ] {
+        log.scalar(tag, v, step);
+    }
+    for row in &ev.table {
+        log.scalar(
+            &format!("eval_table/w2_{}_{}", row.solver, row.steps),
+            row.w2,
+            step,
+        );
+    }
+    Ok(())
+}
+
+/// Evaluates `field` with the headline `solver` and every table entry, on fresh samples drawn
+/// from `eval.seed` (the same samples for every run of a sweep).
+pub fn evaluate(
+    field: &dyn VelocityField,
+    cfg: &Config,
+    checked: &Checked,
+    solver: &SolverSpec,
+    device: &Device,
+) -> Result<Evaluation> {
+    let mut rng = rng_from_seed(cfg.eval.seed);
+    let n = cfg.eval.samples;
+    let x0 = checked.source.sample(n, &mut rng, device)?;
+    let real = checked.target.sample(n, &mut rng, &Device::Cpu)?;
+    let sol = solve(field, &x0, solver, true)?;
+    let traj: Vec<Tensor> = sol.trajectory.clone().unwrap_or_default();
+    let gen = sol.x.to_device(&Device::Cpu)?;
+    let bw = metrics::median_bandwidth(&real)?;
+    let w2_st = metrics::w2(&x0.to_device(&Device::Cpu)?, &real)?;
+    let mut table = vec![];
+    for TableMethod { method, warped } in &checked.table {
+        for &steps in &cfg.eval.steps {
+            let mut spec = SolverSpec::new(*method, steps);
+            spec.tol = solver.tol;
+            if *warped {
+                spec = spec.warped(cfg.eval.warp_s);
+            }
+            let s = solve(field, &x0, &spec, false)?;
+            let g = s.x.to_device(&Device::Cpu)?;
+            table.push(TableRow {
+                solver: spec.label(),
+                steps,
+                nfe: s.nfe,
+                w2: metrics::w2(&g, &real)?,
+                mmd: metrics::mmd_rbf(&g, &real, Some(bw))?,
+            });
+        }
+    }
+    Ok(Evaluation {
+        solver: solver.label(),
+        solver_steps: solver.steps,
+        nfe: sol.nfe,
+        w2: metrics::w2(&gen, &real)?,
+        mmd: metrics::mmd_rbf(&gen, &real, Some(bw))?,
+        energy_distance: metrics::energy_distance(&gen, &real)?,
+        straightness: metrics::straightness(&traj)?,
+        rf_straightness: metrics::rf_straightness(&traj, &sol.times)?,
+        normalized_path_energy: metrics::normalized_path_energy(&traj, &sol.times, w2_st * w2_st)?,
+        w2_source_target: w2_st,
+        table,
+    })
+}

@@ -1,0 +1,385 @@
+//! End-to-end tests of the `flowmatch` binary: runs, sweeps, eval, bad input, resumption.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowmatch");
+
+/// A tiny but real config: 150 training steps, 200 eval samples.
+const TINY: &str = r#"
+[model]
+kind = "velocity-mlp"
+hidden = 32
+layers = 2
+[train]
+steps = 150
+batch_size = 64
+lr = 3e-3
+checkpoint_every = 50
+[eval]
+samples = 200
+steps = [1, 10]
+methods = ["euler", "rk4-warp"]
+[logging]
+every = 5
+"#;
+
+fn flowmatch(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("FLOWMATCH_TRAIN__CHECKPOINT_EVERY", "50")
+        .output()
+        .expect("runs flowmatch")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn files_under(dir: &Path) -> usize {
+    if !dir.exists() {
+        return 0;
+    }
+    walk(dir).len()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn run_writes_a_self_describing_folder_and_eval_reevaluates_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "tiny.toml", TINY);
+    let out = tmp.path().join("runs");
+    let o = flowmatch(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.seed=3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = out.join("tiny");
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "model.safetensors",
+        "summary.json",
+        "timing.json",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    for k in ["final_loss", "w2", "straightness", "rf_straightness", "nfe"] {
+        assert!(s[k].is_number(), "summary lacks {k}");
+    }
+    assert_eq!(s["seed"], 3);
+    assert_eq!(s["eval"]["table"].as_array().unwrap().len(), 4);
+    let st = s["straightness"].as_f64().unwrap();
+    assert!(st > 0.0 && st <= 1.0 + 1e-9);
+    // The resolved config is complete and re-loadable.
+    let resolved = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(resolved.contains("seed = 3") && resolved.contains("[solver]"));
+    // TensorBoard: a well-framed event file that holds the loss curve.
+    let ev = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents")
+        })
+        .unwrap();
+    let bytes = std::fs::read(ev.path()).unwrap();
+    let mut pos = 0;
+    let mut records = 0;
+    while pos < bytes.len() {
+        let len = u64::from_le_bytes(bytes[pos..pos + 8].try_into().unwrap()) as usize;
+        pos += 8 + 4 + len + 4;
+        records += 1;
+    }
+    assert_eq!(pos, bytes.len(), "event records are not framed correctly");
+    assert!(records > 30, "{records} records");
+    assert!(bytes.windows(10).any(|w| w == b"train/loss"));
+    // eval with another solver writes its own file and leaves the summary alone.
+    let before = std::fs::read(dir.join("summary.json")).unwrap();
+    let o = flowmatch(&[
+        "eval",
+        dir.to_str().unwrap(),
+        "--set",
+        "solver.method=rk4",
+        "--set",
+        "solver.steps=8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval-rk4-8.json")).unwrap())
+            .unwrap();
+    assert_eq!(e["nfe"], 32);
+    assert_eq!(std::fs::read(dir.join("summary.json")).unwrap(), before);
+    // A second run of the same name does not overwrite the finished one.
+    let o = flowmatch(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.steps=5",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("tiny-2").join("summary.json").is_file());
+    assert_eq!(std::fs::read(dir.join("summary.json")).unwrap(), before);
+}
+
+#[test]
+fn same_config_and_seed_give_byte_identical_summaries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(
+        tmp.path(),
+        "det.toml",
+        &format!("{TINY}\n[loss]\ncoupling = \"ot\"\n"),
+    );
+    let mut outs = vec![];
+    for k in 0..2 {
+        let out = tmp.path().join(format!("o{k}"));
+        let o = flowmatch(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        outs.push(std::fs::read(out.join("det").join("summary.json")).unwrap());
+    }
+    assert_eq!(outs[0], outs[1]);
+    let out = tmp.path().join("o3");
+    let o = flowmatch(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.seed=1",
+    ]);
+    assert!(o.status.success());
+    assert_ne!(
+        outs[0],
+        std::fs::read(out.join("det").join("summary.json")).unwrap()
+    );
+}
+
+#[test]
+fn bad_configs_fail_with_one_line_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        ("syntax", "[train\nsteps = 3\n", "syntax"),
+        ("unknown_key", "[train]\nstepz = 3\n", "stepz"),
+        ("wrong_type", "[train]\nsteps = \"three\"\n", "train.steps"),
+        ("warp", "[solver]\nwarp_s = 1.6\n", "solver.warp_s"),
+        ("batch0", "[train]\nbatch_size = 0\n", "train.batch_size"),
+        ("steps0", "[train]\nsteps = 0\n", "train.steps"),
+        ("dist", "[data]\ntarget = \"banana\"\n", "banana"),
+        ("solver", "[solver]\nmethod = \"leapfrog\"\n", "leapfrog"),
+        ("section", "[trian]\nsteps = 3\n", "trian"),
+        ("device", "device = \"tpu\"\n", "device"),
+    ];
+    for (name, text, needle) in cases {
+        let cfg = write(tmp.path(), &format!("{name}.toml"), text);
+        let out = tmp.path().join(format!("out_{name}"));
+        let o = flowmatch(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{name}: succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "{name}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(needle),
+            "{name}: {err}"
+        );
+        if *name != "syntax" && *name != "section" {
+            assert!(
+                err.contains(&format!("{name}.toml")) || err.contains("device"),
+                "{name}: names no file: {err}"
+            );
+        }
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert_eq!(files_under(&out), 0, "{name}: wrote files");
+    }
+    // Bad --set and a missing file.
+    let cfg = write(tmp.path(), "ok.toml", TINY);
+    let o = flowmatch(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--set",
+        "solver.steps=0",
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("solver.steps"));
+    let o = flowmatch(&["run", "/nonexistent/cfg.toml"]);
+    assert!(!o.status.success() && stderr(&o).contains("does not exist"));
+    let o = flowmatch(&["eval", tmp.path().to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("model.safetensors"));
+}
+
+#[test]
+fn non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    // An absurd learning rate blows the weights up within a few steps.
+    let cfg = write(tmp.path(), "nan.toml", &format!("{TINY}\n"));
+    let out = tmp.path().join("runs");
+    let o = flowmatch(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.lr=1e12",
+        "--set",
+        "train.checkpoint_every=1",
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("not finite") && err.contains("kept the checkpoint of step"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1 + 1, "{err}"); // the "run … ->" line and the error
+    let dir = out.join("nan");
+    assert!(dir.join("model.safetensors").is_file());
+    assert!(!dir.join("summary.json").exists());
+    // The kept checkpoint holds finite weights.
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let floats = &bytes[8 + header_len..];
+    assert!(floats
+        .chunks(4)
+        .all(|c| f32::from_le_bytes(c.try_into().unwrap()).is_finite()));
+}
+
+fn sweep_file(dir: &Path) -> PathBuf {
+    write(dir, "base.toml", TINY);
+    write(
+        dir,
+        "sw.toml",
+        "base = \"base.toml\"\n[set]\n\"train.steps\" = 120\n[axes]\n\"loss.coupling\" = [\"independent\", \"ot\"]\n\"solver.method\" = [\"euler\", \"heun\"]\n",
+    )
+}
+
+#[test]
+fn killed_sweep_resumes_without_redoing_or_losing_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sw = sweep_file(tmp.path());
+    let out = tmp.path().join("runs");
+    let sdir = out.join("sw");
+    let mut child = Command::new(BIN)
+        .args([
+            "sweep",
+            sw.to_str().unwrap(),
+            "--jobs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let finished = |d: &Path| {
+        walk(d)
+            .iter()
+            .filter(|p| p.ends_with("summary.json"))
+            .count()
+    };
+    while sdir.exists().then(|| finished(&sdir)).unwrap_or(0) < 1
+        && t0.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done: Vec<PathBuf> = walk(&sdir)
+        .into_iter()
+        .filter(|p| p.ends_with("summary.json"))
+        .collect();
+    assert!(
+        !done.is_empty() && done.len() < 4,
+        "{} finished before the kill",
+        done.len()
+    );
+    let stamps: Vec<_> = done
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+        .collect();
+    let o = flowmatch(&[
+        "sweep",
+        sw.to_str().unwrap(),
+        "--jobs",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains(&format!(
+            "{} ran, {} already finished",
+            4 - done.len(),
+            done.len()
+        )),
+        "{text}"
+    );
+    for (p, s) in done.iter().zip(stamps) {
+        assert_eq!(
+            std::fs::metadata(p).unwrap().modified().unwrap(),
+            s,
+            "finished run {p:?} was redone"
+        );
+    }
+    let csv = std::fs::read_to_string(sdir.join("summary.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    assert!(std::fs::read_to_string(sdir.join("summary.md"))
+        .unwrap()
+        .contains("| 003_coupling-ot_method-heun |"));
+}
+
+#[test]
+fn shards_split_the_sweep_and_merge_joins_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sw = sweep_file(tmp.path());
+    let out = tmp.path().join("runs");
+    for shard in ["0/2", "1/2"] {
+        let o = flowmatch(&[
+            "sweep",
+            sw.to_str().unwrap(),
+            "--shard",
+            shard,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("2 ran"));
+    }
+    let o = flowmatch(&["merge", out.join("sw").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(out.join("sw").join("summary.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        5
+    );
+    let o = flowmatch(&["sweep", sw.to_str().unwrap(), "--shard", "2/2"]);
+    assert!(!o.status.success() && stderr(&o).contains("--shard"));
+}
