@@ -25,6 +25,7 @@ pub struct Config {
     pub solver: SolverConfig,
     pub eval: EvalConfig,
     pub logging: LoggingConfig,
+    pub reflow: ReflowConfig,
 }
 
 /// `[data]`: the source and target distributions.
@@ -113,6 +114,32 @@ pub struct EvalConfig {
     pub seed: u64,
 }
 
+/// `[reflow]`: k-rectified flows trained after the base run (1-RF).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReflowConfig {
+    /// Reflow iterations after the base run (0 = none): 1 gives 2-RF, 2 gives 3-RF, …
+    pub iterations: usize,
+    /// `online` (new teacher pairs every step) or `offline` (a fixed pair set).
+    pub mode: String,
+    /// Size of the offline pair set.
+    pub pairs: usize,
+    /// The teacher's solver.
+    pub teacher_method: String,
+    pub teacher_steps: usize,
+    /// Warp of the teacher's time grid (absent = uniform).
+    pub teacher_warp_s: Option<f64>,
+    /// Student initialisation: `teacher` (copy its weights) or `scratch`.
+    pub init: String,
+    /// Student training steps (default: `train.steps`).
+    pub steps: Option<usize>,
+    /// Student learning rate (default: `train.lr`).
+    pub lr: Option<f64>,
+    /// k of the k-step distillation of the last student (0 = none).
+    pub distill_k: usize,
+    pub distill_steps: usize,
+}
+
 /// `[logging]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +202,19 @@ impl Default for Config {
                 every: 10,
                 tensorboard: true,
             },
+            reflow: ReflowConfig {
+                iterations: 0,
+                mode: "online".into(),
+                pairs: 25_600,
+                teacher_method: "rk4".into(),
+                teacher_steps: 20,
+                teacher_warp_s: Some(0.5),
+                init: "teacher".into(),
+                steps: None,
+                lr: None,
+                distill_k: 0,
+                distill_steps: 1000,
+            },
         }
     }
 }
@@ -201,6 +241,21 @@ pub struct Checked {
     pub time: TimeSampler,
     pub solver: SolverSpec,
     pub table: Vec<TableMethod>,
+    pub reflow: CheckedReflow,
+}
+
+/// Validated `[reflow]` settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckedReflow {
+    pub iterations: usize,
+    pub offline: bool,
+    pub pairs: usize,
+    pub teacher: SolverSpec,
+    pub from_teacher: bool,
+    pub steps: usize,
+    pub lr: f64,
+    pub distill_k: usize,
+    pub distill_steps: usize,
 }
 
 /// Parses a `--set key=value`: the value as TOML (numbers, booleans, arrays), else a string.
@@ -445,6 +500,71 @@ impl Config {
             return Err(("logging.every", "must be at least 1".into()));
         }
         crate::device::parse_device(&self.device).map_err(|m| ("device", m))?;
+        let r = &self.reflow;
+        let offline = match r.mode.as_str() {
+            "online" => false,
+            "offline" => true,
+            m => {
+                return Err((
+                    "reflow.mode",
+                    format!("unknown mode '{m}' (online, offline)"),
+                ))
+            }
+        };
+        let from_teacher = match r.init.as_str() {
+            "teacher" => true,
+            "scratch" => false,
+            i => {
+                return Err((
+                    "reflow.init",
+                    format!("unknown init '{i}' (teacher, scratch)"),
+                ))
+            }
+        };
+        let teacher_method =
+            parse_method(&r.teacher_method).map_err(|m| ("reflow.teacher_method", m))?;
+        if r.teacher_steps == 0 {
+            return Err(("reflow.teacher_steps", "must be at least 1".into()));
+        }
+        if let Some(s) = r.teacher_warp_s {
+            if !(0.0..=1.5).contains(&s) {
+                return Err((
+                    "reflow.teacher_warp_s",
+                    format!("s={s} is outside [0, 1.5]"),
+                ));
+            }
+        }
+        if offline && r.pairs == 0 {
+            return Err(("reflow.pairs", "must be at least 1".into()));
+        }
+        let steps = r.steps.unwrap_or(t.steps);
+        if steps == 0 {
+            return Err(("reflow.steps", "must be at least 1".into()));
+        }
+        let lr = r.lr.unwrap_or(t.lr);
+        if !(lr > 0.0 && lr.is_finite()) {
+            return Err(("reflow.lr", format!("must be a positive number, got {lr}")));
+        }
+        if r.distill_k > 0 && r.distill_steps == 0 {
+            return Err(("reflow.distill_steps", "must be at least 1".into()));
+        }
+        let reflow = CheckedReflow {
+            iterations: r.iterations,
+            offline,
+            pairs: r.pairs,
+            teacher: SolverSpec {
+                method: teacher_method,
+                steps: r.teacher_steps,
+                warp_s: r.teacher_warp_s,
+                tol: solver.tol,
+                reverse: false,
+            },
+            from_teacher,
+            steps,
+            lr,
+            distill_k: r.distill_k,
+            distill_steps: r.distill_steps,
+        };
         Ok(Checked {
             source,
             target,
@@ -454,6 +574,7 @@ impl Config {
             time,
             solver,
             table,
+            reflow,
         })
     }
 

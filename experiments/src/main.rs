@@ -4,8 +4,8 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use flowmatch_experiments::config::{parse_set, Config, ConfigSource};
 use flowmatch_experiments::logging::write_json;
-use flowmatch_experiments::run::{self, fresh_run_dir, progress_bar, RunPaths};
-use flowmatch_experiments::{device, sweep};
+use flowmatch_experiments::run::{self, fresh_run_dir, RunPaths};
+use flowmatch_experiments::{device, reflow, sweep};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -58,6 +58,14 @@ enum Cmd {
     },
     /// Re-evaluate a saved run with other solvers / steps (--set solver.method=rk4 …).
     Eval {
+        /// A run folder written by `flowmatch run`.
+        run_dir: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Reflow a finished run: train k-rectified flows with it as the first teacher
+    /// (--set reflow.iterations=K, reflow.mode=offline, …); writes RUN_DIR/reflow/.
+    Reflow {
         /// A run folder written by `flowmatch run`.
         run_dir: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -116,8 +124,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     .map_err(|e| anyhow!(e))?;
             let dir = fresh_run_dir(&out, &cfg.name);
             eprintln!("run {} on {chosen} -> {}", cfg.name, dir.display());
-            let pb = progress_bar(cfg.train.steps as u64, show, &cfg.name);
-            let s = run::run(&cfg, &checked, &dir, &pb)?;
+            let s = reflow::run_experiment(&cfg, &checked, &dir, show)?;
             println!(
                 "{}: final_loss {:.4}  W2 {:.4} ({} {} steps, nfe {})  straightness {:.4}  S {:.4}",
                 s.name,
@@ -130,7 +137,56 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 s.rf_straightness
             );
             print_table(&s.eval.table);
+            if let Some(rows) = &s.reflow {
+                print!("{}", reflow::table_markdown(rows));
+            }
             println!("wrote {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Reflow { run_dir, sets } => {
+            let sets = sets_of(&sets)?;
+            let model_path = RunPaths {
+                dir: run_dir.clone(),
+            }
+            .model();
+            if !model_path.is_file() {
+                return Err(anyhow!(
+                    "{} has no model.safetensors (not a run folder?)",
+                    run_dir.display()
+                ));
+            }
+            let (mut cfg, _) = Config::load(&ConfigSource {
+                file: Some(&run_dir.join("config.toml")),
+                sets: &sets,
+            })
+            .map_err(|e| anyhow!(e.0))?;
+            if cfg.reflow.iterations == 0 && cfg.reflow.distill_k == 0 {
+                cfg.reflow.iterations = 1;
+            }
+            let cfg = reflow::with_reflow_eval(&cfg);
+            let checked = cfg.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
+            let (dev, chosen) =
+                device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
+                    .map_err(|e| anyhow!(e))?;
+            let model = checked.model.load(
+                flowmatch_data::Sampler::dim(&checked.source),
+                &model_path,
+                &dev,
+            )?;
+            let first = run::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
+            let parent = run_dir.join("reflow");
+            eprintln!(
+                "reflow {} on {chosen}: {} iteration(s) -> {}",
+                cfg.name,
+                cfg.reflow.iterations,
+                parent.display()
+            );
+            let s = reflow::chain(&cfg, &checked, model, &first, &parent, show)?;
+            print!(
+                "{}",
+                reflow::table_markdown(s.reflow.as_deref().unwrap_or(&[]))
+            );
+            println!("wrote {}", parent.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Sweep {

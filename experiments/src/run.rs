@@ -73,6 +73,22 @@ pub struct Summary {
     pub normalized_path_energy: f64,
     pub nfe: usize,
     pub eval: Evaluation,
+    /// For reflow experiments: one row per k-rectified flow (1-RF first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reflow: Option<Vec<crate::reflow::IterationRow>>,
+}
+
+/// What a run trains, when not built from the config alone (reflow students).
+#[derive(Default)]
+pub struct Setup {
+    /// Initial model (default: built from `[model]` with `train.seed`).
+    pub model: Option<Model>,
+    /// Coupling (default: `loss.coupling`).
+    pub coupling: Option<Box<dyn Coupling>>,
+    /// Label of the coupling in the summary.
+    pub coupling_label: Option<String>,
+    /// Time sampler (default: `loss.time`).
+    pub time: Option<flowmatch_losses::TimeSampler>,
 }
 
 /// Builds the coupling of a checked config.
@@ -138,6 +154,17 @@ fn save_model(model: &Model, path: &Path) -> Result<()> {
 
 /// Trains and evaluates one config into `dir`, returning its summary.
 pub fn run(cfg: &Config, checked: &Checked, dir: &Path, pb: &ProgressBar) -> Result<Summary> {
+    Ok(run_with(cfg, checked, dir, pb, Setup::default())?.0)
+}
+
+/// [`run`] with an explicit initial model / coupling / time sampler; also returns the model.
+pub fn run_with(
+    cfg: &Config,
+    checked: &Checked,
+    dir: &Path,
+    pb: &ProgressBar,
+    setup: Setup,
+) -> Result<(Summary, Model)> {
     let (device, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
         .map_err(|e| anyhow!(e))?;
     let paths = RunPaths {
@@ -162,7 +189,14 @@ pub fn run(cfg: &Config, checked: &Checked, dir: &Path, pb: &ProgressBar) -> Res
     let mut log = RunLog::create(dir, cfg.logging.tensorboard)?;
 
     let dim = checked.source.dim();
-    let model = checked.model.build(dim, cfg.train.seed, &device)?;
+    let model = match setup.model {
+        Some(m) => m,
+        None => checked.model.build(dim, cfg.train.seed, &device)?,
+    };
+    let coupling_label = setup
+        .coupling_label
+        .unwrap_or_else(|| cfg.loss.coupling.clone());
+    let coupling = setup.coupling.unwrap_or_else(|| build_coupling(checked));
     let optim = OptimConfig {
         lr: cfg.train.lr,
         weight_decay: cfg.train.weight_decay,
@@ -171,8 +205,8 @@ pub fn run(cfg: &Config, checked: &Checked, dir: &Path, pb: &ProgressBar) -> Res
     let mut trainer = Trainer::new(
         model,
         Box::new(checked.path),
-        build_coupling(checked),
-        checked.time,
+        coupling,
+        setup.time.unwrap_or(checked.time),
         cfg.train.batch_size,
         optim,
     )?;
@@ -230,7 +264,7 @@ pub fn run(cfg: &Config, checked: &Checked, dir: &Path, pb: &ProgressBar) -> Res
         target: cfg.data.target.clone(),
         model: cfg.model.kind.clone(),
         path: cfg.loss.path.clone(),
-        coupling: cfg.loss.coupling.clone(),
+        coupling: coupling_label,
         train_steps: cfg.train.steps,
         batch_size: cfg.train.batch_size,
         lr: cfg.train.lr,
@@ -243,6 +277,7 @@ pub fn run(cfg: &Config, checked: &Checked, dir: &Path, pb: &ProgressBar) -> Res
         normalized_path_energy: ev.normalized_path_energy,
         nfe: ev.nfe,
         eval: ev.clone(),
+        reflow: None,
     };
     log_evaluation(&mut log, &ev, cfg.train.steps)?;
     log.close()?;
@@ -256,7 +291,7 @@ pub fn run(cfg: &Config, checked: &Checked, dir: &Path, pb: &ProgressBar) -> Res
     )?;
     write_json(&paths.summary(), &summary)?;
     pb.finish_and_clear();
-    Ok(summary)
+    Ok((summary, model))
 }
 
 /// Writes an evaluation to metrics.jsonl and TensorBoard at `step`.

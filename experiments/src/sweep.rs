@@ -3,7 +3,7 @@
 
 use crate::config::{resolve_relative, Checked, Config, ConfigError, ConfigSource};
 use crate::logging::write_atomic;
-use crate::run::{progress_bar, run, RunPaths, Summary};
+use crate::run::{progress_bar, RunPaths, Summary};
 use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -200,12 +200,8 @@ pub fn execute(
         use rayon::prelude::*;
         todo.par_iter()
             .map(|r| {
-                let res = run(
-                    &r.config,
-                    &r.checked,
-                    &dir.join(&r.name),
-                    &indicatif::ProgressBar::hidden(),
-                );
+                let res =
+                    crate::reflow::run_experiment(&r.config, &r.checked, &dir.join(&r.name), false);
                 pb.set_position(done.fetch_add(1, Ordering::SeqCst) as u64 + 1);
                 (r.name.clone(), res)
             })

@@ -17,6 +17,9 @@ pub enum TimeSampler {
     Warped { s: f64 },
     /// `t = sigmoid(m + s·z)`, `z ~ N(0, 1)` (Esser et al. 2024).
     LogitNormal { mean: f64, std: f64 },
+    /// `t` uniform on the k-step Euler grid `{0, 1/k, …, (k-1)/k}` (k-step distillation,
+    /// Liu et al. 2022).
+    Grid { k: usize },
 }
 
 impl TimeSampler {
@@ -31,6 +34,8 @@ impl TimeSampler {
             Self::LogitNormal { std, .. } => Err(LossError::Invalid(format!(
                 "logit-normal std must be > 0, got {std}"
             ))),
+            Self::Grid { k } if k >= 1 => Ok(()),
+            Self::Grid { .. } => Err(LossError::Invalid("distillation grid needs k ≥ 1".into())),
         }
     }
 
@@ -44,6 +49,7 @@ impl TimeSampler {
                     let z: f64 = StandardNormal.sample(rng);
                     (1.0 / (1.0 + (-(mean + std * z)).exp())) as f32
                 }
+                Self::Grid { k } => rng.random_range(0..k) as f32 / k as f32,
             })
             .collect()
     }
@@ -85,6 +91,9 @@ mod tests {
                 > mid(TimeSampler::Uniform, &mut rng) * 3 / 2
         );
         assert!(TimeSampler::Warped { s: 2.0 }.validate().is_err());
+        let g = TimeSampler::Grid { k: 2 }.sample(1000, &mut rng);
+        assert!(g.iter().all(|&t| t == 0.0 || t == 0.5) && g.contains(&0.0) && g.contains(&0.5));
+        assert!(TimeSampler::Grid { k: 0 }.validate().is_err());
         assert!(TimeSampler::LogitNormal {
             mean: 0.0,
             std: 0.0

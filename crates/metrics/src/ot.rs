@@ -21,20 +21,20 @@ pub fn sq_cost_matrix(a: &[f64], b: &[f64], d: usize) -> Vec<f64> {
 
 /// The assignment `perm` minimising `Σ_i C[i][perm[i]]` for a square `n × n` cost matrix.
 ///
-/// `kuhn_munkres_min` needs `Ord` weights, so costs are scaled to integers with 2⁴⁰ levels
-/// over their range (exact to ~1e-12 relative). Non-finite costs are an error, not a hang.
+/// Shortest augmenting paths with dual potentials (Jonker & Volgenant 1987; Crouse 2016, the
+/// algorithm of SciPy's `linear_sum_assignment`), each Dijkstra sweep reading one cost row
+/// contiguously. Non-finite costs are an error, not a hang.
 pub fn assignment(cost: &[f64], n: usize) -> Result<Vec<usize>, MetricsError> {
-    if cost.len() != n * n {
-        return Err(MetricsError::Shape(format!(
-            "cost matrix has {} entries, expected {n}²",
-            cost.len()
-        )));
-    }
+    check_square(cost, n)?;
+    Ok(shortest_augmenting_path(cost, n))
+}
+
+/// The same assignment computed with `pathfinding`'s Kuhn–Munkres (kept as a cross-check and
+/// a baseline): it needs `Ord` weights, so costs are scaled to integers with 2⁴⁰ levels.
+pub fn assignment_kuhn_munkres(cost: &[f64], n: usize) -> Result<Vec<usize>, MetricsError> {
+    check_square(cost, n)?;
     if n == 0 {
         return Ok(vec![]);
-    }
-    if cost.iter().any(|c| !c.is_finite()) {
-        return Err(MetricsError::NonFinite("OT cost matrix"));
     }
     let (lo, hi) = cost
         .iter()
@@ -51,6 +51,177 @@ pub fn assignment(cost: &[f64], n: usize) -> Result<Vec<usize>, MetricsError> {
     let m = Matrix::from_vec(n, n, ints).map_err(|e| MetricsError::Shape(e.to_string()))?;
     let (_, perm) = kuhn_munkres_min(&m);
     Ok(perm)
+}
+
+fn check_square(cost: &[f64], n: usize) -> Result<(), MetricsError> {
+    if cost.len() != n * n {
+        return Err(MetricsError::Shape(format!(
+            "cost matrix has {} entries, expected {n}²",
+            cost.len()
+        )));
+    }
+    if cost.iter().any(|c| !c.is_finite()) {
+        return Err(MetricsError::NonFinite("OT cost matrix"));
+    }
+    Ok(())
+}
+
+fn shortest_augmenting_path(cost: &[f64], n: usize) -> Vec<usize> {
+    const NONE: usize = usize::MAX;
+    let mut u = vec![0.0f64; n];
+    // Column reduction: start the column potentials at the column minima.
+    let mut v = vec![f64::INFINITY; n];
+    for row in cost.chunks_exact(n.max(1)).take(n) {
+        for (vj, &c) in v.iter_mut().zip(row) {
+            *vj = vj.min(c);
+        }
+    }
+    let mut col4row = vec![NONE; n];
+    let mut row4col = vec![NONE; n];
+    let free_rows = augmenting_row_reduction(cost, n, &mut v, &mut col4row, &mut row4col);
+    // Row potentials consistent with v: u_i = min_j (c_ij - v_j), attained at i's column.
+    for (i, ui) in u.iter_mut().enumerate() {
+        let row = &cost[i * n..(i + 1) * n];
+        *ui = row
+            .iter()
+            .zip(&v)
+            .map(|(c, vj)| c - vj)
+            .fold(f64::INFINITY, f64::min);
+    }
+    let mut shortest = vec![f64::INFINITY; n];
+    let mut path = vec![NONE; n];
+    let mut in_tree = vec![false; n]; // columns already scanned (SC)
+    let mut rows_seen: Vec<usize> = Vec::with_capacity(n);
+    let mut cols_seen: Vec<usize> = Vec::with_capacity(n);
+    for cur in free_rows {
+        shortest.iter_mut().for_each(|s| *s = f64::INFINITY);
+        rows_seen.clear();
+        cols_seen.clear();
+        let mut min_val = 0.0;
+        let mut i = cur;
+        let sink;
+        loop {
+            rows_seen.push(i);
+            let row = &cost[i * n..(i + 1) * n];
+            let base = min_val - u[i];
+            let mut lowest = f64::INFINITY;
+            let mut best = NONE;
+            for j in 0..n {
+                if in_tree[j] {
+                    continue;
+                }
+                let r = base + row[j] - v[j];
+                if r < shortest[j] {
+                    path[j] = i;
+                    shortest[j] = r;
+                }
+                let s = shortest[j];
+                if s < lowest || (s == lowest && row4col[j] == NONE) {
+                    lowest = s;
+                    best = j;
+                }
+            }
+            min_val = lowest;
+            let j = best;
+            in_tree[j] = true;
+            cols_seen.push(j);
+            if row4col[j] == NONE {
+                sink = j;
+                break;
+            }
+            i = row4col[j];
+        }
+        // Update the duals.
+        u[cur] += min_val;
+        for &r in &rows_seen[1..] {
+            u[r] += min_val - shortest[col4row[r]];
+        }
+        for &c in &cols_seen {
+            v[c] -= min_val - shortest[c];
+            in_tree[c] = false;
+        }
+        // Augment along the path back to `cur`.
+        let mut j = sink;
+        loop {
+            let i = path[j];
+            row4col[j] = i;
+            std::mem::swap(&mut col4row[i], &mut j);
+            if i == cur {
+                break;
+            }
+        }
+    }
+    col4row
+}
+
+/// Jonker & Volgenant's augmenting row reduction: two passes that assign most rows cheaply by
+/// moving each free row to its cheapest column (lowering that column's price), evicting the
+/// previous owner. Returns the rows still free. Keeps c_ij - v_j minimal on every assignment.
+fn augmenting_row_reduction(
+    cost: &[f64],
+    n: usize,
+    v: &mut [f64],
+    col4row: &mut [usize],
+    row4col: &mut [usize],
+) -> Vec<usize> {
+    const NONE: usize = usize::MAX;
+    let mut free: Vec<usize> = (0..n).collect();
+    if n < 2 {
+        return free;
+    }
+    for _pass in 0..2 {
+        let mut list = std::mem::take(&mut free);
+        let mut idx = 0;
+        // Bounded work per pass; whatever is left goes to the exact phase.
+        let mut budget = 8 * n;
+        while idx < list.len() {
+            let i = list[idx];
+            idx += 1;
+            if budget == 0 {
+                free.push(i);
+                continue;
+            }
+            budget -= 1;
+            let row = &cost[i * n..(i + 1) * n];
+            let (mut u1, mut u2, mut j1, mut j2) = (f64::INFINITY, f64::INFINITY, 0, 0);
+            for (j, (&c, &vj)) in row.iter().zip(v.iter()).enumerate() {
+                let h = c - vj;
+                if h < u2 {
+                    if h >= u1 {
+                        u2 = h;
+                        j2 = j;
+                    } else {
+                        u2 = u1;
+                        j2 = j1;
+                        u1 = h;
+                        j1 = j;
+                    }
+                }
+            }
+            let mut i0 = row4col[j1];
+            if u1 < u2 {
+                v[j1] -= u2 - u1;
+            } else if i0 != NONE {
+                j1 = j2;
+                i0 = row4col[j2];
+            }
+            if i0 != NONE {
+                col4row[i0] = NONE;
+            }
+            col4row[i] = j1;
+            row4col[j1] = i;
+            if i0 != NONE {
+                if u1 < u2 {
+                    // Re-process the evicted row at once.
+                    idx -= 1;
+                    list[idx] = i0;
+                } else {
+                    free.push(i0);
+                }
+            }
+        }
+    }
+    free
 }
 
 /// Exact OT pairing of two equal-size samples (`n × d` row-major): `b[perm[i]]` pairs with `a[i]`.
@@ -155,9 +326,44 @@ mod tests {
     }
 
     #[test]
+    fn shortest_path_and_kuhn_munkres_agree_on_larger_problems() {
+        let mut seed = 11;
+        for n in [50, 300] {
+            let a: Vec<f64> = (0..2 * n).map(|_| lcg(&mut seed) * 3.0).collect();
+            let b: Vec<f64> = (0..2 * n).map(|_| lcg(&mut seed) * 3.0 - 1.0).collect();
+            let c = sq_cost_matrix(&a, &b, 2);
+            let cost = |p: &[usize]| {
+                p.iter()
+                    .enumerate()
+                    .map(|(i, &j)| c[i * n + j])
+                    .sum::<f64>()
+            };
+            let (x, y) = (
+                assignment(&c, n).unwrap(),
+                assignment_kuhn_munkres(&c, n).unwrap(),
+            );
+            assert!(
+                (cost(&x) - cost(&y)).abs() < 1e-8 * cost(&y),
+                "n={n}: {} vs {}",
+                cost(&x),
+                cost(&y)
+            );
+        }
+        // Ties and duplicates: all-equal costs still give a permutation.
+        let p = assignment(&vec![1.0; 16], 4).unwrap();
+        let mut s = p.clone();
+        s.sort();
+        assert_eq!(s, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
     fn non_finite_costs_are_an_error_not_a_hang() {
         let c = vec![0.0, f64::NAN, 1.0, 2.0];
         assert!(matches!(assignment(&c, 2), Err(MetricsError::NonFinite(_))));
+        assert!(matches!(
+            assignment_kuhn_munkres(&c, 2),
+            Err(MetricsError::NonFinite(_))
+        ));
         let c = vec![0.0, f64::INFINITY, 1.0, 2.0];
         assert!(matches!(assignment(&c, 2), Err(MetricsError::NonFinite(_))));
         assert!(ot_pairing(&[0.0, 1.0], &[0.0], 1).is_err());

@@ -81,7 +81,7 @@ pub fn dopri5(
     let span = (t1 - t0).abs();
     let mut h = h0.abs().min(span).max(1e-6) * dir;
     let (mut t, mut x) = (t0, x0.clone());
-    let mut k1 = eval(f, &x, t)?;
+    let mut k1 = eval(f, &x, t)?.detach();
     let mut nfe = 1;
     let mut traj = record.then(|| vec![x.clone()]);
     let mut times = vec![t0];
@@ -129,8 +129,9 @@ pub fn dopri5(
                 };
                 if ratio <= 1.0 {
                     t += h;
-                    x = xi;
-                    k1 = ks.pop().expect("seven stages");
+                    // Detached, as in the fixed-step solvers.
+                    x = xi.detach();
+                    k1 = ks.pop().expect("seven stages").detach();
                     if let Some(tr) = traj.as_mut() {
                         tr.push(x.clone());
                     }

@@ -120,7 +120,9 @@ pub fn integrate(
     let mut x = x0.clone();
     let mut traj = record.then(|| vec![x.clone()]);
     for w in grid.points.windows(2) {
-        x = stepper.step(f, &x, w[0], w[1] - w[0])?;
+        // Detached: sampling never backpropagates, and a model with trainable weights would
+        // otherwise chain every step's activations into one autograd graph (O(steps·batch)).
+        x = stepper.step(f, &x, w[0], w[1] - w[0])?.detach();
         if let Some(tr) = traj.as_mut() {
             tr.push(x.clone());
         }

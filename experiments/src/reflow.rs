@@ -1,0 +1,258 @@
+//! k-rectified flows: the base run (1-RF) teaches a student (2-RF), which teaches the next, …
+//! Each iteration is a run folder of its own; the parent gets the straightness table.
+
+use crate::config::{Checked, Config};
+use crate::logging::{write_atomic, write_json, RunLog};
+use crate::run::{progress_bar, run, run_with, Evaluation, Setup, Summary};
+use anyhow::{anyhow, Result};
+use flowmatch_data::Sampler;
+use flowmatch_losses::{Coupling, TimeSampler};
+use flowmatch_models::{Model, VelocityField};
+use flowmatch_reflow::{PairSet, TeacherCoupling};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Euler step counts of the reflow table.
+pub const REFLOW_STEPS: [usize; 5] = [1, 2, 5, 10, 100];
+
+/// W2 of one Euler step count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepW2 {
+    pub steps: usize,
+    pub w2: f64,
+}
+
+/// One k-rectified flow in the reflow table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IterationRow {
+    /// `1-RF`, `2-RF`, … or `distill-k`.
+    pub flow: String,
+    /// Lesson's straightness (Euler, 100 steps).
+    pub straightness: f64,
+    /// Liu et al.'s S.
+    pub rf_straightness: f64,
+    pub normalized_path_energy: f64,
+    /// W2 against fresh target samples at 1, 2, 5, 10, 100 Euler steps.
+    pub w2_euler: Vec<StepW2>,
+}
+
+/// The config with the evaluation the reflow table needs: headline Euler 100, Euler rows at
+/// 1, 2, 5, 10, 100 steps (added to whatever the config already evaluates).
+pub fn with_reflow_eval(cfg: &Config) -> Config {
+    let mut c = cfg.clone();
+    c.solver.method = "euler".into();
+    c.solver.steps = 100;
+    c.solver.warp_s = None;
+    if !c.eval.methods.iter().any(|m| m == "euler") {
+        c.eval.methods.insert(0, "euler".into());
+    }
+    for s in REFLOW_STEPS {
+        if !c.eval.steps.contains(&s) {
+            c.eval.steps.push(s);
+        }
+    }
+    c.eval.steps.sort_unstable();
+    c
+}
+
+/// The reflow-table row of an evaluation made with [`with_reflow_eval`].
+pub fn row_of(flow: &str, ev: &Evaluation) -> IterationRow {
+    let w2_euler = REFLOW_STEPS
+        .iter()
+        .filter_map(|&s| {
+            ev.table
+                .iter()
+                .find(|r| r.solver == "euler" && r.steps == s)
+                .map(|r| StepW2 { steps: s, w2: r.w2 })
+        })
+        .collect();
+    IterationRow {
+        flow: flow.to_string(),
+        straightness: ev.straightness,
+        rf_straightness: ev.rf_straightness,
+        normalized_path_energy: ev.normalized_path_energy,
+        w2_euler,
+    }
+}
+
+/// Runs a config: a plain run, or the base run plus the reflow chain when `[reflow]` asks for it.
+pub fn run_experiment(cfg: &Config, checked: &Checked, dir: &Path, show: bool) -> Result<Summary> {
+    let r = &checked.reflow;
+    if r.iterations == 0 && r.distill_k == 0 {
+        return run(
+            cfg,
+            checked,
+            dir,
+            &progress_bar(cfg.train.steps as u64, show, &cfg.name),
+        );
+    }
+    let cfg1 = with_reflow_eval(cfg);
+    let checked1 = cfg1.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
+    let pb = progress_bar(cfg.train.steps as u64, show, &format!("{} 1-RF", cfg.name));
+    let (first, model) = run_with(&cfg1, &checked1, &dir.join("rf1"), &pb, Setup::default())?;
+    chain(&cfg1, &checked1, model, &first.eval, dir, show)
+}
+
+/// Trains `reflow.iterations` students starting from `teacher` (already evaluated as
+/// `first`), then the optional distillation, into `parent/rf2`, `parent/rf3`, …; writes the
+/// table (`reflow.md`, `reflow.json`, TensorBoard curves over iterations) and
+/// `parent/summary.json` (the last student's summary with the table).
+pub fn chain(
+    cfg: &Config,
+    checked: &Checked,
+    teacher: Model,
+    first: &Evaluation,
+    parent: &Path,
+    show: bool,
+) -> Result<Summary> {
+    let r = checked.reflow;
+    std::fs::create_dir_all(parent)?;
+    let mut log = RunLog::create(parent, cfg.logging.tensorboard)?;
+    let mut rows = vec![row_of("1-RF", first)];
+    log_row(&mut log, &rows[0], 1)?;
+    write_table(parent, &rows)?;
+    let source: Arc<dyn Sampler> = Arc::new(checked.source.clone());
+    let mut teacher = Arc::new(teacher);
+    let mut last: Option<Summary> = None;
+    let mut stages: Vec<(String, String, TimeSampler, usize)> = (2..=r.iterations + 1)
+        .map(|k| (format!("rf{k}"), format!("{k}-RF"), checked.time, r.steps))
+        .collect();
+    if r.distill_k > 0 {
+        let k = r.distill_k;
+        stages.push((
+            format!("distill{k}"),
+            format!("distill-{k}"),
+            TimeSampler::Grid { k },
+            r.distill_steps,
+        ));
+    }
+    for (i, (folder, flow, time, steps)) in stages.into_iter().enumerate() {
+        let mut c = cfg.clone();
+        c.name = folder.clone();
+        c.train.steps = steps;
+        c.train.lr = r.lr;
+        c.train.seed = cfg.train.seed.wrapping_add(i as u64 + 1);
+        c.reflow.iterations = 0;
+        c.reflow.distill_k = 0;
+        let ck = c.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
+        let device = teacher.params.device().clone();
+        let student = if r.from_teacher || flow.starts_with("distill") {
+            teacher.duplicate()?
+        } else {
+            checked
+                .model
+                .build(checked.source.dim(), c.train.seed, &device)?
+        };
+        let as_field: Arc<dyn VelocityField> = teacher.clone();
+        let (coupling, label): (Box<dyn Coupling>, String) = if r.offline {
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()?;
+            let set = pool.install(|| {
+                PairSet::generate(
+                    &checked.source,
+                    as_field.as_ref(),
+                    &r.teacher,
+                    r.pairs,
+                    256,
+                    c.train.seed,
+                    &device,
+                )
+            })?;
+            (
+                Box::new(set),
+                format!(
+                    "reflow-offline({} pairs, {} {} steps)",
+                    r.pairs,
+                    r.teacher.label(),
+                    r.teacher.steps
+                ),
+            )
+        } else {
+            let tc = TeacherCoupling::new(source.clone(), as_field, r.teacher)?;
+            (
+                Box::new(tc),
+                format!(
+                    "reflow-online({} {} steps)",
+                    r.teacher.label(),
+                    r.teacher.steps
+                ),
+            )
+        };
+        write_json(
+            &parent.join(&folder).with_extension("teacher.json"),
+            &json!({"flow": flow, "teacher": if i == 0 { "rf1".to_string() } else { format!("stage {i}") }, "coupling": label}),
+        )
+        .ok();
+        let pb = progress_bar(steps as u64, show, &format!("{} {flow}", cfg.name));
+        let setup = Setup {
+            model: Some(student),
+            coupling: Some(coupling),
+            coupling_label: Some(label),
+            time: Some(time),
+        };
+        let (summary, model) = run_with(&c, &ck, &parent.join(&folder), &pb, setup)?;
+        let row = row_of(&flow, &summary.eval);
+        log_row(&mut log, &row, rows.len() + 1)?;
+        rows.push(row);
+        write_table(parent, &rows)?;
+        teacher = Arc::new(model);
+        last = Some(summary);
+    }
+    log.close()?;
+    let mut s = last.ok_or_else(|| {
+        anyhow!("reflow: nothing to do (reflow.iterations = 0 and no distillation)")
+    })?;
+    s.name = cfg.name.clone();
+    s.reflow = Some(rows);
+    write_json(&parent.join("summary.json"), &s)?;
+    Ok(s)
+}
+
+fn log_row(log: &mut RunLog, row: &IterationRow, iteration: usize) -> Result<()> {
+    log.record(&json!({"iteration": iteration, "row": row}))?;
+    log.scalar("reflow/straightness", row.straightness, iteration);
+    log.scalar("reflow/rf_straightness", row.rf_straightness, iteration);
+    log.scalar(
+        "reflow/normalized_path_energy",
+        row.normalized_path_energy,
+        iteration,
+    );
+    for s in &row.w2_euler {
+        log.scalar(&format!("reflow/w2_euler_{}", s.steps), s.w2, iteration);
+    }
+    Ok(())
+}
+
+/// The reflow table as Markdown.
+pub fn table_markdown(rows: &[IterationRow]) -> String {
+    let mut md = String::from("| flow | straightness | S (Liu) | NPE |");
+    for s in REFLOW_STEPS {
+        md.push_str(&format!(" W2 @{s} |"));
+    }
+    md.push_str("\n|---|---|---|---|");
+    md.push_str(&"---|".repeat(REFLOW_STEPS.len()));
+    md.push('\n');
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {:.4} | {:.4} | {:.4} |",
+            r.flow, r.straightness, r.rf_straightness, r.normalized_path_energy
+        ));
+        for s in &r.w2_euler {
+            md.push_str(&format!(" {:.4} |", s.w2));
+        }
+        md.push('\n');
+    }
+    md
+}
+
+fn write_table(parent: &Path, rows: &[IterationRow]) -> Result<()> {
+    write_json(&parent.join("reflow.json"), &rows)?;
+    write_atomic(&parent.join("reflow.md"), table_markdown(rows).as_bytes())?;
+    Ok(())
+}
