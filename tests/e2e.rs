@@ -383,3 +383,173 @@ fn shards_split_the_sweep_and_merge_joins_them() {
     let o = flowmatch(&["sweep", sw.to_str().unwrap(), "--shard", "2/2"]);
     assert!(!o.status.success() && stderr(&o).contains("--shard"));
 }
+
+#[test]
+fn reflow_writes_one_folder_per_iteration_and_a_straightness_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{TINY}\n[reflow]\niterations = 1\nmode = \"offline\"\npairs = 512\nteacher_method = \"euler\"\nteacher_steps = 10\ninit = \"scratch\"\nsteps = 100\ndistill_k = 2\ndistill_steps = 40\n"
+    );
+    let cfg = write(tmp.path(), "rf.toml", &text);
+    let out = tmp.path().join("runs");
+    let o = flowmatch(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let parent = out.join("rf");
+    for f in ["rf1", "rf2", "distill2"] {
+        assert!(
+            parent.join(f).join("summary.json").is_file(),
+            "{f} not finished"
+        );
+        assert!(parent.join(f).join("model.safetensors").is_file());
+    }
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(parent.join("reflow.json")).unwrap())
+            .unwrap();
+    let rows = rows.as_array().unwrap();
+    let flows: Vec<&str> = rows.iter().map(|r| r["flow"].as_str().unwrap()).collect();
+    assert_eq!(flows, ["1-RF", "2-RF", "distill-2"]);
+    for r in rows {
+        let steps: Vec<u64> = r["w2_euler"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["steps"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 5, 10, 100]);
+        assert!(r["straightness"].as_f64().unwrap() > 0.0);
+    }
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(parent.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(s["name"], "rf");
+    assert!(s["coupling"]
+        .as_str()
+        .unwrap()
+        .starts_with("reflow-offline"));
+    assert_eq!(s["reflow"].as_array().unwrap().len(), 3);
+    assert!(std::fs::read_to_string(parent.join("reflow.md"))
+        .unwrap()
+        .contains("| 2-RF |"));
+    assert!(std::fs::read_dir(&parent)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("events.out")));
+    // Reflow of an existing run, online this time.
+    let base = parent.join("rf1");
+    let o = flowmatch(&[
+        "reflow",
+        base.to_str().unwrap(),
+        "--set",
+        "reflow.mode=online",
+        "--set",
+        "reflow.steps=30",
+        "--set",
+        "reflow.distill_k=0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(base
+        .join("reflow")
+        .join("rf2")
+        .join("summary.json")
+        .is_file());
+    let md = std::fs::read_to_string(base.join("reflow").join("reflow.md")).unwrap();
+    assert!(md.contains("| 1-RF |") && md.contains("| 2-RF |"), "{md}");
+    let o = flowmatch(&[
+        "reflow",
+        base.to_str().unwrap(),
+        "--set",
+        "reflow.mode=sideways",
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("reflow.mode"));
+}
+
+/// Decodes a PNG and returns (width, height, number of distinct colours).
+fn png_facts(path: &Path) -> (u32, u32, usize) {
+    let decoder = png::Decoder::new(
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    );
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let colours: std::collections::HashSet<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
+    (info.width, info.height, colours.len())
+}
+
+#[test]
+fn every_figure_kind_is_drawn_decodes_and_is_not_blank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{TINY}\n[reflow]\niterations = 1\nmode = \"offline\"\npairs = 256\nteacher_method = \"euler\"\nteacher_steps = 5\ninit = \"teacher\"\nsteps = 30\n"
+    );
+    let cfg = write(tmp.path(), "pics.toml", &text);
+    let out = tmp.path().join("runs");
+    let o = flowmatch(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "eval.samples=100",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let parent = out.join("pics");
+    let run = parent.join("rf1");
+    // (file, width, height) as drawn by the run itself: 360 px per panel.
+    for (file, w, h) in [
+        ("distributions.png", 1080, 360),
+        ("trajectories.png", 360, 360),
+        ("flow_field.png", 1080, 360),
+        ("steps_grid.png", 2160, 360),
+    ] {
+        let (pw, ph, colours) = png_facts(&run.join(file));
+        assert_eq!((pw, ph), (w, h), "{file}");
+        assert!(colours > 20, "{file} looks blank: {colours} colours");
+    }
+    let (pw, ph, colours) = png_facts(&parent.join("reflow.png"));
+    assert_eq!((pw, ph), (1080, 360));
+    assert!(colours > 20, "reflow.png looks blank");
+    for (gif_path, w) in [
+        (run.join("flow.gif"), 360u16),
+        (parent.join("fm_vs_reflow.gif"), 720),
+    ] {
+        let mut opts = gif::DecodeOptions::new();
+        opts.set_color_output(gif::ColorOutput::RGBA);
+        let mut dec = opts
+            .read_info(std::fs::File::open(&gif_path).unwrap())
+            .unwrap();
+        assert_eq!(
+            (dec.width(), dec.height()),
+            (w, 360),
+            "{}",
+            gif_path.display()
+        );
+        let mut frames = vec![];
+        while let Some(f) = dec.read_next_frame().unwrap() {
+            frames.push(f.buffer.to_vec());
+        }
+        assert!(
+            frames.len() >= 10,
+            "{} has {} frames",
+            gif_path.display(),
+            frames.len()
+        );
+        assert_ne!(
+            frames.first(),
+            frames.last(),
+            "particles do not move in {}",
+            gif_path.display()
+        );
+    }
+    // On demand: redraw one figure into the same folder with `flowmatch plot`.
+    std::fs::remove_file(run.join("trajectories.png")).unwrap();
+    let o = flowmatch(&["plot", run.to_str().unwrap(), "--what", "trajectories"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(png_facts(&run.join("trajectories.png")).0, 360);
+    let o = flowmatch(&["plot", run.to_str().unwrap(), "--what", "histogram"]);
+    assert!(
+        !o.status.success() && stderr(&o).lines().count() == 1,
+        "{}",
+        stderr(&o)
+    );
+}

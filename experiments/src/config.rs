@@ -147,6 +147,8 @@ pub struct LoggingConfig {
     /// Log the loss every this many steps (metrics.jsonl and TensorBoard).
     pub every: usize,
     pub tensorboard: bool,
+    /// Draw the run's figures (PNG, GIF) into its folder.
+    pub plots: bool,
 }
 
 impl Default for Config {
@@ -201,6 +203,7 @@ impl Default for Config {
             logging: LoggingConfig {
                 every: 10,
                 tensorboard: true,
+                plots: true,
             },
             reflow: ReflowConfig {
                 iterations: 0,

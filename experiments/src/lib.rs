@@ -10,6 +10,7 @@
 pub mod config;
 pub mod device;
 pub mod logging;
+pub mod plot;
 pub mod reflow;
 pub mod run;
 pub mod sweep;

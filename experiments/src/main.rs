@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use flowmatch_experiments::config::{parse_set, Config, ConfigSource};
 use flowmatch_experiments::logging::write_json;
 use flowmatch_experiments::run::{self, fresh_run_dir, RunPaths};
-use flowmatch_experiments::{device, reflow, sweep};
+use flowmatch_experiments::{device, plot, reflow, sweep};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -68,6 +68,16 @@ enum Cmd {
     Reflow {
         /// A run folder written by `flowmatch run`.
         run_dir: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Draw a run folder's figures again (or only some: --what distributions,flow).
+    Plot {
+        /// A run folder, or a reflow parent folder (with reflow.json).
+        run_dir: PathBuf,
+        /// Figures: distributions, trajectories, flow_field, steps_grid, flow (default: all).
+        #[arg(long, value_delimiter = ',')]
+        what: Vec<String>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
@@ -277,6 +287,73 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             print_table(&ev.table);
             println!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Plot {
+            run_dir,
+            what,
+            sets,
+        } => {
+            let sets = sets_of(&sets)?;
+            let figures: Vec<plot::Figure> = if what.is_empty() {
+                plot::Figure::ALL.to_vec()
+            } else {
+                what.iter()
+                    .map(|w| plot::Figure::parse(w))
+                    .collect::<Result<_>>()?
+            };
+            let reflow_rows = run_dir.join("reflow.json");
+            let (cfg_dir, rows): (PathBuf, Option<Vec<reflow::IterationRow>>) =
+                if reflow_rows.is_file() {
+                    let rows = serde_json::from_str(&std::fs::read_to_string(&reflow_rows)?)
+                        .with_context(|| format!("reading {}", reflow_rows.display()))?;
+                    (run_dir.join("rf1"), Some(rows))
+                } else {
+                    (run_dir.clone(), None)
+                };
+            let model_path = RunPaths {
+                dir: cfg_dir.clone(),
+            }
+            .model();
+            if !model_path.is_file() {
+                return Err(anyhow!(
+                    "{} has no model.safetensors (not a run folder?)",
+                    cfg_dir.display()
+                ));
+            }
+            let (cfg, checked) = Config::load(&ConfigSource {
+                file: Some(&cfg_dir.join("config.toml")),
+                sets: &sets,
+            })
+            .map_err(|e| anyhow!(e.0))?;
+            let (dev, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
+                .map_err(|e| anyhow!(e))?;
+            let dim = flowmatch_data::Sampler::dim(&checked.source);
+            let model = checked.model.load(dim, &model_path, &dev)?;
+            let mut written = plot::plot_run(&model, &cfg, &checked, &cfg_dir, &dev, &figures)?;
+            if let Some(rows) = rows {
+                // The last flow of the chain lives in the folder named after its row.
+                let last_dir = rows
+                    .last()
+                    .map(|r| run_dir.join(reflow::folder_of(&r.flow)));
+                let last = match last_dir {
+                    Some(d) if d.join("model.safetensors").is_file() => {
+                        checked
+                            .model
+                            .load(dim, &d.join("model.safetensors"), &dev)?
+                    }
+                    _ => model.duplicate()?,
+                };
+                reflow::reflow_figures(&cfg, &checked, &model, &last, &rows, &run_dir)?;
+                written.push(run_dir.join("reflow.png"));
+                written.push(run_dir.join("fm_vs_reflow.gif"));
+            }
+            if written.is_empty() {
+                return Err(anyhow!("nothing to draw: {} is not 2D", run_dir.display()));
+            }
+            for w in &written {
+                println!("wrote {}", w.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Merge { sweep_dir } => {

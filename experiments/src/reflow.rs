@@ -57,6 +57,14 @@ pub fn with_reflow_eval(cfg: &Config) -> Config {
     c
 }
 
+/// The folder of a flow in a reflow parent: `2-RF` → `rf2`, `distill-2` → `distill2`.
+pub fn folder_of(flow: &str) -> String {
+    match flow.strip_suffix("-RF") {
+        Some(k) => format!("rf{k}"),
+        None => flow.replace('-', ""),
+    }
+}
+
 /// The reflow-table row of an evaluation made with [`with_reflow_eval`].
 pub fn row_of(flow: &str, ev: &Evaluation) -> IterationRow {
     let w2_euler = REFLOW_STEPS
@@ -115,6 +123,7 @@ pub fn chain(
     write_table(parent, &rows)?;
     let source: Arc<dyn Sampler> = Arc::new(checked.source.clone());
     let mut teacher = Arc::new(teacher);
+    let first_model = teacher.clone();
     let mut last: Option<Summary> = None;
     let mut stages: Vec<(String, String, TimeSampler, usize)> = (2..=r.iterations + 1)
         .map(|k| (format!("rf{k}"), format!("{k}-RF"), checked.time, r.steps))
@@ -205,6 +214,11 @@ pub fn chain(
         last = Some(summary);
     }
     log.close()?;
+    if cfg.logging.plots {
+        if let Err(e) = reflow_figures(cfg, checked, &first_model, &teacher, &rows, parent) {
+            eprintln!("warning: {}: reflow figures not drawn: {e:#}", cfg.name);
+        }
+    }
     let mut s = last.ok_or_else(|| {
         anyhow!("reflow: nothing to do (reflow.iterations = 0 and no distillation)")
     })?;
@@ -212,6 +226,35 @@ pub fn chain(
     s.reflow = Some(rows);
     write_json(&parent.join("summary.json"), &s)?;
     Ok(s)
+}
+
+/// `reflow.png` (straightness and W2 across iterations) and `fm_vs_reflow.gif` (1-RF next to
+/// the last flow, same starting points).
+pub fn reflow_figures(
+    cfg: &Config,
+    checked: &Checked,
+    first: &Model,
+    last: &Model,
+    rows: &[IterationRow],
+    parent: &Path,
+) -> Result<()> {
+    crate::plot::reflow_curves(&parent.join("reflow.png"), rows)?;
+    if checked.source.dim() == 2 {
+        let device = first.params.device().clone();
+        let mut rng = flowmatch_data::rng_from_seed(cfg.eval.seed ^ 0xf10e);
+        let x0 = checked
+            .source
+            .sample(cfg.eval.samples.min(1000), &mut rng, &device)?;
+        let a = crate::plot::record(first, &x0, 50)?;
+        let b = crate::plot::record(last, &x0, 50)?;
+        let name = rows.last().map(|r| r.flow.as_str()).unwrap_or("reflowed");
+        crate::plot::animation(
+            &parent.join("fm_vs_reflow.gif"),
+            &[("1-RF (flow matching)", &a), (name, &b)],
+            51,
+        )?;
+    }
+    Ok(())
 }
 
 fn log_row(log: &mut RunLog, row: &IterationRow, iteration: usize) -> Result<()> {

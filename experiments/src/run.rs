@@ -280,6 +280,20 @@ pub fn run_with(
         reflow: None,
     };
     log_evaluation(&mut log, &ev, cfg.train.steps)?;
+    if cfg.logging.plots {
+        pb.set_message("plotting");
+        // A figure that fails to draw costs a warning, never the run.
+        if let Err(e) = crate::plot::plot_run(
+            &model,
+            cfg,
+            checked,
+            dir,
+            &device,
+            &crate::plot::Figure::ALL,
+        ) {
+            eprintln!("warning: {}: figures not drawn: {e:#}", cfg.name);
+        }
+    }
     log.close()?;
     write_json(
         &dir.join("timing.json"),

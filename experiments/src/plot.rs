@@ -1,0 +1,511 @@
+//! Figures, drawn with plotters into PNG and GIF files (bundled DejaVu Sans, no system fonts),
+//! in Wong's colour-blind-safe palette on the blog's dark background.
+//!
+//! Everything plotted comes from recorded trajectories: one solve per figure, never one per
+//! animation frame.
+
+use crate::config::{Checked, Config};
+use crate::reflow::IterationRow;
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device, Tensor};
+use flowmatch_data::{rng_from_seed, Sampler};
+use flowmatch_models::VelocityField;
+use flowmatch_solvers::{solve, Method, SolverSpec};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+/// Wong (2011) palette, as in the blog.
+pub mod wong {
+    use plotters::style::RGBColor;
+    pub const AMBER: RGBColor = RGBColor(230, 159, 0);
+    pub const CYAN: RGBColor = RGBColor(86, 180, 233);
+    pub const GREEN: RGBColor = RGBColor(0, 158, 115);
+    pub const YELLOW: RGBColor = RGBColor(240, 228, 66);
+    pub const NAVY: RGBColor = RGBColor(0, 114, 178);
+    pub const RED: RGBColor = RGBColor(213, 94, 0);
+    pub const PINK: RGBColor = RGBColor(204, 121, 167);
+}
+const SOURCE: RGBColor = wong::NAVY;
+const TARGET: RGBColor = wong::RED;
+const GENERATED: RGBColor = wong::GREEN;
+const LINES: RGBColor = wong::YELLOW;
+const BACKGROUND: RGBColor = RGBColor(18, 18, 18);
+const INK: RGBColor = RGBColor(225, 225, 225);
+const PANEL: u32 = 360;
+
+static FONT: Once = Once::new();
+
+fn font_ready() {
+    FONT.call_once(|| {
+        let _ = register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            include_bytes!("../assets/DejaVuSans.ttf"),
+        );
+    });
+}
+
+/// The figures of a run folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Figure {
+    /// Source / target / generated scatter side by side.
+    Distributions,
+    /// ~50 particle trajectories with start and end points.
+    Trajectories,
+    /// Training lines with crossings | learned field at t = 0.5 | learned paths (blog).
+    FlowField,
+    /// Samples at 1, 2, 5, 10, 50, 100 Euler steps over the real data (lesson exercise 1).
+    StepsGrid,
+    /// GIF of the particles flowing.
+    Animation,
+}
+
+impl Figure {
+    /// All per-run figures.
+    pub const ALL: [Figure; 5] = [
+        Self::Distributions,
+        Self::Trajectories,
+        Self::FlowField,
+        Self::StepsGrid,
+        Self::Animation,
+    ];
+
+    /// File name in the run folder.
+    pub fn file(&self) -> &'static str {
+        match self {
+            Self::Distributions => "distributions.png",
+            Self::Trajectories => "trajectories.png",
+            Self::FlowField => "flow_field.png",
+            Self::StepsGrid => "steps_grid.png",
+            Self::Animation => "flow.gif",
+        }
+    }
+
+    /// Parses a `--what` name.
+    pub fn parse(s: &str) -> Result<Figure> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.file().split('.').next() == Some(s))
+            .ok_or_else(|| anyhow!("unknown figure '{s}' (distributions, trajectories, flow_field, steps_grid, flow)"))
+    }
+}
+
+type Pts = Vec<(f32, f32)>;
+
+fn points(t: &Tensor) -> Result<Pts> {
+    let v: Vec<Vec<f32>> = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(v.into_iter().map(|r| (r[0], r[1])).collect())
+}
+
+/// Half-width of a square view holding 99.5% of the points, padded.
+fn extent(sets: &[&Pts]) -> f32 {
+    let mut a: Vec<f32> = sets
+        .iter()
+        .flat_map(|s| s.iter().flat_map(|p| [p.0.abs(), p.1.abs()]))
+        .filter(|x| x.is_finite())
+        .collect();
+    if a.is_empty() {
+        return 1.0;
+    }
+    a.sort_by(|x, y| x.total_cmp(y));
+    (a[(a.len() - 1) * 995 / 1000] * 1.1).max(0.5)
+}
+
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf32, plotters::coord::types::RangedCoordf32>,
+>;
+
+fn panel<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    title: &str,
+    r: f32,
+) -> Result<Chart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18).into_font().color(&INK))
+        .margin(8)
+        .x_label_area_size(22)
+        .y_label_area_size(30)
+        .build_cartesian_2d(-r..r, -r..r)
+        .map_err(|e| anyhow!("plot: {e}"))?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .axis_style(INK.mix(0.6))
+        .label_style(("sans-serif", 11).into_font().color(&INK))
+        .x_labels(5)
+        .y_labels(5)
+        .draw()
+        .map_err(|e| anyhow!("plot: {e}"))?;
+    Ok(chart)
+}
+
+fn scatter(chart: &mut Chart, pts: &Pts, color: RGBColor, alpha: f64, size: i32) -> Result<()> {
+    chart
+        .draw_series(
+            pts.iter()
+                .map(|&p| Circle::new(p, size, color.mix(alpha).filled())),
+        )
+        .map_err(|e| anyhow!("plot: {e}"))?;
+    Ok(())
+}
+
+fn polylines(
+    chart: &mut Chart,
+    paths: &[Pts],
+    color: RGBColor,
+    alpha: f64,
+    width: u32,
+) -> Result<()> {
+    for p in paths {
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                p.clone(),
+                color.mix(alpha).stroke_width(width),
+            )))
+            .map_err(|e| anyhow!("plot: {e}"))?;
+    }
+    Ok(())
+}
+
+fn canvas(path: &Path, panels: u32) -> BitMapBackend<'_> {
+    BitMapBackend::new(path, (PANEL * panels, PANEL))
+}
+
+/// Everything a run's figures need, computed once.
+struct Flows {
+    x0: Pts,
+    target: Pts,
+    /// Trajectories of the headline solver: states × particles.
+    traj: Vec<Pts>,
+}
+
+fn transpose(states: &[Pts], n: usize) -> Vec<Pts> {
+    (0..n)
+        .map(|i| states.iter().map(|s| s[i]).collect())
+        .collect()
+}
+
+/// Draws the requested per-run figures of a 2D model into `dir`.
+pub fn plot_run(
+    field: &dyn VelocityField,
+    cfg: &Config,
+    checked: &Checked,
+    dir: &Path,
+    device: &Device,
+    figures: &[Figure],
+) -> Result<Vec<PathBuf>> {
+    if checked.source.dim() != 2 {
+        return Ok(vec![]);
+    }
+    font_ready();
+    let n = cfg.eval.samples.min(1000);
+    let mut rng = rng_from_seed(cfg.eval.seed ^ 0x9107);
+    let x0t = checked.source.sample(n, &mut rng, device)?;
+    let real = checked.target.sample(n, &mut rng, device)?;
+    let sol = solve(field, &x0t, &SolverSpec::new(Method::Euler, 100), true)?;
+    let traj: Vec<Pts> = sol
+        .trajectory
+        .unwrap_or_default()
+        .iter()
+        .map(points)
+        .collect::<Result<_>>()?;
+    let f = Flows {
+        x0: points(&x0t)?,
+        target: points(&real)?,
+        traj,
+    };
+    let mut written = vec![];
+    for fig in figures {
+        let path = dir.join(fig.file());
+        match fig {
+            Figure::Distributions => distributions(&path, &f)?,
+            Figure::Trajectories => trajectories(&path, &f)?,
+            Figure::FlowField => flow_field(&path, field, checked, &f, device)?,
+            Figure::StepsGrid => steps_grid(&path, field, &x0t, &f)?,
+            Figure::Animation => animation(&path, &[("flow", &f.traj)], 40)?,
+        }
+        written.push(path);
+    }
+    Ok(written)
+}
+
+fn distributions(path: &Path, f: &Flows) -> Result<()> {
+    let gen = f.traj.last().cloned().unwrap_or_default();
+    let r = extent(&[&f.x0, &f.target, &gen]);
+    let root = canvas(path, 3).into_drawing_area();
+    root.fill(&BACKGROUND)?;
+    let areas = root.split_evenly((1, 3));
+    for (area, (title, pts, color)) in areas.iter().zip([
+        ("source", &f.x0, SOURCE),
+        ("target", &f.target, TARGET),
+        ("generated (Euler 100)", &gen, GENERATED),
+    ]) {
+        let mut c = panel(area, title, r)?;
+        scatter(&mut c, pts, color, 0.6, 2)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn trajectories(path: &Path, f: &Flows) -> Result<()> {
+    let k = f.x0.len().min(50);
+    let paths = transpose(&f.traj, k);
+    let all: Pts = paths.iter().flatten().copied().collect();
+    let r = extent(&[&all, &f.target]);
+    let root = canvas(path, 1).into_drawing_area();
+    root.fill(&BACKGROUND)?;
+    let mut c = panel(&root, "trajectories (Euler 100)", r)?;
+    polylines(&mut c, &paths, LINES, 0.9, 1)?;
+    scatter(
+        &mut c,
+        &paths.iter().map(|p| p[0]).collect(),
+        SOURCE,
+        1.0,
+        3,
+    )?;
+    scatter(
+        &mut c,
+        &paths.iter().map(|p| p[p.len() - 1]).collect(),
+        GENERATED,
+        1.0,
+        3,
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+fn flow_field(
+    path: &Path,
+    field: &dyn VelocityField,
+    checked: &Checked,
+    f: &Flows,
+    device: &Device,
+) -> Result<()> {
+    let k = 50;
+    let mut rng = rng_from_seed(7);
+    let a = points(&checked.source.sample(k, &mut rng, device)?)?;
+    let b = points(&checked.target.sample(k, &mut rng, device)?)?;
+    let lines: Vec<Pts> = a.iter().zip(&b).map(|(&p, &q)| vec![p, q]).collect();
+    let r = extent(&[&f.x0, &f.target]);
+    // The learned field at t = 0.5 on a 20 × 20 grid.
+    let g = 20;
+    let grid: Vec<f32> = (0..g * g)
+        .flat_map(|i| {
+            let (ix, iy) = (i % g, i / g);
+            [
+                -r + 2.0 * r * (ix as f32 + 0.5) / g as f32,
+                -r + 2.0 * r * (iy as f32 + 0.5) / g as f32,
+            ]
+        })
+        .collect();
+    let gt = Tensor::from_vec(grid, (g * g, 2), device)?;
+    let v = points(&field.velocity(&gt, &Tensor::full(0.5f32, g * g, device)?)?)?;
+    let gp = points(&gt)?;
+    let vmax = v
+        .iter()
+        .map(|p| (p.0 * p.0 + p.1 * p.1).sqrt())
+        .fold(1e-6, f32::max);
+    let scale = 0.9 * (2.0 * r / g as f32) / vmax;
+    // Paths with RK4, 20 steps, from the same starting points as the training lines.
+    let x0 = Tensor::from_vec(
+        a.iter().flat_map(|p| [p.0, p.1]).collect::<Vec<_>>(),
+        (k, 2),
+        device,
+    )?;
+    let sol = solve(field, &x0, &SolverSpec::new(Method::Rk4, 20), true)?;
+    let states: Vec<Pts> = sol
+        .trajectory
+        .unwrap_or_default()
+        .iter()
+        .map(points)
+        .collect::<Result<_>>()?;
+    let paths = transpose(&states, k);
+    let root = canvas(path, 3).into_drawing_area();
+    root.fill(&BACKGROUND)?;
+    let areas = root.split_evenly((1, 3));
+    let mut c = panel(&areas[0], "training lines (with crossings)", r)?;
+    polylines(&mut c, &lines, wong::CYAN, 0.6, 2)?;
+    let mut c = panel(&areas[1], "learned field at t = 0.5", r)?;
+    for (p, d) in gp.iter().zip(&v) {
+        let tip = (p.0 + d.0 * scale, p.1 + d.1 * scale);
+        let (ux, uy) = (d.0 * scale * 0.3, d.1 * scale * 0.3);
+        let head = vec![
+            (tip.0 - ux - uy * 0.6, tip.1 - uy + ux * 0.6),
+            tip,
+            (tip.0 - ux + uy * 0.6, tip.1 - uy - ux * 0.6),
+        ];
+        polylines(&mut c, &[vec![*p, tip], head], LINES, 0.8, 1)?;
+    }
+    let mut c = panel(&areas[2], "learned paths (RK4 20)", r)?;
+    polylines(&mut c, &paths, LINES, 0.7, 2)?;
+    root.present()?;
+    Ok(())
+}
+
+fn steps_grid(path: &Path, field: &dyn VelocityField, x0: &Tensor, f: &Flows) -> Result<()> {
+    let steps = [1usize, 2, 5, 10, 50, 100];
+    let r = extent(&[&f.target, &f.x0]);
+    let root = canvas(path, steps.len() as u32).into_drawing_area();
+    root.fill(&BACKGROUND)?;
+    for (area, &s) in root.split_evenly((1, steps.len())).iter().zip(&steps) {
+        let gen = points(&solve(field, x0, &SolverSpec::new(Method::Euler, s), false)?.x)?;
+        let mut c = panel(
+            area,
+            &format!("{s} Euler step{}", if s == 1 { "" } else { "s" }),
+            r,
+        )?;
+        scatter(&mut c, &f.target, RGBColor(150, 150, 150), 0.35, 1)?;
+        scatter(&mut c, &gen, wong::CYAN, 0.6, 1)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// A GIF of particles flowing, one panel per titled trajectory set (states × particles), one
+/// frame per recorded state (subsampled to at most `frames`).
+pub fn animation(path: &Path, flows: &[(&str, &Vec<Pts>)], frames: usize) -> Result<()> {
+    font_ready();
+    let all: Pts = flows
+        .iter()
+        .flat_map(|(_, t)| {
+            [
+                t.first().cloned().unwrap_or_default(),
+                t.last().cloned().unwrap_or_default(),
+            ]
+        })
+        .flatten()
+        .collect();
+    let r = extent(&[&all]);
+    let len = flows.iter().map(|(_, t)| t.len()).min().unwrap_or(0);
+    if len == 0 {
+        return Err(anyhow!("animation: no recorded states"));
+    }
+    let idx: Vec<usize> = (0..frames.min(len))
+        .map(|k| k * (len - 1) / (frames.min(len) - 1).max(1))
+        .collect();
+    let root = BitMapBackend::gif(path, (PANEL * flows.len() as u32, PANEL), 60)
+        .map_err(|e| anyhow!("gif: {e}"))?
+        .into_drawing_area();
+    for &k in &idx {
+        root.fill(&BACKGROUND)?;
+        for (area, (title, t)) in root.split_evenly((1, flows.len())).iter().zip(flows) {
+            let mut c = panel(area, title, r)?;
+            scatter(&mut c, &t[k], wong::PINK, 0.7, 2)?;
+        }
+        root.present()?;
+    }
+    Ok(())
+}
+
+/// Straightness, Liu's S and W2 at 1 Euler step across reflow iterations.
+pub fn reflow_curves(path: &Path, rows: &[IterationRow]) -> Result<()> {
+    font_ready();
+    let root = BitMapBackend::new(path, (PANEL * 3, PANEL)).into_drawing_area();
+    root.fill(&BACKGROUND)?;
+    let areas = root.split_evenly((1, 3));
+    let w2_1: Vec<f64> = rows
+        .iter()
+        .map(|r| r.w2_euler.first().map(|s| s.w2).unwrap_or(f64::NAN))
+        .collect();
+    let w2_100: Vec<f64> = rows
+        .iter()
+        .map(|r| r.w2_euler.last().map(|s| s.w2).unwrap_or(f64::NAN))
+        .collect();
+    let series: [(&str, Vec<(&str, Vec<f64>, RGBColor)>); 3] = [
+        (
+            "straightness (1 = straight)",
+            vec![(
+                "straightness",
+                rows.iter().map(|r| r.straightness).collect(),
+                wong::GREEN,
+            )],
+        ),
+        (
+            "Liu's S (0 = straight)",
+            vec![(
+                "S",
+                rows.iter().map(|r| r.rf_straightness).collect(),
+                wong::AMBER,
+            )],
+        ),
+        (
+            "W2 vs real data",
+            vec![
+                ("1 Euler step", w2_1, wong::CYAN),
+                ("100 Euler steps", w2_100, wong::PINK),
+            ],
+        ),
+    ];
+    for (area, (title, lines)) in areas.iter().zip(series) {
+        let vals: Vec<f64> = lines
+            .iter()
+            .flat_map(|l| l.1.iter().copied())
+            .filter(|v| v.is_finite())
+            .collect();
+        let (lo, hi) = vals
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let pad = ((hi - lo) * 0.1).max(1e-3);
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 16).into_font().color(&INK))
+            .margin(10)
+            .x_label_area_size(26)
+            .y_label_area_size(46)
+            .build_cartesian_2d(0.5f64..rows.len() as f64 + 0.5, (lo - pad)..(hi + pad))
+            .map_err(|e| anyhow!("plot: {e}"))?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .axis_style(INK.mix(0.6))
+            .label_style(("sans-serif", 11).into_font().color(&INK))
+            .x_labels(rows.len().max(2))
+            .x_label_formatter(&|x| {
+                let i = x.round() as usize;
+                rows.get(i.wrapping_sub(1))
+                    .map(|r| r.flow.clone())
+                    .unwrap_or_default()
+            })
+            .draw()
+            .map_err(|e| anyhow!("plot: {e}"))?;
+        for (name, ys, color) in lines {
+            let pts: Vec<(f64, f64)> = ys
+                .iter()
+                .enumerate()
+                .map(|(i, &y)| (i as f64 + 1.0, y))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow!("plot: {e}"))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| anyhow!("plot: {e}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 11).into_font().color(&INK))
+            .background_style(BACKGROUND.mix(0.8))
+            .draw()
+            .map_err(|e| anyhow!("plot: {e}"))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Recorded Euler-100 trajectories of `field` from `x0` (for side-by-side animations).
+pub fn record(field: &dyn VelocityField, x0: &Tensor, steps: usize) -> Result<Vec<Pts>> {
+    let sol = solve(field, x0, &SolverSpec::new(Method::Euler, steps), true)?;
+    sol.trajectory
+        .unwrap_or_default()
+        .iter()
+        .map(points)
+        .collect()
+}
