@@ -9,6 +9,11 @@ use flowmatch_experiments::{device, plot, reflow, sweep};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// candle allocates a fresh buffer per op; glibc hands buffers over 128 KiB back to the kernel
+/// each time (mmap/munmap + page faults), which cost more than the maths on 2048-row batches.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "flowmatch",

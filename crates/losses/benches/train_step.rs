@@ -4,6 +4,9 @@
 //! `scripts/bench.sh` compares these figures with PyTorch on the same machine.
 
 use candle_core::Device;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use flowmatch_data::{rng_from_seed, Distribution, Sampler};
 use flowmatch_losses::{
@@ -75,13 +78,13 @@ fn train_steps(c: &mut Criterion) {
             true,
         ),
     ];
+    let mut group = c.benchmark_group("train_step");
     for (name, spec, target, batch, lr, ot) in cases {
         let mut tr = trainer(spec, target, batch, lr, ot);
         let mut rng = rng_from_seed(0);
-        c.bench_function(&format!("train_step/{name}"), |b| {
-            b.iter(|| tr.step(&mut rng).unwrap())
-        });
+        group.bench_function(name, |b| b.iter(|| tr.step(&mut rng).unwrap()));
     }
+    group.finish();
 }
 
 fn hungarian(c: &mut Criterion) {

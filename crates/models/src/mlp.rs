@@ -108,4 +108,29 @@ impl VelocityField for VelocityMlp {
         }
         Ok(h)
     }
+
+    /// One time for the whole batch: the embedding and its share of the first layer,
+    /// `W_t·emb(t) + b`, are one row computed once; `x` goes through `W_x` alone.
+    fn velocity_at(&self, x: &Tensor, t: f64) -> Result<Tensor> {
+        let dim = x.dim(1)?;
+        let tt = Tensor::full(t as f32, 1, x.device())?.to_dtype(x.dtype())?;
+        let temb = self.act.apply(
+            &self
+                .time_embed
+                .forward(&sinusoidal_embedding(&tt, Self::TIME_DIMS)?)?,
+        )?;
+        let first = &self.net[0];
+        let w = first.weight();
+        let row = temb.matmul(&w.narrow(1, dim, w.dim(1)? - dim)?.t()?)?;
+        let row = match first.bias() {
+            Some(b) => row.broadcast_add(b)?,
+            None => row,
+        };
+        let mut h = x.matmul(&w.narrow(1, 0, dim)?.t()?)?.broadcast_add(&row)?;
+        for layer in &self.net[1..] {
+            h = self.act.apply(&h)?;
+            h = layer.forward(&h)?;
+        }
+        Ok(h)
+    }
 }

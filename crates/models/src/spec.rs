@@ -124,6 +124,9 @@ impl VelocityField for Model {
     fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.net.velocity(x, t)
     }
+    fn velocity_at(&self, x: &Tensor, t: f64) -> Result<Tensor> {
+        self.net.velocity_at(x, t)
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +143,39 @@ mod tests {
         let t = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
         let t = (t / n as f64).unwrap();
         (x, t)
+    }
+
+    #[test]
+    fn one_time_for_the_batch_gives_the_same_velocity() {
+        for spec in [
+            ModelSpec::VelocityMlp {
+                hidden: 32,
+                layers: 3,
+                activation: Activation::Silu,
+            },
+            ModelSpec::VelocityNet {
+                hidden: 16,
+                activation: Activation::Gelu,
+            },
+        ] {
+            let m = spec.build(2, 3, &Device::Cpu).unwrap();
+            let (x, _) = input(7);
+            for t in [0.0, 0.37, 1.0] {
+                let full = Tensor::full(t as f32, 7, &Device::Cpu).unwrap();
+                let a = m.velocity(&x, &full).unwrap();
+                let b = m.velocity_at(&x, t).unwrap();
+                assert_eq!(a.dims(), b.dims());
+                let d = (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d < 1e-5, "{spec:?} at t={t}: {d}");
+            }
+        }
     }
 
     #[test]

@@ -3,8 +3,7 @@ use candle_core::{Result, Tensor};
 
 /// Evaluates `v(x, t)` with `t` broadcast to the batch, in `x`'s dtype.
 pub(crate) fn eval(f: &dyn VelocityField, x: &Tensor, t: f64) -> Result<Tensor> {
-    let tt = Tensor::full(t as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype())?;
-    f.velocity(x, &tt)
+    f.velocity_at(x, t)
 }
 
 /// `x + Σ c_i k_i` (skipping zero coefficients).

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""PyTorch (CPU) reference for flowmatch's benchmarks, written from the seeds' code.
+
+    scripts/bench_reference.py                 # all workloads, one JSON line each
+    scripts/bench_reference.py --only hungarian
+    scripts/bench_reference.py --lesson-run    # one whole lesson run (for peak memory)
+
+Workloads (the same as flowmatch's criterion benches, see scripts/bench.sh):
+  train_step/blog     VelocityNet h=64 (GELU), gaussian -> spiral, batch 2048, Adam 3e-3
+  train_step/lesson   VelocityMLP h=128 (SiLU, 64-dim sinusoidal time), gaussian -> moons,
+                      batch 256, Adam 1e-3
+  train_step/otcfm    the lesson step with minibatch OT (SciPy linear_sum_assignment)
+  hungarian/nN        linear_sum_assignment alone on squared distances, gaussian vs moons
+  sample/euler100     10,000 points, 100 Euler steps, lesson VelocityMLP
+  sample/rk4_20       10,000 points, 20 RK4 steps, lesson VelocityMLP
+Threads: torch.set_num_threads(BENCH_THREADS) (default 1, as flowmatch runs small models).
+Run it through scripts/bench.sh, which installs torch, numpy and scipy into .venv-bench.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from scipy.optimize import linear_sum_assignment
+
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+torch.manual_seed(0)
+RNG = np.random.default_rng(0)
+
+
+# --- data: the blog's create_spiral_data, sklearn's make_moons (noise 0.05) as in the lesson ---
+def spiral(n, scale=1.0):
+    noise = 0.1 * scale
+    theta = 6 * np.pi * torch.rand(n)
+    r = theta / (2 * np.pi) * scale
+    x = r * torch.cos(theta) + noise * torch.randn(n)
+    y = r * torch.sin(theta) + noise * torch.randn(n)
+    return torch.stack([x, y], dim=1)
+
+
+def moons(n, noise=0.05):
+    n_out = n // 2
+    n_in = n - n_out
+    a = torch.linspace(0, math.pi, n_out)
+    b = torch.linspace(0, math.pi, n_in)
+    x = torch.cat([torch.stack([torch.cos(a), torch.sin(a)], 1),
+                   torch.stack([1 - torch.cos(b), 1 - torch.sin(b) - 0.5], 1)])
+    return (x + noise * torch.randn_like(x))[torch.randperm(n)]
+
+
+# --- models, as in the seeds ---
+class VelocityNet(nn.Module):
+    def __init__(self, dim=2, h=64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim + 1, h), nn.GELU(), nn.Linear(h, h), nn.GELU(),
+                                 nn.Linear(h, h), nn.GELU(), nn.Linear(h, dim))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t[:, None]], 1))
+
+
+def sinusoidal(t, dims=64):
+    half = dims // 2
+    f = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+    a = t[:, None] * f[None]
+    return torch.cat([a.sin(), a.cos()], 1)
+
+
+class VelocityMLP(nn.Module):
+    def __init__(self, dim=2, h=128, layers=3):
+        super().__init__()
+        self.time_embed = nn.Sequential(nn.Linear(64, h), nn.SiLU())
+        mods = [nn.Linear(dim + h, h), nn.SiLU()]
+        for _ in range(layers - 1):
+            mods += [nn.Linear(h, h), nn.SiLU()]
+        mods.append(nn.Linear(h, dim))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, self.time_embed(sinusoidal(t))], 1))
+
+
+# --- one training step (the seeds' loop body) ---
+def make_step(model, target, batch, lr, ot=False):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step():
+        x0 = torch.randn(batch, 2)
+        x1 = target(batch)
+        if ot:
+            c = torch.cdist(x0, x1) ** 2
+            _, col = linear_sum_assignment(c.numpy())
+            x1 = x1[torch.from_numpy(col)]
+        t = torch.rand(batch)
+        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+        loss = ((model(xt, t) - (x1 - x0)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+@torch.no_grad()
+def sample(model, x, steps, method):
+    dt = 1.0 / steps
+    for i in range(steps):
+        t = torch.full((x.shape[0],), i * dt)
+        if method == "euler":
+            x = x + dt * model(x, t)
+        else:
+            k1 = model(x, t)
+            k2 = model(x + 0.5 * dt * k1, t + 0.5 * dt)
+            k3 = model(x + 0.5 * dt * k2, t + 0.5 * dt)
+            k4 = model(x + dt * k3, t + dt)
+            x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def timeit(fn, min_time=3.0, warmup=1.0, max_iter=10_000):
+    end = time.perf_counter() + warmup
+    while time.perf_counter() < end:
+        fn()
+    times = []
+    end = time.perf_counter() + min_time
+    while (time.perf_counter() < end or len(times) < 10) and len(times) < max_iter:
+        s = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - s)
+    return statistics.median(times) * 1e3, len(times)
+
+
+def workloads():
+    yield "train_step/blog", make_step(VelocityNet(h=64), spiral, 2048, 3e-3)
+    yield "train_step/lesson", make_step(VelocityMLP(), moons, 256, 1e-3)
+    yield "train_step/otcfm", make_step(VelocityMLP(), moons, 256, 1e-3, ot=True)
+    for n in (256, 512, 1024):
+        x0 = RNG.standard_normal((n, 2))
+        x1 = moons(n).double().numpy()
+        c = ((x0[:, None, :] - x1[None, :, :]) ** 2).sum(-1)
+        yield f"hungarian/n{n}", (lambda c=c: linear_sum_assignment(c))
+    net = VelocityMLP().eval()
+    x = torch.randn(10_000, 2)
+    yield "sample/euler100", lambda: sample(net, x, 100, "euler")
+    yield "sample/rk4_20", lambda: sample(net, x, 20, "rk4")
+
+
+def lesson_run(steps, samples):
+    """The lesson config end to end (lesson_moons.toml): train, then sample with Euler 100."""
+    model = VelocityMLP()
+    step = make_step(model, moons, 256, 1e-3)
+    s = time.perf_counter()
+    for _ in range(steps):
+        step()
+    train_s = time.perf_counter() - s
+    sample(model.eval(), torch.randn(samples, 2), 100, "euler")
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"name": "lesson_run", "train_s": train_s, "steps_per_s": steps / train_s,
+                      "maxrss_kb": rss_kb}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="run workloads whose name contains this")
+    ap.add_argument("--lesson-run", action="store_true")
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--time", type=float, default=3.0, help="seconds measured per workload")
+    a = ap.parse_args()
+    if a.lesson_run:
+        return lesson_run(a.steps, a.samples)
+    for name, fn in workloads():
+        if a.only not in name:
+            continue
+        ms, n = timeit(fn, a.time)
+        print(json.dumps({"name": name, "ms": ms, "iters": n, "torch": torch.__version__,
+                          "threads": torch.get_num_threads()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
