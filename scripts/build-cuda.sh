@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds `flowmatch` with CUDA (`--features cuda`) on a machine that has no nvcc and no GPU.
 #
-#   scripts/build-cuda.sh            # -> target-cuda/release/flowmatch (+ .cuda/ toolchain)
+#   scripts/build-cuda.sh            # -> target-cuda/release/flowmatch{,.xz} (+ .cuda/ toolchain)
 #
 # 1. Installs a CUDA 13.0 toolchain from PyPI wheels into .cuda/venv (the GPU machines run driver
 #    580 = CUDA 13.0; PTX from a newer nvcc would not load there, so the series is pinned).
@@ -78,5 +78,11 @@ CARGO_TARGET_DIR=$TARGET cargo build --release -p flowmatch-experiments --featur
 BIN=$TARGET/release/flowmatch
 mkdir -p target-cuda/release
 cp "$BIN" target-cuda/release/flowmatch
-echo "== built target-cuda/release/flowmatch; it links:"
+# The embedded sm_90 kernels make the binary ~80 MB; a stripped, xz-compressed copy (~13 MB)
+# is what travels to a GPU machine (`xz -d flowmatch.xz` there).
+strip -o target-cuda/release/flowmatch.stripped target-cuda/release/flowmatch
+xz -T0 -6 -f -c target-cuda/release/flowmatch.stripped > target-cuda/release/flowmatch.xz
+rm target-cuda/release/flowmatch.stripped
+echo "== built target-cuda/release/flowmatch ($(du -h target-cuda/release/flowmatch | cut -f1)," \
+  "compressed: target-cuda/release/flowmatch.xz, $(du -h target-cuda/release/flowmatch.xz | cut -f1)); it links:"
 readelf -d target-cuda/release/flowmatch | grep NEEDED

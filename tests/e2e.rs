@@ -553,3 +553,95 @@ fn every_figure_kind_is_drawn_decodes_and_is_not_blank() {
         stderr(&o)
     );
 }
+
+/// A tiny "MNIST": class k is a bright horizontal band at rows 2k..2k+3, with a little noise.
+fn tiny_mnist(dir: &Path, n: usize) {
+    let mut img = vec![0u8; n * 784];
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    for (i, &k) in labels.iter().enumerate() {
+        for r in (2 * k as usize + 1)..(2 * k as usize + 4) {
+            for c in 4..24 {
+                img[i * 784 + r * 28 + c] = 200 + ((i * 7 + c) % 56) as u8;
+            }
+        }
+    }
+    flowmatch_data::mnist::write_idx(dir, &img, &labels, n * 4 / 5).unwrap();
+}
+
+#[test]
+fn mnist_trains_scores_draws_and_reflows_and_bad_files_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mnist");
+    tiny_mnist(&data, 300);
+    let clf = tmp.path().join("clf.safetensors");
+    let o = flowmatch(&[
+        "classifier",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        clf.to_str().unwrap(),
+        "--steps",
+        "150",
+        "--batch",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(clf.with_extension("json")).unwrap())
+            .unwrap();
+    assert!(report["test_accuracy"].as_f64().unwrap() > 0.9, "{report}");
+    let text = format!(
+        "name = \"digits\"\n[data]\nsource = \"gaussian\"\ntarget = \"mnist\"\ndir = {:?}\n[model]\nkind = \"unet\"\nhidden = 8\n\
+         [train]\nsteps = 60\nbatch_size = 16\nlr = 3e-3\ncheckpoint_every = 0\n[solver]\nmethod = \"euler\"\nsteps = 5\n\
+         [eval]\nsamples = 60\nsteps = [1, 5]\nmethods = [\"euler\"]\nclassifier = {:?}\n\
+         [reflow]\niterations = 1\nmode = \"online\"\nteacher_method = \"euler\"\nteacher_steps = 3\nsteps = 10\n",
+        data.to_str().unwrap(),
+        clf.to_str().unwrap()
+    );
+    let cfg = write(tmp.path(), "digits.toml", &text);
+    let out = tmp.path().join("runs");
+    let o = flowmatch(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for it in ["rf1", "rf2"] {
+        let run = out.join("digits").join(it);
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap())
+                .unwrap();
+        let image = &s["eval"]["image"];
+        assert!(image["fid"].as_f64().unwrap().is_finite(), "{s}");
+        assert_eq!(image["class_counts"].as_array().unwrap().len(), 10);
+        assert!(s["eval"]["table"][0]["fid"].as_f64().is_some());
+        // 4 step counts + real digits, 16 per row, 2 px per pixel.
+        let (w, h, colours) = png_facts(&run.join("samples_grid.png"));
+        assert_eq!((w, h), (110 + 16 * 60, 5 * 60 + 4));
+        assert!(colours > 20, "samples grid looks blank");
+    }
+    // Bad input: a truncated image file, then a wrong magic number, each one clear line.
+    let images = data.join("train-images-idx3-ubyte");
+    let bytes = std::fs::read(&images).unwrap();
+    std::fs::write(&images, &bytes[..1000]).unwrap();
+    let o = flowmatch(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success()
+            && e.contains("truncated")
+            && e.contains("data.dir")
+            && e.lines().count() == 1,
+        "{e}"
+    );
+    let mut wrong = bytes.clone();
+    wrong[3] = 0x01;
+    std::fs::write(&images, &wrong).unwrap();
+    let o = flowmatch(&[
+        "classifier",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        clf.to_str().unwrap(),
+    ]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("wrong magic number") && e.lines().count() == 1,
+        "{e}"
+    );
+}

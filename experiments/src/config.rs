@@ -3,12 +3,13 @@
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
-use flowmatch_data::{Distribution, Sampler};
+use flowmatch_data::{Distribution, Mnist, MnistSampler, Sampler};
 use flowmatch_losses::{AffinePath, Schedule, TimeSampler};
 use flowmatch_models::{activation::Activation, ModelSpec};
 use flowmatch_solvers::{Method, SolverSpec, Tolerances};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A whole experiment: what to train, how, and how to evaluate it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,8 +39,10 @@ pub struct DataConfig {
     pub source_scale: Option<f64>,
     /// Overrides the target's scale parameter.
     pub target_scale: Option<f64>,
-    /// Data dimension (only `gaussian-nd` is not 2D).
+    /// Data dimension (only `gaussian-nd` is not 2D; MNIST sets 784 itself).
     pub dim: usize,
+    /// Folder of the MNIST IDX files for `mnist` (or `hub` to download them).
+    pub dir: String,
 }
 
 /// `[model]`: the velocity field.
@@ -112,6 +115,8 @@ pub struct EvalConfig {
     pub warp_s: f64,
     /// Seed of the evaluation samples (independent of training).
     pub seed: u64,
+    /// MNIST classifier (`flowmatch classifier`) for the FID-like score; empty = none.
+    pub classifier: String,
 }
 
 /// `[reflow]`: k-rectified flows trained after the base run (1-RF).
@@ -162,6 +167,7 @@ impl Default for Config {
                 source_scale: None,
                 target_scale: None,
                 dim: 2,
+                dir: "data/mnist".into(),
             },
             model: ModelConfig {
                 kind: "velocity-mlp".into(),
@@ -199,6 +205,7 @@ impl Default for Config {
                 methods: vec!["euler".into()],
                 warp_s: 0.5,
                 seed: 1_000_003,
+                classifier: String::new(),
             },
             logging: LoggingConfig {
                 every: 10,
@@ -236,8 +243,12 @@ pub struct TableMethod {
 
 /// Everything the run needs, checked: built from a [`Config`] by [`Config::validate`].
 pub struct Checked {
-    pub source: Distribution,
-    pub target: Distribution,
+    pub source: Arc<dyn Sampler>,
+    pub target: Arc<dyn Sampler>,
+    /// The MNIST digits when MNIST is the source or the target.
+    pub mnist: Option<Arc<Mnist>>,
+    /// The classifier file for the FID-like score (checked to exist).
+    pub classifier: Option<PathBuf>,
     pub model: ModelSpec,
     pub path: AffinePath,
     pub ot: bool,
@@ -348,18 +359,48 @@ impl Config {
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             return Err(("name", format!("'{}' is not a usable run name", self.name)));
         }
-        let source = dist(
-            "data.source",
-            &self.data.source,
-            self.data.source_scale,
-            self.data.dim,
-        )?;
-        let target = dist(
-            "data.target",
-            &self.data.target,
-            self.data.target_scale,
-            self.data.dim,
-        )?;
+        let images = [&self.data.source, &self.data.target]
+            .iter()
+            .any(|n| n.as_str() == "mnist");
+        let mnist = if images {
+            let m = Mnist::load(&self.data.dir).map_err(|e| ("data.dir", e.to_string()))?;
+            Some(Arc::new(m))
+        } else {
+            None
+        };
+        let dim = if images {
+            flowmatch_data::mnist::PIXELS
+        } else {
+            self.data.dim
+        };
+        let sampler = |key: &'static str,
+                       name: &str,
+                       scale: Option<f64>|
+         -> Result<Arc<dyn Sampler>, (&'static str, String)> {
+            match (name, &mnist) {
+                ("mnist", Some(m)) => Ok(Arc::new(MnistSampler(m.clone()))),
+                // A Gaussian source for images is the standard normal of their dimension.
+                ("gaussian", _) if dim != 2 => Ok(Arc::new(dist(key, "gaussian-nd", None, dim)?)),
+                _ => Ok(Arc::new(dist(key, name, scale, dim)?)),
+            }
+        };
+        let source = sampler("data.source", &self.data.source, self.data.source_scale)?;
+        let target = sampler("data.target", &self.data.target, self.data.target_scale)?;
+        let classifier = if self.eval.classifier.is_empty() {
+            None
+        } else {
+            let p = PathBuf::from(&self.eval.classifier);
+            if !p.is_file() {
+                return Err((
+                    "eval.classifier",
+                    format!(
+                        "no such file '{}' (train one with `flowmatch classifier`)",
+                        p.display()
+                    ),
+                ));
+            }
+            Some(p)
+        };
         if source.dim() != target.dim() {
             return Err((
                 "data.dim",
@@ -388,13 +429,23 @@ impl Config {
                 layers: self.model.layers,
                 activation: activation.unwrap_or(Activation::Silu),
             },
+            "unet" => ModelSpec::UNet {
+                hidden: self.model.hidden,
+            },
+            "unet-lesson" => ModelSpec::UNetLesson {
+                hidden: self.model.hidden,
+            },
             k => {
                 return Err((
                     "model.kind",
-                    format!("unknown model '{k}' (velocity-net, velocity-mlp)"),
+                    format!("unknown model '{k}' (velocity-net, velocity-mlp, unet, unet-lesson)"),
                 ))
             }
         };
+        if matches!(model, ModelSpec::UNet { .. } | ModelSpec::UNetLesson { .. }) {
+            flowmatch_models::image_shape(source.dim())
+                .map_err(|e| ("model.kind", e.to_string()))?;
+        }
         model.validate().map_err(|e| ("model", e.to_string()))?;
         let schedule = match self.loss.path.as_str() {
             "linear" => Schedule::Linear,
@@ -571,6 +622,8 @@ impl Config {
         Ok(Checked {
             source,
             target,
+            mnist,
+            classifier,
             model,
             path,
             ot,

@@ -6,9 +6,11 @@
 //! - [`sweep`]: cartesian products in parallel, resumable, shardable; summary tables.
 //! - [`logging`]: metrics.jsonl, TensorBoard events, atomic writes.
 //! - [`device`]: CPU / CUDA selection at run time.
+//! - [`images`]: MNIST classifier, FID-like score, sample grids.
 
 pub mod config;
 pub mod device;
+pub mod images;
 pub mod logging;
 pub mod plot;
 pub mod reflow;

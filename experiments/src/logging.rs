@@ -43,10 +43,11 @@ impl RunLog {
         Ok(Self { jsonl, tb })
     }
 
-    /// Appends a record to metrics.jsonl.
+    /// Appends a record to metrics.jsonl, flushed so that a running job can be followed.
     pub fn record(&mut self, value: &serde_json::Value) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.jsonl, value).map_err(std::io::Error::other)?;
-        self.jsonl.write_all(b"\n")
+        self.jsonl.write_all(b"\n")?;
+        self.jsonl.flush()
     }
 
     /// Logs a scalar to TensorBoard.

@@ -86,6 +86,39 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Train the small MNIST classifier behind the FID-like score (eval.classifier).
+    Classifier {
+        /// Folder of the MNIST IDX files (scripts/fetch-mnist.sh), or `hub`.
+        #[arg(long, default_value = "data/mnist")]
+        data: String,
+        /// Where to save the weights (a JSON with the test accuracy goes beside them).
+        #[arg(long, default_value = "results/mnist_classifier.safetensors")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3000)]
+        steps: usize,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// GPU benchmark: the blog's training step at a large batch, and sampling many points
+    /// (defaults: batch 65,536 and 1M points, as for a GPU; prints steps/s and points/s).
+    Bench {
+        /// Device: cpu, cuda, cuda:N, auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 65_536)]
+        batch: usize,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        points: usize,
+        /// Euler steps for the sampling benchmark.
+        #[arg(long, default_value_t = 100)]
+        sample_steps: usize,
+    },
     /// Rebuild summary.csv / summary.md of a sweep folder (e.g. after sharded runs).
     Merge {
         /// A sweep folder.
@@ -359,6 +392,117 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             for w in &written {
                 println!("wrote {}", w.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Classifier {
+            data,
+            out,
+            steps,
+            batch,
+            lr,
+            seed,
+        } => {
+            if steps == 0 || batch == 0 || !(lr > 0.0 && lr.is_finite()) {
+                return Err(anyhow!("classifier: steps, batch and lr must be positive"));
+            }
+            let mnist = std::sync::Arc::new(flowmatch_data::Mnist::load(&data)?);
+            let device = candle_core::Device::Cpu;
+            let started = std::time::Instant::now();
+            let (clf, acc) = flowmatch_experiments::images::train_classifier(
+                mnist.clone(),
+                steps,
+                batch,
+                lr,
+                seed,
+                &device,
+            )?;
+            if let Some(p) = out.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            clf.params.save(&out)?;
+            let report = serde_json::json!({
+                "data": mnist.origin, "train_digits": mnist.len(), "test_digits": mnist.test_labels.len(),
+                "steps": steps, "batch": batch, "lr": lr, "seed": seed, "test_accuracy": acc,
+                "features": flowmatch_models::Classifier::FEATURES,
+            });
+            write_json(&out.with_extension("json"), &report)?;
+            println!(
+                "classifier: test accuracy {:.2}% on {} digits after {steps} steps ({:.1} s) -> {}",
+                100.0 * acc,
+                mnist.test_labels.len(),
+                started.elapsed().as_secs_f64(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            device,
+            batch,
+            steps,
+            points,
+            sample_steps,
+        } => {
+            if batch == 0 || steps == 0 || points == 0 || sample_steps == 0 {
+                return Err(anyhow!(
+                    "bench: batch, steps, points and sample-steps must be positive"
+                ));
+            }
+            let req = device::parse_device(&device).map_err(|e| anyhow!("--device: {e}"))?;
+            let (dev, said) = device::open(req).map_err(|e| anyhow!(e))?;
+            println!("bench on {said}");
+            let spec = flowmatch_models::ModelSpec::VelocityNet {
+                hidden: 64,
+                activation: flowmatch_models::activation::Activation::Gelu,
+            };
+            let g: std::sync::Arc<dyn flowmatch_data::Sampler> =
+                std::sync::Arc::new(flowmatch_data::Distribution::from_name("gaussian")?);
+            let t: std::sync::Arc<dyn flowmatch_data::Sampler> =
+                std::sync::Arc::new(flowmatch_data::Distribution::from_name("spiral")?);
+            let mut trainer = flowmatch_losses::Trainer::new(
+                spec.build(2, 0, &dev)?,
+                Box::new(flowmatch_losses::AffinePath::new(
+                    flowmatch_losses::Schedule::Linear,
+                    0.0,
+                )?),
+                Box::new(flowmatch_losses::Independent::new(g.clone(), t)),
+                flowmatch_losses::TimeSampler::Uniform,
+                batch,
+                flowmatch_losses::OptimConfig {
+                    lr: 3e-3,
+                    ..Default::default()
+                },
+            )?;
+            let mut rng = flowmatch_data::rng_from_seed(0);
+            trainer.step(&mut rng)?; // warm-up (kernel loading, allocator)
+            let started = std::time::Instant::now();
+            let mut loss = 0.0;
+            for _ in 0..steps {
+                loss = trainer.step(&mut rng)?;
+            }
+            let train_s = started.elapsed().as_secs_f64();
+            println!(
+                "train: VelocityNet h=64, batch {batch}: {:.2} steps/s ({:.2} ms/step, {:.3e} samples/s), loss {loss:.4}",
+                steps as f64 / train_s,
+                1e3 * train_s / steps as f64,
+                (steps * batch) as f64 / train_s
+            );
+            let model = trainer.into_model();
+            let x0 = g.sample(points, &mut rng, &dev)?;
+            let started = std::time::Instant::now();
+            let sol = flowmatch_solvers::solve(
+                &model,
+                &x0,
+                &flowmatch_solvers::SolverSpec::new(flowmatch_solvers::Method::Euler, sample_steps),
+                false,
+            )?;
+            let x = sol.x.to_device(&candle_core::Device::Cpu)?; // waits for the device
+            let sample_s = started.elapsed().as_secs_f64();
+            println!(
+                "sample: {points} points, Euler {sample_steps} steps: {:.3} s ({:.3e} points/s), {} values",
+                sample_s,
+                points as f64 / sample_s,
+                x.elem_count()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Merge { sweep_dir } => {

@@ -32,13 +32,13 @@ const SOURCE: RGBColor = wong::NAVY;
 const TARGET: RGBColor = wong::RED;
 const GENERATED: RGBColor = wong::GREEN;
 const LINES: RGBColor = wong::YELLOW;
-const BACKGROUND: RGBColor = RGBColor(18, 18, 18);
+pub(crate) const BACKGROUND: RGBColor = RGBColor(18, 18, 18);
 const INK: RGBColor = RGBColor(225, 225, 225);
 const PANEL: u32 = 360;
 
 static FONT: Once = Once::new();
 
-fn font_ready() {
+pub(crate) fn font_ready() {
     FONT.call_once(|| {
         let _ = register_font(
             "sans-serif",
@@ -47,6 +47,9 @@ fn font_ready() {
         );
     });
 }
+
+/// The image runs' figure: generated digits at 1, 2, 5 and 20 Euler steps.
+pub const SAMPLES_GRID: &str = "samples_grid.png";
 
 /// The figures of a run folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +202,26 @@ pub fn plot_run(
     device: &Device,
     figures: &[Figure],
 ) -> Result<Vec<PathBuf>> {
+    if checked.mnist.is_some() {
+        // Images: one figure, digits at 1, 2, 5 and 20 Euler steps (real digits last).
+        let mut rng = rng_from_seed(cfg.eval.seed ^ 0x9107);
+        let x0 = checked.source.sample(16, &mut rng, device)?;
+        let mut rows = vec![];
+        for steps in [1usize, 2, 5, 20] {
+            let x = solve(field, &x0, &SolverSpec::new(Method::Euler, steps), false)?.x;
+            rows.push((
+                format!("{steps} step{}", if steps == 1 { "" } else { "s" }),
+                x,
+            ));
+        }
+        rows.push((
+            "real".to_string(),
+            checked.target.sample(16, &mut rng, &Device::Cpu)?,
+        ));
+        let path = dir.join(SAMPLES_GRID);
+        crate::images::sample_grid(&path, &rows, 16)?;
+        return Ok(vec![path]);
+    }
     if checked.source.dim() != 2 {
         return Ok(vec![]);
     }

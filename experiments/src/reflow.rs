@@ -121,7 +121,7 @@ pub fn chain(
     let mut rows = vec![row_of("1-RF", first)];
     log_row(&mut log, &rows[0], 1)?;
     write_table(parent, &rows)?;
-    let source: Arc<dyn Sampler> = Arc::new(checked.source.clone());
+    let source: Arc<dyn Sampler> = checked.source.clone();
     let mut teacher = Arc::new(teacher);
     let first_model = teacher.clone();
     let mut last: Option<Summary> = None;
@@ -164,7 +164,7 @@ pub fn chain(
                 .build()?;
             let set = pool.install(|| {
                 PairSet::generate(
-                    &checked.source,
+                    checked.source.as_ref(),
                     as_field.as_ref(),
                     &r.teacher,
                     r.pairs,

@@ -25,6 +25,9 @@ pub struct TableRow {
     pub nfe: usize,
     pub w2: f64,
     pub mmd: f64,
+    /// FID-like score (images with a classifier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid: Option<f64>,
 }
 
 /// Metrics of one solver against fresh target samples.
@@ -49,6 +52,9 @@ pub struct Evaluation {
     pub w2_source_target: f64,
     /// Solver × steps.
     pub table: Vec<TableRow>,
+    /// FID-like score and class spread of the headline samples (images with a classifier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::images::ImageScores>,
 }
 
 /// `summary.json`: deterministic (no timings), one per finished run.
@@ -93,8 +99,8 @@ pub struct Setup {
 
 /// Builds the coupling of a checked config.
 pub fn build_coupling(checked: &Checked) -> Box<dyn Coupling> {
-    let s: Arc<dyn Sampler> = Arc::new(checked.source.clone());
-    let t: Arc<dyn Sampler> = Arc::new(checked.target.clone());
+    let s: Arc<dyn Sampler> = checked.source.clone();
+    let t: Arc<dyn Sampler> = checked.target.clone();
     if checked.ot {
         Box::new(MinibatchOt::new(s, t))
     } else {
@@ -348,6 +354,10 @@ pub fn evaluate(
     let gen = sol.x.to_device(&Device::Cpu)?;
     let bw = metrics::median_bandwidth(&real)?;
     let w2_st = metrics::w2(&x0.to_device(&Device::Cpu)?, &real)?;
+    let scorer = match &checked.classifier {
+        Some(p) => Some(crate::images::FidScorer::new(p, &real)?),
+        None => None,
+    };
     let mut table = vec![];
     for TableMethod { method, warped } in &checked.table {
         for &steps in &cfg.eval.steps {
@@ -364,6 +374,10 @@ pub fn evaluate(
                 nfe: s.nfe,
                 w2: metrics::w2(&g, &real)?,
                 mmd: metrics::mmd_rbf(&g, &real, Some(bw))?,
+                fid: match &scorer {
+                    Some(s) => Some(s.score(&g)?.fid),
+                    None => None,
+                },
             });
         }
     }
@@ -379,5 +393,9 @@ pub fn evaluate(
         normalized_path_energy: metrics::normalized_path_energy(&traj, &sol.times, w2_st * w2_st)?,
         w2_source_target: w2_st,
         table,
+        image: match &scorer {
+            Some(s) => Some(s.score(&gen)?),
+            None => None,
+        },
     })
 }

@@ -9,6 +9,9 @@ pub enum DataError {
     /// A distribution parameter is out of range.
     #[error("invalid parameter for {dist}: {msg}")]
     InvalidParameter { dist: &'static str, msg: String },
+    /// An MNIST file or folder is missing or malformed.
+    #[error("MNIST {path}: {msg}")]
+    Mnist { path: String, msg: String },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

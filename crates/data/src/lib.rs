@@ -5,9 +5,11 @@
 //! Any distribution may serve as the source or the target of a flow.
 
 mod error;
+pub mod mnist;
 mod toy2d;
 
 pub use error::DataError;
+pub use mnist::{Mnist, MnistSampler};
 pub use toy2d::{Distribution, DISTRIBUTION_NAMES};
 
 use candle_core::{Device, Tensor};
@@ -32,5 +34,17 @@ pub trait Sampler: Send + Sync {
     fn sample(&self, n: usize, rng: &mut Rng, device: &Device) -> Result<Tensor, DataError> {
         let v = self.sample_vec(n, rng);
         Ok(Tensor::from_vec(v, (n, self.dim()), device)?)
+    }
+}
+
+impl<S: Sampler + ?Sized> Sampler for std::sync::Arc<S> {
+    fn dim(&self) -> usize {
+        (**self).dim()
+    }
+    fn sample_vec(&self, n: usize, rng: &mut Rng) -> Vec<f32> {
+        (**self).sample_vec(n, rng)
+    }
+    fn sample(&self, n: usize, rng: &mut Rng, device: &Device) -> Result<Tensor, DataError> {
+        (**self).sample(n, rng, device)
     }
 }

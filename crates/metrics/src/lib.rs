@@ -6,11 +6,13 @@
 
 pub mod distance;
 mod error;
+pub mod frechet;
 pub mod ot;
 pub mod trajectory;
 
 pub use distance::{energy_distance, median_bandwidth, mmd_rbf, w2};
 pub use error::MetricsError;
+pub use frechet::frechet_distance;
 pub use trajectory::{normalized_path_energy, path_energy, rf_straightness, straightness};
 
 use candle_core::{DType, Tensor};

@@ -6,14 +6,21 @@
 //! - [`VelocityNet`] (blog) and [`VelocityMlp`] (lesson); [`ModelSpec`] builds either by name.
 
 pub mod activation;
+mod classifier;
+pub mod conv;
 mod error;
 mod field;
+mod linear;
 mod mlp;
 mod params;
 mod spec;
+mod unet;
 
+pub use classifier::Classifier;
 pub use error::ModelError;
 pub use field::{FnField, VelocityField};
+pub use linear::Linear;
 pub use mlp::{sinusoidal_embedding, VelocityMlp, VelocityNet};
 pub use params::Params;
 pub use spec::{Model, ModelSpec};
+pub use unet::{image_shape, VelocityUNet, VelocityUNetLesson};

@@ -1,7 +1,8 @@
 use crate::activation::Activation;
+use crate::Linear;
 use crate::{ModelError, Params, VelocityField};
+use candle_core::Module;
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{Linear, Module};
 
 /// The blog's `VelocityNet`: `[x, t]` → 3 hidden layers of width `h` → velocity.
 pub struct VelocityNet {

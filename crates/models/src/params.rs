@@ -1,6 +1,7 @@
+use crate::Linear;
 use crate::ModelError;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Linear, VarMap};
+use candle_nn::VarMap;
 use rand::Rng as _;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -71,7 +72,79 @@ impl Params {
         let bound = 1.0 / (d_in as f64).sqrt();
         let w = self.uniform(&format!("{name}.weight"), &[d_out, d_in], bound)?;
         let b = self.uniform(&format!("{name}.bias"), &[d_out], bound)?;
-        Ok(Linear::new(w, Some(b)))
+        Ok(Linear::new(w, b))
+    }
+
+    /// A `Conv2d(in, out, k)` named `name`, initialised like PyTorch (uniform in ±1/sqrt(in·k²)).
+    pub fn conv2d(
+        &mut self,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        cfg: candle_nn::Conv2dConfig,
+    ) -> Result<candle_nn::Conv2d, ModelError> {
+        let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
+        let w = self.uniform(&format!("{name}.weight"), &[c_out, c_in, k, k], bound)?;
+        let b = self.uniform(&format!("{name}.bias"), &[c_out], bound)?;
+        Ok(candle_nn::Conv2d::new(w, Some(b), cfg))
+    }
+
+    /// A `k×k` convolution as unfold + matmul ([`crate::conv::Conv`]), PyTorch layout and init.
+    pub fn conv(
+        &mut self,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<crate::conv::Conv, ModelError> {
+        let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
+        let w = self.uniform(&format!("{name}.weight"), &[c_out, c_in, k, k], bound)?;
+        let b = self.uniform(&format!("{name}.bias"), &[c_out], bound)?;
+        Ok(crate::conv::Conv::new(w, b, stride, pad)?)
+    }
+
+    /// A `ConvTranspose2d(in, out, k)` named `name` (PyTorch's weight layout `(in, out, k, k)`
+    /// and initialisation, uniform in ±1/sqrt(out·k²)).
+    pub fn conv_transpose2d(
+        &mut self,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        cfg: candle_nn::ConvTranspose2dConfig,
+    ) -> Result<candle_nn::ConvTranspose2d, ModelError> {
+        let bound = 1.0 / ((c_out * k * k) as f64).sqrt();
+        let w = self.uniform(&format!("{name}.weight"), &[c_in, c_out, k, k], bound)?;
+        let b = self.uniform(&format!("{name}.bias"), &[c_out], bound)?;
+        Ok(candle_nn::ConvTranspose2d::new(w, Some(b), cfg))
+    }
+
+    /// A `GroupNorm(groups, channels)` named `name` (weight 1, bias 0, eps 1e-5).
+    pub fn group_norm(
+        &mut self,
+        name: &str,
+        groups: usize,
+        channels: usize,
+    ) -> Result<candle_nn::GroupNorm, ModelError> {
+        let w = self.constant(&format!("{name}.weight"), &[channels], 1.0)?;
+        let b = self.constant(&format!("{name}.bias"), &[channels], 0.0)?;
+        Ok(candle_nn::GroupNorm::new(w, b, channels, groups, 1e-5)?)
+    }
+
+    fn constant(&mut self, name: &str, shape: &[usize], v: f32) -> Result<Tensor, ModelError> {
+        let n: usize = shape.iter().product();
+        let t = Tensor::from_vec(vec![v; n], shape, &self.device)?;
+        let var = Var::from_tensor(&t)?;
+        let tensor = var.as_tensor().clone();
+        self.varmap
+            .data()
+            .lock()
+            .expect("varmap lock poisoned")
+            .insert(name.to_string(), var);
+        Ok(tensor)
     }
 
     /// A parameter tensor of `shape` initialised uniformly in ±`bound`.

@@ -20,6 +20,12 @@ pub enum ModelSpec {
         #[serde(default = "silu")]
         activation: Activation,
     },
+    /// flowmatch's image U-Net: residual blocks, GroupNorm, time in every block.
+    #[serde(rename = "unet")]
+    UNet { hidden: usize },
+    /// The lesson's VelocityUNet.
+    #[serde(rename = "unet-lesson")]
+    UNetLesson { hidden: usize },
 }
 
 fn gelu() -> Activation {
@@ -35,6 +41,7 @@ impl ModelSpec {
         let (h, l) = match self {
             Self::VelocityNet { hidden, .. } => (*hidden, 1),
             Self::VelocityMlp { hidden, layers, .. } => (*hidden, *layers),
+            Self::UNet { hidden } | Self::UNetLesson { hidden } => (*hidden, 1),
         };
         if h == 0 || h > 65_536 {
             return Err(ModelError::Invalid(format!(
@@ -73,6 +80,10 @@ impl ModelSpec {
                 layers,
                 activation,
             )?),
+            Self::UNet { hidden } => Box::new(crate::VelocityUNet::new(&mut params, dim, hidden)?),
+            Self::UNetLesson { hidden } => {
+                Box::new(crate::VelocityUNetLesson::new(&mut params, dim, hidden)?)
+            }
         };
         Ok(Model {
             spec: self.clone(),

@@ -1,0 +1,306 @@
+//! U-Net velocity fields for images. Both take `x` as `(B, C, H, W)` or flattened `(B, C·H·W)`
+//! (what the samplers, couplings and solvers pass around) and answer in the same shape.
+
+use crate::activation::Activation;
+use crate::conv::{upsample2, Conv};
+use crate::Linear;
+use crate::{sinusoidal_embedding, ModelError, Params, VelocityField};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm};
+
+/// Image geometry `(channels, side)` for a flattened dimension: square images, 1 or 3 channels.
+pub fn image_shape(dim: usize) -> std::result::Result<(usize, usize), ModelError> {
+    for c in [1usize, 3] {
+        let side = ((dim / c) as f64).sqrt().round() as usize;
+        if dim % c == 0 && side * side * c == dim && side % 4 == 0 {
+            return Ok((c, side));
+        }
+    }
+    Err(ModelError::Invalid(format!(
+        "a U-Net needs square images whose side is a multiple of 4 (dim = C·S·S, C = 1 or 3), got dim {dim}"
+    )))
+}
+
+fn as_image(x: &Tensor, c: usize, side: usize) -> Result<Tensor> {
+    if x.rank() == 2 {
+        x.reshape((x.dim(0)?, c, side, side))
+    } else {
+        Ok(x.clone())
+    }
+}
+
+fn like_input(out: Tensor, x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 2 {
+        out.flatten_from(1)
+    } else {
+        Ok(out)
+    }
+}
+
+fn conv3(stride: usize) -> Conv2dConfig {
+    Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    }
+}
+
+fn up4() -> ConvTranspose2dConfig {
+    ConvTranspose2dConfig {
+        padding: 1,
+        stride: 2,
+        ..Default::default()
+    }
+}
+
+/// The time embedding `(B,)` → `(B, hidden)`: 64-dim sinusoids, `Linear(64, hidden)`, SiLU.
+fn time_features(t: &Tensor, lin: &Linear, act: Activation, b: usize) -> Result<Tensor> {
+    let t = t.flatten_all()?;
+    let t = if t.dim(0)? == 1 && b > 1 {
+        t.broadcast_as(b)?.contiguous()?
+    } else {
+        t
+    };
+    act.apply(&lin.forward(&sinusoidal_embedding(&t, 64)?)?)
+}
+
+/// The lesson's `VelocityUNet`: two stride-2 conv encoders, two transposed-conv decoders with
+/// skips, the time embedding added once after the first conv.
+pub struct VelocityUNetLesson {
+    time_mlp: Linear,
+    enc1: Conv2d,
+    enc2: Conv2d,
+    enc3: Conv2d,
+    dec3: ConvTranspose2d,
+    dec2: ConvTranspose2d,
+    dec1: Conv2d,
+    act: Activation,
+    channels: usize,
+    side: usize,
+}
+
+impl VelocityUNetLesson {
+    /// Builds it for flattened images of `dim` pixels with `hidden` base channels.
+    pub fn new(p: &mut Params, dim: usize, hidden: usize) -> std::result::Result<Self, ModelError> {
+        let (c, side) = image_shape(dim)?;
+        let h = hidden;
+        Ok(Self {
+            time_mlp: p.linear("time_mlp.0", 64, h)?,
+            enc1: p.conv2d("enc1", c, h, 3, conv3(1))?,
+            enc2: p.conv2d("enc2", h, 2 * h, 3, conv3(2))?,
+            enc3: p.conv2d("enc3", 2 * h, 2 * h, 3, conv3(2))?,
+            dec3: p.conv_transpose2d("dec3", 2 * h, 2 * h, 4, up4())?,
+            dec2: p.conv_transpose2d("dec2", 4 * h, h, 4, up4())?,
+            dec1: p.conv2d("dec1", 2 * h, c, 3, conv3(1))?,
+            act: Activation::Silu,
+            channels: c,
+            side,
+        })
+    }
+}
+
+impl VelocityField for VelocityUNetLesson {
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let xi = as_image(x, self.channels, self.side)?;
+        let b = xi.dim(0)?;
+        let temb = time_features(t, &self.time_mlp, self.act, b)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let a = |t: Tensor| self.act.apply(&t);
+        let h1 = a(self.enc1.forward(&xi)?)?.broadcast_add(&temb)?;
+        let h2 = a(self.enc2.forward(&h1)?)?;
+        let h3 = a(self.enc3.forward(&h2)?)?;
+        let d3 = a(self.dec3.forward(&h3)?)?;
+        let d2 = a(self.dec2.forward(&Tensor::cat(&[&d3, &h2], 1)?)?)?;
+        let d1 = self.dec1.forward(&Tensor::cat(&[&d2, &h1], 1)?)?;
+        like_input(d1, x)
+    }
+}
+
+/// A residual block: GroupNorm → SiLU → conv, plus the time embedding projected to the
+/// block's channels, GroupNorm → SiLU → conv, and a 1×1 skip when channels change.
+struct ResBlock {
+    norm1: GroupNorm,
+    conv1: Conv,
+    time: Linear,
+    norm2: GroupNorm,
+    conv2: Conv,
+    skip: Option<Conv>,
+}
+
+impl ResBlock {
+    fn new(
+        p: &mut Params,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        t_dim: usize,
+        groups: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        Ok(Self {
+            norm1: p.group_norm(&format!("{name}.norm1"), groups, c_in)?,
+            conv1: p.conv(&format!("{name}.conv1"), c_in, c_out, 3, 1, 1)?,
+            time: p.linear(&format!("{name}.time"), t_dim, c_out)?,
+            norm2: p.group_norm(&format!("{name}.norm2"), groups, c_out)?,
+            conv2: p.conv(&format!("{name}.conv2"), c_out, c_out, 3, 1, 1)?,
+            skip: if c_in != c_out {
+                Some(p.conv(&format!("{name}.skip"), c_in, c_out, 1, 1, 0)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor, act: Activation) -> Result<Tensor> {
+        let h = self.conv1.forward(&act.apply(&self.norm1.forward(x)?)?)?;
+        let h = h.broadcast_add(&self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?)?;
+        let h = self.conv2.forward(&act.apply(&self.norm2.forward(&h)?)?)?;
+        match &self.skip {
+            Some(s) => s.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}
+
+/// flowmatch's default image field: residual blocks with GroupNorm at three resolutions
+/// (S, S/2, S/4), the time embedding injected into every block, skips across the U;
+/// stride-2 convs down, nearest ×2 + conv up; every conv is unfold + matmul ([`Conv`]).
+pub struct VelocityUNet {
+    time1: Linear,
+    time2: Linear,
+    conv_in: Conv,
+    enc1: ResBlock,
+    down1: Conv,
+    enc2: ResBlock,
+    down2: Conv,
+    mid: ResBlock,
+    up2: Conv,
+    dec2: ResBlock,
+    up1: Conv,
+    dec1: ResBlock,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+    act: Activation,
+    channels: usize,
+    side: usize,
+}
+
+impl VelocityUNet {
+    /// Builds it with `hidden` base channels (a multiple of 8: GroupNorm uses 8 groups).
+    pub fn new(p: &mut Params, dim: usize, hidden: usize) -> std::result::Result<Self, ModelError> {
+        let (c, side) = image_shape(dim)?;
+        if hidden % 8 != 0 {
+            return Err(ModelError::Invalid(format!(
+                "unet hidden channels must be a multiple of 8 (GroupNorm groups), got {hidden}"
+            )));
+        }
+        let (h, g, td) = (hidden, 8, 4 * hidden);
+        Ok(Self {
+            time1: p.linear("time.0", 64, td)?,
+            time2: p.linear("time.2", td, td)?,
+            conv_in: p.conv("conv_in", c, h, 3, 1, 1)?,
+            enc1: ResBlock::new(p, "enc1", h, h, td, g)?,
+            down1: p.conv("down1", h, 2 * h, 3, 2, 1)?,
+            enc2: ResBlock::new(p, "enc2", 2 * h, 2 * h, td, g)?,
+            down2: p.conv("down2", 2 * h, 2 * h, 3, 2, 1)?,
+            mid: ResBlock::new(p, "mid", 2 * h, 2 * h, td, g)?,
+            up2: p.conv("up2", 2 * h, 2 * h, 3, 1, 1)?,
+            dec2: ResBlock::new(p, "dec2", 4 * h, 2 * h, td, g)?,
+            up1: p.conv("up1", 2 * h, h, 3, 1, 1)?,
+            dec1: ResBlock::new(p, "dec1", 2 * h, h, td, g)?,
+            norm_out: p.group_norm("norm_out", g, h)?,
+            conv_out: p.conv("conv_out", h, c, 3, 1, 1)?,
+            act: Activation::Silu,
+            channels: c,
+            side,
+        })
+    }
+}
+
+impl VelocityField for VelocityUNet {
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let xi = as_image(x, self.channels, self.side)?;
+        let b = xi.dim(0)?;
+        let temb = time_features(t, &self.time1, self.act, b)?;
+        let temb = self.time2.forward(&temb)?;
+        let act = self.act;
+        let h0 = self.conv_in.forward(&xi)?;
+        let h1 = self.enc1.forward(&h0, &temb, act)?;
+        let h2 = self.enc2.forward(&self.down1.forward(&h1)?, &temb, act)?;
+        let m = self.mid.forward(&self.down2.forward(&h2)?, &temb, act)?;
+        let d2 = self.dec2.forward(
+            &Tensor::cat(&[&self.up2.forward(&upsample2(&m)?)?, &h2], 1)?,
+            &temb,
+            act,
+        )?;
+        let d1 = self.dec1.forward(
+            &Tensor::cat(&[&self.up1.forward(&upsample2(&d2)?)?, &h1], 1)?,
+            &temb,
+            act,
+        )?;
+        let out = self
+            .conv_out
+            .forward(&act.apply(&self.norm_out.forward(&d1)?)?)?;
+        like_input(out, x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn image_shapes_are_recognised_or_refused() {
+        assert_eq!(image_shape(784).unwrap(), (1, 28));
+        assert_eq!(image_shape(3 * 32 * 32).unwrap(), (3, 32));
+        assert!(image_shape(2).is_err());
+        assert!(image_shape(100)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of 4"));
+    }
+
+    #[test]
+    fn both_unets_keep_the_input_shape_and_learn_a_constant_field() {
+        for lesson in [true, false] {
+            let mut p = Params::new(1, &Device::Cpu);
+            let net: Box<dyn VelocityField> = if lesson {
+                Box::new(VelocityUNetLesson::new(&mut p, 64, 8).unwrap())
+            } else {
+                Box::new(VelocityUNet::new(&mut p, 64, 8).unwrap())
+            };
+            let x = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu).unwrap();
+            let t = Tensor::new(&[0.0f32, 0.3, 0.6, 1.0], &Device::Cpu).unwrap();
+            assert_eq!(net.velocity(&x, &t).unwrap().dims(), &[4, 64]);
+            let xi = x.reshape((4, 1, 8, 8)).unwrap();
+            assert_eq!(net.velocity(&xi, &t).unwrap().dims(), &[4, 1, 8, 8]);
+            // A few AdamW steps towards v = 0.5 everywhere must lower the loss: gradients flow
+            // through every conv, transposed conv and GroupNorm.
+            let vars: Vec<Var> = p.vars();
+            let mut opt = candle_nn::AdamW::new(
+                vars,
+                candle_nn::ParamsAdamW {
+                    lr: 1e-2,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            use candle_nn::Optimizer;
+            let loss = |n: &dyn VelocityField| {
+                (n.velocity(&x, &t).unwrap() - 0.5)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+            };
+            let first = loss(net.as_ref()).to_scalar::<f32>().unwrap();
+            for _ in 0..30 {
+                opt.backward_step(&loss(net.as_ref())).unwrap();
+            }
+            let last = loss(net.as_ref()).to_scalar::<f32>().unwrap();
+            assert!(last < 0.2 * first, "lesson={lesson}: {first} -> {last}");
+        }
+    }
+}
