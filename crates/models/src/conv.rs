@@ -117,28 +117,14 @@ mod tests {
                 .forward(x.as_tensor())
                 .unwrap();
             assert_eq!(ours.dims(), theirs.dims(), "k{k} s{s} p{p} hw{hw}");
-            let d = (&ours - &theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::max_abs_diff(&ours, &theirs);
             assert!(d < 1e-4, "forward k{k} s{s}: {d}");
             let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             for v in [&x, &w] {
                 let a = g1.get(v.as_tensor()).unwrap();
                 let b = g2.get(v.as_tensor()).unwrap();
-                let d = (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = crate::max_abs_diff(&a, &b);
                 assert!(d < 1e-3, "grad k{k} s{s} p{p} hw{hw}: {d}");
             }
         }

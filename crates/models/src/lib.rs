@@ -24,3 +24,17 @@ pub use mlp::{sinusoidal_embedding, VelocityMlp, VelocityNet};
 pub use params::Params;
 pub use spec::{Model, ModelSpec};
 pub use unet::{image_shape, VelocityUNet, VelocityUNetLesson};
+
+/// Largest absolute difference between two f32 tensors of the same shape (tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

@@ -62,14 +62,7 @@ mod tests {
             .unwrap()
             .broadcast_add(b.as_tensor())
             .unwrap();
-        let d = (&ours - &plain)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::max_abs_diff(&ours, &plain);
         assert!(d < 1e-5, "{d}");
         let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = plain.sqr().unwrap().sum_all().unwrap().backward().unwrap();
@@ -77,14 +70,7 @@ mod tests {
             let a = g1.get(v.as_tensor()).unwrap();
             let c = g2.get(v.as_tensor()).unwrap();
             assert_eq!(a.dims(), c.dims());
-            let d = (a - c)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::max_abs_diff(&a, &c);
             assert!(d < 1e-4, "{d}");
         }
     }

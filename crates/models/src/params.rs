@@ -56,14 +56,7 @@ impl Params {
             .map(|_| ((self.rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
             .collect();
         let t = Tensor::from_vec(data, shape, &self.device)?;
-        let var = Var::from_tensor(&t)?;
-        let tensor = var.as_tensor().clone();
-        self.varmap
-            .data()
-            .lock()
-            .expect("varmap lock poisoned")
-            .insert(name.to_string(), var);
-        Ok(tensor)
+        self.register(name, &t)
     }
 
     /// A `Linear(in, out)` layer named `name`, initialised like PyTorch's `nn.Linear`
@@ -84,10 +77,22 @@ impl Params {
         k: usize,
         cfg: candle_nn::Conv2dConfig,
     ) -> Result<candle_nn::Conv2d, ModelError> {
+        let (w, b) = self.conv_weights(name, c_in, c_out, k)?;
+        Ok(candle_nn::Conv2d::new(w, Some(b), cfg))
+    }
+
+    /// Conv weights `(out, in, k, k)` and bias, uniform in ±1/sqrt(in·k²) as in PyTorch.
+    fn conv_weights(
+        &mut self,
+        name: &str,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+    ) -> Result<(Tensor, Tensor), ModelError> {
         let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
         let w = self.uniform(&format!("{name}.weight"), &[c_out, c_in, k, k], bound)?;
         let b = self.uniform(&format!("{name}.bias"), &[c_out], bound)?;
-        Ok(candle_nn::Conv2d::new(w, Some(b), cfg))
+        Ok((w, b))
     }
 
     /// A `k×k` convolution as unfold + matmul ([`crate::conv::Conv`]), PyTorch layout and init.
@@ -100,9 +105,7 @@ impl Params {
         stride: usize,
         pad: usize,
     ) -> Result<crate::conv::Conv, ModelError> {
-        let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
-        let w = self.uniform(&format!("{name}.weight"), &[c_out, c_in, k, k], bound)?;
-        let b = self.uniform(&format!("{name}.bias"), &[c_out], bound)?;
+        let (w, b) = self.conv_weights(name, c_in, c_out, k)?;
         Ok(crate::conv::Conv::new(w, b, stride, pad)?)
     }
 
@@ -134,10 +137,9 @@ impl Params {
         Ok(candle_nn::GroupNorm::new(w, b, channels, groups, 1e-5)?)
     }
 
-    fn constant(&mut self, name: &str, shape: &[usize], v: f32) -> Result<Tensor, ModelError> {
-        let n: usize = shape.iter().product();
-        let t = Tensor::from_vec(vec![v; n], shape, &self.device)?;
-        let var = Var::from_tensor(&t)?;
+    /// Makes `t` a trainable variable named `name` and returns its tensor.
+    fn register(&mut self, name: &str, t: &Tensor) -> Result<Tensor, ModelError> {
+        let var = Var::from_tensor(t)?;
         let tensor = var.as_tensor().clone();
         self.varmap
             .data()
@@ -145,6 +147,12 @@ impl Params {
             .expect("varmap lock poisoned")
             .insert(name.to_string(), var);
         Ok(tensor)
+    }
+
+    fn constant(&mut self, name: &str, shape: &[usize], v: f32) -> Result<Tensor, ModelError> {
+        let n: usize = shape.iter().product();
+        let t = Tensor::from_vec(vec![v; n], shape, &self.device)?;
+        self.register(name, &t)
     }
 
     /// A parameter tensor of `shape` initialised uniformly in ±`bound`.

@@ -176,14 +176,7 @@ mod tests {
                 let a = m.velocity(&x, &full).unwrap();
                 let b = m.velocity_at(&x, t).unwrap();
                 assert_eq!(a.dims(), b.dims());
-                let d = (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = crate::max_abs_diff(&a, &b);
                 assert!(d < 1e-5, "{spec:?} at t={t}: {d}");
             }
         }
