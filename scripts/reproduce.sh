@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the seeds' experiments and refreshes results/<name>/ from the runs.
 #
-#   scripts/reproduce.sh                      # all of them (about 20 minutes on 2 cores)
+#   scripts/reproduce.sh                      # all of them (about 30 minutes on 2 cores)
 #   scripts/reproduce.sh lesson_reflow        # one
 #   RUNS=/some/dir scripts/reproduce.sh --collect   # only copy from finished runs
 #
