@@ -132,6 +132,30 @@ fn sets_of(raw: &[String]) -> Result<Vec<(String, toml::Value)>> {
         .collect()
 }
 
+/// A finished run folder's checkpoint path and its config (with `--set` overrides), loaded
+/// and validated; an error when the folder holds no model.
+fn open_run(
+    dir: &std::path::Path,
+    sets: &[(String, toml::Value)],
+) -> Result<(PathBuf, (Config, flowmatch_experiments::config::Checked))> {
+    let model = RunPaths {
+        dir: dir.to_path_buf(),
+    }
+    .model();
+    if !model.is_file() {
+        return Err(anyhow!(
+            "{} has no model.safetensors (not a run folder?)",
+            dir.display()
+        ));
+    }
+    let loaded = Config::load(&ConfigSource {
+        file: Some(&dir.join("config.toml")),
+        sets,
+    })
+    .map_err(|e| anyhow!(e.0))?;
+    Ok((model, loaded))
+}
+
 fn main() -> ExitCode {
     // Small models run fastest on one candle thread; sweeps parallelise across runs instead
     // (their rayon pool is sized explicitly, so this only affects candle's matmuls).
@@ -193,21 +217,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Reflow { run_dir, sets } => {
             let sets = sets_of(&sets)?;
-            let model_path = RunPaths {
-                dir: run_dir.clone(),
-            }
-            .model();
-            if !model_path.is_file() {
-                return Err(anyhow!(
-                    "{} has no model.safetensors (not a run folder?)",
-                    run_dir.display()
-                ));
-            }
-            let (mut cfg, _) = Config::load(&ConfigSource {
-                file: Some(&run_dir.join("config.toml")),
-                sets: &sets,
-            })
-            .map_err(|e| anyhow!(e.0))?;
+            let (model_path, (mut cfg, _)) = open_run(&run_dir, &sets)?;
             if cfg.reflow.iterations == 0 && cfg.reflow.distill_k == 0 {
                 cfg.reflow.iterations = 1;
             }
@@ -287,22 +297,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Eval { run_dir, sets } => {
             let sets = sets_of(&sets)?;
-            let cfg_path = run_dir.join("config.toml");
-            let model_path = RunPaths {
-                dir: run_dir.clone(),
-            }
-            .model();
-            if !model_path.is_file() {
-                return Err(anyhow!(
-                    "{} has no model.safetensors (not a run folder?)",
-                    run_dir.display()
-                ));
-            }
-            let (cfg, checked) = Config::load(&ConfigSource {
-                file: Some(&cfg_path),
-                sets: &sets,
-            })
-            .map_err(|e| anyhow!(e.0))?;
+            let (model_path, (cfg, checked)) = open_run(&run_dir, &sets)?;
             let (dev, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
                 .map_err(|e| anyhow!(e))?;
             let model = checked.model.load(
@@ -349,21 +344,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 } else {
                     (run_dir.clone(), None)
                 };
-            let model_path = RunPaths {
-                dir: cfg_dir.clone(),
-            }
-            .model();
-            if !model_path.is_file() {
-                return Err(anyhow!(
-                    "{} has no model.safetensors (not a run folder?)",
-                    cfg_dir.display()
-                ));
-            }
-            let (cfg, checked) = Config::load(&ConfigSource {
-                file: Some(&cfg_dir.join("config.toml")),
-                sets: &sets,
-            })
-            .map_err(|e| anyhow!(e.0))?;
+            let (model_path, (cfg, checked)) = open_run(&cfg_dir, &sets)?;
             let (dev, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
                 .map_err(|e| anyhow!(e))?;
             let dim = flowmatch_data::Sampler::dim(&checked.source);

@@ -230,13 +230,7 @@ pub fn plot_run(
     let mut rng = rng_from_seed(cfg.eval.seed ^ 0x9107);
     let x0t = checked.source.sample(n, &mut rng, device)?;
     let real = checked.target.sample(n, &mut rng, device)?;
-    let sol = solve(field, &x0t, &SolverSpec::new(Method::Euler, 100), true)?;
-    let traj: Vec<Pts> = sol
-        .trajectory
-        .unwrap_or_default()
-        .iter()
-        .map(points)
-        .collect::<Result<_>>()?;
+    let traj = record(field, &x0t, &SolverSpec::new(Method::Euler, 100))?;
     let f = Flows {
         x0: points(&x0t)?,
         target: points(&real)?,
@@ -340,13 +334,7 @@ fn flow_field(
         (k, 2),
         device,
     )?;
-    let sol = solve(field, &x0, &SolverSpec::new(Method::Rk4, 20), true)?;
-    let states: Vec<Pts> = sol
-        .trajectory
-        .unwrap_or_default()
-        .iter()
-        .map(points)
-        .collect::<Result<_>>()?;
+    let states = record(field, &x0, &SolverSpec::new(Method::Rk4, 20))?;
     let paths = transpose(&states, k);
     let root = canvas(path, 3).into_drawing_area();
     root.fill(&BACKGROUND)?;
@@ -524,8 +512,8 @@ pub fn reflow_curves(path: &Path, rows: &[IterationRow]) -> Result<()> {
 }
 
 /// Recorded Euler-100 trajectories of `field` from `x0` (for side-by-side animations).
-pub fn record(field: &dyn VelocityField, x0: &Tensor, steps: usize) -> Result<Vec<Pts>> {
-    let sol = solve(field, x0, &SolverSpec::new(Method::Euler, steps), true)?;
+pub fn record(field: &dyn VelocityField, x0: &Tensor, spec: &SolverSpec) -> Result<Vec<Pts>> {
+    let sol = solve(field, x0, spec, true)?;
     sol.trajectory
         .unwrap_or_default()
         .iter()

@@ -245,8 +245,9 @@ pub fn reflow_figures(
         let x0 = checked
             .source
             .sample(cfg.eval.samples.min(1000), &mut rng, &device)?;
-        let a = crate::plot::record(first, &x0, 50)?;
-        let b = crate::plot::record(last, &x0, 50)?;
+        let euler50 = flowmatch_solvers::SolverSpec::new(flowmatch_solvers::Method::Euler, 50);
+        let a = crate::plot::record(first, &x0, &euler50)?;
+        let b = crate::plot::record(last, &x0, &euler50)?;
         let name = rows.last().map(|r| r.flow.as_str()).unwrap_or("reflowed");
         crate::plot::animation(
             &parent.join("fm_vs_reflow.gif"),
