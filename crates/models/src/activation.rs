@@ -34,7 +34,7 @@ impl Activation {
 }
 
 #[derive(Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Gelu,
     Silu,
 }
@@ -94,7 +94,7 @@ pub fn erf_f32(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn forward(kind: Kind, x: f32) -> f32 {
+pub(crate) fn forward(kind: Kind, x: f32) -> f32 {
     match kind {
         Kind::Gelu => 0.5 * x * (1.0 + erf_f32(x * FRAC_1_SQRT_2)),
         Kind::Silu => x / (1.0 + exp_f32(-x)),
@@ -102,7 +102,7 @@ fn forward(kind: Kind, x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn derivative(kind: Kind, x: f32) -> f32 {
+pub(crate) fn derivative(kind: Kind, x: f32) -> f32 {
     match kind {
         Kind::Gelu => {
             let cdf = 0.5 * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
@@ -115,7 +115,7 @@ fn derivative(kind: Kind, x: f32) -> f32 {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v,
         _ => candle_core::bail!("{op}: expected f32 storage"),
@@ -150,7 +150,7 @@ kernels!(fwd_base, bwd_base);
 #[cfg(target_arch = "x86_64")]
 kernels!(fwd_avx2, bwd_avx2, #[target_feature(enable = "avx2,fma")]);
 
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

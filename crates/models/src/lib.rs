@@ -12,6 +12,7 @@ mod error;
 mod field;
 mod linear;
 mod mlp;
+pub mod norm;
 mod params;
 mod spec;
 mod unet;

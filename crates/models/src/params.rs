@@ -125,16 +125,17 @@ impl Params {
         Ok(candle_nn::ConvTranspose2d::new(w, Some(b), cfg))
     }
 
-    /// A `GroupNorm(groups, channels)` named `name` (weight 1, bias 0, eps 1e-5).
-    pub fn group_norm(
+    /// A `GroupNorm(groups, channels)` named `name` (weight 1, bias 0, eps 1e-5) followed by
+    /// SiLU, fused on CPU ([`crate::norm::GroupNormSilu`]).
+    pub fn group_norm_silu(
         &mut self,
         name: &str,
         groups: usize,
         channels: usize,
-    ) -> Result<candle_nn::GroupNorm, ModelError> {
+    ) -> Result<crate::norm::GroupNormSilu, ModelError> {
         let w = self.constant(&format!("{name}.weight"), &[channels], 1.0)?;
         let b = self.constant(&format!("{name}.bias"), &[channels], 0.0)?;
-        Ok(candle_nn::GroupNorm::new(w, b, channels, groups, 1e-5)?)
+        Ok(crate::norm::GroupNormSilu::new(w, b, groups, 1e-5)?)
     }
 
     /// Makes `t` a trainable variable named `name` and returns its tensor.

@@ -3,10 +3,11 @@
 
 use crate::activation::Activation;
 use crate::conv::{upsample2, Conv};
+use crate::norm::GroupNormSilu;
 use crate::Linear;
 use crate::{sinusoidal_embedding, ModelError, Params, VelocityField};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, GroupNorm};
+use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 
 /// Image geometry `(channels, side)` for a flattened dimension: square images, 1 or 3 channels.
 pub fn image_shape(dim: usize) -> std::result::Result<(usize, usize), ModelError> {
@@ -120,10 +121,10 @@ impl VelocityField for VelocityUNetLesson {
 /// A residual block: GroupNorm → SiLU → conv, plus the time embedding projected to the
 /// block's channels, GroupNorm → SiLU → conv, and a 1×1 skip when channels change.
 struct ResBlock {
-    norm1: GroupNorm,
+    norm1: GroupNormSilu,
     conv1: Conv,
     time: Linear,
-    norm2: GroupNorm,
+    norm2: GroupNormSilu,
     conv2: Conv,
     skip: Option<Conv>,
 }
@@ -138,10 +139,10 @@ impl ResBlock {
         groups: usize,
     ) -> std::result::Result<Self, ModelError> {
         Ok(Self {
-            norm1: p.group_norm(&format!("{name}.norm1"), groups, c_in)?,
+            norm1: p.group_norm_silu(&format!("{name}.norm1"), groups, c_in)?,
             conv1: p.conv(&format!("{name}.conv1"), c_in, c_out, 3, 1, 1)?,
             time: p.linear(&format!("{name}.time"), t_dim, c_out)?,
-            norm2: p.group_norm(&format!("{name}.norm2"), groups, c_out)?,
+            norm2: p.group_norm_silu(&format!("{name}.norm2"), groups, c_out)?,
             conv2: p.conv(&format!("{name}.conv2"), c_out, c_out, 3, 1, 1)?,
             skip: if c_in != c_out {
                 Some(p.conv(&format!("{name}.skip"), c_in, c_out, 1, 1, 0)?)
@@ -151,10 +152,10 @@ impl ResBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, temb: &Tensor, act: Activation) -> Result<Tensor> {
-        let h = self.conv1.forward(&act.apply(&self.norm1.forward(x)?)?)?;
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?)?;
         let h = h.broadcast_add(&self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?)?;
-        let h = self.conv2.forward(&act.apply(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         match &self.skip {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -178,7 +179,7 @@ pub struct VelocityUNet {
     dec2: ResBlock,
     up1: Conv,
     dec1: ResBlock,
-    norm_out: GroupNorm,
+    norm_out: GroupNormSilu,
     conv_out: Conv,
     act: Activation,
     channels: usize,
@@ -208,7 +209,7 @@ impl VelocityUNet {
             dec2: ResBlock::new(p, "dec2", 4 * h, 2 * h, td, g)?,
             up1: p.conv("up1", 2 * h, h, 3, 1, 1)?,
             dec1: ResBlock::new(p, "dec1", 2 * h, h, td, g)?,
-            norm_out: p.group_norm("norm_out", g, h)?,
+            norm_out: p.group_norm_silu("norm_out", g, h)?,
             conv_out: p.conv("conv_out", h, c, 3, 1, 1)?,
             act: Activation::Silu,
             channels: c,
@@ -223,24 +224,19 @@ impl VelocityField for VelocityUNet {
         let b = xi.dim(0)?;
         let temb = time_features(t, &self.time1, self.act, b)?;
         let temb = self.time2.forward(&temb)?;
-        let act = self.act;
         let h0 = self.conv_in.forward(&xi)?;
-        let h1 = self.enc1.forward(&h0, &temb, act)?;
-        let h2 = self.enc2.forward(&self.down1.forward(&h1)?, &temb, act)?;
-        let m = self.mid.forward(&self.down2.forward(&h2)?, &temb, act)?;
+        let h1 = self.enc1.forward(&h0, &temb)?;
+        let h2 = self.enc2.forward(&self.down1.forward(&h1)?, &temb)?;
+        let m = self.mid.forward(&self.down2.forward(&h2)?, &temb)?;
         let d2 = self.dec2.forward(
             &Tensor::cat(&[&self.up2.forward(&upsample2(&m)?)?, &h2], 1)?,
             &temb,
-            act,
         )?;
         let d1 = self.dec1.forward(
             &Tensor::cat(&[&self.up1.forward(&upsample2(&d2)?)?, &h1], 1)?,
             &temb,
-            act,
         )?;
-        let out = self
-            .conv_out
-            .forward(&act.apply(&self.norm_out.forward(&d1)?)?)?;
+        let out = self.conv_out.forward(&self.norm_out.forward(&d1)?)?;
         like_input(out, x)
     }
 }

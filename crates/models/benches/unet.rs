@@ -1,0 +1,66 @@
+//! One forward + backward pass of the image U-Nets on an MNIST-sized batch (64 × 1 × 28 × 28),
+//! and the two pieces that dominate it: a 3×3 conv and GroupNorm + SiLU.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use candle_core::{Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, Criterion};
+use flowmatch_models::{ModelSpec, VelocityField};
+
+fn unets(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (64, 784), &dev).unwrap();
+    let t = Tensor::rand(0f32, 1.0, 64, &dev).unwrap();
+    let mut group = c.benchmark_group("unet_fwd_bwd_b64");
+    group.sample_size(10);
+    for (name, spec) in [
+        ("unet_h16", ModelSpec::UNet { hidden: 16 }),
+        ("unet_lesson_h32", ModelSpec::UNetLesson { hidden: 32 }),
+    ] {
+        let model = spec.build(784, 0, &dev).unwrap();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let v = model.velocity(&x, &t).unwrap();
+                v.sqr().unwrap().mean_all().unwrap().backward().unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn pieces(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (64, 16, 28, 28), &dev).unwrap()).unwrap();
+    let mut p = flowmatch_models::Params::new(0, &dev);
+    let conv = p.conv("c", 16, 16, 3, 1, 1).unwrap();
+    let gn = p.group_norm_silu("g", 8, 16).unwrap();
+    let mut group = c.benchmark_group("unet_pieces_b64_c16_28x28");
+    group.sample_size(10);
+    group.bench_function("conv3x3_fwd_bwd", |b| {
+        b.iter(|| {
+            conv.forward(x.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
+    });
+    group.bench_function("groupnorm_silu_fwd_bwd", |b| {
+        b.iter(|| {
+            let y = gn.forward(x.as_tensor()).unwrap();
+            y.sum_all().unwrap().backward().unwrap()
+        })
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    Criterion::default()
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(4))
+}
+
+criterion_group! { name = benches; config = config(); targets = unets, pieces }
+criterion_main!(benches);
