@@ -593,7 +593,7 @@ fn mnist_trains_scores_draws_and_reflows_and_bad_files_are_clear_errors() {
     let text = format!(
         "name = \"digits\"\n[data]\nsource = \"gaussian\"\ntarget = \"mnist\"\ndir = {:?}\n[model]\nkind = \"unet\"\nhidden = 8\n\
          [train]\nsteps = 60\nbatch_size = 16\nlr = 3e-3\ncheckpoint_every = 0\n[solver]\nmethod = \"euler\"\nsteps = 5\n\
-         [eval]\nsamples = 60\nsteps = [1, 5]\nmethods = [\"euler\"]\nclassifier = {:?}\n\
+         [eval]\nsamples = 60\nsteps = [1, 5]\nmethods = [\"euler\"]\nclassifier = {:?}\nevery = 20\n\
          [reflow]\niterations = 1\nmode = \"online\"\nteacher_method = \"euler\"\nteacher_steps = 3\nsteps = 10\n",
         data.to_str().unwrap(),
         clf.to_str().unwrap()
@@ -616,6 +616,19 @@ fn mnist_trains_scores_draws_and_reflows_and_bad_files_are_clear_errors() {
         assert_eq!((w, h), (110 + 16 * 60, 5 * 60 + 4));
         assert!(colours > 20, "samples grid looks blank");
     }
+    // eval.every = 20: the FID-like score at steps 20, 40 and 60 (the final evaluation's), in
+    // the summary and in metrics.jsonl; it falls as the base model trains.
+    let run = out.join("digits").join("rf1");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let rows = s["progress"].as_array().unwrap();
+    let steps: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [20, 40, 60], "{s}");
+    let fid: Vec<f64> = rows.iter().map(|r| r["fid"].as_f64().unwrap()).collect();
+    assert_eq!(fid[2], s["eval"]["image"]["fid"].as_f64().unwrap());
+    assert!(fid[2] < fid[0], "FID did not fall while training: {fid:?}");
+    let logged = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(logged.matches("\"progress\"").count(), 3);
     // Bad input: a truncated image file, then a wrong magic number, each one clear line.
     let images = data.join("train-images-idx3-ubyte");
     let bytes = std::fs::read(&images).unwrap();

@@ -117,6 +117,9 @@ pub struct EvalConfig {
     pub seed: u64,
     /// MNIST classifier (`flowmatch classifier`) for the FID-like score; empty = none.
     pub classifier: String,
+    /// Evaluate the headline solver (W2, MMD, FID) every this many training steps, to follow
+    /// training (0 = only at the end).
+    pub every: usize,
 }
 
 /// `[reflow]`: k-rectified flows trained after the base run (1-RF).
@@ -206,6 +209,7 @@ impl Default for Config {
                 warp_s: 0.5,
                 seed: 1_000_003,
                 classifier: String::new(),
+                every: 0,
             },
             logging: LoggingConfig {
                 every: 10,

@@ -57,6 +57,73 @@ pub struct Evaluation {
     pub image: Option<crate::images::ImageScores>,
 }
 
+/// The headline solver's scores at one point of training (`eval.every`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRow {
+    pub step: usize,
+    pub w2: f64,
+    pub mmd: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid: Option<f64>,
+}
+
+/// Scores a model while it trains: fixed source and real samples (those of the final
+/// evaluation, drawn from `eval.seed`), the headline solver, W2, MMD and the FID-like score.
+struct Progress {
+    x0: Tensor,
+    real: Tensor,
+    bandwidth: f64,
+    scorer: Option<crate::images::FidScorer>,
+    every: usize,
+    rows: Vec<ProgressRow>,
+}
+
+impl Progress {
+    fn new(cfg: &Config, checked: &Checked, device: &Device) -> Result<Option<Self>> {
+        if cfg.eval.every == 0 {
+            return Ok(None);
+        }
+        let mut rng = rng_from_seed(cfg.eval.seed);
+        let x0 = checked.source.sample(cfg.eval.samples, &mut rng, device)?;
+        let real = checked
+            .target
+            .sample(cfg.eval.samples, &mut rng, &Device::Cpu)?;
+        let scorer = match &checked.classifier {
+            Some(p) => Some(crate::images::FidScorer::new(p, &real)?),
+            None => None,
+        };
+        Ok(Some(Self {
+            bandwidth: metrics::median_bandwidth(&real)?,
+            x0,
+            real,
+            scorer,
+            every: cfg.eval.every,
+            rows: vec![],
+        }))
+    }
+
+    fn score(
+        &mut self,
+        field: &dyn VelocityField,
+        solver: &SolverSpec,
+        step: usize,
+    ) -> Result<&ProgressRow> {
+        let gen = solve(field, &self.x0, solver, false)?
+            .x
+            .to_device(&Device::Cpu)?;
+        self.rows.push(ProgressRow {
+            step,
+            w2: metrics::w2(&gen, &self.real)?,
+            mmd: metrics::mmd_rbf(&gen, &self.real, Some(self.bandwidth))?,
+            fid: match &self.scorer {
+                Some(s) => Some(s.score(&gen)?.fid),
+                None => None,
+            },
+        });
+        Ok(self.rows.last().expect("just pushed"))
+    }
+}
+
 /// `summary.json`: deterministic (no timings), one per finished run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -82,6 +149,9 @@ pub struct Summary {
     /// For reflow experiments: one row per k-rectified flow (1-RF first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reflow: Option<Vec<crate::reflow::IterationRow>>,
+    /// The headline solver's scores during training (`eval.every`), the last at the end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub progress: Vec<ProgressRow>,
 }
 
 /// What a run trains, when not built from the config alone (reflow students).
@@ -220,6 +290,8 @@ pub fn run_with(
     let started = Instant::now();
     let mut recent: Vec<f32> = Vec::with_capacity(cfg.train.steps);
     let mut last_ckpt: Option<usize> = None;
+    let mut progress = Progress::new(cfg, checked, &device)?;
+    let mut eval_secs = 0.0;
     pb.set_length(cfg.train.steps as u64);
     for step in 1..=cfg.train.steps {
         let loss = match trainer.step(&mut rng) {
@@ -249,15 +321,36 @@ pub fn run_with(
             save_model(trainer.model(), &paths.model())?;
             last_ckpt = Some(step);
         }
+        if let Some(p) = progress
+            .as_mut()
+            .filter(|p| step % p.every == 0 && step < cfg.train.steps)
+        {
+            pb.set_message("scoring");
+            let t = Instant::now();
+            let row = p.score(trainer.model(), &checked.solver, step)?;
+            log_progress(&mut log, row)?;
+            eval_secs += t.elapsed().as_secs_f64();
+        }
     }
-    let train_secs = started.elapsed().as_secs_f64();
+    let train_secs = started.elapsed().as_secs_f64() - eval_secs;
     let model = trainer.into_model();
     save_model(&model, &paths.model())?;
 
     pb.set_message("evaluating");
     let eval_started = Instant::now();
     let ev = evaluate(&model, cfg, checked, &checked.solver, &device)?;
-    let eval_secs = eval_started.elapsed().as_secs_f64();
+    let mut progress = progress.map(|p| p.rows).unwrap_or_default();
+    if cfg.eval.every > 0 {
+        // The final evaluation used the same samples and solver: its scores close the curve.
+        progress.push(ProgressRow {
+            step: cfg.train.steps,
+            w2: ev.w2,
+            mmd: ev.mmd,
+            fid: ev.image.as_ref().map(|i| i.fid),
+        });
+        log_progress(&mut log, progress.last().expect("just pushed"))?;
+    }
+    let eval_secs = eval_secs + eval_started.elapsed().as_secs_f64();
     let k = recent.len().min(100);
     let final_loss = recent[recent.len() - k..]
         .iter()
@@ -284,6 +377,7 @@ pub fn run_with(
         nfe: ev.nfe,
         eval: ev.clone(),
         reflow: None,
+        progress,
     };
     log_evaluation(&mut log, &ev, cfg.train.steps)?;
     if cfg.logging.plots {
@@ -312,6 +406,17 @@ pub fn run_with(
     write_json(&paths.summary(), &summary)?;
     pb.finish_and_clear();
     Ok((summary, model))
+}
+
+/// Writes a progress score to metrics.jsonl and TensorBoard.
+fn log_progress(log: &mut RunLog, row: &ProgressRow) -> Result<()> {
+    log.record(&json!({"step": row.step, "progress": row}))?;
+    log.scalar("progress/w2", row.w2, row.step);
+    log.scalar("progress/mmd", row.mmd, row.step);
+    if let Some(f) = row.fid {
+        log.scalar("progress/fid", f, row.step);
+    }
+    Ok(())
 }
 
 /// Writes an evaluation to metrics.jsonl and TensorBoard at `step`.
