@@ -86,6 +86,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Save `model.safetensors` every this many steps (0 = only at the end).
     pub checkpoint_every: usize,
+    /// Exponential moving average of the weights, decay in [0, 1) (0 = none): checkpoints
+    /// and evaluations then use the averaged weights.
+    pub ema: f64,
 }
 
 /// `[solver]`: the sampler used for the headline metrics.
@@ -194,6 +197,7 @@ impl Default for Config {
                 weight_decay: 0.0,
                 seed: 0,
                 checkpoint_every: 1000,
+                ema: 0.0,
             },
             solver: SolverConfig {
                 method: "euler".into(),
@@ -504,6 +508,12 @@ impl Config {
                 format!("must be a positive number, got {}", t.lr),
             ));
         }
+        if !(0.0..1.0).contains(&t.ema) {
+            return Err((
+                "train.ema",
+                format!("decay must be in [0, 1), got {}", t.ema),
+            ));
+        }
         if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
             return Err((
                 "train.weight_decay",
@@ -742,6 +752,8 @@ mod tests {
         );
         let e = load("", &["train.batch_size=0"]).err().unwrap().0;
         assert!(e.contains("train.batch_size"), "{e}");
+        let e = load("[train]\nema = 1.0\n", &[]).err().unwrap().0;
+        assert!(e.contains("train.ema") && e.contains("[0, 1)"), "{e}");
         let e = load("[data]\ntarget = \"banana\"\n", &[]).err().unwrap().0;
         assert!(e.contains("data.target") && e.contains("banana"), "{e}");
         let e = load("[train\nsteps = 1", &[]).err().unwrap().0;

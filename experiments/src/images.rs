@@ -136,7 +136,7 @@ pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Re
             for i in 0..side {
                 for j in 0..side {
                     let p = v[k * (side * side) as usize + (i * side + j) as usize];
-                    let g = (((p.clamp(-1.0, 1.0) + 1.0) * 127.5) as u8).max(0);
+                    let g = ((p.clamp(-1.0, 1.0) + 1.0) * 127.5) as u8;
                     let c = RGBColor(g, g, g);
                     let (px, py) = ((x0 + j * SCALE) as i32, (y0 + i * SCALE) as i32);
                     root.draw(&Rectangle::new(

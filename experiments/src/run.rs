@@ -285,7 +285,8 @@ pub fn run_with(
         setup.time.unwrap_or(checked.time),
         cfg.train.batch_size,
         optim,
-    )?;
+    )?
+    .with_ema(cfg.train.ema)?;
     let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));
     let started = Instant::now();
     let mut recent: Vec<f32> = Vec::with_capacity(cfg.train.steps);

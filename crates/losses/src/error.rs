@@ -18,6 +18,9 @@ pub enum LossError {
     /// A solver (reflow teacher) failed.
     #[error(transparent)]
     Solver(#[from] flowmatch_solvers::SolverError),
+    /// Building or copying a model failed.
+    #[error(transparent)]
+    Model(#[from] flowmatch_models::ModelError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -58,6 +58,24 @@ pub struct Trainer {
     time: TimeSampler,
     batch: usize,
     steps_done: usize,
+    ema: Option<Ema>,
+}
+
+/// An exponential moving average of the weights, `θ̄ ← d·θ̄ + (1 − d)·θ` after every step.
+struct Ema {
+    decay: f64,
+    model: Model,
+}
+
+impl Ema {
+    fn update(&self, live: &Model) -> Result<(), LossError> {
+        for (e, w) in self.model.params.vars().iter().zip(live.params.vars()) {
+            let next = (e.as_tensor().affine(self.decay, 0.0)?
+                + w.as_tensor().detach().affine(1.0 - self.decay, 0.0)?)?;
+            e.set(&next)?;
+        }
+        Ok(())
+    }
 }
 
 impl Trainer {
@@ -96,7 +114,27 @@ impl Trainer {
             time,
             batch,
             steps_done: 0,
+            ema: None,
         })
+    }
+
+    /// Keeps an exponential moving average of the weights with `decay` ∈ (0, 1) (0 = none);
+    /// [`Self::model`] and [`Self::into_model`] then give the averaged model.
+    pub fn with_ema(mut self, decay: f64) -> Result<Self, LossError> {
+        if !(0.0..1.0).contains(&decay) {
+            return Err(LossError::Invalid(format!(
+                "EMA decay must be in [0, 1), got {decay}"
+            )));
+        }
+        self.ema = if decay > 0.0 {
+            Some(Ema {
+                decay,
+                model: self.model.duplicate()?,
+            })
+        } else {
+            None
+        };
+        Ok(self)
     }
 
     /// One optimisation step; returns the loss before the update. A non-finite loss is an
@@ -111,6 +149,9 @@ impl Trainer {
             return Err(LossError::NonFiniteLoss(value, self.steps_done + 1));
         }
         self.opt.backward_step(&loss)?;
+        if let Some(ema) = &self.ema {
+            ema.update(&self.model)?;
+        }
         self.steps_done += 1;
         Ok(value)
     }
@@ -120,9 +161,9 @@ impl Trainer {
         self.steps_done
     }
 
-    /// The model being trained.
+    /// The model being trained (its weight average, with EMA).
     pub fn model(&self) -> &Model {
-        &self.model
+        self.ema.as_ref().map_or(&self.model, |e| &e.model)
     }
 
     /// Changes the learning rate (for schedules).
@@ -130,9 +171,12 @@ impl Trainer {
         self.opt.set_learning_rate(lr);
     }
 
-    /// Ends training and hands back the model.
+    /// Ends training and hands back the model (its weight average, with EMA).
     pub fn into_model(self) -> Model {
-        self.model
+        match self.ema {
+            Some(e) => e.model,
+            None => self.model,
+        }
     }
 }
 
@@ -215,6 +259,44 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn ema_follows_its_recursion_over_the_plain_run() {
+        let flat = |m: &Model| -> Vec<f32> {
+            m.params
+                .vars()
+                .iter()
+                .flat_map(|v| {
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let mut plain = trainer(false);
+        let mut avg = trainer(false).with_ema(0.8).unwrap();
+        let mut expected = flat(plain.model());
+        let (mut r1, mut r2) = (rng_from_seed(4), rng_from_seed(4));
+        for _ in 0..3 {
+            // Same seed, same batches: the live weights of `avg` are those of `plain`.
+            assert_eq!(plain.step(&mut r1).unwrap(), avg.step(&mut r2).unwrap());
+            for (e, w) in expected.iter_mut().zip(flat(plain.model())) {
+                *e = 0.8 * *e + 0.2 * w;
+            }
+            let got = flat(avg.model());
+            let d = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-6, "EMA off its recursion by {d}");
+            assert_ne!(got, flat(plain.model()));
+        }
+        assert!(trainer(false).with_ema(1.0).is_err());
+        assert!(trainer(false).with_ema(-0.1).is_err());
     }
 
     #[test]

@@ -29,7 +29,12 @@ fn sqrtm_psd(a: &DMatrix<f64>) -> DMatrix<f64> {
 /// Fréchet distance between the Gaussians fitted to `a` and `b` (row-major, `d` features per
 /// row, at least 2 rows each).
 pub fn frechet_distance(a: &[f32], b: &[f32], d: usize) -> Result<f64, MetricsError> {
-    if d == 0 || a.len() % d != 0 || b.len() % d != 0 || a.len() < 2 * d || b.len() < 2 * d {
+    if d == 0
+        || !a.len().is_multiple_of(d)
+        || !b.len().is_multiple_of(d)
+        || a.len() < 2 * d
+        || b.len() < 2 * d
+    {
         return Err(MetricsError::Shape(format!(
             "frechet: need two sets of at least 2 rows of {d} features, got {} and {} values",
             a.len(),

@@ -327,7 +327,7 @@ fn augmenting_row_reduction(
 /// Exact OT pairing of two equal-size samples (`n × d` row-major): `b[perm[i]]` pairs with `a[i]`.
 /// Returns the permutation and the mean squared distance of the pairing.
 pub fn ot_pairing(a: &[f64], b: &[f64], d: usize) -> Result<(Vec<usize>, f64), MetricsError> {
-    if d == 0 || a.len() != b.len() || a.len() % d != 0 {
+    if d == 0 || a.len() != b.len() || !a.len().is_multiple_of(d) {
         return Err(MetricsError::Shape(format!(
             "OT needs two samples of equal size and dimension (got {} and {} values, d={d})",
             a.len(),

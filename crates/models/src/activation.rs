@@ -82,7 +82,7 @@ pub fn erf_f32(x: f32) -> f32 {
     // Near 0 the form above cancels; the Maclaurin series (to x¹³) is exact to f32 there.
     let z = x * x;
     let near = x
-        * (1.128_379_2
+        * (std::f32::consts::FRAC_2_SQRT_PI
             + z * (-0.376_126_4
                 + z * (0.112_837_92
                     + z * (-0.026_866_17 + z * (5.223_977_6e-3 + z * (-8.548_327e-4))))));

@@ -68,7 +68,7 @@ impl Geometry {
             candle_core::bail!("{op}: expected (B, C, …), got {dims:?}");
         }
         let channels = dims[1];
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!("{op}: {channels} channels do not split into {groups} groups");
         }
         Ok(Self {
@@ -211,30 +211,6 @@ kernels!(fwd_base, bwd_base);
 #[cfg(target_arch = "x86_64")]
 kernels!(fwd_avx2, bwd_avx2, #[target_feature(enable = "avx2,fma")]);
 
-impl Fused {
-    fn parts<'a>(
-        &self,
-        s1: &'a CpuStorage,
-        l1: &Layout,
-        s2: &'a CpuStorage,
-        l2: &Layout,
-        s3: &'a CpuStorage,
-        l3: &Layout,
-    ) -> Result<(Geometry, &'a [f32], &'a [f32], &'a [f32])> {
-        let op = "groupnorm-silu";
-        let g = Geometry::of(l1.shape(), self.groups, op)?;
-        let (x, w, b) = (
-            f32_slice(s1, l1, op)?,
-            f32_slice(s2, l2, op)?,
-            f32_slice(s3, l3, op)?,
-        );
-        if w.len() != g.channels || b.len() != g.channels {
-            candle_core::bail!("{op}: affine parameters must have {} values", g.channels);
-        }
-        Ok((g, x, w, b))
-    }
-}
-
 impl CustomOp3 for Fused {
     fn name(&self) -> &'static str {
         "groupnorm-silu"
@@ -249,7 +225,16 @@ impl CustomOp3 for Fused {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, x, w, b) = self.parts(s1, l1, s2, l2, s3, l3)?;
+        let op = self.name();
+        let g = Geometry::of(l1.shape(), self.groups, op)?;
+        let (x, w, b) = (
+            f32_slice(s1, l1, op)?,
+            f32_slice(s2, l2, op)?,
+            f32_slice(s3, l3, op)?,
+        );
+        if w.len() != g.channels || b.len() != g.channels {
+            candle_core::bail!("{op}: affine parameters must have {} values", g.channels);
+        }
         let mut out = vec![0f32; x.len()];
         // SAFETY: the AVX2 path runs only where the CPU reports AVX2 and FMA.
         unsafe {

@@ -13,7 +13,7 @@ use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 pub fn image_shape(dim: usize) -> std::result::Result<(usize, usize), ModelError> {
     for c in [1usize, 3] {
         let side = ((dim / c) as f64).sqrt().round() as usize;
-        if dim % c == 0 && side * side * c == dim && side % 4 == 0 {
+        if dim.is_multiple_of(c) && side * side * c == dim && side.is_multiple_of(4) {
             return Ok((c, side));
         }
     }
@@ -190,7 +190,7 @@ impl VelocityUNet {
     /// Builds it with `hidden` base channels (a multiple of 8: GroupNorm uses 8 groups).
     pub fn new(p: &mut Params, dim: usize, hidden: usize) -> std::result::Result<Self, ModelError> {
         let (c, side) = image_shape(dim)?;
-        if hidden % 8 != 0 {
+        if !hidden.is_multiple_of(8) {
             return Err(ModelError::Invalid(format!(
                 "unet hidden channels must be a multiple of 8 (GroupNorm groups), got {hidden}"
             )));
