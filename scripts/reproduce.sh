@@ -3,6 +3,8 @@
 #
 #   scripts/reproduce.sh                      # all of them (about 30 minutes on 2 cores)
 #   scripts/reproduce.sh lesson_reflow        # one
+#   scripts/reproduce.sh mnist                # MNIST (not in the default set: needs
+#                                             #   scripts/fetch-mnist.sh and flowmatch classifier)
 #   RUNS=/some/dir scripts/reproduce.sh --collect   # only copy from finished runs
 #
 # Runs go to results/runs/ (not committed: checkpoints, logs, TensorBoard events); the light
@@ -33,7 +35,7 @@ fi
 
 copy_run() { # src dst [with_gif]
   mkdir -p "$2"
-  for f in config.toml summary.json distributions.png trajectories.png flow_field.png steps_grid.png; do
+  for f in config.toml summary.json timing.json distributions.png trajectories.png flow_field.png steps_grid.png samples_grid.png; do
     [ -f "$1/$f" ] && cp "$1/$f" "$2/"
   done
   if [ "${3:-}" = gif ] && [ -f "$1/flow.gif" ]; then cp "$1/flow.gif" "$2/"; fi
@@ -72,7 +74,8 @@ else:
     solvers = list(dict.fromkeys(r["solver"] for r in table))
     steps = sorted({r["steps"] for r in table})
     cell = {(r["solver"], r["steps"]): r for r in table}
-    for metric in ("w2", "mmd"):
+    metrics = ("w2", "mmd") + (("fid",) if all(r.get("fid") is not None for r in table) else ())
+    for metric in metrics:
         out.append(f"{metric.upper()} against {s['target']} by solver and steps (NFE in brackets):\n")
         out.append("| steps | " + " | ".join(solvers) + " |")
         out.append("|---:|" + "---:|" * len(solvers))
@@ -80,6 +83,18 @@ else:
             row = [f"{cell[(m, k)][metric]:.4f} ({cell[(m, k)]['nfe']})" if (m, k) in cell else "" for m in solvers]
             out.append(f"| {k} | " + " | ".join(row) + " |")
         out.append("")
+    if s.get("progress"):
+        fid = all(r.get("fid") is not None for r in s["progress"])
+        out.append(f"The headline solver ({s['eval']['solver']}) during training:\n")
+        out.append("| step | W2 | MMD |" + (" FID |" if fid else ""))
+        out.append("|---:|---:|---:|" + ("---:|" if fid else ""))
+        for r in s["progress"]:
+            out.append(f"| {r['step']} | {r['w2']:.4f} | {r['mmd']:.5f} |" + (f" {r['fid']:.1f} |" if fid else ""))
+        out.append("")
+    if s["eval"].get("image"):
+        im = s["eval"]["image"]
+        out.append(f"Classes predicted among the generated digits: {im['classes_present']} of 10, "
+                   f"counts {im['class_counts']}\n")
     out.append(f"straightness {s['straightness']:.4f}, S (Liu) {s['rf_straightness']:.4f}, "
                f"normalized path energy {s['normalized_path_energy']:.4f}")
 open(os.path.join(dst, "table.md"), "w").write("\n".join(out).strip() + "\n")

@@ -5,6 +5,7 @@
 //! use a Cephes-style polynomial `exp` (relative error < 2e-7) and Abramowitz & Stegun 7.1.26
 //! for `erf` (absolute error < 4e-7 in f32). Other devices and dtypes fall back to candle's kernels.
 
+use crate::cpu::f32_slice;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 
 /// Which activation a network uses between its linear layers.
@@ -112,17 +113,6 @@ pub(crate) fn derivative(kind: Kind, x: f32) -> f32 {
             let s = 1.0 / (1.0 + exp_f32(-x));
             s * (1.0 + x * (1.0 - s))
         }
-    }
-}
-
-pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v,
-        _ => candle_core::bail!("{op}: expected f32 storage"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: expected a contiguous tensor"),
     }
 }
 

@@ -7,7 +7,7 @@
 //! re-unfolds (dW) and folds back (col2im, dx). Other devices build the batch's patches from
 //! `pad` / `narrow` / `stack` and one batched matmul.
 
-use crate::activation::f32_slice;
+use crate::cpu::{f32_slice, matmul, unpack_grads};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -222,47 +222,6 @@ impl Geometry {
     }
 }
 
-/// `dst (m×n, row-major) = [dst +] a · b` where `a` is `m×k` and `b` is `k×n`, each given as a
-/// pointer with (row, column) strides, so transposes are free. One thread: the convolution
-/// parallelises over samples.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
-) {
-    assert!(dst.len() >= m * n && a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    // SAFETY: the asserts above keep every index the strides reach inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 /// Samples per work item in the backward: the weight gradient is summed per chunk, then the
 /// chunks in order, so the result does not depend on the number of threads.
 const CHUNK: usize = 4;
@@ -323,7 +282,16 @@ impl CustomOp3 for ConvOp {
                         g.im2col(xb, cols);
                         cols
                     };
-                    matmul((o, l, g.rows()), yb, true, ws, (g.rows(), 1), cols, (l, 1));
+                    matmul(
+                        (o, l, g.rows()),
+                        yb,
+                        true,
+                        ws,
+                        (g.rows(), 1),
+                        cols,
+                        (l, 1),
+                        1,
+                    );
                 },
             );
         Ok((CpuStorage::F32(out), Shape::from((b, o, ho, wo))))
@@ -339,12 +307,7 @@ impl CustomOp3 for ConvOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // One op computes dx, dW and db, packed end to end in a flat tensor.
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &ConvGrad(self.0))?;
-        let (n, nw, nb) = (x.elem_count(), w.elem_count(), bias.elem_count());
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, nw)?.reshape(w.shape())?),
-            Some(packed.narrow(0, n + nw, nb)?),
-        ))
+        unpack_grads(&packed, [x, w, bias])
     }
 }
 
@@ -396,15 +359,15 @@ impl CustomOp3 for ConvGrad {
                     };
                     let (dw, db) = acc.split_at_mut(o * k);
                     // dW += dY (o×l) · colsᵀ (l×k); db += row sums of dY.
-                    matmul((o, k, l), dw, true, dyb, (l, 1), colsb, (1, l));
+                    matmul((o, k, l), dw, true, dyb, (l, 1), colsb, (1, l), 1);
                     for (d, row) in db.iter_mut().zip(dyb.chunks_exact(l)) {
                         *d += row.iter().sum::<f32>();
                     }
                     // dcols = Wᵀ (k×o) · dY (o×l), folded back onto the pixels.
                     if g.is_pointwise() {
-                        matmul((k, l, o), dxb, false, ws, (1, k), dyb, (l, 1));
+                        matmul((k, l, o), dxb, false, ws, (1, k), dyb, (l, 1), 1);
                     } else {
-                        matmul((k, l, o), &mut dcols, false, ws, (1, k), dyb, (l, 1));
+                        matmul((k, l, o), &mut dcols, false, ws, (1, k), dyb, (l, 1), 1);
                         g.col2im(&dcols, dxb);
                     }
                 }

@@ -8,6 +8,7 @@
 pub mod activation;
 mod classifier;
 pub mod conv;
+mod cpu;
 mod error;
 mod field;
 mod linear;

@@ -1,0 +1,102 @@
+//! What the CPU custom ops share: their f32 inputs, one strided matrix product (the `gemm`
+//! crate candle itself uses), and the unpacking of a backward's gradients.
+
+use candle_core::{CpuStorage, Layout, Result, Tensor};
+
+/// The contiguous f32 data of a custom op's input.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v,
+        _ => candle_core::bail!("{op}: expected f32 storage"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// The three inputs of a `CustomOp3`.
+pub(crate) fn f32_slices3<'a>(
+    op: &str,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> Result<[&'a [f32]; 3]> {
+    Ok([
+        f32_slice(s1, l1, op)?,
+        f32_slice(s2, l2, op)?,
+        f32_slice(s3, l3, op)?,
+    ])
+}
+
+/// Splits a backward's flat output `[d₁; d₂; d₃]` into the gradients of the three inputs
+/// (views, no copies), each in its input's shape.
+pub(crate) fn unpack_grads(
+    packed: &Tensor,
+    inputs: [&Tensor; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let mut start = 0;
+    let mut take = |t: &Tensor| -> Result<Option<Tensor>> {
+        let n = t.elem_count();
+        let g = packed.narrow(0, start, n)?.reshape(t.shape())?;
+        start += n;
+        Ok(Some(g))
+    };
+    Ok((take(inputs[0])?, take(inputs[1])?, take(inputs[2])?))
+}
+
+/// `dst (m×n, row-major) = [dst +] a · b` where `a` is `m×k` and `b` is `k×n`, each given with
+/// its (row, column) strides, so transposes are free. `threads > 1` splits the product with
+/// rayon (the convolution passes 1: it parallelises over samples instead).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(dst.len() >= m * n && a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index the strides reach inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
