@@ -12,7 +12,7 @@ use flowmatch_data::{rng_from_seed, Distribution, Sampler};
 use flowmatch_losses::{
     AffinePath, Coupling, Independent, MinibatchOt, OptimConfig, Schedule, TimeSampler, Trainer,
 };
-use flowmatch_metrics::ot::{assignment, assignment_kuhn_munkres, sq_cost_matrix};
+use flowmatch_metrics::ot::{assignment, sq_cost_matrix};
 use flowmatch_models::{activation::Activation, ModelSpec};
 use std::sync::Arc;
 
