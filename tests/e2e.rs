@@ -302,7 +302,7 @@ fn killed_sweep_resumes_without_redoing_or_losing_runs() {
             .filter(|p| p.ends_with("summary.json"))
             .count()
     };
-    while sdir.exists().then(|| finished(&sdir)).unwrap_or(0) < 1
+    while (if sdir.exists() { finished(&sdir) } else { 0 }) < 1
         && t0.elapsed() < Duration::from_secs(120)
     {
         std::thread::sleep(Duration::from_millis(20));

@@ -413,6 +413,9 @@ pub fn animation(path: &Path, flows: &[(&str, &Vec<Pts>)], frames: usize) -> Res
     Ok(())
 }
 
+/// One panel of the reflow figure: its title and its (label, values, colour) lines.
+type Panel<'a> = (&'a str, Vec<(&'a str, Vec<f64>, RGBColor)>);
+
 /// Straightness, Liu's S and W2 at 1 Euler step across reflow iterations.
 pub fn reflow_curves(path: &Path, rows: &[IterationRow]) -> Result<()> {
     font_ready();
@@ -427,7 +430,7 @@ pub fn reflow_curves(path: &Path, rows: &[IterationRow]) -> Result<()> {
         .iter()
         .map(|r| r.w2_euler.last().map(|s| s.w2).unwrap_or(f64::NAN))
         .collect();
-    let series: [(&str, Vec<(&str, Vec<f64>, RGBColor)>); 3] = [
+    let series: [Panel; 3] = [
         (
             "straightness (1 = straight)",
             vec![(

@@ -453,7 +453,7 @@ mod tests {
             }
         }
         // Ties and duplicates: all-equal costs still give a permutation.
-        let p = assignment(&vec![1.0; 16], 4).unwrap();
+        let p = assignment(&[1.0; 16], 4).unwrap();
         let mut s = p.clone();
         s.sort();
         assert_eq!(s, vec![0, 1, 2, 3]);

@@ -428,7 +428,7 @@ mod tests {
                 for v in [&x, &w, &bias] {
                     let a = g1.get(v.as_tensor()).unwrap();
                     let b = g2.get(v.as_tensor()).unwrap();
-                    let d = crate::max_abs_diff(&a, &b);
+                    let d = crate::max_abs_diff(a, b);
                     assert!(d < 1e-3, "{path} grad k{k} s{s} p{p} hw{hw}: {d}");
                 }
             }

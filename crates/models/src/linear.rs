@@ -199,7 +199,7 @@ mod tests {
                         .unwrap()
                         .to_scalar::<f32>()
                         .unwrap();
-                    let d = crate::max_abs_diff(&a, &c) / scale.max(1.0);
+                    let d = crate::max_abs_diff(a, c) / scale.max(1.0);
                     assert!(d < 1e-5, "{path} {n}x{i}x{o}: {d}");
                 }
             }

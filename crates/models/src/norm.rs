@@ -355,7 +355,7 @@ mod tests {
             for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
                 let a = g1.get(v.as_tensor()).unwrap();
                 let e = g2.get(v.as_tensor()).unwrap();
-                let d = crate::max_abs_diff(&a, &e);
+                let d = crate::max_abs_diff(a, e);
                 assert!(d < 1e-4, "{shape:?} d{name}: {d}");
             }
         }
