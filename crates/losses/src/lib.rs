@@ -7,12 +7,14 @@
 //! - [`time`]: where `t` is drawn — uniform, the blog's warped, logit-normal.
 //! - [`train`]: [`Trainer::step`], the one training step (AdamW) every experiment uses.
 
+mod adamw;
 pub mod coupling;
 mod error;
 pub mod path;
 pub mod time;
 pub mod train;
 
+pub use adamw::FusedAdamW;
 pub use coupling::{Coupling, Independent, MinibatchOt};
 pub use error::LossError;
 pub use path::{AffinePath, PathSample, ProbabilityPath, Schedule};

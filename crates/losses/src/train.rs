@@ -1,8 +1,9 @@
 //! The one training step of flow matching, generic over path, coupling and time sampler.
 
+use crate::FusedAdamW;
 use crate::{Coupling, LossError, ProbabilityPath, TimeSampler};
 use candle_core::Tensor;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
 use flowmatch_data::Rng;
 use flowmatch_models::{Model, VelocityField};
 
@@ -52,7 +53,7 @@ impl Default for OptimConfig {
 /// sample and takes one AdamW step on the CFM loss.
 pub struct Trainer {
     model: Model,
-    opt: AdamW,
+    opt: FusedAdamW,
     path: Box<dyn ProbabilityPath>,
     coupling: Box<dyn Coupling>,
     time: TimeSampler,
@@ -105,7 +106,7 @@ impl Trainer {
             eps: optim.eps,
             weight_decay: optim.weight_decay,
         };
-        let opt = AdamW::new(model.params.vars(), params)?;
+        let opt = FusedAdamW::new(model.params.vars(), params)?;
         Ok(Self {
             model,
             opt,
