@@ -205,30 +205,18 @@ mod tests {
                 .mean_all()
                 .unwrap()
         };
+        let max_abs =
+            |t: Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
         for step in 0..20 {
             ours.backward_step(&loss(&w1, &b1)).unwrap();
             theirs.backward_step(&loss(&w2, &b2)).unwrap();
             for (a, b) in [(&w1, &w2), (&b1, &b2)] {
-                let d = (a.as_tensor() - b.as_tensor())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = max_abs((a.as_tensor() - b.as_tensor()).unwrap());
                 assert!(d < 1e-6, "step {step}: {d}");
             }
         }
         // The parameters moved: the comparison above is not between two idle optimizers.
-        let moved = (w1.as_tensor() - &init)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let moved = max_abs((w1.as_tensor() - &init).unwrap());
         assert!(moved > 0.1, "{moved}");
     }
 }
