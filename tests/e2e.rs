@@ -39,6 +39,11 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// A JSON file the binary wrote.
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
@@ -87,8 +92,7 @@ fn run_writes_a_self_describing_folder_and_eval_reevaluates_it() {
     ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let s = read_json(&dir.join("summary.json"));
     for k in ["final_loss", "w2", "straightness", "rf_straightness", "nfe"] {
         assert!(s[k].is_number(), "summary lacks {k}");
     }
@@ -131,9 +135,7 @@ fn run_writes_a_self_describing_folder_and_eval_reevaluates_it() {
         "solver.steps=8",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let e: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("eval-rk4-8.json")).unwrap())
-            .unwrap();
+    let e = read_json(&dir.join("eval-rk4-8.json"));
     assert_eq!(e["nfe"], 32);
     assert_eq!(std::fs::read(dir.join("summary.json")).unwrap(), before);
     // A second run of the same name does not overwrite the finished one.
@@ -402,9 +404,7 @@ fn reflow_writes_one_folder_per_iteration_and_a_straightness_table() {
         );
         assert!(parent.join(f).join("model.safetensors").is_file());
     }
-    let rows: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(parent.join("reflow.json")).unwrap())
-            .unwrap();
+    let rows = read_json(&parent.join("reflow.json"));
     let rows = rows.as_array().unwrap();
     let flows: Vec<&str> = rows.iter().map(|r| r["flow"].as_str().unwrap()).collect();
     assert_eq!(flows, ["1-RF", "2-RF", "distill-2"]);
@@ -418,9 +418,7 @@ fn reflow_writes_one_folder_per_iteration_and_a_straightness_table() {
         assert_eq!(steps, [1, 2, 5, 10, 100]);
         assert!(r["straightness"].as_f64().unwrap() > 0.0);
     }
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(parent.join("summary.json")).unwrap())
-            .unwrap();
+    let s = read_json(&parent.join("summary.json"));
     assert_eq!(s["name"], "rf");
     assert!(s["coupling"]
         .as_str()
@@ -586,9 +584,7 @@ fn mnist_trains_scores_draws_and_reflows_and_bad_files_are_clear_errors() {
         "32",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(clf.with_extension("json")).unwrap())
-            .unwrap();
+    let report = read_json(&clf.with_extension("json"));
     assert!(report["test_accuracy"].as_f64().unwrap() > 0.9, "{report}");
     let text = format!(
         "name = \"digits\"\n[data]\nsource = \"gaussian\"\ntarget = \"mnist\"\ndir = {:?}\n[model]\nkind = \"unet\"\nhidden = 8\n\
@@ -604,9 +600,7 @@ fn mnist_trains_scores_draws_and_reflows_and_bad_files_are_clear_errors() {
     assert!(o.status.success(), "{}", stderr(&o));
     for it in ["rf1", "rf2"] {
         let run = out.join("digits").join(it);
-        let s: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap())
-                .unwrap();
+        let s = read_json(&run.join("summary.json"));
         let image = &s["eval"]["image"];
         assert!(image["fid"].as_f64().unwrap().is_finite(), "{s}");
         assert_eq!(image["class_counts"].as_array().unwrap().len(), 10);
@@ -619,8 +613,7 @@ fn mnist_trains_scores_draws_and_reflows_and_bad_files_are_clear_errors() {
     // eval.every = 20: the FID-like score at steps 20, 40 and 60 (the final evaluation's), in
     // the summary and in metrics.jsonl; it falls as the base model trains.
     let run = out.join("digits").join("rf1");
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let s = read_json(&run.join("summary.json"));
     let rows = s["progress"].as_array().unwrap();
     let steps: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [20, 40, 60], "{s}");

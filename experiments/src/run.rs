@@ -67,22 +67,19 @@ pub struct ProgressRow {
     pub fid: Option<f64>,
 }
 
-/// Scores a model while it trains: fixed source and real samples (those of the final
-/// evaluation, drawn from `eval.seed`), the headline solver, W2, MMD and the FID-like score.
-struct Progress {
+/// What every evaluation of a run compares against: source samples and real samples drawn
+/// from `eval.seed` (the same for every run of a sweep), the MMD bandwidth of the real ones,
+/// and the FID scorer with the real digits embedded (images with a classifier).
+pub struct EvalSet {
     x0: Tensor,
     real: Tensor,
     bandwidth: f64,
     scorer: Option<crate::images::FidScorer>,
-    every: usize,
-    rows: Vec<ProgressRow>,
 }
 
-impl Progress {
-    fn new(cfg: &Config, checked: &Checked, device: &Device) -> Result<Option<Self>> {
-        if cfg.eval.every == 0 {
-            return Ok(None);
-        }
+impl EvalSet {
+    /// Draws the samples (`x0` on `device`, the real ones on the CPU) and loads the scorer.
+    pub fn draw(cfg: &Config, checked: &Checked, device: &Device) -> Result<Self> {
         let mut rng = rng_from_seed(cfg.eval.seed);
         let x0 = checked.source.sample(cfg.eval.samples, &mut rng, device)?;
         let real = checked
@@ -92,11 +89,38 @@ impl Progress {
             Some(p) => Some(crate::images::FidScorer::new(p, &real)?),
             None => None,
         };
-        Ok(Some(Self {
+        Ok(Self {
             bandwidth: metrics::median_bandwidth(&real)?,
             x0,
             real,
             scorer,
+        })
+    }
+
+    /// The FID-like score of generated samples, when there is a scorer.
+    fn fid(&self, gen: &Tensor) -> Result<Option<f64>> {
+        match &self.scorer {
+            Some(s) => Ok(Some(s.score(gen)?.fid)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Scores a model while it trains: the final evaluation's samples, the headline solver, W2,
+/// MMD and the FID-like score.
+struct Progress {
+    set: EvalSet,
+    every: usize,
+    rows: Vec<ProgressRow>,
+}
+
+impl Progress {
+    fn new(cfg: &Config, checked: &Checked, device: &Device) -> Result<Option<Self>> {
+        if cfg.eval.every == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            set: EvalSet::draw(cfg, checked, device)?,
             every: cfg.eval.every,
             rows: vec![],
         }))
@@ -108,17 +132,15 @@ impl Progress {
         solver: &SolverSpec,
         step: usize,
     ) -> Result<&ProgressRow> {
-        let gen = solve(field, &self.x0, solver, false)?
+        let set = &self.set;
+        let gen = solve(field, &set.x0, solver, false)?
             .x
             .to_device(&Device::Cpu)?;
         self.rows.push(ProgressRow {
             step,
-            w2: metrics::w2(&gen, &self.real)?,
-            mmd: metrics::mmd_rbf(&gen, &self.real, Some(self.bandwidth))?,
-            fid: match &self.scorer {
-                Some(s) => Some(s.score(&gen)?.fid),
-                None => None,
-            },
+            w2: metrics::w2(&gen, &set.real)?,
+            mmd: metrics::mmd_rbf(&gen, &set.real, Some(set.bandwidth))?,
+            fid: set.fid(&gen)?,
         });
         Ok(self.rows.last().expect("just pushed"))
     }
@@ -339,8 +361,12 @@ pub fn run_with(
 
     pb.set_message("evaluating");
     let eval_started = Instant::now();
-    let ev = evaluate(&model, cfg, checked, &checked.solver, &device)?;
-    let mut progress = progress.map(|p| p.rows).unwrap_or_default();
+    // The progress scores drew the evaluation samples already; the final evaluation reuses them.
+    let (set, mut progress) = match progress {
+        Some(p) => (p.set, p.rows),
+        None => (EvalSet::draw(cfg, checked, &device)?, vec![]),
+    };
+    let ev = evaluate_on(&set, &model, cfg, checked, &checked.solver)?;
     if cfg.eval.every > 0 {
         // The final evaluation used the same samples and solver: its scores close the curve.
         progress.push(ProgressRow {
@@ -451,19 +477,28 @@ pub fn evaluate(
     solver: &SolverSpec,
     device: &Device,
 ) -> Result<Evaluation> {
-    let mut rng = rng_from_seed(cfg.eval.seed);
-    let n = cfg.eval.samples;
-    let x0 = checked.source.sample(n, &mut rng, device)?;
-    let real = checked.target.sample(n, &mut rng, &Device::Cpu)?;
-    let sol = solve(field, &x0, solver, true)?;
+    evaluate_on(
+        &EvalSet::draw(cfg, checked, device)?,
+        field,
+        cfg,
+        checked,
+        solver,
+    )
+}
+
+/// [`evaluate`] on samples already drawn.
+fn evaluate_on(
+    set: &EvalSet,
+    field: &dyn VelocityField,
+    cfg: &Config,
+    checked: &Checked,
+    solver: &SolverSpec,
+) -> Result<Evaluation> {
+    let (x0, real, bw) = (&set.x0, &set.real, set.bandwidth);
+    let sol = solve(field, x0, solver, true)?;
     let traj: Vec<Tensor> = sol.trajectory.clone().unwrap_or_default();
     let gen = sol.x.to_device(&Device::Cpu)?;
-    let bw = metrics::median_bandwidth(&real)?;
-    let w2_st = metrics::w2(&x0.to_device(&Device::Cpu)?, &real)?;
-    let scorer = match &checked.classifier {
-        Some(p) => Some(crate::images::FidScorer::new(p, &real)?),
-        None => None,
-    };
+    let w2_st = metrics::w2(&x0.to_device(&Device::Cpu)?, real)?;
     let mut table = vec![];
     for TableMethod { method, warped } in &checked.table {
         for &steps in &cfg.eval.steps {
@@ -472,18 +507,15 @@ pub fn evaluate(
             if *warped {
                 spec = spec.warped(cfg.eval.warp_s);
             }
-            let s = solve(field, &x0, &spec, false)?;
+            let s = solve(field, x0, &spec, false)?;
             let g = s.x.to_device(&Device::Cpu)?;
             table.push(TableRow {
                 solver: spec.label(),
                 steps,
                 nfe: s.nfe,
-                w2: metrics::w2(&g, &real)?,
-                mmd: metrics::mmd_rbf(&g, &real, Some(bw))?,
-                fid: match &scorer {
-                    Some(s) => Some(s.score(&g)?.fid),
-                    None => None,
-                },
+                w2: metrics::w2(&g, real)?,
+                mmd: metrics::mmd_rbf(&g, real, Some(bw))?,
+                fid: set.fid(&g)?,
             });
         }
     }
@@ -491,15 +523,15 @@ pub fn evaluate(
         solver: solver.label(),
         solver_steps: solver.steps,
         nfe: sol.nfe,
-        w2: metrics::w2(&gen, &real)?,
-        mmd: metrics::mmd_rbf(&gen, &real, Some(bw))?,
-        energy_distance: metrics::energy_distance(&gen, &real)?,
+        w2: metrics::w2(&gen, real)?,
+        mmd: metrics::mmd_rbf(&gen, real, Some(bw))?,
+        energy_distance: metrics::energy_distance(&gen, real)?,
         straightness: metrics::straightness(&traj)?,
         rf_straightness: metrics::rf_straightness(&traj, &sol.times)?,
         normalized_path_energy: metrics::normalized_path_energy(&traj, &sol.times, w2_st * w2_st)?,
         w2_source_target: w2_st,
         table,
-        image: match &scorer {
+        image: match &set.scorer {
             Some(s) => Some(s.score(&gen)?),
             None => None,
         },

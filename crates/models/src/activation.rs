@@ -102,18 +102,12 @@ pub(crate) fn forward(kind: Kind, x: f32) -> f32 {
     }
 }
 
+/// SiLU′(x) = σ(x)·(1 + x·(1 − σ(x))). (GELU′ is computed from the forward's output:
+/// [`gelu_derivative_from_output`].)
 #[inline(always)]
-pub(crate) fn derivative(kind: Kind, x: f32) -> f32 {
-    match kind {
-        Kind::Gelu => {
-            let cdf = 0.5 * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
-            cdf + x * INV_SQRT_2PI * exp_f32(-0.5 * x * x)
-        }
-        Kind::Silu => {
-            let s = 1.0 / (1.0 + exp_f32(-x));
-            s * (1.0 + x * (1.0 - s))
-        }
-    }
+pub(crate) fn silu_derivative(x: f32) -> f32 {
+    let s = 1.0 / (1.0 + exp_f32(-x));
+    s * (1.0 + x * (1.0 - s))
 }
 
 /// GELU′(x) = Φ(x) + x·φ(x), reading Φ(x) = y / x off the forward's output y = x·Φ(x): one
@@ -145,7 +139,7 @@ macro_rules! kernels {
         unsafe fn $bwd(kind: Kind, xs: &[f32], ys: &[f32], gs: &[f32], out: &mut [f32]) {
             match kind {
                 Kind::Gelu => out.iter_mut().zip(xs.iter().zip(ys).zip(gs)).for_each(|(o, ((&x, &y), &g))| *o = g * gelu_derivative_from_output(x, y)),
-                Kind::Silu => out.iter_mut().zip(xs.iter().zip(gs)).for_each(|(o, (&x, &g))| *o = g * derivative(Kind::Silu, x)),
+                Kind::Silu => out.iter_mut().zip(xs.iter().zip(gs)).for_each(|(o, (&x, &g))| *o = g * silu_derivative(x)),
             }
         }
     };

@@ -40,3 +40,16 @@ pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> 
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Largest absolute difference between the gradients two backward passes gave `v` (tests).
+#[cfg(test)]
+pub(crate) fn grad_diff(
+    g1: &candle_core::backprop::GradStore,
+    g2: &candle_core::backprop::GradStore,
+    v: &candle_core::Var,
+) -> f32 {
+    max_abs_diff(
+        g1.get(v.as_tensor()).unwrap(),
+        g2.get(v.as_tensor()).unwrap(),
+    )
+}
