@@ -2,8 +2,8 @@
 //! ops whose forward and backward are branch-free loops the compiler vectorises.
 //!
 //! candle's own CPU kernels call a scalar `tanh`/`exp` per element (~22 ns for GELU); these
-//! use a Cephes-style polynomial `exp` (relative error < 2e-7) and Abramowitz & Stegun 7.1.26
-//! for `erf` (absolute error < 4e-7 in f32). Other devices and dtypes fall back to candle's kernels.
+//! use a Cephes-style polynomial `exp` (relative error < 2e-7) and a rational `erf` (absolute
+//! error < 4e-7 in f32). Other devices and dtypes fall back to candle's kernels.
 
 use crate::cpu::{f32_slice, f32_slices3};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -49,104 +49,117 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
+/// `a·b + c`: one fused multiply-add in the kernels compiled for FMA, a multiply and an add
+/// in the baseline ones (where `mul_add` would be a slow library call).
+#[inline(always)]
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `e^x` for f32 without branches: round-to-nearest via the 1.5·2²³ trick, Cephes polynomial.
 #[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
+pub fn exp_f32<const FMA: bool>(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     const MAGIC: f32 = 12_582_912.0;
     // k = round(x·log2 e) sits in the low mantissa bits of `kf`: no float→int conversion
     // (Rust's saturating `as i32` keeps LLVM from vectorising the loop).
-    let kf = x * LOG2E + MAGIC;
+    let kf = madd::<FMA>(x, LOG2E, MAGIC);
     let n = kf - MAGIC;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, x));
     let mut p = 1.987_569_2e-4_f32;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
+    p = madd::<FMA>(p, r, 1.398_2e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 0.166_666_65);
+    p = madd::<FMA>(p, r, 0.5);
+    let e = madd::<FMA>(p * r, r, r + 1.0);
     let scale =
         f32::from_bits((kf.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127)) << 23);
     e * scale
 }
 
-/// `erf(x)` for f32: Abramowitz & Stegun 7.1.26, a Maclaurin series near 0; a select, not a branch.
+/// `erf(x)` for f32: the rational minimax form of Eigen and XLA, `x·P(x²) / Q(x²)` on `x`
+/// clamped to ±4 (beyond which erf is ±1 in f32): twelve multiply-adds and one division,
+/// no `exp`, no branch.
 #[inline(always)]
-pub fn erf_f32(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let far = (1.0 - poly * exp_f32(-a * a)).copysign(x);
-    // Near 0 the form above cancels; the Maclaurin series (to x¹³) is exact to f32 there.
+pub fn erf_f32<const FMA: bool>(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
     let z = x * x;
-    let near = x
-        * (std::f32::consts::FRAC_2_SQRT_PI
-            + z * (-0.376_126_4
-                + z * (0.112_837_92
-                    + z * (-0.026_866_17 + z * (5.223_977_6e-3 + z * (-8.548_327e-4))))));
-    if a < 0.5 {
-        near
-    } else {
-        far
-    }
+    let mut p = -2.726_142_3e-10_f32;
+    p = madd::<FMA>(p, z, 2.770_681_4e-8);
+    p = madd::<FMA>(p, z, -2.101_024e-6);
+    p = madd::<FMA>(p, z, -5.692_506_4e-5);
+    p = madd::<FMA>(p, z, -7.349_906_3e-4);
+    p = madd::<FMA>(p, z, -2.954_600_2e-3);
+    p = madd::<FMA>(p, z, -1.609_603_3e-2);
+    let mut q = -1.456_607_2e-5_f32;
+    q = madd::<FMA>(q, z, -2.133_740_6e-4);
+    q = madd::<FMA>(q, z, -1.682_827e-3);
+    q = madd::<FMA>(q, z, -7.373_329e-3);
+    q = madd::<FMA>(q, z, -1.426_474e-2);
+    x * p / q
 }
 
 #[inline(always)]
-pub(crate) fn forward(kind: Kind, x: f32) -> f32 {
+pub(crate) fn forward<const FMA: bool>(kind: Kind, x: f32) -> f32 {
     match kind {
-        Kind::Gelu => 0.5 * x * (1.0 + erf_f32(x * FRAC_1_SQRT_2)),
-        Kind::Silu => x / (1.0 + exp_f32(-x)),
+        Kind::Gelu => 0.5 * x * (1.0 + erf_f32::<FMA>(x * FRAC_1_SQRT_2)),
+        Kind::Silu => x / (1.0 + exp_f32::<FMA>(-x)),
     }
 }
 
 /// SiLU′(x) = σ(x)·(1 + x·(1 − σ(x))). (GELU′ is computed from the forward's output:
 /// [`gelu_derivative_from_output`].)
 #[inline(always)]
-pub(crate) fn silu_derivative(x: f32) -> f32 {
-    let s = 1.0 / (1.0 + exp_f32(-x));
-    s * (1.0 + x * (1.0 - s))
+pub(crate) fn silu_derivative<const FMA: bool>(x: f32) -> f32 {
+    let s = 1.0 / (1.0 + exp_f32::<FMA>(-x));
+    s * madd::<FMA>(x, 1.0 - s, 1.0)
 }
 
 /// GELU′(x) = Φ(x) + x·φ(x), reading Φ(x) = y / x off the forward's output y = x·Φ(x): one
 /// `exp` and a division instead of recomputing `erf`. Near 0, where y / x loses precision,
 /// Φ's Taylor series (to x⁹, error < 3e-7 for |x| < ½) takes over; a select, not a branch.
 #[inline(always)]
-pub(crate) fn gelu_derivative_from_output(x: f32, y: f32) -> f32 {
+pub(crate) fn gelu_derivative_from_output<const FMA: bool>(x: f32, y: f32) -> f32 {
     let z = x * x;
-    let series = 0.5
-        + INV_SQRT_2PI
-            * x
-            * (1.0 + z * (-1.0 / 6.0 + z * (1.0 / 40.0 + z * (-1.0 / 336.0 + z * (1.0 / 3456.0)))));
+    let mut s = 1.0 / 3456.0;
+    s = madd::<FMA>(s, z, -1.0 / 336.0);
+    s = madd::<FMA>(s, z, 1.0 / 40.0);
+    s = madd::<FMA>(s, z, -1.0 / 6.0);
+    s = madd::<FMA>(s, z, 1.0);
+    let series = madd::<FMA>(INV_SQRT_2PI * x, s, 0.5);
     let cdf = if x.abs() < 0.5 { series } else { y / x };
-    cdf + x * INV_SQRT_2PI * exp_f32(-0.5 * z)
+    madd::<FMA>(x * INV_SQRT_2PI, exp_f32::<FMA>(-0.5 * z), cdf)
 }
 
 /// The elementwise kernels, written once and compiled twice: for the build's baseline and,
 /// on x86-64, for AVX2 + FMA (8 lanes), chosen at run time, so the binary stays portable.
+/// They collect into fresh vectors (no zero-fill first).
 macro_rules! kernels {
-    ($fwd:ident, $bwd:ident $(, #[$attr:meta])?) => {
+    ($fwd:ident, $bwd:ident, $fma:literal $(, #[$attr:meta])?) => {
         $(#[$attr])?
-        unsafe fn $fwd(kind: Kind, xs: &[f32], out: &mut [f32]) {
+        unsafe fn $fwd(kind: Kind, xs: &[f32]) -> Vec<f32> {
             match kind {
-                Kind::Gelu => out.iter_mut().zip(xs).for_each(|(o, &x)| *o = forward(Kind::Gelu, x)),
-                Kind::Silu => out.iter_mut().zip(xs).for_each(|(o, &x)| *o = forward(Kind::Silu, x)),
+                Kind::Gelu => xs.iter().map(|&x| forward::<$fma>(Kind::Gelu, x)).collect(),
+                Kind::Silu => xs.iter().map(|&x| forward::<$fma>(Kind::Silu, x)).collect(),
             }
         }
         $(#[$attr])?
-        unsafe fn $bwd(kind: Kind, xs: &[f32], ys: &[f32], gs: &[f32], out: &mut [f32]) {
+        unsafe fn $bwd(kind: Kind, xs: &[f32], ys: &[f32], gs: &[f32]) -> Vec<f32> {
             match kind {
-                Kind::Gelu => out.iter_mut().zip(xs.iter().zip(ys).zip(gs)).for_each(|(o, ((&x, &y), &g))| *o = g * gelu_derivative_from_output(x, y)),
-                Kind::Silu => out.iter_mut().zip(xs.iter().zip(gs)).for_each(|(o, (&x, &g))| *o = g * silu_derivative(x)),
+                Kind::Gelu => xs.iter().zip(ys).zip(gs).map(|((&x, &y), &g)| g * gelu_derivative_from_output::<$fma>(x, y)).collect(),
+                Kind::Silu => xs.iter().zip(gs).map(|(&x, &g)| g * silu_derivative::<$fma>(x)).collect(),
             }
         }
     };
 }
-kernels!(fwd_base, bwd_base);
+kernels!(fwd_base, bwd_base, false);
 #[cfg(target_arch = "x86_64")]
-kernels!(fwd_avx2, bwd_avx2, #[target_feature(enable = "avx2,fma")]);
+kernels!(fwd_avx2, bwd_avx2, true, #[target_feature(enable = "avx2,fma")]);
 
 pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -159,31 +172,25 @@ pub(crate) fn has_avx2() -> bool {
 }
 
 fn map_kind(kind: Kind, xs: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; xs.len()];
     // SAFETY: the AVX2 path runs only where the CPU reports AVX2 and FMA.
     unsafe {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
-            fwd_avx2(kind, xs, &mut out);
-            return out;
+            return fwd_avx2(kind, xs);
         }
-        fwd_base(kind, xs, &mut out);
+        fwd_base(kind, xs)
     }
-    out
 }
 
 fn map_grad(kind: Kind, xs: &[f32], ys: &[f32], gs: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; xs.len()];
     // SAFETY: as in `map_kind`.
     unsafe {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
-            bwd_avx2(kind, xs, ys, gs, &mut out);
-            return out;
+            return bwd_avx2(kind, xs, ys, gs);
         }
-        bwd_base(kind, xs, ys, gs, &mut out);
+        bwd_base(kind, xs, ys, gs)
     }
-    out
 }
 
 impl CustomOp1 for Fast {
@@ -240,17 +247,20 @@ mod tests {
 
     #[test]
     fn exp_and_erf_match_std_to_float_precision() {
-        for x in grid() {
-            let e = (x as f64).exp();
-            assert!(((exp_f32(x) as f64 - e) / e).abs() < 3e-7, "exp({x})");
-            let r = erf_f64(x as f64);
-            assert!(
-                (erf_f32(x) as f64 - r).abs() < 4e-7,
-                "erf({x}) err {}",
-                erf_f32(x) as f64 - r
-            );
+        // Both builds of the math: plain multiply-adds and fused ones.
+        fn check<const FMA: bool>() {
+            for x in grid() {
+                let e = (x as f64).exp();
+                let ours = exp_f32::<FMA>(x) as f64;
+                assert!(((ours - e) / e).abs() < 3e-7, "exp({x}), fma {FMA}");
+                let r = erf_f64(x as f64);
+                let err = erf_f32::<FMA>(x) as f64 - r;
+                assert!(err.abs() < 4e-7, "erf({x}) err {err}, fma {FMA}");
+            }
+            assert!(exp_f32::<FMA>(-1000.0) < 1e-37 && exp_f32::<FMA>(1000.0).is_finite());
         }
-        assert!(exp_f32(-1000.0) < 1e-37 && exp_f32(1000.0).is_finite());
+        check::<false>();
+        check::<true>();
     }
 
     #[test]

@@ -103,7 +103,7 @@ fn stats(xs: &[f32], eps: f64) -> (f32, f32) {
 }
 
 macro_rules! kernels {
-    ($fwd:ident, $bwd:ident $(, #[$attr:meta])?) => {
+    ($fwd:ident, $bwd:ident, $fma:literal $(, #[$attr:meta])?) => {
         $(#[$attr])?
         unsafe fn $fwd(g: Geometry, eps: f64, x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
             let (cg, hw, n) = (g.channels / g.groups, g.spatial, g.group_len());
@@ -115,7 +115,7 @@ macro_rules! kernels {
                     let a = w[c0 + j] * rstd;
                     let c = b[c0 + j] - mean * a;
                     for (o, &v) in oc.iter_mut().zip(xc) {
-                        *o = forward(Kind::Silu, v * a + c);
+                        *o = forward::<$fma>(Kind::Silu, v * a + c);
                     }
                 }
             }
@@ -165,7 +165,7 @@ macro_rules! kernels {
                         let gv: &[f32; 8] = gv.try_into().expect("8 lanes");
                         let dv: &mut [f32; 8] = dv.try_into().expect("8 lanes");
                         for l in 0..8 {
-                            let dz = gv[l] * silu_derivative(xv[l] * a + c);
+                            let dz = gv[l] * silu_derivative::<$fma>(xv[l] * a + c);
                             dv[l] = dz;
                             sdz[l] += dz;
                             sdzx[l] += dz * xv[l];
@@ -174,7 +174,7 @@ macro_rules! kernels {
                     let (mut tdz, mut tdzx) = (sdz.iter().sum::<f32>(), sdzx.iter().sum::<f32>());
                     for q in m..hw {
                         let v = xc[q];
-                        let dz = gc[q] * silu_derivative(v * a + c);
+                        let dz = gc[q] * silu_derivative::<$fma>(v * a + c);
                         dc[q] = dz;
                         tdz += dz;
                         tdzx += dz * v;
@@ -200,9 +200,9 @@ macro_rules! kernels {
         }
     };
 }
-kernels!(fwd_base, bwd_base);
+kernels!(fwd_base, bwd_base, false);
 #[cfg(target_arch = "x86_64")]
-kernels!(fwd_avx2, bwd_avx2, #[target_feature(enable = "avx2,fma")]);
+kernels!(fwd_avx2, bwd_avx2, true, #[target_feature(enable = "avx2,fma")]);
 
 impl CustomOp3 for Fused {
     fn name(&self) -> &'static str {
