@@ -11,6 +11,8 @@ pub trait VelocityField: Send + Sync {
     ///
     /// The default broadcasts `t` and calls [`velocity`](Self::velocity); models whose time
     /// conditioning is costly (the lesson's embedding MLP) override it to compute it once.
+    /// It is for evaluation: the MLPs' CPU version runs fused layers that carry no gradient
+    /// (train through [`velocity`](Self::velocity)).
     fn velocity_at(&self, x: &Tensor, t: f64) -> Result<Tensor> {
         let tt = Tensor::full(t as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype())?;
         self.velocity(x, &tt)

@@ -9,6 +9,7 @@ pub mod activation;
 mod classifier;
 pub mod conv;
 mod cpu;
+mod dense;
 mod error;
 mod field;
 mod linear;

@@ -6,6 +6,7 @@
 //! op: the gemm writes onto the broadcast bias, and the backward is two gemms and a row sum,
 //! packed in one output. Other devices use `[x, 1]·[W, b]ᵀ`.
 
+use crate::activation::Activation;
 use crate::cpu::{f32_slices3, matmul, unpack_grads};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 
@@ -50,6 +51,15 @@ impl Module for Linear {
 }
 
 impl Linear {
+    /// `act(x Wᵀ + b)` for evaluation, not training: on CPU one fused pass without gradient
+    /// (same values; see `dense.rs`), elsewhere the layer then the activation.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match crate::dense::linear_act(x, &self.weight, &self.bias, act)? {
+            Some(y) => Ok(y),
+            None => act.apply(&self.forward(x)?),
+        }
+    }
+
     /// `[x, 1]·[W, b]ᵀ` from candle ops (devices other than the CPU).
     fn forward_folded(&self, x: &Tensor) -> Result<Tensor> {
         let ones = Tensor::ones((x.dim(0)?, 1), x.dtype(), x.device())?;

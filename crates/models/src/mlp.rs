@@ -40,6 +40,18 @@ impl VelocityField for VelocityNet {
         let h = self.act.apply(&self.fc3.forward(&h)?)?;
         self.fc_out.forward(&h)
     }
+
+    /// One time for the batch; the hidden layers fused with their activation (evaluation only:
+    /// no gradient on CPU).
+    fn velocity_at(&self, x: &Tensor, t: f64) -> Result<Tensor> {
+        let tt = Tensor::full(t as f32, (x.dim(0)?, 1), x.device())?.to_dtype(x.dtype())?;
+        let h = self
+            .fc_in
+            .forward_act(&Tensor::cat(&[x, &tt], 1)?, self.act)?;
+        let h = self.fc2.forward_act(&h, self.act)?;
+        let h = self.fc3.forward_act(&h, self.act)?;
+        self.fc_out.forward(&h)
+    }
 }
 
 /// The lesson's 64-dim sinusoidal time encoding: `[sin(t·f_k), cos(t·f_k)]`,
@@ -127,11 +139,13 @@ impl VelocityField for VelocityMlp {
             Some(b) => row.broadcast_add(b)?,
             None => row,
         };
-        let mut h = x.matmul(&w.narrow(1, 0, dim)?.t()?)?.broadcast_add(&row)?;
-        for layer in &self.net[1..] {
-            h = self.act.apply(&h)?;
-            h = layer.forward(&h)?;
+        // act(x·W_xᵀ + row): the first layer with the time row as its bias.
+        let mut h = Linear::new(w.narrow(1, 0, dim)?, row.squeeze(0)?).forward_act(x, self.act)?;
+        // Hidden layers fused with their activation (evaluation only: no gradient on CPU).
+        let last = self.net.len() - 1;
+        for layer in &self.net[1..last] {
+            h = layer.forward_act(&h, self.act)?;
         }
-        Ok(h)
+        self.net[last].forward(&h)
     }
 }
