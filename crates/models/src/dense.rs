@@ -20,9 +20,10 @@ use std::mem::MaybeUninit;
 
 /// Output columns per panel: two AVX2 vectors.
 const COLS: usize = 16;
-/// Rows per register tile: 6 × 2 accumulators + 2 weight vectors + 1 broadcast = 15 of the 16
-/// AVX2 registers.
-const ROWS: usize = 6;
+// Rows per AVX2 tile: 6 × 2 accumulators + 2 weight vectors + 1 broadcast = 15 of the 16
+// registers (the `rows_fn!` lists).
+/// Output columns per AVX-512 panel: two 16-lane vectors.
+const WIDE_COLS: usize = 32;
 /// Fewest rows for the fused path (bit-identical from here on).
 pub(crate) const MIN_ROWS: usize = 3;
 /// Most inputs per output for the fused path (bit-identical up to here).
@@ -78,12 +79,15 @@ impl CustomOp3 for LinearAct {
                 l1.shape()
             );
         }
-        // Panels: panel p holds columns 16p..16p+16 of Wᵀ, row k contiguous.
+        // AVX-512 (chosen at run time) where the width allows: 12 rows × 32 columns per tile.
+        let wide = o % WIDE_COLS == 0 && has_avx512();
+        let cols = if wide { WIDE_COLS } else { COLS };
+        // Panels: panel p holds columns cols·p.. cols·(p+1) of Wᵀ, row k contiguous.
         let mut panels = vec![0f32; o * i];
-        for (p, panel) in panels.chunks_exact_mut(COLS * i).enumerate() {
-            for (k, row) in panel.chunks_exact_mut(COLS).enumerate() {
+        for (p, panel) in panels.chunks_exact_mut(cols * i).enumerate() {
+            for (k, row) in panel.chunks_exact_mut(cols).enumerate() {
                 for (c, v) in row.iter_mut().enumerate() {
-                    *v = w[(p * COLS + c) * i + k];
+                    *v = w[(p * cols + c) * i + k];
                 }
             }
         }
@@ -91,12 +95,16 @@ impl CustomOp3 for LinearAct {
         // uninitialised (no zero-fill pass).
         let mut y: Vec<f32> = Vec::with_capacity(n * o);
         // Row groups are independent: split them across rayon's threads when the layer is big.
-        let chunk_rows = ROWS * 64;
+        let chunk_rows = 12 * 32;
         let run = |(xs, ys): (&[f32], &mut [MaybeUninit<f32>])| {
-            // SAFETY: `has_avx2` was checked above.
+            // SAFETY: `has_avx2` was checked above, `has_avx512` for the wide tiles.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                rows_avx2(xs, ys, &panels, b, i, o, self.0)
+                if wide {
+                    rows_avx512(xs, ys, &panels, b, i, o, self.0)
+                } else {
+                    rows_avx2(xs, ys, &panels, b, i, o, self.0)
+                }
             }
         };
         let spare = &mut y.spare_capacity_mut()[..n * o];
@@ -109,53 +117,62 @@ impl CustomOp3 for LinearAct {
                 .zip(spare.chunks_mut(chunk_rows * o))
                 .for_each(run);
         }
-        // SAFETY: `rows_avx2` wrote all n·o outputs.
+        // SAFETY: the row functions wrote all n·o outputs.
         unsafe { y.set_len(n * o) };
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
 }
 
-/// All rows of `x` (`rows × i`) into `y` (`rows × o`), 6 at a time (the rest 1 to 5).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2(
-    x: &[f32],
-    y: &mut [MaybeUninit<f32>],
-    panels: &[f32],
-    b: &[f32],
-    i: usize,
-    o: usize,
-    act: Activation,
-) {
-    let n = x.len() / i;
-    let mut r = 0;
-    while r < n {
-        let rows = ROWS.min(n - r);
-        let xs = &x[r * i..(r + rows) * i];
-        let ys = y[r * o..(r + rows) * o].as_mut_ptr() as *mut f32;
-        for (p, panel) in panels.chunks_exact(COLS * i).enumerate() {
-            match rows {
-                6 => tile::<6>(xs, ys, panel, i, o, p * COLS),
-                5 => tile::<5>(xs, ys, panel, i, o, p * COLS),
-                4 => tile::<4>(xs, ys, panel, i, o, p * COLS),
-                3 => tile::<3>(xs, ys, panel, i, o, p * COLS),
-                2 => tile::<2>(xs, ys, panel, i, o, p * COLS),
-                _ => tile::<1>(xs, ys, panel, i, o, p * COLS),
+/// All rows of `x` (`rows × i`) into `y` (`rows × o`): groups of rows through every panel
+/// (the last group smaller), then the epilogue on them while they are in L1.
+macro_rules! rows_fn {
+    ($name:ident, $tile:ident, $cols:expr, [$($r:literal),+], $feat:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(
+            x: &[f32],
+            y: &mut [MaybeUninit<f32>],
+            panels: &[f32],
+            b: &[f32],
+            i: usize,
+            o: usize,
+            act: Activation,
+        ) {
+            let most = [$($r),+][0];
+            let n = x.len() / i;
+            let mut r = 0;
+            while r < n {
+                let rows = most.min(n - r);
+                let xs = &x[r * i..(r + rows) * i];
+                let ys = y[r * o..(r + rows) * o].as_mut_ptr() as *mut f32;
+                for (p, panel) in panels.chunks_exact($cols * i).enumerate() {
+                    match rows {
+                        $($r => $tile::<$r>(xs, ys, panel, i, o, p * $cols),)+
+                        _ => unreachable!(),
+                    }
+                }
+                // SAFETY: the tiles above wrote these rows' every column.
+                let ys = std::slice::from_raw_parts_mut(ys, rows * o);
+                for row in ys.chunks_exact_mut(o) {
+                    match act {
+                        Activation::Gelu => epilogue(row, b, |v| forward::<true>(Kind::Gelu, v)),
+                        Activation::Silu => epilogue(row, b, |v| forward::<true>(Kind::Silu, v)),
+                        Activation::Relu => epilogue(row, b, |v| v.max(0.0)),
+                    }
+                }
+                r += rows;
             }
         }
-        // SAFETY: the tiles above wrote these rows' every column.
-        let ys = std::slice::from_raw_parts_mut(ys, rows * o);
-        // Epilogue on the rows just written (in L1): bias, then the activation.
-        for row in ys.chunks_exact_mut(o) {
-            match act {
-                Activation::Gelu => epilogue(row, b, |v| forward::<true>(Kind::Gelu, v)),
-                Activation::Silu => epilogue(row, b, |v| forward::<true>(Kind::Silu, v)),
-                Activation::Relu => epilogue(row, b, |v| v.max(0.0)),
-            }
-        }
-        r += rows;
-    }
+    };
 }
+rows_fn!(rows_avx2, tile, COLS, [6, 5, 4, 3, 2, 1], "avx2,fma");
+rows_fn!(
+    rows_avx512,
+    tile512,
+    WIDE_COLS,
+    [12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1],
+    "avx512f,avx2,fma"
+);
 
 #[inline(always)]
 fn epilogue(row: &mut [f32], b: &[f32], f: impl Fn(f32) -> f32) {
@@ -194,6 +211,50 @@ unsafe fn tile<const R: usize>(
         _mm256_storeu_ps(yp.add(r * o + c0), lo[r]);
         _mm256_storeu_ps(yp.add(r * o + c0 + 8), hi[r]);
     }
+}
+
+/// `R` rows × 32 columns with AVX-512: two 16-lane accumulators per row, up to 24 of the 32
+/// registers; same sums as [`tile`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn tile512<const R: usize>(
+    x: &[f32],
+    y: *mut f32,
+    panel: &[f32],
+    i: usize,
+    o: usize,
+    c0: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() >= R * i && panel.len() >= WIDE_COLS * i && c0 + WIDE_COLS <= o);
+    let mut lo = [_mm512_setzero_ps(); R];
+    let mut hi = [_mm512_setzero_ps(); R];
+    let (xp, pp) = (x.as_ptr(), panel.as_ptr());
+    for k in 0..i {
+        let w0 = _mm512_loadu_ps(pp.add(k * WIDE_COLS));
+        let w1 = _mm512_loadu_ps(pp.add(k * WIDE_COLS + 16));
+        for r in 0..R {
+            let a = _mm512_set1_ps(*xp.add(r * i + k));
+            lo[r] = _mm512_fmadd_ps(a, w0, lo[r]);
+            hi[r] = _mm512_fmadd_ps(a, w1, hi[r]);
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(y.add(r * o + c0), lo[r]);
+        _mm512_storeu_ps(y.add(r * o + c0 + 16), hi[r]);
+    }
+}
+
+/// Whether the CPU has AVX-512F (checked once).
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 #[cfg(test)]
