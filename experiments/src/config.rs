@@ -89,6 +89,9 @@ pub struct TrainConfig {
     /// Exponential moving average of the weights, decay in [0, 1) (0 = none): checkpoints
     /// and evaluations then use the averaged weights.
     pub ema: f64,
+    /// Pair the next batch (OT assignment, reflow teacher) on a second thread while the
+    /// current step trains, on CPU. Same numbers either way.
+    pub prefetch: bool,
 }
 
 /// `[solver]`: the sampler used for the headline metrics.
@@ -198,6 +201,7 @@ impl Default for Config {
                 seed: 0,
                 checkpoint_every: 1000,
                 ema: 0.0,
+                prefetch: true,
             },
             solver: SolverConfig {
                 method: "euler".into(),

@@ -308,7 +308,8 @@ pub fn run_with(
         cfg.train.batch_size,
         optim,
     )?
-    .with_ema(cfg.train.ema)?;
+    .with_ema(cfg.train.ema)?
+    .with_prefetch(cfg.train.prefetch);
     let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));
     let started = Instant::now();
     let mut recent: Vec<f32> = Vec::with_capacity(cfg.train.steps);

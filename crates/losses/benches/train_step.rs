@@ -16,7 +16,14 @@ use flowmatch_metrics::ot::{assignment, sq_cost_matrix};
 use flowmatch_models::{activation::Activation, ModelSpec};
 use std::sync::Arc;
 
-fn trainer(spec: ModelSpec, target: &str, batch: usize, lr: f64, ot: bool) -> Trainer {
+fn trainer(
+    spec: ModelSpec,
+    target: &str,
+    batch: usize,
+    lr: f64,
+    ot: bool,
+    prefetch: bool,
+) -> Trainer {
     let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
     let t: Arc<dyn Sampler> = Arc::new(Distribution::from_name(target).unwrap());
     let coupling: Box<dyn Coupling> = if ot {
@@ -38,6 +45,7 @@ fn trainer(spec: ModelSpec, target: &str, batch: usize, lr: f64, ot: bool) -> Tr
         },
     )
     .unwrap()
+    .with_prefetch(prefetch)
 }
 
 fn train_steps(c: &mut Criterion) {
@@ -52,6 +60,7 @@ fn train_steps(c: &mut Criterion) {
             2048,
             3e-3,
             false,
+            false,
         ),
         (
             "lesson_velocitymlp_h128_b256",
@@ -64,7 +73,9 @@ fn train_steps(c: &mut Criterion) {
             256,
             1e-3,
             false,
+            false,
         ),
+        // As `flowmatch run` trains: the next batch's assignment on a second thread.
         (
             "lesson_otcfm_h128_b256",
             ModelSpec::VelocityMlp {
@@ -76,11 +87,26 @@ fn train_steps(c: &mut Criterion) {
             256,
             1e-3,
             true,
+            true,
+        ),
+        // Everything on the one thread (`train.prefetch = false`).
+        (
+            "lesson_otcfm_h128_b256_serial",
+            ModelSpec::VelocityMlp {
+                hidden: 128,
+                layers: 3,
+                activation: Activation::Silu,
+            },
+            "moons",
+            256,
+            1e-3,
+            true,
+            false,
         ),
     ];
     let mut group = c.benchmark_group("train_step");
-    for (name, spec, target, batch, lr, ot) in cases {
-        let mut tr = trainer(spec, target, batch, lr, ot);
+    for (name, spec, target, batch, lr, ot, prefetch) in cases {
+        let mut tr = trainer(spec, target, batch, lr, ot, prefetch);
         let mut rng = rng_from_seed(0);
         group.bench_function(name, |b| b.iter(|| tr.step(&mut rng).unwrap()));
     }

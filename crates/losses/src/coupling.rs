@@ -6,15 +6,58 @@ use flowmatch_data::{Rng, Sampler};
 use flowmatch_metrics::{ot::ot_pairing, rows};
 use std::sync::Arc;
 
-/// Draws a training batch of pairs `(x_0, x_1)`.
+/// Draws a training batch of pairs `(x_0, x_1)`, in two stages: [`draw`](Self::draw) takes all
+/// the randomness, and the coupling's [`Pairing`], if it has one, does the deterministic work
+/// (the OT assignment, the reflow teacher's integration). The trainer can run that stage on a
+/// second thread for the next batch while the current one trains, with the same numbers.
 pub trait Coupling: Send {
-    /// Draws `batch` pairs on `device`.
+    /// Draws the random part of `batch` pairs on `device`.
+    fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError>;
+
+    /// The deterministic stage that turns a draw into pairs; `None` when the draw is the pairs.
+    fn pairing(&self) -> Option<Arc<dyn Pairing>> {
+        None
+    }
+
+    /// Draws `batch` pairs on `device`: both stages, here.
     fn sample(
         &mut self,
         batch: usize,
         rng: &mut Rng,
         device: &Device,
-    ) -> Result<(Tensor, Tensor), LossError>;
+    ) -> Result<(Tensor, Tensor), LossError> {
+        let draw = self.draw(batch, rng, device)?;
+        match self.pairing() {
+            Some(p) => p.pair(draw),
+            None => draw.into_pairs(),
+        }
+    }
+}
+
+/// A drawn batch before pairing: `x1` is absent where the pairing makes it (reflow's teacher).
+pub struct Draw {
+    /// Source points.
+    pub x0: Tensor,
+    /// Target points, when drawn.
+    pub x1: Option<Tensor>,
+}
+
+impl Draw {
+    /// The draw as it stands, for couplings without a pairing stage.
+    pub fn into_pairs(self) -> Result<(Tensor, Tensor), LossError> {
+        match self.x1 {
+            Some(x1) => Ok((self.x0, x1)),
+            None => Err(LossError::Invalid(
+                "the coupling drew no targets and has no pairing".into(),
+            )),
+        }
+    }
+}
+
+/// The deterministic stage of a coupling: no randomness, so it can run on any thread.
+pub trait Pairing: Send + Sync {
+    /// Turns a draw into training pairs.
+    fn pair(&self, draw: Draw) -> Result<(Tensor, Tensor), LossError>;
 }
 
 /// Independent pairing: `x_0 ~ p_0`, `x_1 ~ p_1` drawn separately (I-CFM, the seeds' default).
@@ -31,15 +74,10 @@ impl Independent {
 }
 
 impl Coupling for Independent {
-    fn sample(
-        &mut self,
-        batch: usize,
-        rng: &mut Rng,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor), LossError> {
+    fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError> {
         let x0 = self.source.sample(batch, rng, device)?;
         let x1 = self.target.sample(batch, rng, device)?;
-        Ok((x0, x1))
+        Ok(Draw { x0, x1: Some(x1) })
     }
 }
 
@@ -72,13 +110,21 @@ pub fn ot_repair(x0: &Tensor, x1: &Tensor) -> Result<Tensor, LossError> {
 }
 
 impl Coupling for MinibatchOt {
-    fn sample(
-        &mut self,
-        batch: usize,
-        rng: &mut Rng,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor), LossError> {
-        let (x0, x1) = self.inner.sample(batch, rng, device)?;
+    fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError> {
+        self.inner.draw(batch, rng, device)
+    }
+
+    fn pairing(&self) -> Option<Arc<dyn Pairing>> {
+        Some(Arc::new(OtPairing))
+    }
+}
+
+/// The Hungarian re-pairing of [`MinibatchOt`].
+struct OtPairing;
+
+impl Pairing for OtPairing {
+    fn pair(&self, draw: Draw) -> Result<(Tensor, Tensor), LossError> {
+        let (x0, x1) = draw.into_pairs()?;
         let x1 = ot_repair(&x0, &x1)?;
         Ok((x0, x1))
     }

@@ -11,11 +11,12 @@ mod adamw;
 pub mod coupling;
 mod error;
 pub mod path;
+mod prefetch;
 pub mod time;
 pub mod train;
 
 pub use adamw::FusedAdamW;
-pub use coupling::{Coupling, Independent, MinibatchOt};
+pub use coupling::{Coupling, Draw, Independent, MinibatchOt, Pairing};
 pub use error::LossError;
 pub use path::{AffinePath, PathSample, ProbabilityPath, Schedule};
 pub use time::TimeSampler;

@@ -1,7 +1,8 @@
 //! The one training step of flow matching, generic over path, coupling and time sampler.
 
+use crate::prefetch::Prefetcher;
 use crate::FusedAdamW;
-use crate::{Coupling, LossError, ProbabilityPath, TimeSampler};
+use crate::{Coupling, LossError, PathSample, ProbabilityPath, TimeSampler};
 use candle_core::Tensor;
 use candle_nn::{Optimizer, ParamsAdamW};
 use flowmatch_data::Rng;
@@ -17,9 +18,18 @@ pub fn cfm_loss(
     rng: &mut Rng,
 ) -> Result<Tensor, LossError> {
     let p = path.sample(x0, x1, t, rng)?;
-    let tt = Tensor::from_slice(t, t.len(), x0.device())?.to_dtype(x0.dtype())?;
+    regression_loss(model, &p, t)
+}
+
+/// `mean |v(x_t, t) - dx_t|²` on a drawn path sample.
+fn regression_loss(
+    model: &dyn VelocityField,
+    p: &PathSample,
+    t: &[f32],
+) -> Result<Tensor, LossError> {
+    let tt = Tensor::from_slice(t, t.len(), p.x_t.device())?.to_dtype(p.x_t.dtype())?;
     let v = model.velocity(&p.x_t, &tt)?;
-    Ok((v - p.dx_t)?.sqr()?.mean_all()?)
+    Ok((v - &p.dx_t)?.sqr()?.mean_all()?)
 }
 
 /// Optimiser settings (AdamW; `weight_decay = 0` is the seeds' Adam).
@@ -60,6 +70,8 @@ pub struct Trainer {
     batch: usize,
     steps_done: usize,
     ema: Option<Ema>,
+    /// The worker pairing the next batch, with `with_prefetch(true)`.
+    prefetch: Option<Prefetcher>,
 }
 
 /// An exponential moving average of the weights, `θ̄ ← d·θ̄ + (1 − d)·θ` after every step.
@@ -116,6 +128,7 @@ impl Trainer {
             batch,
             steps_done: 0,
             ema: None,
+            prefetch: None,
         })
     }
 
@@ -138,13 +151,34 @@ impl Trainer {
         Ok(self)
     }
 
+    /// Pairs the next batch on a second thread while the current step trains, for couplings
+    /// with a pairing stage (OT, reflow's teacher) on CPU. The random draws stay on the
+    /// training thread in the same order, so the numbers are the same as without.
+    pub fn with_prefetch(mut self, on: bool) -> Self {
+        self.prefetch = on.then(Prefetcher::new);
+        self
+    }
+
     /// One optimisation step; returns the loss before the update. A non-finite loss is an
     /// error and leaves the weights untouched.
     pub fn step(&mut self, rng: &mut Rng) -> Result<f32, LossError> {
         let device = self.model.params.device().clone();
-        let (x0, x1) = self.coupling.sample(self.batch, rng, &device)?;
+        let ready = self.prefetch.as_mut().and_then(Prefetcher::take);
+        let (x0, x1) = match ready {
+            Some(pairs) => pairs?,
+            None => self.coupling.sample(self.batch, rng, &device)?,
+        };
         let t = self.time.sample(self.batch, rng);
-        let loss = cfm_loss(&self.model, self.path.as_ref(), &x0, &x1, &t, rng)?;
+        let p = self.path.sample(&x0, &x1, &t, rng)?;
+        // This step's random draws are done: the next batch's come now, in the order a serial
+        // run takes them, and its pairing runs beside this step's forward and backward pass.
+        if let (Some(worker), true) = (self.prefetch.as_mut(), device.is_cpu()) {
+            if let Some(pairing) = self.coupling.pairing() {
+                let draw = self.coupling.draw(self.batch, rng, &device)?;
+                worker.start(pairing, draw)?;
+            }
+        }
+        let loss = regression_loss(&self.model, &p, &t)?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(LossError::NonFiniteLoss(value, self.steps_done + 1));
@@ -210,6 +244,10 @@ mod tests {
     }
 
     fn trainer(ot: bool) -> Trainer {
+        trainer_sigma(ot, 0.0)
+    }
+
+    fn trainer_sigma(ot: bool, sigma: f64) -> Trainer {
         let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
         let m: Arc<dyn Sampler> = Arc::new(Distribution::from_name("moons").unwrap());
         let coupling: Box<dyn Coupling> = if ot {
@@ -224,7 +262,7 @@ mod tests {
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();
-        let path = Box::new(AffinePath::new(Schedule::Linear, 0.0).unwrap());
+        let path = Box::new(AffinePath::new(Schedule::Linear, sigma).unwrap());
         let optim = OptimConfig {
             lr: 3e-3,
             ..Default::default()
@@ -251,15 +289,27 @@ mod tests {
     }
 
     #[test]
-    fn same_seed_gives_identical_losses() {
-        let run = || {
-            let mut tr = trainer(true);
+    fn same_seed_gives_identical_losses_with_or_without_prefetch() {
+        // σ > 0: the path draws noise too, after the times, before the next batch.
+        let run = |prefetch: bool| {
+            let mut tr = trainer_sigma(true, 0.1).with_prefetch(prefetch);
             let mut rng = rng_from_seed(9);
-            (0..5)
+            (0..8)
                 .map(|_| tr.step(&mut rng).unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(run(), run());
+        let serial = run(false);
+        assert_eq!(serial, run(false));
+        assert_eq!(serial, run(true));
+        // With prefetch, a step leaves the next batch pairing on the other thread; the
+        // independent coupling has nothing to pair.
+        let mut rng = rng_from_seed(10);
+        let mut tr = trainer_sigma(true, 0.1).with_prefetch(true);
+        tr.step(&mut rng).unwrap();
+        assert!(tr.prefetch.as_ref().unwrap().pending());
+        let mut tr = trainer_sigma(false, 0.1).with_prefetch(true);
+        tr.step(&mut rng).unwrap();
+        assert!(!tr.prefetch.as_ref().unwrap().pending());
     }
 
     #[test]

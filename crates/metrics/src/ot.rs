@@ -5,17 +5,32 @@ use pathfinding::kuhn_munkres::kuhn_munkres_min;
 use pathfinding::matrix::Matrix;
 use rayon::prelude::*;
 
-/// Pairwise squared Euclidean costs `C[i][j] = |a_i - b_j|²`, row-major, rows in parallel.
+/// Pairwise squared Euclidean costs `C[i][j] = |a_i - b_j|²`, row-major. Each entry sums its
+/// `d` squares in order (as `Iterator::sum`), with `b` transposed so that the sweep over `j`
+/// vectorises; rows in parallel only for large matrices (a minibatch's is done sooner alone).
 pub fn sq_cost_matrix(a: &[f64], b: &[f64], d: usize) -> Vec<f64> {
     let (n, m) = (a.len() / d, b.len() / d);
-    let mut c = vec![0.0; n * m];
-    c.par_chunks_mut(m.max(1)).enumerate().for_each(|(i, row)| {
-        let ai = &a[i * d..(i + 1) * d];
-        for (j, cell) in row.iter_mut().enumerate() {
-            let bj = &b[j * d..(j + 1) * d];
-            *cell = ai.iter().zip(bj).map(|(x, y)| (x - y) * (x - y)).sum();
+    // bt[k][j] = b[j][k].
+    let mut bt = vec![0.0; m * d];
+    for (j, bj) in b.chunks_exact(d).enumerate() {
+        for (k, &v) in bj.iter().enumerate() {
+            bt[k * m + j] = v;
         }
-    });
+    }
+    let mut c = vec![0.0; n * m];
+    let fill = |(i, row): (usize, &mut [f64])| {
+        for (k, col) in bt.chunks_exact(m.max(1)).enumerate() {
+            let x = a[i * d + k];
+            row.iter_mut()
+                .zip(col)
+                .for_each(|(cell, &y)| *cell += (x - y) * (x - y));
+        }
+    };
+    if n * m * d >= 1 << 20 {
+        c.par_chunks_mut(m.max(1)).enumerate().for_each(fill);
+    } else {
+        c.chunks_mut(m.max(1)).enumerate().for_each(fill);
+    }
     c
 }
 

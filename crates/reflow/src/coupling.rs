@@ -1,7 +1,7 @@
 use crate::ReflowError;
 use candle_core::{Device, Tensor};
 use flowmatch_data::{rng_from_seed, Rng, Sampler};
-use flowmatch_losses::{Coupling, LossError};
+use flowmatch_losses::{Coupling, Draw, LossError, Pairing};
 use flowmatch_models::VelocityField;
 use flowmatch_solvers::{solve, SolverSpec};
 use rand::Rng as _;
@@ -32,17 +32,31 @@ impl TeacherCoupling {
 }
 
 impl Coupling for TeacherCoupling {
-    fn sample(
-        &mut self,
-        batch: usize,
-        rng: &mut Rng,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor), LossError> {
+    fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError> {
         let x0 = self.source.sample(batch, rng, device)?;
-        let x1 = solve(self.teacher.as_ref(), &x0, &self.solver, false)?
+        Ok(Draw { x0, x1: None })
+    }
+
+    fn pairing(&self) -> Option<Arc<dyn Pairing>> {
+        Some(Arc::new(TeacherPairing {
+            teacher: self.teacher.clone(),
+            solver: self.solver.clone(),
+        }))
+    }
+}
+
+/// The teacher's integration from the drawn `x_0`.
+struct TeacherPairing {
+    teacher: Arc<dyn VelocityField>,
+    solver: SolverSpec,
+}
+
+impl Pairing for TeacherPairing {
+    fn pair(&self, draw: Draw) -> Result<(Tensor, Tensor), LossError> {
+        let x1 = solve(self.teacher.as_ref(), &draw.x0, &self.solver, false)?
             .x
             .detach();
-        Ok((x0, x1))
+        Ok((draw.x0, x1))
     }
 }
 
@@ -119,18 +133,13 @@ impl PairSet {
 }
 
 impl Coupling for PairSet {
-    fn sample(
-        &mut self,
-        batch: usize,
-        rng: &mut Rng,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor), LossError> {
+    fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError> {
         let n = self.len();
         let idx: Vec<u32> = (0..batch).map(|_| rng.random_range(0..n) as u32).collect();
         let idx = Tensor::from_vec(idx, batch, self.x0.device())?;
         let x0 = self.x0.index_select(&idx, 0)?.to_device(device)?;
         let x1 = self.x1.index_select(&idx, 0)?.to_device(device)?;
-        Ok((x0, x1))
+        Ok(Draw { x0, x1: Some(x1) })
     }
 }
 
