@@ -1,20 +1,23 @@
-//! `act(x Wᵀ + b)` in one pass, for sampling: an AVX2 + FMA register-tiled kernel whose
-//! epilogue adds the bias and applies the activation while the outputs are still in cache.
+//! An MLP's layers with their activation, `act(x Wᵀ + b)` each, for sampling: register-tiled
+//! kernels (AVX-512 where the CPU has it, else AVX2 + FMA) whose epilogue adds the bias and
+//! applies the activation while the outputs are still in cache.
 //!
 //! Sampling 10,000 points through the lesson's MLP is two 128 × 128 layers per evaluation:
 //! through `gemm` and a separate activation pass, 15% of the time went to that pass and 10%
-//! to packing and copies. Here the weight is packed once per call into panels of 16 output
-//! columns, and each group of 6 rows goes through every panel and then the activation.
+//! to packing and copies. Here each weight is packed once per evaluation into panels of 16
+//! (AVX2) or 32 (AVX-512) output columns; tiles of 240 rows go through all the layers in turn
+//! (their activations stay in L2), each group of 6 or 12 rows through every panel and then
+//! the epilogue.
 //!
 //! The sums run over `k` in order with one fused multiply-add per term, from zero, and the
 //! bias is added last: the same arithmetic as `gemm` onto the bias, so the outputs are
 //! bit-identical to [`Linear`](crate::Linear) followed by [`Activation::apply`] (tested).
-//! No gradient: this is for ODE solvers' evaluations (`velocity_at`); a backward through it
-//! is an error.
+//! No gradient: this is for ODE solvers' evaluations (`velocity_at`); the result is a fresh
+//! tensor outside the autograd graph.
 
 use crate::activation::{forward, has_avx2, Activation, Kind};
-use crate::cpu::f32_slices3;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use crate::cpu::f32_slice;
+use candle_core::{DType, Device, Result, Storage, Tensor, D};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -29,60 +32,79 @@ pub(crate) const MIN_ROWS: usize = 3;
 /// Most inputs per output for the fused path (bit-identical up to here).
 pub(crate) const MAX_INNER: usize = 512;
 
-/// `act(x Wᵀ + b)` without gradient, fused on x86-64 CPUs with AVX2 + FMA when the output width
-/// is a multiple of 16; otherwise `None` (the caller uses the differentiable ops). Also `None`
-/// outside the shapes where `gemm` sums the same way (at least [`MIN_ROWS`] rows, at most
-/// [`MAX_INNER`] inputs: fewer rows take its matrix-vector path, more inputs its blocked sums).
-pub(crate) fn linear_act(
+/// Rows per tile of [`chain`]: a multiple of both register tiles (6 and 12 rows), small
+/// enough that a tile's activations (240 × 128 floats, 120 KiB) stay in L2 across layers.
+const TILE_ROWS: usize = 240;
+
+/// `act(… act(act(x W₁ᵀ + b₁) W₂ᵀ + b₂) …)`: the layers of an MLP, each followed by `act`,
+/// without gradient. Rows go through all the layers a tile at a time, so the activations stay
+/// in cache; each layer's weight is packed once. `None` where the fused kernels do not apply
+/// (the caller then runs the differentiable ops): off x86-64 CPUs with AVX2 + FMA, widths
+/// not a multiple of 16, and shapes where `gemm` sums differently (fewer than [`MIN_ROWS`]
+/// rows: its matrix-vector path; more than [`MAX_INNER`] inputs: its blocked sums).
+pub(crate) fn chain(
     x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
+    layers: &[(&Tensor, &Tensor)],
     act: Activation,
 ) -> Result<Option<Tensor>> {
-    let fits = matches!(x.device(), Device::Cpu)
+    let mut width = x.dim(D::Minus1)?;
+    let mut fits = matches!(x.device(), Device::Cpu)
         && x.dtype() == DType::F32
         && x.rank() == 2
         && x.dim(0)? >= MIN_ROWS
-        && weight.dim(1)? <= MAX_INNER
-        && weight.dim(0)? % COLS == 0
+        && !layers.is_empty()
         && has_avx2();
+    for (w, b) in layers {
+        let (o, i) = w.dims2()?;
+        fits &= w.dtype() == DType::F32
+            && b.dtype() == DType::F32
+            && i == width
+            && i <= MAX_INNER
+            && o % COLS == 0
+            && b.elem_count() == o;
+        width = o;
+    }
     if !fits {
         return Ok(None);
     }
-    x.contiguous()?
-        .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &LinearAct(act))
-        .map(Some)
+    let packed = layers
+        .iter()
+        .map(|(w, b)| {
+            let (o, i) = w.dims2()?;
+            with_f32(w, |w| with_f32(b, |b| Packed::new(w, b, o, i, act)))?
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n = x.dim(0)?;
+    let y = with_f32(x, |x| run_chain(x, n, &packed))?;
+    Ok(Some(Tensor::from_vec(y, (n, width), x.device())?))
 }
 
-struct LinearAct(Activation);
-
-impl CustomOp3 for LinearAct {
-    fn name(&self) -> &'static str {
-        "linear-act"
+/// Calls `f` on a CPU f32 tensor's data, contiguous (copied if not).
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(f(f32_slice(cpu, layout, "dense")?)),
+        _ => candle_core::bail!("dense: expected a CPU tensor"),
     }
+}
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let [x, w, b] = f32_slices3(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
-        let (o, i) = l2.shape().dims2()?;
-        let n = l1.shape().dims2()?.0;
-        if l1.shape().dims2()?.1 != i || b.len() != o || o % COLS != 0 || !has_avx2() {
-            candle_core::bail!(
-                "linear-act: input {:?} against weight ({o}, {i})",
-                l1.shape()
-            );
-        }
-        // AVX-512 (chosen at run time) where the width allows: 12 rows × 32 columns per tile.
-        let wide = o % WIDE_COLS == 0 && has_avx512();
+/// One layer packed for the tiles: panel p holds output columns `cols·p..cols·(p+1)` of Wᵀ,
+/// row k contiguous.
+struct Packed {
+    panels: Vec<f32>,
+    bias: Vec<f32>,
+    i: usize,
+    o: usize,
+    /// AVX-512 tiles (12 rows × 32 columns), chosen at run time where the width allows.
+    wide: bool,
+    act: Activation,
+}
+
+impl Packed {
+    fn new(w: &[f32], b: &[f32], o: usize, i: usize, act: Activation) -> Self {
+        let wide = o.is_multiple_of(WIDE_COLS) && has_avx512();
         let cols = if wide { WIDE_COLS } else { COLS };
-        // Panels: panel p holds columns cols·p.. cols·(p+1) of Wᵀ, row k contiguous.
         let mut panels = vec![0f32; o * i];
         for (p, panel) in panels.chunks_exact_mut(cols * i).enumerate() {
             for (k, row) in panel.chunks_exact_mut(cols).enumerate() {
@@ -91,60 +113,104 @@ impl CustomOp3 for LinearAct {
                 }
             }
         }
-        // Every output is written by a tile before the epilogue reads it, so `y` starts
-        // uninitialised (no zero-fill pass).
-        let mut y: Vec<f32> = Vec::with_capacity(n * o);
-        // Row groups are independent: split them across rayon's threads when the layer is big.
-        let chunk_rows = 12 * 32;
-        let run = |(xs, ys): (&[f32], &mut [MaybeUninit<f32>])| {
-            // SAFETY: `has_avx2` was checked above, `has_avx512` for the wide tiles.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                if wide {
-                    rows_avx512(xs, ys, &panels, b, i, o, self.0)
-                } else {
-                    rows_avx2(xs, ys, &panels, b, i, o, self.0)
-                }
-            }
-        };
-        let spare = &mut y.spare_capacity_mut()[..n * o];
-        if n * o * i >= 1 << 22 && rayon::current_num_threads() > 1 {
-            x.par_chunks(chunk_rows * i)
-                .zip(spare.par_chunks_mut(chunk_rows * o))
-                .for_each(run);
-        } else {
-            x.chunks(chunk_rows * i)
-                .zip(spare.chunks_mut(chunk_rows * o))
-                .for_each(run);
+        Self {
+            panels,
+            bias: b.to_vec(),
+            i,
+            o,
+            wide,
+            act,
         }
-        // SAFETY: the row functions wrote all n·o outputs.
-        unsafe { y.set_len(n * o) };
-        Ok((CpuStorage::F32(y), Shape::from((n, o))))
+    }
+
+    /// `x` (rows × i) through this layer into `y` (rows × o, written, not read).
+    ///
+    /// # Safety
+    /// `y` must be valid for `rows·o` writes, and the CPU must have AVX2 + FMA (and AVX-512F
+    /// for a wide layer): `chain` checked both.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run(&self, x: &[f32], y: *mut f32) {
+        if self.wide {
+            rows_avx512(x, y, self)
+        } else {
+            rows_avx2(x, y, self)
+        }
     }
 }
 
-/// All rows of `x` (`rows × i`) into `y` (`rows × o`): groups of rows through every panel
-/// (the last group smaller), then the epilogue on them while they are in L1.
+/// All `n` rows of `x` through the layers, a tile at a time (tiles in parallel under rayon
+/// when the work is big; each row's result is the same either way).
+fn run_chain(x: &[f32], n: usize, layers: &[Packed]) -> Vec<f32> {
+    let i0 = layers[0].i;
+    let out = layers[layers.len() - 1].o;
+    let widest = layers.iter().map(|l| l.o).max().unwrap_or(0);
+    // Every output is written before it is read: `y` starts uninitialised (no zero-fill).
+    let mut y: Vec<f32> = Vec::with_capacity(n * out);
+    let spare = &mut y.spare_capacity_mut()[..n * out];
+    let scratch = || {
+        [
+            vec![0f32; TILE_ROWS * widest],
+            vec![0f32; TILE_ROWS * widest],
+        ]
+    };
+    let one_tile = |bufs: &mut [Vec<f32>; 2], (xs, ys): (&[f32], &mut [MaybeUninit<f32>])| {
+        let rows = xs.len() / i0;
+        // Layer l reads the previous output and writes scratch l % 2 (or the output tile).
+        let scratch = [bufs[0].as_mut_ptr(), bufs[1].as_mut_ptr()];
+        let mut input: &[f32] = xs;
+        for (l, layer) in layers.iter().enumerate() {
+            let last = l + 1 == layers.len();
+            let dst = if last {
+                ys.as_mut_ptr() as *mut f32
+            } else {
+                scratch[l % 2]
+            };
+            // SAFETY: `chain` checked AVX2 (and AVX-512F for wide layers); `dst` holds
+            // `rows·o` floats (the output tile, or a scratch buffer as wide as the widest
+            // layer) and is not `input` (the other buffer, or `xs`); once written, it is read
+            // as the next input.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                layer.run(input, dst);
+                if !last {
+                    input = std::slice::from_raw_parts(dst, rows * layer.o);
+                }
+            }
+        }
+    };
+    let flops: usize = layers.iter().map(|l| n * l.i * l.o).sum();
+    if flops >= 1 << 22 && rayon::current_num_threads() > 1 {
+        x.par_chunks(TILE_ROWS * i0)
+            .zip(spare.par_chunks_mut(TILE_ROWS * out))
+            .for_each_init(scratch, one_tile);
+    } else {
+        let mut bufs = scratch();
+        x.chunks(TILE_ROWS * i0)
+            .zip(spare.chunks_mut(TILE_ROWS * out))
+            .for_each(|c| one_tile(&mut bufs, c));
+    }
+    // SAFETY: the last layer wrote all n·out outputs.
+    unsafe { y.set_len(n * out) };
+    y
+}
+
+/// All rows of `x` (`rows × i`) into `y` (`rows × o`) through one packed layer: groups of rows
+/// through every panel (the last group smaller), then the epilogue (bias, activation) on them
+/// while they are in L1.
 macro_rules! rows_fn {
     ($name:ident, $tile:ident, $cols:expr, [$($r:literal),+], $feat:literal) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feat)]
-        unsafe fn $name(
-            x: &[f32],
-            y: &mut [MaybeUninit<f32>],
-            panels: &[f32],
-            b: &[f32],
-            i: usize,
-            o: usize,
-            act: Activation,
-        ) {
+        unsafe fn $name(x: &[f32], y: *mut f32, layer: &Packed) {
+            let Packed { panels, bias: b, i, o, act, .. } = layer;
+            let (i, o) = (*i, *o);
             let most = [$($r),+][0];
             let n = x.len() / i;
             let mut r = 0;
             while r < n {
                 let rows = most.min(n - r);
                 let xs = &x[r * i..(r + rows) * i];
-                let ys = y[r * o..(r + rows) * o].as_mut_ptr() as *mut f32;
+                let ys = y.add(r * o);
                 for (p, panel) in panels.chunks_exact($cols * i).enumerate() {
                     match rows {
                         $($r => $tile::<$r>(xs, ys, panel, i, o, p * $cols),)+
@@ -262,6 +328,11 @@ mod tests {
     use super::*;
     use candle_core::Module;
 
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     #[test]
     fn matches_linear_then_activation_bit_for_bit() {
         if !has_avx2() {
@@ -284,21 +355,38 @@ mod tests {
             let lin = crate::Linear::new(w.clone(), b.clone());
             for act in [Activation::Silu, Activation::Gelu, Activation::Relu] {
                 let want = act.apply(&lin.forward(&x).unwrap()).unwrap();
-                let got = linear_act(&x, &w, &b, act).unwrap().unwrap();
-                let (a, c): (Vec<f32>, Vec<f32>) = (
-                    want.flatten_all().unwrap().to_vec1().unwrap(),
-                    got.flatten_all().unwrap().to_vec1().unwrap(),
-                );
-                let differ = a.iter().zip(&c).filter(|(p, q)| p.to_bits() != q.to_bits());
-                assert_eq!(differ.count(), 0, "{n}x{i}x{o} {act:?}");
+                let got = chain(&x, &[(&w, &b)], act).unwrap().unwrap();
+                assert_eq!(bits(&want), bits(&got), "{n}x{i}x{o} {act:?}");
             }
         }
+        // Several layers, more rows than a tile: the same as layer after layer.
+        let x = Tensor::randn(0f32, 1.0, (1000, 3), &dev).unwrap();
+        let shapes = [(64, 3), (128, 64), (32, 128)];
+        let ws: Vec<(Tensor, Tensor)> = shapes
+            .iter()
+            .map(|&(o, i)| {
+                (
+                    (Tensor::randn(0f32, 1.0, (o, i), &dev).unwrap() / (i as f64).sqrt()).unwrap(),
+                    Tensor::randn(0f32, 1.0, o, &dev).unwrap(),
+                )
+            })
+            .collect();
+        let mut want = x.clone();
+        for (w, b) in &ws {
+            let lin = crate::Linear::new(w.clone(), b.clone());
+            want = Activation::Gelu
+                .apply(&lin.forward(&want).unwrap())
+                .unwrap();
+        }
+        let layers: Vec<(&Tensor, &Tensor)> = ws.iter().map(|(w, b)| (w, b)).collect();
+        let got = chain(&x, &layers, Activation::Gelu).unwrap().unwrap();
+        assert_eq!(bits(&want), bits(&got));
         // Outside those shapes the caller keeps the differentiable ops.
         let none = |n: usize, i: usize, o: usize| {
             let x = Tensor::zeros((n, i), DType::F32, &dev).unwrap();
             let w = Tensor::zeros((o, i), DType::F32, &dev).unwrap();
             let b = Tensor::zeros(o, DType::F32, &dev).unwrap();
-            linear_act(&x, &w, &b, Activation::Silu).unwrap().is_none()
+            chain(&x, &[(&w, &b)], Activation::Silu).unwrap().is_none()
         };
         assert!(none(2, 128, 128) && none(8, 1024, 64) && none(8, 8, 10));
     }

@@ -51,13 +51,19 @@ impl Module for Linear {
 }
 
 impl Linear {
-    /// `act(x Wᵀ + b)` for evaluation, not training: on CPU one fused pass without gradient
-    /// (same values; see `dense.rs`), elsewhere the layer then the activation.
-    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        match crate::dense::linear_act(x, &self.weight, &self.bias, act)? {
-            Some(y) => Ok(y),
-            None => act.apply(&self.forward(x)?),
+    /// `act(… act(act(x W₁ᵀ + b₁) W₂ᵀ + b₂) …)` through `layers`, each followed by `act`, for
+    /// evaluation, not training: on CPU the fused tiles of `dense.rs` (the same values, no
+    /// gradient), elsewhere layer by layer.
+    pub fn forward_chain(x: &Tensor, layers: &[&Linear], act: Activation) -> Result<Tensor> {
+        let pairs: Vec<(&Tensor, &Tensor)> = layers.iter().map(|l| (&l.weight, &l.bias)).collect();
+        if let Some(y) = crate::dense::chain(x, &pairs, act)? {
+            return Ok(y);
         }
+        let mut h = x.clone();
+        for l in layers {
+            h = act.apply(&l.forward(&h)?)?;
+        }
+        Ok(h)
     }
 
     /// `[x, 1]·[W, b]ᵀ` from candle ops (devices other than the CPU).

@@ -45,11 +45,8 @@ impl VelocityField for VelocityNet {
     /// no gradient on CPU).
     fn velocity_at(&self, x: &Tensor, t: f64) -> Result<Tensor> {
         let tt = Tensor::full(t as f32, (x.dim(0)?, 1), x.device())?.to_dtype(x.dtype())?;
-        let h = self
-            .fc_in
-            .forward_act(&Tensor::cat(&[x, &tt], 1)?, self.act)?;
-        let h = self.fc2.forward_act(&h, self.act)?;
-        let h = self.fc3.forward_act(&h, self.act)?;
+        let layers = [&self.fc_in, &self.fc2, &self.fc3];
+        let h = Linear::forward_chain(&Tensor::cat(&[x, &tt], 1)?, &layers, self.act)?;
         self.fc_out.forward(&h)
     }
 }
@@ -139,13 +136,12 @@ impl VelocityField for VelocityMlp {
             Some(b) => row.broadcast_add(b)?,
             None => row,
         };
-        // act(x·W_xᵀ + row): the first layer with the time row as its bias.
-        let mut h = Linear::new(w.narrow(1, 0, dim)?, row.squeeze(0)?).forward_act(x, self.act)?;
-        // Hidden layers fused with their activation (evaluation only: no gradient on CPU).
+        // act(x·W_xᵀ + row): the first layer with the time row as its bias; then the hidden
+        // layers, all fused with their activation (evaluation only: no gradient on CPU).
+        let first = Linear::new(w.narrow(1, 0, dim)?, row.squeeze(0)?);
         let last = self.net.len() - 1;
-        for layer in &self.net[1..last] {
-            h = layer.forward_act(&h, self.act)?;
-        }
+        let layers: Vec<&Linear> = std::iter::once(&first).chain(&self.net[1..last]).collect();
+        let h = Linear::forward_chain(x, &layers, self.act)?;
         self.net[last].forward(&h)
     }
 }

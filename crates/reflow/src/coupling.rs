@@ -40,7 +40,7 @@ impl Coupling for TeacherCoupling {
     fn pairing(&self) -> Option<Arc<dyn Pairing>> {
         Some(Arc::new(TeacherPairing {
             teacher: self.teacher.clone(),
-            solver: self.solver.clone(),
+            solver: self.solver,
         }))
     }
 }
