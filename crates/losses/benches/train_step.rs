@@ -48,6 +48,15 @@ fn trainer(
     .with_prefetch(prefetch)
 }
 
+/// The lesson's VelocityMLP (h = 128, 3 layers, SiLU).
+fn lesson() -> ModelSpec {
+    ModelSpec::VelocityMlp {
+        hidden: 128,
+        layers: 3,
+        activation: Activation::Silu,
+    }
+}
+
 fn train_steps(c: &mut Criterion) {
     let cases = [
         (
@@ -64,11 +73,7 @@ fn train_steps(c: &mut Criterion) {
         ),
         (
             "lesson_velocitymlp_h128_b256",
-            ModelSpec::VelocityMlp {
-                hidden: 128,
-                layers: 3,
-                activation: Activation::Silu,
-            },
+            lesson(),
             "moons",
             256,
             1e-3,
@@ -78,11 +83,7 @@ fn train_steps(c: &mut Criterion) {
         // As `flowmatch run` trains: the next batch's assignment on a second thread.
         (
             "lesson_otcfm_h128_b256",
-            ModelSpec::VelocityMlp {
-                hidden: 128,
-                layers: 3,
-                activation: Activation::Silu,
-            },
+            lesson(),
             "moons",
             256,
             1e-3,
@@ -92,11 +93,7 @@ fn train_steps(c: &mut Criterion) {
         // Everything on the one thread (`train.prefetch = false`).
         (
             "lesson_otcfm_h128_b256_serial",
-            ModelSpec::VelocityMlp {
-                hidden: 128,
-                layers: 3,
-                activation: Activation::Silu,
-            },
+            lesson(),
             "moons",
             256,
             1e-3,

@@ -245,72 +245,67 @@ fn epilogue(row: &mut [f32], b: &[f32], f: impl Fn(f32) -> f32) {
     row.iter_mut().zip(b).for_each(|(v, &bb)| *v = f(*v + bb));
 }
 
-/// `R` rows × 16 columns: `y[r][c0..c0+16] = Σ_k x[r][k]·panel[k]`, in registers; `y` points
-/// at `R` rows of `o` writable floats.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn tile<const R: usize>(
-    x: &[f32],
-    y: *mut f32,
-    panel: &[f32],
-    i: usize,
-    o: usize,
-    c0: usize,
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(x.len() >= R * i && panel.len() >= COLS * i && c0 + COLS <= o);
-    let mut lo = [_mm256_setzero_ps(); R];
-    let mut hi = [_mm256_setzero_ps(); R];
-    let (xp, pp) = (x.as_ptr(), panel.as_ptr());
-    for k in 0..i {
-        let w0 = _mm256_loadu_ps(pp.add(k * COLS));
-        let w1 = _mm256_loadu_ps(pp.add(k * COLS + 8));
-        for r in 0..R {
-            let a = _mm256_broadcast_ss(&*xp.add(r * i + k));
-            lo[r] = _mm256_fmadd_ps(a, w0, lo[r]);
-            hi[r] = _mm256_fmadd_ps(a, w1, hi[r]);
+/// A register tile: `R` rows × `cols` columns, `y[r][c0..c0+cols] = Σ_k x[r][k]·panel[k]`, two
+/// accumulators per row, written to `y` (`R` rows of `o` writable floats).
+macro_rules! tile_fn {
+    ($name:ident, $feat:literal, $cols:expr, $half:expr,
+     $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $store:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn $name<const R: usize>(
+            x: &[f32],
+            y: *mut f32,
+            panel: &[f32],
+            i: usize,
+            o: usize,
+            c0: usize,
+        ) {
+            use std::arch::x86_64::*;
+            debug_assert!(x.len() >= R * i && panel.len() >= $cols * i && c0 + $cols <= o);
+            let mut lo = [$zero(); R];
+            let mut hi = [$zero(); R];
+            let (xp, pp) = (x.as_ptr(), panel.as_ptr());
+            for k in 0..i {
+                let w0 = $load(pp.add(k * $cols));
+                let w1 = $load(pp.add(k * $cols + $half));
+                for r in 0..R {
+                    let a = $set1(*xp.add(r * i + k));
+                    lo[r] = $fmadd(a, w0, lo[r]);
+                    hi[r] = $fmadd(a, w1, hi[r]);
+                }
+            }
+            for r in 0..R {
+                $store(y.add(r * o + c0), lo[r]);
+                $store(y.add(r * o + c0 + $half), hi[r]);
+            }
         }
-    }
-    let yp = y;
-    for r in 0..R {
-        _mm256_storeu_ps(yp.add(r * o + c0), lo[r]);
-        _mm256_storeu_ps(yp.add(r * o + c0 + 8), hi[r]);
-    }
+    };
 }
-
-/// `R` rows × 32 columns with AVX-512: two 16-lane accumulators per row, up to 24 of the 32
-/// registers; same sums as [`tile`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[inline]
-unsafe fn tile512<const R: usize>(
-    x: &[f32],
-    y: *mut f32,
-    panel: &[f32],
-    i: usize,
-    o: usize,
-    c0: usize,
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(x.len() >= R * i && panel.len() >= WIDE_COLS * i && c0 + WIDE_COLS <= o);
-    let mut lo = [_mm512_setzero_ps(); R];
-    let mut hi = [_mm512_setzero_ps(); R];
-    let (xp, pp) = (x.as_ptr(), panel.as_ptr());
-    for k in 0..i {
-        let w0 = _mm512_loadu_ps(pp.add(k * WIDE_COLS));
-        let w1 = _mm512_loadu_ps(pp.add(k * WIDE_COLS + 16));
-        for r in 0..R {
-            let a = _mm512_set1_ps(*xp.add(r * i + k));
-            lo[r] = _mm512_fmadd_ps(a, w0, lo[r]);
-            hi[r] = _mm512_fmadd_ps(a, w1, hi[r]);
-        }
-    }
-    for r in 0..R {
-        _mm512_storeu_ps(y.add(r * o + c0), lo[r]);
-        _mm512_storeu_ps(y.add(r * o + c0 + 16), hi[r]);
-    }
-}
+// AVX2: 6 rows × 16 columns, 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers.
+tile_fn!(
+    tile,
+    "avx2,fma",
+    COLS,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    _mm256_storeu_ps
+);
+// AVX-512: 12 rows × 32 columns, 24 accumulators of 32 registers.
+tile_fn!(
+    tile512,
+    "avx512f,avx2,fma",
+    WIDE_COLS,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_storeu_ps
+);
 
 /// Whether the CPU has AVX-512F (checked once).
 fn has_avx512() -> bool {
