@@ -21,6 +21,15 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The fast kernels' kind (ReLU has none: candle's is fast).
+    pub(crate) fn kind(&self) -> Option<Kind> {
+        match self {
+            Self::Gelu => Some(Kind::Gelu),
+            Self::Silu => Some(Kind::Silu),
+            Self::Relu => None,
+        }
+    }
+
     /// Applies the activation to `x`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let fast = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32;
@@ -41,7 +50,7 @@ pub(crate) enum Kind {
 }
 
 struct Fast(Kind);
-struct FastGrad(Kind);
+pub(crate) struct FastGrad(pub(crate) Kind);
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -171,7 +180,7 @@ pub(crate) fn has_avx2() -> bool {
     false
 }
 
-fn map_kind(kind: Kind, xs: &[f32]) -> Vec<f32> {
+pub(crate) fn map_kind(kind: Kind, xs: &[f32]) -> Vec<f32> {
     // SAFETY: the AVX2 path runs only where the CPU reports AVX2 and FMA.
     unsafe {
         #[cfg(target_arch = "x86_64")]

@@ -6,9 +6,10 @@
 //! op: the gemm writes onto the broadcast bias, and the backward is two gemms and a row sum,
 //! packed in one output. Other devices use `[x, 1]·[W, b]ᵀ`.
 
-use crate::activation::Activation;
+use crate::activation::{map_kind, Activation, FastGrad, Kind};
 use crate::cpu::{f32_slices3, matmul, unpack_grads};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
+use std::sync::Mutex;
 
 /// A dense layer `y = x Wᵀ + b` with PyTorch's `(out, in)` weight layout.
 #[derive(Debug, Clone)]
@@ -51,6 +52,30 @@ impl Module for Linear {
 }
 
 impl Linear {
+    /// `act(x Wᵀ + b)` for training. On CPU, with GELU or SiLU, one op: the pre-activation
+    /// stays inside it (kept for its backward), so candle's gradient store never holds (or
+    /// zero-fills and adds) a gradient for it. The same values and gradients as
+    /// [`forward`](Module::forward) then [`Activation::apply`], bit for bit (tested).
+    pub fn forward_with(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match act.kind() {
+            Some(kind)
+                if x.rank() == 2
+                    && matches!(x.device(), Device::Cpu)
+                    && x.dtype() == DType::F32 =>
+            {
+                x.contiguous()?.apply_op3(
+                    &self.weight.contiguous()?,
+                    &self.bias.contiguous()?,
+                    LinearActOp {
+                        kind,
+                        pre: Mutex::new(None),
+                    },
+                )
+            }
+            _ => act.apply(&self.forward(x)?),
+        }
+    }
+
     /// `act(… act(act(x W₁ᵀ + b₁) W₂ᵀ + b₂) …)` through `layers`, each followed by `act`, for
     /// evaluation, not training: on CPU the fused tiles of `dense.rs` (the same values, no
     /// gradient), elsewhere layer by layer.
@@ -100,27 +125,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [x, w, b] = f32_slices3(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
-        let (o, i) = l2.shape().dims2()?;
-        let n = l1.shape().dims2()?.0;
-        if l1.shape().dims2()?.1 != i || b.len() != o {
-            candle_core::bail!("linear: input {:?} against weight ({o}, {i})", l1.shape());
-        }
-        let mut y = Vec::with_capacity(n * o);
-        for _ in 0..n {
-            y.extend_from_slice(b);
-        }
-        // y (n×o) += x (n×i) · Wᵀ (i×o).
-        matmul(
-            (n, o, i),
-            &mut y,
-            true,
-            x,
-            (i, 1),
-            w,
-            (1, i),
-            threads_for(n * o * i),
-        );
+        let (y, n, o) = affine(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
     }
 
@@ -133,6 +138,85 @@ impl CustomOp3 for LinearOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearGrad)?;
+        unpack_grads(&packed, [x, w, b])
+    }
+}
+
+/// `x Wᵀ + b` on a custom op's CPU inputs: the gemm onto the broadcast bias. Returns the
+/// `n × o` values with `n` and `o`.
+fn affine(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<(Vec<f32>, usize, usize)> {
+    let [x, w, b] = f32_slices3(op, (s1, l1), (s2, l2), (s3, l3))?;
+    let (o, i) = l2.shape().dims2()?;
+    let n = l1.shape().dims2()?.0;
+    if l1.shape().dims2()?.1 != i || b.len() != o {
+        candle_core::bail!("{op}: input {:?} against weight ({o}, {i})", l1.shape());
+    }
+    let mut y = Vec::with_capacity(n * o);
+    for _ in 0..n {
+        y.extend_from_slice(b);
+    }
+    // y (n×o) += x (n×i) · Wᵀ (i×o).
+    matmul(
+        (n, o, i),
+        &mut y,
+        true,
+        x,
+        (i, 1),
+        w,
+        (1, i),
+        threads_for(n * o * i),
+    );
+    Ok((y, n, o))
+}
+
+/// `act(x Wᵀ + b)` as one op (GELU / SiLU, CPU): keeps the pre-activation `z` for its backward.
+struct LinearActOp {
+    kind: Kind,
+    pre: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp3 for LinearActOp {
+    fn name(&self) -> &'static str {
+        "linear-act-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (z, n, o) = affine(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
+        let y = map_kind(self.kind, &z);
+        *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(z);
+        Ok((CpuStorage::F32(y), Shape::from((n, o))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let kept = self.pre.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // A second backward through the same graph recomputes z.
+        let z = match kept {
+            Some(z) => Tensor::from_vec(z, res.shape(), res.device())?,
+            None => x.apply_op3_no_bwd(w, b, &LinearOp)?,
+        };
+        // dz = dy · act′(z), then the layer's backward: the same ops as the unfused pair.
+        let dz = z.apply_op3_no_bwd(res, &grad.contiguous()?, &FastGrad(self.kind))?;
+        let packed = x.apply_op3_no_bwd(w, &dz, &LinearGrad)?;
         unpack_grads(&packed, [x, w, b])
     }
 }
@@ -178,6 +262,40 @@ impl CustomOp3 for LinearGrad {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_activation_gives_the_same_values_and_gradients_bit_for_bit() {
+        let dev = Device::Cpu;
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        for act in [Activation::Gelu, Activation::Silu] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (300, 40), &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (64, 40), &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 64, &dev).unwrap()).unwrap();
+            let lin = Linear::new(w.as_tensor().clone(), b.as_tensor().clone());
+            let fused = lin.forward_with(x.as_tensor(), act).unwrap();
+            let plain = act.apply(&lin.forward(x.as_tensor()).unwrap()).unwrap();
+            assert_eq!(bits(&fused), bits(&plain), "{act:?} values");
+            let loss = |y: &Tensor| y.sqr().unwrap().sum_all().unwrap();
+            let g1 = loss(&fused).backward().unwrap();
+            let g2 = loss(&plain).backward().unwrap();
+            for v in [&x, &w, &b] {
+                let (a, c) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert_eq!(bits(a), bits(c), "{act:?} gradients");
+            }
+            // A second backward through the same graph recomputes the pre-activation.
+            let again = loss(&fused).backward().unwrap();
+            assert_eq!(
+                bits(again.get(w.as_tensor()).unwrap()),
+                bits(g2.get(w.as_tensor()).unwrap())
+            );
+        }
+    }
 
     #[test]
     fn values_and_gradients_match_the_plain_form() {

@@ -35,9 +35,9 @@ impl VelocityField for VelocityNet {
     fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let t = t.reshape((x.dim(0)?, 1))?.to_dtype(x.dtype())?;
         let h = Tensor::cat(&[x, &t], 1)?;
-        let h = self.act.apply(&self.fc_in.forward(&h)?)?;
-        let h = self.act.apply(&self.fc2.forward(&h)?)?;
-        let h = self.act.apply(&self.fc3.forward(&h)?)?;
+        let h = self.fc_in.forward_with(&h, self.act)?;
+        let h = self.fc2.forward_with(&h, self.act)?;
+        let h = self.fc3.forward_with(&h, self.act)?;
         self.fc_out.forward(&h)
     }
 
@@ -107,16 +107,13 @@ impl VelocityMlp {
 impl VelocityField for VelocityMlp {
     fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let temb = sinusoidal_embedding(&t.flatten_all()?, Self::TIME_DIMS)?;
-        let temb = self.act.apply(&self.time_embed.forward(&temb)?)?;
+        let temb = self.time_embed.forward_with(&temb, self.act)?;
         let mut h = Tensor::cat(&[x, &temb], 1)?;
         let last = self.net.len() - 1;
-        for (i, layer) in self.net.iter().enumerate() {
-            h = layer.forward(&h)?;
-            if i < last {
-                h = self.act.apply(&h)?;
-            }
+        for layer in &self.net[..last] {
+            h = layer.forward_with(&h, self.act)?;
         }
-        Ok(h)
+        self.net[last].forward(&h)
     }
 
     /// One time for the whole batch: the embedding and its share of the first layer,
