@@ -106,9 +106,11 @@ fn shortest_augmenting_path(cost: &[f64], n: usize, scan: fn(Scan) -> (f64, usiz
     }
     let mut shortest = vec![f64::INFINITY; n];
     let mut path = vec![0f64; n];
-    // 0 for columns outside the shortest-path tree, +∞ for those in it (SC): added to the
-    // reduced costs, it keeps tree columns out of the scan without a branch.
-    let mut penalty = vec![0.0f64; n];
+    // The scan's copy of v: v_j for columns outside the shortest-path tree, -∞ for those in it
+    // (SC). Their reduced cost is then +∞ and their `shortest` is parked at +∞ (the final
+    // distance kept in `dist`), so the sweep skips them without a branch or a second array.
+    let mut v_scan = v.clone();
+    let mut dist = vec![0.0f64; n];
     let mut rows_seen: Vec<usize> = Vec::with_capacity(n);
     let mut cols_seen: Vec<usize> = Vec::with_capacity(n);
     for cur in 0..n {
@@ -123,8 +125,7 @@ fn shortest_augmenting_path(cost: &[f64], n: usize, scan: fn(Scan) -> (f64, usiz
             let row = &cost[i * n..(i + 1) * n];
             let (lowest, best) = scan(Scan {
                 row,
-                v: &v,
-                penalty: &penalty,
+                v: &v_scan,
                 shortest: &mut shortest,
                 path: &mut path,
                 base: min_val - u[i],
@@ -132,7 +133,9 @@ fn shortest_augmenting_path(cost: &[f64], n: usize, scan: fn(Scan) -> (f64, usiz
             });
             min_val = lowest;
             let j = best;
-            penalty[j] = f64::INFINITY;
+            dist[j] = lowest;
+            shortest[j] = f64::INFINITY;
+            v_scan[j] = f64::NEG_INFINITY;
             cols_seen.push(j);
             if row4col[j] == NONE {
                 sink = j;
@@ -143,11 +146,11 @@ fn shortest_augmenting_path(cost: &[f64], n: usize, scan: fn(Scan) -> (f64, usiz
         // Update the duals.
         u[cur] += min_val;
         for &r in &rows_seen[1..] {
-            u[r] += min_val - shortest[col4row[r]];
+            u[r] += min_val - dist[col4row[r]];
         }
         for &c in &cols_seen {
-            v[c] -= min_val - shortest[c];
-            penalty[c] = 0.0;
+            v[c] -= min_val - dist[c];
+            v_scan[c] = v[c];
         }
         // Augment along the path back to `cur`.
         let mut j = sink;
@@ -166,8 +169,8 @@ fn shortest_augmenting_path(cost: &[f64], n: usize, scan: fn(Scan) -> (f64, usiz
 /// One Dijkstra step's sweep over the columns for row `i`.
 struct Scan<'a> {
     row: &'a [f64],
+    /// v_j, or -∞ for the columns already in the tree.
     v: &'a [f64],
-    penalty: &'a [f64],
     shortest: &'a mut [f64],
     /// Predecessor rows, as f64 (exact below 2⁵³) so the vector sweep updates them with
     /// arithmetic.
@@ -178,13 +181,20 @@ struct Scan<'a> {
 
 /// Relaxes every column outside the tree through row `i` (`shortest_j ← min(shortest_j,
 /// base + c_ij − v_j)`, recording `i` as the predecessor) and returns the smallest `shortest_j`
-/// outside the tree with its column (the first, on ties). With AVX2 (chosen at run time) four
-/// columns at a time, compares and blends instead of branches; SciPy's loop is scalar.
+/// with its column (the first, on ties). With AVX-512 or AVX2 (chosen at run time) eight or
+/// four columns at a time, compares instead of branches; SciPy's loop is scalar. Every build
+/// picks the same column.
 fn dijkstra_scan_fn() -> fn(Scan) -> (f64, usize) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: called only where the CPU reports AVX2.
-        return |s| unsafe { scan_avx2(s) };
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: called only where the CPU reports AVX-512F.
+            return |s| unsafe { scan_avx512(s) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: called only where the CPU reports AVX2.
+            return |s| unsafe { scan_avx2(s) };
+        }
     }
     scan_scalar
 }
@@ -196,15 +206,26 @@ fn scan_scalar(s: Scan) -> (f64, usize) {
 /// The scalar sweep over columns `from..`, continuing from (`lowest`, `best`).
 fn scan_tail(s: Scan, from: usize, mut lowest: f64, mut best: usize) -> (f64, usize) {
     for j in from..s.row.len() {
-        let x = s.base + s.row[j] - s.v[j] + s.penalty[j];
+        let x = s.base + s.row[j] - s.v[j];
         if x < s.shortest[j] {
             s.shortest[j] = x;
             s.path[j] = s.i as f64;
         }
-        let y = s.shortest[j] + s.penalty[j];
-        if y < lowest {
-            lowest = y;
+        if s.shortest[j] < lowest {
+            lowest = s.shortest[j];
             best = j;
+        }
+    }
+    (lowest, best)
+}
+
+/// The smallest of per-lane minima (each lane holding its first), then the lowest column.
+fn lanes_min(values: &[f64], columns: &[i64]) -> (f64, usize) {
+    let (mut lowest, mut best) = (f64::INFINITY, usize::MAX);
+    for (&v, &c) in values.iter().zip(columns) {
+        if c >= 0 && (v < lowest || (v == lowest && (c as usize) < best)) {
+            lowest = v;
+            best = c as usize;
         }
     }
     (lowest, best)
@@ -223,17 +244,13 @@ unsafe fn scan_avx2(s: Scan) -> (f64, usize) {
     let four = _mm256_set1_epi64x(4);
     let mut low = _mm256_set1_pd(f64::INFINITY);
     let mut low_idx = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
-    let (r, v, p) = (s.row.as_ptr(), s.v.as_ptr(), s.penalty.as_ptr());
+    let (r, v) = (s.row.as_ptr(), s.v.as_ptr());
     let (sh, pa) = (s.shortest.as_mut_ptr(), s.path.as_mut_ptr());
     let mut j = 0;
     while j < m {
-        let pj = _mm256_loadu_pd(p.add(j));
-        let x = _mm256_add_pd(
-            _mm256_sub_pd(
-                _mm256_add_pd(base, _mm256_loadu_pd(r.add(j))),
-                _mm256_loadu_pd(v.add(j)),
-            ),
-            pj,
+        let x = _mm256_sub_pd(
+            _mm256_add_pd(base, _mm256_loadu_pd(r.add(j))),
+            _mm256_loadu_pd(v.add(j)),
         );
         let old = _mm256_loadu_pd(sh.add(j));
         // Arithmetic, not blends: LLVM turns "blend with the loaded value, store" into masked
@@ -246,9 +263,8 @@ unsafe fn scan_avx2(s: Scan) -> (f64, usize) {
             pa.add(j),
             _mm256_add_pd(pold, _mm256_mul_pd(better, _mm256_sub_pd(row_i, pold))),
         );
-        let y = _mm256_add_pd(new, pj);
-        let lt = _mm256_cmp_pd::<_CMP_LT_OQ>(y, low);
-        low = _mm256_blendv_pd(low, y, lt);
+        let lt = _mm256_cmp_pd::<_CMP_LT_OQ>(new, low);
+        low = _mm256_blendv_pd(low, new, lt);
         low_idx = _mm256_blendv_pd(low_idx, _mm256_castsi256_pd(idx), lt);
         idx = _mm256_add_epi64(idx, four);
         j += 4;
@@ -259,14 +275,47 @@ unsafe fn scan_avx2(s: Scan) -> (f64, usize) {
         li.as_mut_ptr() as *mut __m256i,
         _mm256_castpd_si256(low_idx),
     );
-    // Each lane holds its first minimum; across lanes, the smallest value, then the lowest index.
-    let (mut lowest, mut best) = (f64::INFINITY, usize::MAX);
-    for l in 0..4 {
-        if li[l] >= 0 && (lv[l] < lowest || (lv[l] == lowest && (li[l] as usize) < best)) {
-            lowest = lv[l];
-            best = li[l] as usize;
-        }
+    let (lowest, best) = lanes_min(&lv, &li);
+    scan_tail(s, m, lowest, best)
+}
+
+/// The AVX-512 sweep: eight columns at a time, the predecessor written under a mask (a
+/// masked store is cheap here, unlike AVX2's vmaskmovpd).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scan_avx512(s: Scan) -> (f64, usize) {
+    use std::arch::x86_64::*;
+    let n = s.row.len();
+    let m = n / 8 * 8;
+    let base = _mm512_set1_pd(s.base);
+    let row_i = _mm512_set1_pd(s.i as f64);
+    let mut idx = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    let eight = _mm512_set1_epi64(8);
+    let mut low = _mm512_set1_pd(f64::INFINITY);
+    let mut low_idx = _mm512_set1_epi64(-1);
+    let (r, v) = (s.row.as_ptr(), s.v.as_ptr());
+    let (sh, pa) = (s.shortest.as_mut_ptr(), s.path.as_mut_ptr());
+    let mut j = 0;
+    while j < m {
+        let x = _mm512_sub_pd(
+            _mm512_add_pd(base, _mm512_loadu_pd(r.add(j))),
+            _mm512_loadu_pd(v.add(j)),
+        );
+        let old = _mm512_loadu_pd(sh.add(j));
+        let better = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(x, old);
+        let new = _mm512_min_pd(x, old);
+        _mm512_storeu_pd(sh.add(j), new);
+        _mm512_mask_storeu_pd(pa.add(j), better, row_i);
+        let lt = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(new, low);
+        low = _mm512_mask_mov_pd(low, lt, new);
+        low_idx = _mm512_mask_mov_epi64(low_idx, lt, idx);
+        idx = _mm512_add_epi64(idx, eight);
+        j += 8;
     }
+    let (mut lv, mut li) = ([0f64; 8], [0i64; 8]);
+    _mm512_storeu_pd(lv.as_mut_ptr(), low);
+    _mm512_storeu_si512(li.as_mut_ptr() as *mut __m512i, low_idx);
+    let (lowest, best) = lanes_min(&lv, &li);
     scan_tail(s, m, lowest, best)
 }
 
@@ -371,6 +420,21 @@ mod tests {
         }
     }
 
+    /// The scalar sweep and each vector sweep the CPU supports.
+    fn sweeps() -> Vec<fn(Scan) -> (f64, usize)> {
+        let mut all: Vec<fn(Scan) -> (f64, usize)> = vec![scan_scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                all.push(|s| unsafe { scan_avx2(s) });
+            }
+            if is_x86_feature_detected!("avx512f") {
+                all.push(|s| unsafe { scan_avx512(s) });
+            }
+        }
+        all
+    }
+
     #[test]
     fn shortest_path_and_kuhn_munkres_agree_on_larger_problems() {
         let mut seed = 11;
@@ -385,17 +449,22 @@ mod tests {
                     .sum::<f64>()
             };
             let y = assignment_kuhn_munkres(&c, n).unwrap();
-            // The vector sweep (where the CPU has it) and the scalar one both reach the optimum.
-            for x in [
-                assignment(&c, n).unwrap(),
-                shortest_augmenting_path(&c, n, scan_scalar),
-            ] {
-                assert!(
-                    (cost(&x) - cost(&y)).abs() < 1e-8 * cost(&y),
-                    "n={n}: {} vs {}",
-                    cost(&x),
-                    cost(&y)
-                );
+            // Every sweep this CPU has reaches the optimum, and they all pick the same pairs.
+            let x = assignment(&c, n).unwrap();
+            for sweep in sweeps() {
+                assert_eq!(shortest_augmenting_path(&c, n, sweep), x, "n={n}");
+            }
+            assert!(
+                (cost(&x) - cost(&y)).abs() < 1e-8 * cost(&y),
+                "n={n}: {} vs {}",
+                cost(&x),
+                cost(&y)
+            );
+            // Costs on a coarse grid tie often: the sweeps still break ties alike.
+            let coarse: Vec<f64> = c.iter().map(|v| (v * 2.0).round()).collect();
+            let x = assignment(&coarse, n).unwrap();
+            for sweep in sweeps() {
+                assert_eq!(shortest_augmenting_path(&coarse, n, sweep), x, "n={n}");
             }
         }
         // Ties and duplicates: all-equal costs still give a permutation.
