@@ -15,7 +15,7 @@
 //! No gradient: this is for ODE solvers' evaluations (`velocity_at`); the result is a fresh
 //! tensor outside the autograd graph.
 
-use crate::activation::{forward, has_avx2, Activation, Kind};
+use crate::activation::{forward, has_avx2, has_avx512, Activation, Kind};
 use crate::cpu::f32_slice;
 use candle_core::{DType, Device, Result, Storage, Tensor, D};
 use rayon::prelude::*;
@@ -306,17 +306,6 @@ tile_fn!(
     _mm512_fmadd_ps,
     _mm512_storeu_ps
 );
-
-/// Whether the CPU has AVX-512F (checked once).
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
 
 #[cfg(test)]
 mod tests {
