@@ -15,6 +15,7 @@ pub trait Coupling: Send {
     fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError>;
 
     /// The deterministic stage that turns a draw into pairs; `None` when the draw is the pairs.
+    /// It is the same stage on every call (the trainer's prefetch worker asks once).
     fn pairing(&self) -> Option<Arc<dyn Pairing>> {
         None
     }

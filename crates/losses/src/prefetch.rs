@@ -13,18 +13,19 @@ use std::thread::JoinHandle;
 type Pairs = Result<(Tensor, Tensor), LossError>;
 
 pub(crate) struct Prefetcher {
-    jobs: Option<Sender<(Arc<dyn Pairing>, Draw)>>,
+    jobs: Option<Sender<Draw>>,
     done: Receiver<Pairs>,
     worker: Option<JoinHandle<()>>,
     pending: bool,
 }
 
 impl Prefetcher {
-    pub(crate) fn new() -> Self {
-        let (jobs, inbox) = channel::<(Arc<dyn Pairing>, Draw)>();
+    /// A worker that runs `pairing` on each draw it is given.
+    pub(crate) fn new(pairing: Arc<dyn Pairing>) -> Self {
+        let (jobs, inbox) = channel::<Draw>();
         let (outbox, done) = channel();
         let worker = std::thread::spawn(move || {
-            for (pairing, draw) in inbox {
+            for draw in inbox {
                 if outbox.send(pairing.pair(draw)).is_err() {
                     break;
                 }
@@ -39,8 +40,8 @@ impl Prefetcher {
     }
 
     /// Starts pairing `draw` on the worker.
-    pub(crate) fn start(&mut self, pairing: Arc<dyn Pairing>, draw: Draw) -> Result<(), LossError> {
-        let sent = self.jobs.as_ref().map(|j| j.send((pairing, draw)));
+    pub(crate) fn start(&mut self, draw: Draw) -> Result<(), LossError> {
+        let sent = self.jobs.as_ref().map(|j| j.send(draw));
         match sent {
             Some(Ok(())) => {
                 self.pending = true;

@@ -70,7 +70,8 @@ pub struct Trainer {
     batch: usize,
     steps_done: usize,
     ema: Option<Ema>,
-    /// The worker pairing the next batch, with `with_prefetch(true)`.
+    /// The worker pairing the next batch: with `with_prefetch(true)`, on CPU, for couplings
+    /// with a pairing stage.
     prefetch: Option<Prefetcher>,
 }
 
@@ -152,10 +153,14 @@ impl Trainer {
     }
 
     /// Pairs the next batch on a second thread while the current step trains, for couplings
-    /// with a pairing stage (OT, reflow's teacher) on CPU. The random draws stay on the
-    /// training thread in the same order, so the numbers are the same as without.
+    /// with a pairing stage (OT, reflow's teacher) on CPU; otherwise a no-op. The random draws
+    /// stay on the training thread in the same order, so the numbers are the same as without.
     pub fn with_prefetch(mut self, on: bool) -> Self {
-        self.prefetch = on.then(Prefetcher::new);
+        let cpu = self.model.params.device().is_cpu();
+        self.prefetch = match self.coupling.pairing() {
+            Some(pairing) if on && cpu => Some(Prefetcher::new(pairing)),
+            _ => None,
+        };
         self
     }
 
@@ -172,11 +177,8 @@ impl Trainer {
         let p = self.path.sample(&x0, &x1, &t, rng)?;
         // This step's random draws are done: the next batch's come now, in the order a serial
         // run takes them, and its pairing runs beside this step's forward and backward pass.
-        if let (Some(worker), true) = (self.prefetch.as_mut(), device.is_cpu()) {
-            if let Some(pairing) = self.coupling.pairing() {
-                let draw = self.coupling.draw(self.batch, rng, &device)?;
-                worker.start(pairing, draw)?;
-            }
+        if let Some(worker) = self.prefetch.as_mut() {
+            worker.start(self.coupling.draw(self.batch, rng, &device)?)?;
         }
         let loss = regression_loss(&self.model, &p, &t)?;
         let value = loss.to_scalar::<f32>()?;
@@ -306,10 +308,10 @@ mod tests {
         let mut rng = rng_from_seed(10);
         let mut tr = trainer_sigma(true, 0.1).with_prefetch(true);
         tr.step(&mut rng).unwrap();
-        assert!(tr.prefetch.as_ref().unwrap().pending());
+        assert!(tr.prefetch.as_ref().is_some_and(Prefetcher::pending));
         let mut tr = trainer_sigma(false, 0.1).with_prefetch(true);
         tr.step(&mut rng).unwrap();
-        assert!(!tr.prefetch.as_ref().unwrap().pending());
+        assert!(!tr.prefetch.as_ref().is_some_and(Prefetcher::pending));
     }
 
     #[test]
