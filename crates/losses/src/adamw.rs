@@ -4,19 +4,154 @@
 //! parameter tensor: 0.23 ms of the lesson's 1.8 ms step. Here the moments live in plain
 //! vectors and an in-place candle op updates `m`, `v` and `θ` in one loop. The arithmetic is
 //! candle's, in the same order and precision, so the two agree to float rounding (tested).
-//! Parameters that are not CPU f32 tensors go to candle-nn's `AdamW` unchanged.
+//! Parameters that are not CPU f32 tensors take candle-nn's `AdamW` rule as tensor ops.
+//! Both keep their moments where [`FusedAdamW::state`] can read them, so a checkpoint can
+//! hold the optimiser and a resumed run continues with the same numbers.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor, Var};
+use candle_nn::{Optimizer, ParamsAdamW};
 use std::cell::RefCell;
 
 /// AdamW (decoupled weight decay, bias-corrected moments), as `candle_nn::AdamW`.
 pub enum FusedAdamW {
     /// Every parameter a CPU f32 tensor: the fused update.
     Cpu(CpuAdamW),
-    /// Anything else: candle-nn's optimizer.
-    Candle(AdamW),
+    /// Anything else (CUDA, f64): candle-nn's update rule as tensor ops.
+    Tensors(TensorAdamW),
+}
+
+/// The optimiser's state: its step count and each parameter's first and second moments, in
+/// parameter order.
+pub struct AdamState {
+    /// Steps taken (the bias corrections depend on it).
+    pub step_t: usize,
+    /// `(m, v)` per parameter, shaped like the parameter.
+    pub moments: Vec<(Tensor, Tensor)>,
+}
+
+/// candle-nn's `AdamW`, with its moments reachable.
+pub struct TensorAdamW {
+    vars: Vec<(Var, Var, Var)>,
+    params: ParamsAdamW,
+    step_t: usize,
+}
+
+impl TensorAdamW {
+    fn new(vars: Vec<Var>, params: ParamsAdamW) -> Result<Self> {
+        let vars = vars
+            .into_iter()
+            .map(|v| {
+                let m = Var::zeros(v.shape(), v.dtype(), v.device())?;
+                let s = Var::zeros(v.shape(), v.dtype(), v.device())?;
+                Ok((v, m, s))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            vars,
+            params,
+            step_t: 0,
+        })
+    }
+
+    /// candle-nn 0.11's `AdamW::step`, op for op.
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_t += 1;
+        let p = &self.params;
+        let (beta1, beta2) = (p.beta1, p.beta2);
+        let lr_lambda = p.lr * p.weight_decay;
+        let scale_m = 1f64 / (1f64 - beta1.powi(self.step_t as i32));
+        let scale_v = 1f64 / (1f64 - beta2.powi(self.step_t as i32));
+        for (theta, m, v) in &self.vars {
+            if let Some(g) = grads.get(theta) {
+                let next_m = ((m.as_tensor() * beta1)? + (g * (1.0 - beta1))?)?;
+                let next_v = ((v.as_tensor() * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                let m_hat = (&next_m * scale_m)?;
+                let v_hat = (&next_v * scale_v)?;
+                let next_theta = (theta.as_tensor() * (1f64 - lr_lambda))?;
+                let adjusted_grad = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
+                let next_theta = (next_theta - (adjusted_grad * p.lr)?)?;
+                m.set(&next_m)?;
+                v.set(&next_v)?;
+                theta.set(&next_theta)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FusedAdamW {
+    /// A copy of the step count and the moments.
+    pub fn state(&self) -> Result<AdamState> {
+        let moments = match self {
+            Self::Cpu(o) => o
+                .vars
+                .iter()
+                .map(|(var, m, v)| {
+                    let dev = var.device();
+                    Ok((
+                        Tensor::from_slice(m, var.shape(), dev)?,
+                        Tensor::from_slice(v, var.shape(), dev)?,
+                    ))
+                })
+                .collect::<Result<_>>()?,
+            Self::Tensors(o) => o
+                .vars
+                .iter()
+                .map(|(_, m, v)| Ok((m.as_tensor().copy()?, v.as_tensor().copy()?)))
+                .collect::<Result<_>>()?,
+        };
+        let step_t = match self {
+            Self::Cpu(o) => o.step_t,
+            Self::Tensors(o) => o.step_t,
+        };
+        Ok(AdamState { step_t, moments })
+    }
+
+    /// Puts back a state taken by [`Self::state`] from an optimiser of the same parameters.
+    pub fn restore(&mut self, state: &AdamState) -> Result<()> {
+        let n = match self {
+            Self::Cpu(o) => o.vars.len(),
+            Self::Tensors(o) => o.vars.len(),
+        };
+        if state.moments.len() != n {
+            candle_core::bail!(
+                "optimizer state holds {} parameters, the model has {n}",
+                state.moments.len()
+            );
+        }
+        match self {
+            Self::Cpu(o) => {
+                for ((var, m, v), (sm, sv)) in o.vars.iter_mut().zip(&state.moments) {
+                    if sm.dims() != var.dims() || sv.dims() != var.dims() {
+                        candle_core::bail!(
+                            "optimizer state: moment shape {:?} for a parameter of shape {:?}",
+                            sm.dims(),
+                            var.dims()
+                        );
+                    }
+                    *m = sm.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                    *v = sv.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                }
+                o.step_t = state.step_t;
+            }
+            Self::Tensors(o) => {
+                for ((var, m, v), (sm, sv)) in o.vars.iter().zip(&state.moments) {
+                    if sm.dims() != var.dims() || sv.dims() != var.dims() {
+                        candle_core::bail!(
+                            "optimizer state: moment shape {:?} for a parameter of shape {:?}",
+                            sm.dims(),
+                            var.dims()
+                        );
+                    }
+                    m.set(&sm.to_device(var.device())?.to_dtype(var.dtype())?)?;
+                    v.set(&sv.to_device(var.device())?.to_dtype(var.dtype())?)?;
+                }
+                o.step_t = state.step_t;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The fused CPU state: each parameter with its first and second moments.
@@ -35,7 +170,7 @@ impl Optimizer for FusedAdamW {
             .iter()
             .all(|v| matches!(v.device(), Device::Cpu) && v.dtype() == DType::F32);
         if !cpu {
-            return Ok(Self::Candle(AdamW::new(vars, params)?));
+            return Ok(Self::Tensors(TensorAdamW::new(vars, params)?));
         }
         let vars = vars
             .into_iter()
@@ -54,21 +189,21 @@ impl Optimizer for FusedAdamW {
     fn learning_rate(&self) -> f64 {
         match self {
             Self::Cpu(o) => o.params.lr,
-            Self::Candle(o) => o.learning_rate(),
+            Self::Tensors(o) => o.params.lr,
         }
     }
 
     fn set_learning_rate(&mut self, lr: f64) {
         match self {
             Self::Cpu(o) => o.params.lr = lr,
-            Self::Candle(o) => o.set_learning_rate(lr),
+            Self::Tensors(o) => o.params.lr = lr,
         }
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let o = match self {
             Self::Cpu(o) => o,
-            Self::Candle(o) => return o.step(grads),
+            Self::Tensors(o) => return o.step(grads),
         };
         o.step_t += 1;
         let p = &o.params;
@@ -168,7 +303,7 @@ impl InplaceOp2 for Update<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Tensor;
+    use candle_nn::AdamW;
 
     #[test]
     fn matches_candle_adamw_step_for_step() {
@@ -218,5 +353,116 @@ mod tests {
         // The parameters moved: the comparison above is not between two idle optimizers.
         let moved = max_abs((w1.as_tensor() - &init).unwrap());
         assert!(moved > 0.1, "{moved}");
+    }
+
+    /// A least-squares problem `(x·w + b − y)²` in `dtype`, and its loss for given weights.
+    fn problem(dtype: DType) -> (Tensor, Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let r = |shape: &[usize]| {
+            Tensor::randn(0f32, 1.0, shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        (r(&[7, 5]), r(&[5]), r(&[3, 5]), r(&[3, 7]))
+    }
+
+    fn loss(x: &Tensor, target: &Tensor, w: &Var, b: &Var) -> Tensor {
+        (x.matmul(w.as_tensor())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap()
+            - target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+    }
+
+    fn values(v: &Var) -> Vec<f64> {
+        v.as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn tensor_arm_is_candle_adamw_bit_for_bit() {
+        // f64 parameters take the tensor-op arm: it must give candle's numbers exactly.
+        let (init, bias, target, x) = problem(DType::F64);
+        let params = ParamsAdamW {
+            lr: 0.05,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let (w1, b1) = (
+            Var::from_tensor(&init).unwrap(),
+            Var::from_tensor(&bias).unwrap(),
+        );
+        let (w2, b2) = (
+            Var::from_tensor(&init).unwrap(),
+            Var::from_tensor(&bias).unwrap(),
+        );
+        let mut ours = FusedAdamW::new(vec![w1.clone(), b1.clone()], params.clone()).unwrap();
+        assert!(matches!(ours, FusedAdamW::Tensors(_)));
+        let mut theirs = AdamW::new(vec![w2.clone(), b2.clone()], params).unwrap();
+        for _ in 0..10 {
+            ours.backward_step(&loss(&x, &target, &w1, &b1)).unwrap();
+            theirs.backward_step(&loss(&x, &target, &w2, &b2)).unwrap();
+        }
+        assert_eq!(values(&w1), values(&w2));
+        assert_eq!(values(&b1), values(&b2));
+        assert_ne!(values(&w1), values(&Var::from_tensor(&init).unwrap()));
+    }
+
+    #[test]
+    fn state_taken_mid_run_and_restored_continues_identically() {
+        for dtype in [DType::F32, DType::F64] {
+            let (init, bias, target, x) = problem(dtype);
+            let params = ParamsAdamW {
+                lr: 0.02,
+                weight_decay: 0.01,
+                ..Default::default()
+            };
+            let fresh = || {
+                (
+                    Var::from_tensor(&init).unwrap(),
+                    Var::from_tensor(&bias).unwrap(),
+                )
+            };
+            // Uninterrupted: 12 steps.
+            let (w, b) = fresh();
+            let mut opt = FusedAdamW::new(vec![w.clone(), b.clone()], params.clone()).unwrap();
+            for _ in 0..12 {
+                opt.backward_step(&loss(&x, &target, &w, &b)).unwrap();
+            }
+            // Interrupted after 5: weights and state carried into a new optimiser.
+            let (w1, b1) = fresh();
+            let mut first = FusedAdamW::new(vec![w1.clone(), b1.clone()], params.clone()).unwrap();
+            for _ in 0..5 {
+                first.backward_step(&loss(&x, &target, &w1, &b1)).unwrap();
+            }
+            let state = first.state().unwrap();
+            assert_eq!(state.step_t, 5);
+            let w2 = Var::from_tensor(&w1.as_tensor().copy().unwrap()).unwrap();
+            let b2 = Var::from_tensor(&b1.as_tensor().copy().unwrap()).unwrap();
+            let mut second = FusedAdamW::new(vec![w2.clone(), b2.clone()], params.clone()).unwrap();
+            second.restore(&state).unwrap();
+            for _ in 0..7 {
+                second.backward_step(&loss(&x, &target, &w2, &b2)).unwrap();
+            }
+            assert_eq!(values(&w), values(&w2), "{dtype:?}");
+            assert_eq!(values(&b), values(&b2), "{dtype:?}");
+            // A state of other parameters is refused.
+            let short = AdamState {
+                step_t: 1,
+                moments: state.moments[..1].to_vec(),
+            };
+            assert!(second.restore(&short).is_err());
+        }
     }
 }

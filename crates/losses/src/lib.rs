@@ -15,9 +15,9 @@ mod prefetch;
 pub mod time;
 pub mod train;
 
-pub use adamw::FusedAdamW;
+pub use adamw::{AdamState, FusedAdamW};
 pub use coupling::{Coupling, Draw, Independent, MinibatchOt, Pairing};
 pub use error::LossError;
 pub use path::{AffinePath, PathSample, ProbabilityPath, Schedule};
 pub use time::TimeSampler;
-pub use train::{cfm_loss, OptimConfig, Trainer};
+pub use train::{cfm_loss, OptimConfig, Trainer, TrainerState};

@@ -31,6 +31,9 @@ impl TimeSampler {
             Self::LogitNormal { mean, std } if mean.is_finite() && std > 0.0 && std.is_finite() => {
                 Ok(())
             }
+            Self::LogitNormal { mean, .. } if !mean.is_finite() => Err(LossError::Invalid(
+                format!("logit-normal mean must be finite, got {mean}"),
+            )),
             Self::LogitNormal { std, .. } => Err(LossError::Invalid(format!(
                 "logit-normal std must be > 0, got {std}"
             ))),

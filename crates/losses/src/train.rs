@@ -1,5 +1,6 @@
 //! The one training step of flow matching, generic over path, coupling and time sampler.
 
+use crate::adamw::AdamState;
 use crate::prefetch::Prefetcher;
 use crate::FusedAdamW;
 use crate::{Coupling, LossError, PathSample, ProbabilityPath, TimeSampler};
@@ -7,6 +8,7 @@ use candle_core::Tensor;
 use candle_nn::{Optimizer, ParamsAdamW};
 use flowmatch_data::Rng;
 use flowmatch_models::{Model, VelocityField};
+use std::collections::HashMap;
 
 /// The conditional flow matching loss `mean |v(x_t, t) - dx_t|²` (PyTorch `MSELoss`).
 pub fn cfm_loss(
@@ -73,6 +75,22 @@ pub struct Trainer {
     /// The worker pairing the next batch: with `with_prefetch(true)`, on CPU, for couplings
     /// with a pairing stage.
     prefetch: Option<Prefetcher>,
+    /// With prefetch: the RNG as it stood before the next batch was drawn, i.e. as a serial
+    /// run holds it after this step (what a checkpoint saves).
+    serial_rng: Option<Rng>,
+}
+
+/// Everything a [`Trainer`] needs to continue exactly where it stopped, as named tensors
+/// (`live/NAME`, `ema/NAME`, `adam_m/NAME`, `adam_v/NAME`) and two counters. The RNG is the
+/// caller's: save [`Trainer::rng_to_save`].
+#[derive(Debug)]
+pub struct TrainerState {
+    /// Optimisation steps taken.
+    pub steps_done: usize,
+    /// The optimiser's step count.
+    pub adam_step: usize,
+    /// Weights, weight average and moments by name.
+    pub tensors: Vec<(String, Tensor)>,
 }
 
 /// An exponential moving average of the weights, `θ̄ ← d·θ̄ + (1 − d)·θ` after every step.
@@ -130,6 +148,7 @@ impl Trainer {
             steps_done: 0,
             ema: None,
             prefetch: None,
+            serial_rng: None,
         })
     }
 
@@ -178,6 +197,7 @@ impl Trainer {
         // This step's random draws are done: the next batch's come now, in the order a serial
         // run takes them, and its pairing runs beside this step's forward and backward pass.
         if let Some(worker) = self.prefetch.as_mut() {
+            self.serial_rng = Some(rng.clone());
             worker.start(self.coupling.draw(self.batch, rng, &device)?)?;
         }
         let loss = regression_loss(&self.model, &p, &t)?;
@@ -201,6 +221,88 @@ impl Trainer {
     /// The model being trained (its weight average, with EMA).
     pub fn model(&self) -> &Model {
         self.ema.as_ref().map_or(&self.model, |e| &e.model)
+    }
+
+    /// The RNG to checkpoint after a step: `rng` as a serial run would hold it. With
+    /// prefetch, `rng` has already drawn the next batch; a resumed run draws it again.
+    pub fn rng_to_save(&self, rng: &Rng) -> Rng {
+        match (&self.prefetch, &self.serial_rng) {
+            (Some(_), Some(before)) => before.clone(),
+            _ => rng.clone(),
+        }
+    }
+
+    /// A copy of the training state (weights, weight average, optimiser, step count).
+    pub fn state(&self) -> Result<TrainerState, LossError> {
+        let mut tensors = vec![];
+        let live = self.model.params.named_vars();
+        for (name, var) in &live {
+            tensors.push((format!("live/{name}"), var.as_tensor().copy()?));
+        }
+        if let Some(ema) = &self.ema {
+            for (name, var) in ema.model.params.named_vars() {
+                tensors.push((format!("ema/{name}"), var.as_tensor().copy()?));
+            }
+        }
+        let adam = self.opt.state()?;
+        for ((name, _), (m, v)) in live.iter().zip(adam.moments) {
+            tensors.push((format!("adam_m/{name}"), m));
+            tensors.push((format!("adam_v/{name}"), v));
+        }
+        Ok(TrainerState {
+            steps_done: self.steps_done,
+            adam_step: adam.step_t,
+            tensors,
+        })
+    }
+
+    /// Puts back a state taken by [`Self::state`] from a trainer of the same model (and the
+    /// same EMA setting); an error names what does not fit.
+    pub fn restore(&mut self, state: &TrainerState) -> Result<(), LossError> {
+        let by_name: HashMap<&str, &Tensor> =
+            state.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let get = |key: String| -> Result<&Tensor, LossError> {
+            by_name
+                .get(key.as_str())
+                .copied()
+                .ok_or_else(|| LossError::Invalid(format!("training state has no '{key}'")))
+        };
+        let set = |var: &candle_core::Var, t: &Tensor, key: &str| -> Result<(), LossError> {
+            if t.dims() != var.dims() {
+                return Err(LossError::Invalid(format!(
+                    "training state '{key}' has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+            Ok(())
+        };
+        let live = self.model.params.named_vars();
+        let mut moments = vec![];
+        for (name, var) in &live {
+            set(var, get(format!("live/{name}"))?, name)?;
+            moments.push((
+                get(format!("adam_m/{name}"))?.clone(),
+                get(format!("adam_v/{name}"))?.clone(),
+            ));
+        }
+        if let Some(ema) = &self.ema {
+            for (name, var) in ema.model.params.named_vars() {
+                set(&var, get(format!("ema/{name}"))?, &name)?;
+            }
+        } else if state.tensors.iter().any(|(n, _)| n.starts_with("ema/")) {
+            return Err(LossError::Invalid(
+                "training state holds a weight average but this run keeps none".into(),
+            ));
+        }
+        self.opt.restore(&AdamState {
+            step_t: state.adam_step,
+            moments,
+        })?;
+        self.steps_done = state.steps_done;
+        self.serial_rng = None;
+        Ok(())
     }
 
     /// Changes the learning rate (for schedules).
@@ -312,6 +414,61 @@ mod tests {
         let mut tr = trainer_sigma(false, 0.1).with_prefetch(true);
         tr.step(&mut rng).unwrap();
         assert!(!tr.prefetch.as_ref().is_some_and(Prefetcher::pending));
+    }
+
+    fn flat_weights(m: &Model) -> Vec<f32> {
+        m.params
+            .vars()
+            .iter()
+            .flat_map(|v| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_trainer_restored_from_its_state_continues_with_the_same_numbers() {
+        // OT with the next batch prefetched, path noise and EMA: every piece of state counts.
+        for (ot, prefetch, ema) in [(true, true, 0.9), (false, false, 0.0), (true, false, 0.5)] {
+            let make = || {
+                trainer_sigma(ot, 0.1)
+                    .with_ema(ema)
+                    .unwrap()
+                    .with_prefetch(prefetch)
+            };
+            let mut whole = make();
+            let mut rng = rng_from_seed(3);
+            let all: Vec<f32> = (0..10).map(|_| whole.step(&mut rng).unwrap()).collect();
+
+            let mut first = make();
+            let mut rng = rng_from_seed(3);
+            for _ in 0..4 {
+                first.step(&mut rng).unwrap();
+            }
+            let state = first.state().unwrap();
+            let mut rng = first.rng_to_save(&rng);
+            drop(first);
+            let mut second = make();
+            second.restore(&state).unwrap();
+            let rest: Vec<f32> = (0..6).map(|_| second.step(&mut rng).unwrap()).collect();
+            let case = format!("ot={ot} prefetch={prefetch} ema={ema}");
+            assert_eq!(&all[4..], &rest[..], "{case}");
+            assert_eq!(second.steps_done(), 10, "{case}");
+            assert_eq!(
+                flat_weights(whole.model()),
+                flat_weights(second.model()),
+                "{case}"
+            );
+            // A state without the weight average does not fit a trainer that keeps one.
+            if ema > 0.0 {
+                let mut plain = trainer_sigma(ot, 0.1);
+                assert!(plain.restore(&state).is_err());
+            }
+        }
     }
 
     #[test]

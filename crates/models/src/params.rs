@@ -45,6 +45,15 @@ impl Params {
         named.into_iter().map(|(_, v)| v.clone()).collect()
     }
 
+    /// All trainable variables with their names, in name order (the order of [`Self::vars`]).
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock poisoned");
+        let mut named: Vec<(String, Var)> =
+            data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
     /// Number of scalar parameters.
     pub fn count(&self) -> usize {
         self.vars().iter().map(|v| v.elem_count()).sum()
