@@ -139,6 +139,17 @@ impl Mnist {
         if m.train_labels.is_empty() {
             return Err(bad(Path::new(dir), "the training set is empty"));
         }
+        for (labels, file) in [
+            (&m.train_labels, "train-labels-idx1-ubyte"),
+            (&m.test_labels, "t10k-labels-idx1-ubyte"),
+        ] {
+            if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l > 9) {
+                return Err(bad(
+                    &Path::new(dir).join(file),
+                    format!("label {l} at position {i} is not a digit 0-9"),
+                ));
+            }
+        }
         Ok(m)
     }
 
