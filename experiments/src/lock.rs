@@ -1,0 +1,133 @@
+//! A run folder is owned by one process at a time: an exclusive lock on `DIR/.lock`
+//! (`flock` semantics, so the kernel drops it when its process dies: a killed run leaves no
+//! lock that blocks its rerun).
+
+use anyhow::{anyhow, Context, Result};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// The lock file's name inside a run folder.
+pub const LOCK_FILE: &str = ".lock";
+
+/// An exclusive hold on a run folder, released on drop (or when the process dies).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+    dir: PathBuf,
+}
+
+/// Why a folder could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another live process holds it.
+    #[error("{dir} is being written by another flowmatch process ({holder}); wait for it to finish, or choose another name or --out")]
+    Busy { dir: String, holder: String },
+    /// The lock file could not be opened or locked.
+    #[error("cannot lock {dir}: {msg}")]
+    Io { dir: String, msg: String },
+}
+
+impl RunLock {
+    /// Creates `dir` if needed and takes its lock, or says who holds it.
+    pub fn acquire(dir: &Path) -> Result<Self, LockError> {
+        let io = |e: std::io::Error| LockError::Io {
+            dir: dir.display().to_string(),
+            msg: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(LOCK_FILE))
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(LockError::Busy {
+                    dir: dir.display().to_string(),
+                    holder: if holder.is_empty() {
+                        "a process that is starting".into()
+                    } else {
+                        holder.to_string()
+                    },
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // Who holds it, for the error another process prints.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let me = if host.is_empty() {
+            format!("pid {}", std::process::id())
+        } else {
+            format!("pid {} on {host}", std::process::id())
+        };
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(me.as_bytes()));
+        Ok(Self {
+            _file: file,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The folder held.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Empties a run folder (one this process holds, or a folder inside one), but for its lock
+/// file: for a run that is redone.
+pub fn clear(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        if e.file_name() == LOCK_FILE {
+            continue;
+        }
+        let p = e.path();
+        let gone = if e.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        gone.map_err(|err| anyhow!("removing {}: {err}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_folder_is_refused_and_freed_on_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        let held = RunLock::acquire(&dir).unwrap();
+        let e = RunLock::acquire(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("another flowmatch process")
+                && e.contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+        drop(held);
+        // The lock file stays, but it no longer holds anyone off.
+        assert!(dir.join(LOCK_FILE).is_file());
+        let again = RunLock::acquire(&dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"x").unwrap();
+        std::fs::create_dir(dir.join("rf1")).unwrap();
+        clear(again.dir()).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].file_name(), LOCK_FILE);
+    }
+}
