@@ -2,7 +2,8 @@
 //! parsed once with figment + serde (unknown keys are errors), then range-checked.
 
 use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
 use flowmatch_data::{Distribution, Mnist, MnistSampler, Sampler};
 use flowmatch_losses::{AffinePath, Schedule, TimeSampler};
 use flowmatch_models::{activation::Activation, ModelSpec};
@@ -27,6 +28,18 @@ pub struct Config {
     pub eval: EvalConfig,
     pub logging: LoggingConfig,
     pub reflow: ReflowConfig,
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: what a run may ask for before it starts, so that a typo such as
+/// `train.batch_size = 1000000000` fails at once instead of exhausting the machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Memory a run may need (the estimate of [`crate::limits::estimate`]), in GB.
+    pub memory_gb: f64,
+    /// Most reflow iterations (each one trains a model).
+    pub reflow_iterations: usize,
 }
 
 /// `[data]`: the source and target distributions.
@@ -237,6 +250,10 @@ impl Default for Config {
                 distill_k: 0,
                 distill_steps: 1000,
             },
+            limits: LimitsConfig {
+                memory_gb: 16.0,
+                reflow_iterations: 100,
+            },
         }
     }
 }
@@ -284,8 +301,84 @@ pub struct CheckedReflow {
     pub distill_steps: usize,
 }
 
+/// One `key = value` layered over the config file, with where it came from (`--set …`, a
+/// sweep file's `[axes]`), which config errors name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// Dotted key, e.g. `train.steps`.
+    pub key: String,
+    pub value: toml::Value,
+    /// Where the value came from, as errors print it.
+    pub origin: String,
+}
+
+impl Override {
+    /// An override from `origin`.
+    pub fn new(key: &str, value: toml::Value, origin: impl Into<String>) -> Self {
+        Self {
+            key: key.to_string(),
+            value,
+            origin: origin.into(),
+        }
+    }
+}
+
+impl Provider for Override {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.origin.clone())
+    }
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Serialized::default(&self.key, &self.value).data()
+    }
+}
+
+/// The sections of a config, as `FLOWMATCH_SECTION__KEY` names them.
+const SECTIONS: [&str; 9] = [
+    "data", "model", "loss", "train", "solver", "eval", "logging", "reflow", "limits",
+];
+
+/// Checks that every `FLOWMATCH_…` variable is a config key, so that a misspelt one is an
+/// error rather than silently ignored.
+fn check_environment() -> Result<(), ConfigError> {
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let Some(rest) = name.strip_prefix("FLOWMATCH_") else {
+            continue;
+        };
+        let ok = match rest.split_once("__") {
+            None => rest == "DEVICE" || rest == "NAME",
+            Some((section, key)) => {
+                SECTIONS.contains(&section.to_ascii_lowercase().as_str()) && !key.is_empty()
+            }
+        };
+        if !ok {
+            return Err(ConfigError(format!(
+                "environment variable {name} is not a config key: use FLOWMATCH_SECTION__KEY with two underscores (e.g. FLOWMATCH_TRAIN__STEPS; sections: {}), FLOWMATCH_DEVICE or FLOWMATCH_NAME",
+                SECTIONS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a run or sweep name: it becomes a folder under `--out`, so it must be one plain
+/// path component.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let bad = name.is_empty()
+        || name.contains(['/', '\\'])
+        || name.starts_with('.')
+        || name.chars().any(char::is_control)
+        || name.len() > 200;
+    if bad {
+        return Err(format!(
+            "{name:?} is not a usable name (one folder name: not empty, no '/', no leading '.', no control characters, at most 200 bytes)"
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a `--set key=value`: the value as TOML (numbers, booleans, arrays), else a string.
-pub fn parse_set(s: &str) -> Result<(String, toml::Value), ConfigError> {
+pub fn parse_set(s: &str) -> Result<Override, ConfigError> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| ConfigError(format!("--set '{s}': expected key=value")))?;
@@ -298,13 +391,17 @@ pub fn parse_set(s: &str) -> Result<(String, toml::Value), ConfigError> {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(v.to_string()));
-    Ok((key, value))
+    Ok(Override {
+        key,
+        value,
+        origin: format!("--set {}", s.trim()),
+    })
 }
 
-/// Where a config comes from: a file (optional), the environment and `--set` overrides.
+/// Where a config comes from: a file (optional), the environment and overrides.
 pub struct ConfigSource<'a> {
     pub file: Option<&'a Path>,
-    pub sets: &'a [(String, toml::Value)],
+    pub sets: &'a [Override],
 }
 
 impl Config {
@@ -312,9 +409,15 @@ impl Config {
     pub fn load(src: &ConfigSource) -> Result<(Config, Checked), ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = src.file {
-            if !path.is_file() {
+            let kind = match std::fs::metadata(path) {
+                Err(_) => Some("does not exist"),
+                Ok(m) if m.is_dir() => Some("is a folder, not a TOML file"),
+                Ok(m) if !m.is_file() => Some("is not a regular file"),
+                Ok(_) => None,
+            };
+            if let Some(kind) = kind {
                 return Err(ConfigError(format!(
-                    "config file {} does not exist",
+                    "config file {} {kind}",
                     path.display()
                 )));
             }
@@ -336,18 +439,20 @@ impl Config {
                 .merge(Serialized::default("name", stem))
                 .merge(Toml::file(path));
         }
-        // Only FLOWMATCH_SECTION__KEY, FLOWMATCH_DEVICE and FLOWMATCH_NAME are config.
-        let env = Env::prefixed("FLOWMATCH_")
-            .filter(|k| k.as_str().contains("__") || k == "device" || k == "name");
-        fig = fig.merge(env.split("__"));
-        for (k, v) in src.sets {
-            fig = fig.merge(Serialized::default(k, v.clone()));
+        // FLOWMATCH_SECTION__KEY, FLOWMATCH_DEVICE and FLOWMATCH_NAME; anything else is refused.
+        check_environment()?;
+        fig = fig.merge(Env::prefixed("FLOWMATCH_").split("__"));
+        for o in src.sets {
+            fig = fig.merge(o.clone());
         }
         let cfg: Config = fig.extract().map_err(|e| ConfigError(figment_error(e)))?;
         let origin = |key: &str| -> String {
             match fig.find_metadata(key) {
                 Some(m) => match &m.source {
+                    // Built-in defaults (and the name taken from the file's stem).
+                    Some(figment::Source::Code(_)) => " (the default)".to_string(),
                     Some(s) => format!(" (from {s})"),
+                    None if m.name.contains("environment") => format!(" (from {})", env_var(key)),
                     None => format!(" (from {})", m.name),
                 },
                 None => String::new(),
@@ -364,13 +469,16 @@ impl Config {
         let dist = |key: &'static str, name: &str, scale: Option<f64>, dim: usize| {
             let mut d = Distribution::from_name(name).map_err(|e| (key, e.to_string()))?;
             if let Some(s) = scale {
-                d = d.with_scale(s).map_err(|e| (key, e.to_string()))?;
+                let scale_key = if key == "data.source" {
+                    "data.source_scale"
+                } else {
+                    "data.target_scale"
+                };
+                d = d.with_scale(s).map_err(|e| (scale_key, e.to_string()))?;
             }
             d.with_dim(dim).map_err(|e| ("data.dim", e.to_string()))
         };
-        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
-            return Err(("name", format!("'{}' is not a usable run name", self.name)));
-        }
+        check_name(&self.name).map_err(|m| ("name", m))?;
         let images = [&self.data.source, &self.data.target]
             .iter()
             .any(|n| n.as_str() == "mnist");
@@ -484,9 +592,24 @@ impl Config {
         };
         let time = match self.loss.time.as_str() {
             "uniform" => TimeSampler::Uniform,
-            "warped" => TimeSampler::Warped {
-                s: self.loss.time_warp_s,
-            },
+            "warped" => {
+                check_warp("loss.time_warp_s", self.loss.time_warp_s)?;
+                TimeSampler::Warped {
+                    s: self.loss.time_warp_s,
+                }
+            }
+            "logit-normal" if !self.loss.logit_mean.is_finite() => {
+                return Err((
+                    "loss.logit_mean",
+                    format!("must be a finite number, got {}", self.loss.logit_mean),
+                ))
+            }
+            "logit-normal" if !(self.loss.logit_std > 0.0 && self.loss.logit_std.is_finite()) => {
+                return Err((
+                    "loss.logit_std",
+                    format!("must be a positive number, got {}", self.loss.logit_std),
+                ))
+            }
             "logit-normal" => TimeSampler::LogitNormal {
                 mean: self.loss.logit_mean,
                 std: self.loss.logit_std,
@@ -529,12 +652,15 @@ impl Config {
             return Err(("solver.steps", "must be at least 1".into()));
         }
         if let Some(s) = self.solver.warp_s {
-            if !(0.0..=1.5).contains(&s) {
-                return Err(("solver.warp_s", format!("s={s} is outside [0, 1.5]")));
-            }
+            check_warp("solver.warp_s", s)?;
         }
-        if !(self.solver.rtol > 0.0 && self.solver.atol > 0.0) {
-            return Err(("solver.rtol", "rtol and atol must be positive".into()));
+        for (key, tol) in [
+            ("solver.rtol", self.solver.rtol),
+            ("solver.atol", self.solver.atol),
+        ] {
+            if !(tol > 0.0 && tol.is_finite()) {
+                return Err((key, format!("must be a positive number, got {tol}")));
+            }
         }
         let solver = SolverSpec {
             method,
@@ -556,8 +682,18 @@ impl Config {
                 "must be a non-empty list of step counts ≥ 1".into(),
             ));
         }
-        if !(0.0..=1.5).contains(&e.warp_s) {
-            return Err(("eval.warp_s", format!("s={} is outside [0, 1.5]", e.warp_s)));
+        if let Some(d) = first_repeat(&e.steps) {
+            return Err(("eval.steps", format!("{d} is listed twice")));
+        }
+        check_warp("eval.warp_s", e.warp_s)?;
+        if e.methods.is_empty() {
+            return Err((
+                "eval.methods",
+                "must be a non-empty list of solvers (euler, midpoint, heun, rk4, dopri5, or NAME-warp)".into(),
+            ));
+        }
+        if let Some(d) = first_repeat(&e.methods) {
+            return Err(("eval.methods", format!("'{d}' is listed twice")));
         }
         let mut table = vec![];
         for m in &e.methods {
@@ -599,12 +735,23 @@ impl Config {
             return Err(("reflow.teacher_steps", "must be at least 1".into()));
         }
         if let Some(s) = r.teacher_warp_s {
-            if !(0.0..=1.5).contains(&s) {
-                return Err((
-                    "reflow.teacher_warp_s",
-                    format!("s={s} is outside [0, 1.5]"),
-                ));
-            }
+            check_warp("reflow.teacher_warp_s", s)?;
+        }
+        let lim = &self.limits;
+        if !(lim.memory_gb > 0.0 && lim.memory_gb.is_finite()) {
+            return Err((
+                "limits.memory_gb",
+                format!("must be a positive number, got {}", lim.memory_gb),
+            ));
+        }
+        if r.iterations > lim.reflow_iterations {
+            return Err((
+                "reflow.iterations",
+                format!(
+                    "{} is over limits.reflow_iterations = {} (each iteration trains a model); raise the limit with --set limits.reflow_iterations=N",
+                    r.iterations, lim.reflow_iterations
+                ),
+            ));
         }
         if offline && r.pairs == 0 {
             return Err(("reflow.pairs", "must be at least 1".into()));
@@ -619,6 +766,18 @@ impl Config {
         }
         if r.distill_k > 0 && r.distill_steps == 0 {
             return Err(("reflow.distill_steps", "must be at least 1".into()));
+        }
+        let need = crate::limits::estimate(self, &model, source.dim(), images);
+        if need.bytes > lim.memory_gb * 1e9 {
+            return Err((
+                need.key,
+                format!(
+                    "this run would need about {} of memory ({}), over limits.memory_gb = {}; lower it, or raise the limit with --set limits.memory_gb=N",
+                    crate::limits::human(need.bytes),
+                    need.what,
+                    lim.memory_gb
+                ),
+            ));
         }
         let reflow = CheckedReflow {
             iterations: r.iterations,
@@ -656,6 +815,101 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+
+    /// Reads a resolved config that a run folder holds (`config.toml`); keys it lacks take
+    /// their defaults. No validation: it is only compared with [`Self::differences`].
+    pub fn read_resolved(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_resolved_toml(&text)
+            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// [`Self::read_resolved`] from the TOML text itself.
+    pub fn from_resolved_toml(text: &str) -> Result<Config, ConfigError> {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError(figment_error(e)))
+    }
+
+    /// Where `self` and `other` differ, one `key: A → B` per key, in file order; keys that
+    /// cannot change a run's numbers (see [`NEUTRAL_KEYS`]) are left out.
+    pub fn differences(&self, other: &Config) -> Vec<String> {
+        let (a, b) = (flatten(self), flatten(other));
+        let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+        let mut keys: Vec<&String> = a.iter().map(|(k, _)| k).collect();
+        keys.extend(
+            b.iter()
+                .map(|(k, _)| k)
+                .filter(|k| !a.iter().any(|(ka, _)| ka == *k)),
+        );
+        keys.into_iter()
+            .filter(|k| !NEUTRAL_KEYS.contains(&k.as_str()))
+            .filter_map(|k| {
+                let va = a.iter().find(|(x, _)| x == k).map(|(_, v)| v);
+                let vb = b.iter().find(|(x, _)| x == k).map(|(_, v)| v);
+                (va != vb).then(|| format!("{k}: {} → {}", show(va), show(vb)))
+            })
+            .collect()
+    }
+}
+
+/// Keys whose value never changes a run's numbers, so a resumed or reused run may differ in
+/// them: the prefetch thread, the figures, TensorBoard and the size limits.
+pub const NEUTRAL_KEYS: [&str; 5] = [
+    "train.prefetch",
+    "logging.plots",
+    "logging.tensorboard",
+    "limits.memory_gb",
+    "limits.reflow_iterations",
+];
+
+/// A config as `(dotted key, value)` pairs in file order.
+fn flatten(cfg: &Config) -> Vec<(String, toml::Value)> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.clone())),
+        }
+    }
+    let mut out = vec![];
+    if let Ok(v) = toml::Value::try_from(cfg) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// A one-line description of how a stored config differs from the planned one.
+pub fn describe_differences(diffs: &[String]) -> String {
+    match diffs {
+        [] => String::new(),
+        [one] => one.clone(),
+        [first, rest @ ..] => format!("{first} (and {} more)", rest.len()),
+    }
+}
+
+/// The time-grid warp `s` must lie in [0, 1.5] (the blog's range).
+fn check_warp(key: &'static str, s: f64) -> Result<(), (&'static str, String)> {
+    flowmatch_solvers::grid_check_warp(s).map_err(|e| (key, e.to_string()))
+}
+
+/// The first value that appears twice in `items`.
+fn first_repeat<T: PartialEq + std::fmt::Display>(items: &[T]) -> Option<&T> {
+    items
+        .iter()
+        .enumerate()
+        .find(|(i, x)| items[..*i].contains(x))
+        .map(|(_, x)| x)
 }
 
 fn parse_method(name: &str) -> Result<Method, String> {
@@ -673,6 +927,11 @@ fn parse_method(name: &str) -> Result<Method, String> {
     })
 }
 
+/// The environment variable of a dotted key: `train.steps` → `FLOWMATCH_TRAIN__STEPS`.
+fn env_var(key: &str) -> String {
+    format!("FLOWMATCH_{}", key.replace('.', "__").to_ascii_uppercase())
+}
+
 /// Flattens figment's error into one line: what is wrong, at which key, from which source.
 fn figment_error(e: figment::Error) -> String {
     let e = e.into_iter().next().expect("figment errors are non-empty");
@@ -683,7 +942,12 @@ fn figment_error(e: figment::Error) -> String {
     };
     let src = match &e.metadata {
         Some(m) => match &m.source {
+            Some(figment::Source::Code(_)) => String::new(),
             Some(s) => format!(" (from {s})"),
+            // The environment names the variable (FLOWMATCH_TRAIN__STEPS).
+            None if m.name.contains("environment") && !e.path.is_empty() => {
+                format!(" (from {})", env_var(&e.path.join(".")))
+            }
             None => format!(" (from {})", m.name),
         },
         None => String::new(),
@@ -733,14 +997,13 @@ mod tests {
     #[test]
     fn environment_layer_sits_between_file_and_set() {
         // Only this test touches these variables.
+        // (Misspelt FLOWMATCH_ variables are errors: tested end to end, in their own process.)
         std::env::set_var("FLOWMATCH_EVAL__SAMPLES", "77");
-        std::env::set_var("FLOWMATCH_UNRELATED", "1");
         let (c, _) = load("[eval]\nsamples = 5\n", &[]).unwrap();
         assert_eq!(c.eval.samples, 77);
         let (c, _) = load("[eval]\nsamples = 5\n", &["eval.samples=9"]).unwrap();
         assert_eq!(c.eval.samples, 9);
         std::env::remove_var("FLOWMATCH_EVAL__SAMPLES");
-        std::env::remove_var("FLOWMATCH_UNRELATED");
     }
 
     #[test]
@@ -763,5 +1026,145 @@ mod tests {
         let e = load("[train\nsteps = 1", &[]).err().unwrap().0;
         assert!(e.contains("exp.toml:1") && e.contains("syntax"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn errors_name_the_right_key_and_its_real_source() {
+        // A --set value is blamed on the --set, not on the file or a code location.
+        let e = load("[data]\nsource = \"gaussian\"\n", &["data.source_scale=0"])
+            .err()
+            .unwrap()
+            .0;
+        assert!(
+            e.starts_with("data.source_scale:") && e.contains("--set data.source_scale=0"),
+            "{e}"
+        );
+        let e = load("", &["train.steps=abc"]).err().unwrap().0;
+        assert!(
+            e.contains("train.steps") && e.contains("--set train.steps=abc") && !e.contains(".rs"),
+            "{e}"
+        );
+        let e = load("", &["solver.atol=0"]).err().unwrap().0;
+        assert!(e.starts_with("solver.atol:"), "{e}");
+        let e = load("[solver]\nrtol = -1.0\n", &[]).err().unwrap().0;
+        assert!(
+            e.starts_with("solver.rtol:") && e.contains("exp.toml"),
+            "{e}"
+        );
+        let e = load("", &["loss.time=logit-normal", "loss.logit_mean=nan"])
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.starts_with("loss.logit_mean:"), "{e}");
+        let e = load("", &["loss.time=logit-normal", "loss.logit_std=0"])
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.starts_with("loss.logit_std:"), "{e}");
+        let e = load("", &["loss.time=warped", "loss.time_warp_s=3"])
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.starts_with("loss.time_warp_s:"), "{e}");
+    }
+
+    #[test]
+    fn eval_lists_must_be_non_empty_and_without_repeats() {
+        let e = load("[eval]\nmethods = []\n", &[]).err().unwrap().0;
+        assert!(
+            e.starts_with("eval.methods:") && e.contains("non-empty"),
+            "{e}"
+        );
+        let e = load("[eval]\nsteps = [1, 5, 5]\n", &[]).err().unwrap().0;
+        assert!(
+            e.starts_with("eval.steps:") && e.contains("5 is listed twice"),
+            "{e}"
+        );
+        let e = load("[eval]\nmethods = [\"rk4\", \"rk4\"]\n", &[])
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.starts_with("eval.methods:") && e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn names_must_be_one_plain_folder_name() {
+        for bad in ["a/b", "../x", "", ".x", "a\nb"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name(&"n".repeat(201)).is_err());
+        assert!(check_name("lesson_moons-2").is_ok());
+        let e = load("", &["name=a\tb"]).err().unwrap().0;
+        assert!(e.starts_with("name:"), "{e}");
+    }
+
+    #[test]
+    fn a_folder_or_a_device_is_not_a_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let load_path = |p: &Path| {
+            Config::load(&ConfigSource {
+                file: Some(p),
+                sets: &[],
+            })
+            .err()
+            .unwrap()
+            .0
+        };
+        let e = load_path(dir.path());
+        assert!(e.contains("is a folder"), "{e}");
+        let e = load_path(Path::new("/dev/null"));
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = load_path(&dir.path().join("nope.toml"));
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn absurd_sizes_fail_at_once_with_a_limit_to_raise() {
+        let e = load("", &["train.batch_size=1000000000"]).err().unwrap().0;
+        assert!(
+            e.starts_with("train.batch_size:")
+                && e.contains("limits.memory_gb")
+                && e.contains("--set train.batch_size"),
+            "{e}"
+        );
+        let e = load(
+            "",
+            &[
+                "data.source=gaussian-nd",
+                "data.target=gaussian-nd",
+                "data.dim=100000000",
+            ],
+        )
+        .err()
+        .unwrap()
+        .0;
+        assert!(e.starts_with("data.dim:") && e.contains("TB"), "{e}");
+        let e = load("", &["reflow.iterations=100000"]).err().unwrap().0;
+        assert!(
+            e.starts_with("reflow.iterations:") && e.contains("limits.reflow_iterations"),
+            "{e}"
+        );
+        // The user can raise the limit.
+        assert!(load("", &["eval.samples=40000"]).is_err());
+        assert!(load("", &["eval.samples=40000", "limits.memory_gb=64"]).is_ok());
+    }
+
+    #[test]
+    fn differences_name_changed_keys_and_ignore_neutral_ones() {
+        let a = Config::default();
+        let mut b = a.clone();
+        assert!(a.differences(&b).is_empty());
+        b.train.prefetch = false;
+        b.logging.plots = false;
+        assert!(a.differences(&b).is_empty());
+        b.train.seed = 7;
+        b.solver.warp_s = Some(0.5);
+        let d = a.differences(&b);
+        assert_eq!(d, vec!["train.seed: 0 → 7", "solver.warp_s: (unset) → 0.5"]);
+        assert_eq!(describe_differences(&d), "train.seed: 0 → 7 (and 1 more)");
+        // What a run folder stores reads back as the same config.
+        let back = Config::from_resolved_toml(&b.to_toml()).unwrap();
+        assert!(back.differences(&b).is_empty());
+        assert_eq!(back, b);
     }
 }

@@ -2,12 +2,34 @@
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
-use flowmatch_experiments::config::{parse_set, Config, ConfigSource};
+use flowmatch_experiments::config::{parse_set, Config, ConfigSource, Override};
+use flowmatch_experiments::lock::RunLock;
 use flowmatch_experiments::logging::write_json;
-use flowmatch_experiments::run::{self, fresh_run_dir, RunPaths};
-use flowmatch_experiments::{device, plot, reflow, sweep};
+use flowmatch_experiments::run::{self, claim_run_dir, OnChange, RunOptions, RunPaths};
+use flowmatch_experiments::{checkpoint, device, plot, reflow, sweep};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// stdout could not be written (a closed pipe, a full disk).
+#[derive(Debug, thiserror::Error)]
+#[error("writing to stdout: {0}")]
+struct StdoutError(std::io::Error);
+
+/// Prints a line on stdout; a failure becomes a [`StdoutError`] (a closed pipe then ends the
+/// program quietly, as `flowmatch eval RUN | head -1` expects).
+macro_rules! say {
+    ($($t:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($t)*).map_err(StdoutError)?
+    };
+}
+
+/// Prints a line on stderr, never failing (a closed stderr loses the note, not the run).
+macro_rules! note {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
 
 /// candle allocates a fresh buffer per op; glibc hands buffers over 128 KiB back to the kernel
 /// each time (mmap/munmap + page faults), which cost more than the maths on 2048-row batches.
@@ -43,6 +65,13 @@ enum Cmd {
         /// Parent folder of the run folder.
         #[arg(long, default_value = "results/runs")]
         out: PathBuf,
+        /// A killed run of this name whose config differs: discard it and run this one there
+        /// (without this, that is an error naming the key).
+        #[arg(long)]
+        redo_changed: bool,
+        /// Test hook: stop abruptly after this training step, as if killed.
+        #[arg(long, hide = true)]
+        halt_after: Option<usize>,
     },
     /// Run the cartesian product of a sweep file.
     Sweep {
@@ -60,6 +89,16 @@ enum Cmd {
         /// Parent folder of the sweep folder.
         #[arg(long, default_value = "results/runs")]
         out: PathBuf,
+        /// Redo the runs whose folder holds another config (without this, such runs are an
+        /// error that names the run and the key, and nothing runs).
+        #[arg(long)]
+        redo_changed: bool,
+        /// Refuse sweeps of more runs than this (the count is checked before planning).
+        #[arg(long, default_value_t = sweep::DEFAULT_MAX_RUNS)]
+        max_runs: usize,
+        /// Test hook: each run stops abruptly after this training step, as if killed.
+        #[arg(long, hide = true)]
+        halt_after: Option<usize>,
     },
     /// Re-evaluate a saved run with other solvers / steps (--set solver.method=rk4 …).
     Eval {
@@ -67,6 +106,9 @@ enum Cmd {
         run_dir: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Overwrite an eval file of this solver and step count made with other settings.
+        #[arg(long)]
+        redo_changed: bool,
     },
     /// Reflow a finished run: train k-rectified flows with it as the first teacher
     /// (--set reflow.iterations=K, reflow.mode=offline, …); writes RUN_DIR/reflow/.
@@ -75,6 +117,9 @@ enum Cmd {
         run_dir: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// RUN_DIR/reflow holds a reflow of other settings: discard it and reflow again.
+        #[arg(long)]
+        redo_changed: bool,
     },
     /// Draw a run folder's figures again (or only some: --what distributions,flow).
     Plot {
@@ -126,34 +171,69 @@ enum Cmd {
     },
 }
 
-fn sets_of(raw: &[String]) -> Result<Vec<(String, toml::Value)>> {
+fn sets_of(raw: &[String]) -> Result<Vec<Override>> {
     raw.iter()
         .map(|s| parse_set(s).map_err(|e| anyhow!(e.0)))
         .collect()
 }
 
-/// A finished run folder's checkpoint path and its config (with `--set` overrides), loaded
-/// and validated; an error when the folder holds no model.
+fn on_change(redo: bool) -> OnChange {
+    if redo {
+        OnChange::Redo
+    } else {
+        OnChange::Refuse
+    }
+}
+
+/// A run folder's model and config (with `--set` overrides), loaded and checked: an error
+/// when the folder holds no model, or a model with non-finite weights.
 fn open_run(
     dir: &std::path::Path,
-    sets: &[(String, toml::Value)],
-) -> Result<(PathBuf, (Config, flowmatch_experiments::config::Checked))> {
-    let model = RunPaths {
+    sets: &[Override],
+) -> Result<(
+    flowmatch_models::Model,
+    Config,
+    flowmatch_experiments::config::Checked,
+    candle_core::Device,
+)> {
+    let model_path = RunPaths {
         dir: dir.to_path_buf(),
     }
     .model();
-    if !model.is_file() {
+    if !model_path.is_file() {
         return Err(anyhow!(
             "{} has no model.safetensors (not a run folder?)",
             dir.display()
         ));
     }
-    let loaded = Config::load(&ConfigSource {
+    let (cfg, checked) = Config::load(&ConfigSource {
         file: Some(&dir.join("config.toml")),
         sets,
     })
     .map_err(|e| anyhow!(e.0))?;
-    Ok((model, loaded))
+    let (dev, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
+        .map_err(|e| anyhow!(e))?;
+    let model = checked.model.load(
+        flowmatch_data::Sampler::dim(&checked.source),
+        &model_path,
+        &dev,
+    )?;
+    for (name, var) in model.params.named_vars() {
+        let finite = var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?
+            .iter()
+            .all(|x| x.is_finite());
+        if !finite {
+            return Err(anyhow!(
+                "{}: weight '{name}' is not finite (NaN or infinity): the run diverged; nothing to draw or evaluate",
+                model_path.display()
+            ));
+        }
+    }
+    Ok((model, cfg, checked, dev))
 }
 
 fn main() -> ExitCode {
@@ -166,8 +246,14 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
+            if let Some(StdoutError(io)) = e.downcast_ref::<StdoutError>() {
+                if io.kind() == std::io::ErrorKind::BrokenPipe {
+                    // The reader went away (`| head`): nothing more to say to anyone.
+                    return ExitCode::SUCCESS;
+                }
+            }
             let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+            note!("error: {msg}");
             ExitCode::FAILURE
         }
     }
@@ -181,200 +267,41 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             sets,
             device,
             out,
-        } => {
-            let mut sets = sets_of(&sets)?;
-            if let Some(d) = device {
-                sets.push(("device".into(), toml::Value::String(d)));
-            }
-            let (cfg, checked) = Config::load(&ConfigSource {
-                file: Some(&config),
-                sets: &sets,
-            })
-            .map_err(|e| anyhow!(e.0))?;
-            let (_, chosen) =
-                device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
-                    .map_err(|e| anyhow!(e))?;
-            let dir = fresh_run_dir(&out, &cfg.name);
-            eprintln!("run {} on {chosen} -> {}", cfg.name, dir.display());
-            let s = reflow::run_experiment(&cfg, &checked, &dir, show)?;
-            println!(
-                "{}: final_loss {:.4}  W2 {:.4} ({} {} steps, nfe {})  straightness {:.4}  S {:.4}",
-                s.name,
-                s.final_loss,
-                s.w2,
-                s.eval.solver,
-                s.eval.solver_steps,
-                s.nfe,
-                s.straightness,
-                s.rf_straightness
-            );
-            print_table(&s.eval.table);
-            if let Some(rows) = &s.reflow {
-                print!("{}", reflow::table_markdown(rows));
-            }
-            println!("wrote {}", dir.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Reflow { run_dir, sets } => {
-            let sets = sets_of(&sets)?;
-            let (model_path, (mut cfg, _)) = open_run(&run_dir, &sets)?;
-            if cfg.reflow.iterations == 0 && cfg.reflow.distill_k == 0 {
-                cfg.reflow.iterations = 1;
-            }
-            let cfg = reflow::with_reflow_eval(&cfg);
-            let checked = cfg.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
-            let (dev, chosen) =
-                device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
-                    .map_err(|e| anyhow!(e))?;
-            let model = checked.model.load(
-                flowmatch_data::Sampler::dim(&checked.source),
-                &model_path,
-                &dev,
-            )?;
-            let first = run::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
-            let parent = run_dir.join("reflow");
-            eprintln!(
-                "reflow {} on {chosen}: {} iteration(s) -> {}",
-                cfg.name,
-                cfg.reflow.iterations,
-                parent.display()
-            );
-            let s = reflow::chain(&cfg, &checked, model, &first, &parent, show)?;
-            print!(
-                "{}",
-                reflow::table_markdown(s.reflow.as_deref().unwrap_or(&[]))
-            );
-            println!("wrote {}", parent.display());
-            Ok(ExitCode::SUCCESS)
-        }
+            redo_changed,
+            halt_after,
+        } => cmd_run(config, sets, device, out, show, redo_changed, halt_after),
+        Cmd::Reflow {
+            run_dir,
+            sets,
+            redo_changed,
+        } => cmd_reflow(run_dir, sets, show, redo_changed),
         Cmd::Sweep {
             sweep: file,
             jobs,
             shard,
             sets,
             out,
+            redo_changed,
+            max_runs,
+            halt_after,
         } => {
-            let sets = sets_of(&sets)?;
-            let shard = match shard {
-                Some(s) => sweep::parse_shard(&s).map_err(|e| anyhow!(e))?,
-                None => (0, 1),
+            let opts = RunOptions {
+                show,
+                on_change: on_change(redo_changed),
+                halt_after,
             };
-            if jobs == 0 {
-                return Err(anyhow!("--jobs must be at least 1"));
-            }
-            let plan = sweep::plan(&file, &sets).map_err(|e| anyhow!(e.0))?;
-            eprintln!(
-                "sweep {}: {} runs, shard {}/{}, {jobs} at a time",
-                plan.name,
-                plan.runs.len(),
-                shard.0,
-                shard.1
-            );
-            let rep = sweep::execute(&plan, &out, jobs, shard, show)?;
-            println!(
-                "sweep {}: {} ran, {} already finished, {} failed",
-                plan.name,
-                rep.ran,
-                rep.skipped,
-                rep.failed.len()
-            );
-            for (name, err) in &rep.failed {
-                eprintln!("error: run {name}: {err}");
-            }
-            if shard.1 == 1 {
-                println!("wrote {}/summary.csv and summary.md", rep.dir.display());
-            } else {
-                println!(
-                    "shard done; when all shards are: flowmatch merge {}",
-                    rep.dir.display()
-                );
-            }
-            Ok(if rep.failed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            cmd_sweep(file, jobs, shard, sets, out, max_runs, opts)
         }
-        Cmd::Eval { run_dir, sets } => {
-            let sets = sets_of(&sets)?;
-            let (model_path, (cfg, checked)) = open_run(&run_dir, &sets)?;
-            let (dev, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
-                .map_err(|e| anyhow!(e))?;
-            let model = checked.model.load(
-                flowmatch_data::Sampler::dim(&checked.source),
-                &model_path,
-                &dev,
-            )?;
-            let ev = run::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
-            let out = run_dir.join(format!("eval-{}-{}.json", ev.solver, ev.solver_steps));
-            write_json(&out, &ev).with_context(|| format!("writing {}", out.display()))?;
-            println!(
-                "{} {} steps: W2 {:.4}  MMD {:.3e}  straightness {:.4}  S {:.4}  nfe {}",
-                ev.solver,
-                ev.solver_steps,
-                ev.w2,
-                ev.mmd,
-                ev.straightness,
-                ev.rf_straightness,
-                ev.nfe
-            );
-            print_table(&ev.table);
-            println!("wrote {}", out.display());
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Eval {
+            run_dir,
+            sets,
+            redo_changed,
+        } => cmd_eval(run_dir, sets, redo_changed),
         Cmd::Plot {
             run_dir,
             what,
             sets,
-        } => {
-            let sets = sets_of(&sets)?;
-            let figures: Vec<plot::Figure> = if what.is_empty() {
-                plot::Figure::ALL.to_vec()
-            } else {
-                what.iter()
-                    .map(|w| plot::Figure::parse(w))
-                    .collect::<Result<_>>()?
-            };
-            let reflow_rows = run_dir.join("reflow.json");
-            let (cfg_dir, rows): (PathBuf, Option<Vec<reflow::IterationRow>>) =
-                if reflow_rows.is_file() {
-                    let rows = serde_json::from_str(&std::fs::read_to_string(&reflow_rows)?)
-                        .with_context(|| format!("reading {}", reflow_rows.display()))?;
-                    (run_dir.join("rf1"), Some(rows))
-                } else {
-                    (run_dir.clone(), None)
-                };
-            let (model_path, (cfg, checked)) = open_run(&cfg_dir, &sets)?;
-            let (dev, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
-                .map_err(|e| anyhow!(e))?;
-            let dim = flowmatch_data::Sampler::dim(&checked.source);
-            let model = checked.model.load(dim, &model_path, &dev)?;
-            let mut written = plot::plot_run(&model, &cfg, &checked, &cfg_dir, &dev, &figures)?;
-            if let Some(rows) = rows {
-                // The last flow of the chain lives in the folder named after its row.
-                let last_dir = rows
-                    .last()
-                    .map(|r| run_dir.join(reflow::folder_of(&r.flow)));
-                let last = match last_dir {
-                    Some(d) if d.join("model.safetensors").is_file() => {
-                        checked
-                            .model
-                            .load(dim, &d.join("model.safetensors"), &dev)?
-                    }
-                    _ => model.duplicate()?,
-                };
-                reflow::reflow_figures(&cfg, &checked, &model, &last, &rows, &run_dir)?;
-                written.push(run_dir.join("reflow.png"));
-                written.push(run_dir.join("fm_vs_reflow.gif"));
-            }
-            if written.is_empty() {
-                return Err(anyhow!("nothing to draw: {} is not 2D", run_dir.display()));
-            }
-            for w in &written {
-                println!("wrote {}", w.display());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => cmd_plot(run_dir, what, sets),
         Cmd::Classifier {
             data,
             out,
@@ -382,137 +309,444 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             batch,
             lr,
             seed,
-        } => {
-            if steps == 0 || batch == 0 || !(lr > 0.0 && lr.is_finite()) {
-                return Err(anyhow!("classifier: steps, batch and lr must be positive"));
-            }
-            let mnist = std::sync::Arc::new(flowmatch_data::Mnist::load(&data)?);
-            let device = candle_core::Device::Cpu;
-            let started = std::time::Instant::now();
-            let (clf, acc) = flowmatch_experiments::images::train_classifier(
-                mnist.clone(),
-                steps,
-                batch,
-                lr,
-                seed,
-                &device,
-            )?;
-            if let Some(p) = out.parent() {
-                std::fs::create_dir_all(p)?;
-            }
-            clf.params.save(&out)?;
-            let report = serde_json::json!({
-                "data": mnist.origin, "train_digits": mnist.len(), "test_digits": mnist.test_labels.len(),
-                "steps": steps, "batch": batch, "lr": lr, "seed": seed, "test_accuracy": acc,
-                "features": flowmatch_models::Classifier::FEATURES,
-            });
-            write_json(&out.with_extension("json"), &report)?;
-            println!(
-                "classifier: test accuracy {:.2}% on {} digits after {steps} steps ({:.1} s) -> {}",
-                100.0 * acc,
-                mnist.test_labels.len(),
-                started.elapsed().as_secs_f64(),
-                out.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => cmd_classifier(data, out, steps, batch, lr, seed),
         Cmd::Bench {
             device,
             batch,
             steps,
             points,
             sample_steps,
-        } => {
-            if batch == 0 || steps == 0 || points == 0 || sample_steps == 0 {
-                return Err(anyhow!(
-                    "bench: batch, steps, points and sample-steps must be positive"
-                ));
-            }
-            let req = device::parse_device(&device).map_err(|e| anyhow!("--device: {e}"))?;
-            let (dev, said) = device::open(req).map_err(|e| anyhow!(e))?;
-            println!("bench on {said}");
-            let spec = flowmatch_models::ModelSpec::VelocityNet {
-                hidden: 64,
-                activation: flowmatch_models::activation::Activation::Gelu,
-            };
-            let g: std::sync::Arc<dyn flowmatch_data::Sampler> =
-                std::sync::Arc::new(flowmatch_data::Distribution::from_name("gaussian")?);
-            let t: std::sync::Arc<dyn flowmatch_data::Sampler> =
-                std::sync::Arc::new(flowmatch_data::Distribution::from_name("spiral")?);
-            let mut trainer = flowmatch_losses::Trainer::new(
-                spec.build(2, 0, &dev)?,
-                Box::new(flowmatch_losses::AffinePath::new(
-                    flowmatch_losses::Schedule::Linear,
-                    0.0,
-                )?),
-                Box::new(flowmatch_losses::Independent::new(g.clone(), t)),
-                flowmatch_losses::TimeSampler::Uniform,
-                batch,
-                flowmatch_losses::OptimConfig {
-                    lr: 3e-3,
-                    ..Default::default()
-                },
-            )?;
-            let mut rng = flowmatch_data::rng_from_seed(0);
-            trainer.step(&mut rng)?; // warm-up (kernel loading, allocator)
-            let started = std::time::Instant::now();
-            let mut loss = 0.0;
-            for _ in 0..steps {
-                loss = trainer.step(&mut rng)?;
-            }
-            let train_s = started.elapsed().as_secs_f64();
-            println!(
-                "train: VelocityNet h=64, batch {batch}: {:.2} steps/s ({:.2} ms/step, {:.3e} samples/s), loss {loss:.4}",
-                steps as f64 / train_s,
-                1e3 * train_s / steps as f64,
-                (steps * batch) as f64 / train_s
-            );
-            let model = trainer.into_model();
-            let x0 = g.sample(points, &mut rng, &dev)?;
-            let started = std::time::Instant::now();
-            let sol = flowmatch_solvers::solve(
-                &model,
-                &x0,
-                &flowmatch_solvers::SolverSpec::new(flowmatch_solvers::Method::Euler, sample_steps),
-                false,
-            )?;
-            let x = sol.x.to_device(&candle_core::Device::Cpu)?; // waits for the device
-            let sample_s = started.elapsed().as_secs_f64();
-            println!(
-                "sample: {points} points, Euler {sample_steps} steps: {:.3} s ({:.3e} points/s), {} values",
-                sample_s,
-                points as f64 / sample_s,
-                x.elem_count()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => cmd_bench(device, batch, steps, points, sample_steps),
         Cmd::Merge { sweep_dir } => {
-            let (done, planned) = sweep::merge(&sweep_dir)?;
-            println!(
-                "merged {done} of {planned} runs into {}/summary.csv and summary.md",
+            let m = sweep::merge(&sweep_dir)?;
+            let planned = m.finished + m.missing.len();
+            say!(
+                "merged {} of {planned} runs into {}/summary.csv and summary.md",
+                m.finished,
                 sweep_dir.display()
             );
-            Ok(if done == planned {
-                ExitCode::SUCCESS
+            if m.missing.is_empty() {
+                Ok(ExitCode::SUCCESS)
             } else {
-                ExitCode::FAILURE
-            })
+                note!(
+                    "error: {} planned run(s) have no summary yet: {}",
+                    m.missing.len(),
+                    m.missing.join(", ")
+                );
+                Ok(ExitCode::FAILURE)
+            }
         }
     }
 }
 
-fn print_table(rows: &[run::TableRow]) {
-    if rows.is_empty() {
-        return;
+fn cmd_run(
+    config: PathBuf,
+    sets: Vec<String>,
+    device: Option<String>,
+    out: PathBuf,
+    show: bool,
+    redo_changed: bool,
+    halt_after: Option<usize>,
+) -> Result<ExitCode> {
+    let mut sets = sets_of(&sets)?;
+    if let Some(d) = device {
+        sets.push(Override::new("device", toml::Value::String(d), "--device"));
     }
-    println!(
-        "{:<14} {:>6} {:>6} {:>9} {:>10}",
-        "solver", "steps", "nfe", "W2", "MMD"
+    let (cfg, checked) = Config::load(&ConfigSource {
+        file: Some(&config),
+        sets: &sets,
+    })
+    .map_err(|e| anyhow!(e.0))?;
+    let (_, chosen) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
+        .map_err(|e| anyhow!(e))?;
+    let (dir, lock) = claim_run_dir(&out, &cfg.name)?;
+    note!("run {} on {chosen} -> {}", cfg.name, dir.display());
+    let opts = RunOptions {
+        show,
+        on_change: on_change(redo_changed),
+        halt_after,
+    };
+    let s = reflow::run_experiment(&cfg, &checked, &lock, opts)?;
+    say!(
+        "{}: final_loss {:.4}  W2 {:.4} ({} {} steps, nfe {})  straightness {:.4}  S {:.4}{}",
+        s.name,
+        s.final_loss,
+        s.w2,
+        s.eval.solver,
+        s.eval.solver_steps,
+        s.nfe,
+        s.straightness,
+        s.rf_straightness,
+        match &s.eval.image {
+            Some(i) => format!("  FID-like {:.2} ({} classes)", i.fid, i.classes_present),
+            None => String::new(),
+        }
     );
-    for r in rows {
-        println!(
-            "{:<14} {:>6} {:>6} {:>9.4} {:>10.3e}",
-            r.solver, r.steps, r.nfe, r.w2, r.mmd
+    print_table(&s.eval.table)?;
+    if let Some(rows) = &s.reflow {
+        say!("{}", reflow::table_markdown(rows).trim_end());
+    }
+    say!("wrote {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Result<ExitCode> {
+    let sets = sets_of(&sets)?;
+    let (model, mut cfg, _, dev) = open_run(&run_dir, &sets)?;
+    if cfg.reflow.iterations == 0 && cfg.reflow.distill_k == 0 {
+        cfg.reflow.iterations = 1;
+    }
+    let cfg = reflow::with_reflow_eval(&cfg);
+    let checked = cfg.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
+    let parent = run_dir.join("reflow");
+    let lock = RunLock::acquire(&parent)?;
+    let opts = RunOptions {
+        show,
+        on_change: on_change(redo),
+        halt_after: None,
+    };
+    let s = match reflow::open_parent(lock.dir(), &cfg, opts)? {
+        Some(done) => {
+            note!(
+                "{} already holds this reflow, finished; showing its table",
+                parent.display()
+            );
+            done
+        }
+        None => {
+            note!(
+                "reflow {}: {} iteration(s) -> {}",
+                cfg.name,
+                cfg.reflow.iterations,
+                parent.display()
+            );
+            let first = run::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
+            reflow::chain(&cfg, &checked, model, &first, lock.dir(), opts)?
+        }
+    };
+    say!(
+        "{}",
+        reflow::table_markdown(s.reflow.as_deref().unwrap_or(&[])).trim_end()
+    );
+    say!("wrote {}", parent.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_sweep(
+    file: PathBuf,
+    jobs: usize,
+    shard: Option<String>,
+    sets: Vec<String>,
+    out: PathBuf,
+    max_runs: usize,
+    opts: RunOptions,
+) -> Result<ExitCode> {
+    let sets = sets_of(&sets)?;
+    let shard = match shard {
+        Some(s) => sweep::parse_shard(&s).map_err(|e| anyhow!(e))?,
+        None => (0, 1),
+    };
+    if jobs == 0 {
+        return Err(anyhow!("--jobs must be at least 1"));
+    }
+    let plan = sweep::plan(&file, &sets, max_runs).map_err(|e| anyhow!(e.0))?;
+    note!(
+        "sweep {}: {} runs, shard {}/{}, up to {} at a time",
+        plan.name,
+        plan.runs.len(),
+        shard.0,
+        shard.1,
+        jobs.min(plan.runs.len())
+    );
+    let rep = sweep::execute(&plan, &out, jobs, shard, opts)?;
+    say!(
+        "sweep {}: {} ran, {} already finished, {} running elsewhere, {} failed",
+        plan.name,
+        rep.ran,
+        rep.skipped,
+        rep.busy.len(),
+        rep.failed.len()
+    );
+    for (name, err) in &rep.failed {
+        note!("error: run {name}: {err}");
+    }
+    if !rep.busy.is_empty() {
+        note!(
+            "note: another process is writing {}; merge when it is done: flowmatch merge {}",
+            rep.busy.join(", "),
+            rep.dir.display()
+        );
+    } else if shard.1 == 1 {
+        say!("wrote {}/summary.csv and summary.md", rep.dir.display());
+    } else {
+        say!(
+            "shard done; when all shards are: flowmatch merge {}",
+            rep.dir.display()
         );
     }
+    Ok(if rep.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// An eval file: the evaluation and the resolved config it was made with.
+#[derive(serde::Serialize)]
+struct EvalFile<'a> {
+    #[serde(flatten)]
+    eval: &'a run::Evaluation,
+    /// The resolved config (TOML), to tell whether a later eval of the same name differs.
+    config: String,
+}
+
+fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode> {
+    let sets = sets_of(&sets)?;
+    let _lock = RunLock::acquire(&run_dir)?;
+    let (model, cfg, checked, dev) = open_run(&run_dir, &sets)?;
+    let out = run_dir.join(format!(
+        "eval-{}-{}.json",
+        checked.solver.label(),
+        checked.solver.steps
+    ));
+    if out.is_file() && !redo {
+        // The same name made with other settings is kept unless asked.
+        let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)
+            .with_context(|| format!("reading {}", out.display()))?;
+        let diffs = match old.get("config").and_then(|c| c.as_str()) {
+            Some(text) => Config::from_resolved_toml(text)
+                .map_err(|e| anyhow!("{}: {}", out.display(), e.0))?
+                .differences(&cfg),
+            None => vec!["(its settings were not recorded)".to_string()],
+        };
+        if !diffs.is_empty() {
+            return Err(anyhow!(
+                "{} was made with other settings: {}; rerun with --redo-changed to overwrite it",
+                out.display(),
+                flowmatch_experiments::config::describe_differences(&diffs)
+            ));
+        }
+    }
+    let ev = run::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
+    write_json(
+        &out,
+        &EvalFile {
+            eval: &ev,
+            config: cfg.to_toml(),
+        },
+    )?;
+    say!(
+        "{} {} steps: W2 {:.4}  MMD {:.3e}  straightness {:.4}  S {:.4}  nfe {}{}",
+        ev.solver,
+        ev.solver_steps,
+        ev.w2,
+        ev.mmd,
+        ev.straightness,
+        ev.rf_straightness,
+        ev.nfe,
+        match &ev.image {
+            Some(i) => format!("  FID-like {:.2}", i.fid),
+            None => String::new(),
+        }
+    );
+    print_table(&ev.table)?;
+    say!("wrote {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<ExitCode> {
+    let sets = sets_of(&sets)?;
+    let figures: Vec<plot::Figure> = if what.is_empty() {
+        plot::Figure::ALL.to_vec()
+    } else {
+        what.iter()
+            .map(|w| plot::Figure::parse(w))
+            .collect::<Result<_>>()?
+    };
+    let _lock = RunLock::acquire(&run_dir)?;
+    let reflow_rows = run_dir.join("reflow.json");
+    let (cfg_dir, rows): (PathBuf, Option<Vec<reflow::IterationRow>>) = if reflow_rows.is_file() {
+        let text = std::fs::read_to_string(&reflow_rows)
+            .with_context(|| format!("reading {}", reflow_rows.display()))?;
+        let rows = serde_json::from_str(&text)
+            .with_context(|| format!("reading {}", reflow_rows.display()))?;
+        (run_dir.join("rf1"), Some(rows))
+    } else {
+        (run_dir.clone(), None)
+    };
+    let (model, cfg, checked, dev) = open_run(&cfg_dir, &sets)?;
+    let dim = flowmatch_data::Sampler::dim(&checked.source);
+    let mut written = plot::plot_run(&model, &cfg, &checked, &cfg_dir, &dev, &figures)?;
+    if let Some(rows) = rows {
+        // The last flow of the chain lives in the folder named after its row.
+        let last_dir = rows
+            .last()
+            .map(|r| run_dir.join(reflow::folder_of(&r.flow)));
+        let last = match last_dir {
+            Some(d) if d.join("model.safetensors").is_file() => {
+                checked
+                    .model
+                    .load(dim, &d.join("model.safetensors"), &dev)?
+            }
+            _ => model.duplicate()?,
+        };
+        reflow::reflow_figures(&cfg, &checked, &model, &last, &rows, &run_dir)?;
+        written.push(run_dir.join("reflow.png"));
+        written.push(run_dir.join("fm_vs_reflow.gif"));
+    }
+    if written.is_empty() {
+        return Err(anyhow!("nothing to draw: {} is not 2D", run_dir.display()));
+    }
+    for w in &written {
+        say!("wrote {}", w.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_classifier(
+    data: String,
+    out: PathBuf,
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    seed: u64,
+) -> Result<ExitCode> {
+    if steps == 0 || batch == 0 || !(lr > 0.0 && lr.is_finite()) {
+        return Err(anyhow!("classifier: steps, batch and lr must be positive"));
+    }
+    let mnist = std::sync::Arc::new(flowmatch_data::Mnist::load(&data)?);
+    let device = candle_core::Device::Cpu;
+    let started = std::time::Instant::now();
+    let (clf, acc) = flowmatch_experiments::images::train_classifier(
+        mnist.clone(),
+        steps,
+        batch,
+        lr,
+        seed,
+        &device,
+    )?;
+    if let Some(p) = out.parent() {
+        std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    }
+    checkpoint::save_params(&clf.params, &out)?;
+    let report = serde_json::json!({
+        "data": mnist.origin, "train_digits": mnist.len(), "test_digits": mnist.test_labels.len(),
+        "steps": steps, "batch": batch, "lr": lr, "seed": seed, "test_accuracy": acc,
+        "features": flowmatch_models::Classifier::FEATURES,
+    });
+    write_json(&out.with_extension("json"), &report)?;
+    say!(
+        "classifier: test accuracy {:.2}% on {} digits after {steps} steps ({:.1} s) -> {}",
+        100.0 * acc,
+        mnist.test_labels.len(),
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_bench(
+    device: String,
+    batch: usize,
+    steps: usize,
+    points: usize,
+    sample_steps: usize,
+) -> Result<ExitCode> {
+    if batch == 0 || steps == 0 || points == 0 || sample_steps == 0 {
+        return Err(anyhow!(
+            "bench: batch, steps, points and sample-steps must be positive"
+        ));
+    }
+    let req = device::parse_device(&device).map_err(|e| anyhow!("--device: {e}"))?;
+    let (dev, said) = device::open(req).map_err(|e| anyhow!(e))?;
+    say!("bench on {said}");
+    let spec = flowmatch_models::ModelSpec::VelocityNet {
+        hidden: 64,
+        activation: flowmatch_models::activation::Activation::Gelu,
+    };
+    let g: std::sync::Arc<dyn flowmatch_data::Sampler> =
+        std::sync::Arc::new(flowmatch_data::Distribution::from_name("gaussian")?);
+    let t: std::sync::Arc<dyn flowmatch_data::Sampler> =
+        std::sync::Arc::new(flowmatch_data::Distribution::from_name("spiral")?);
+    let mut trainer = flowmatch_losses::Trainer::new(
+        spec.build(2, 0, &dev)?,
+        Box::new(flowmatch_losses::AffinePath::new(
+            flowmatch_losses::Schedule::Linear,
+            0.0,
+        )?),
+        Box::new(flowmatch_losses::Independent::new(g.clone(), t)),
+        flowmatch_losses::TimeSampler::Uniform,
+        batch,
+        flowmatch_losses::OptimConfig {
+            lr: 3e-3,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = flowmatch_data::rng_from_seed(0);
+    trainer.step(&mut rng)?; // warm-up (kernel loading, allocator)
+    let started = std::time::Instant::now();
+    let mut loss = 0.0;
+    for _ in 0..steps {
+        loss = trainer.step(&mut rng)?;
+    }
+    let train_s = started.elapsed().as_secs_f64();
+    say!(
+        "train: VelocityNet h=64, batch {batch}: {:.2} steps/s ({:.2} ms/step, {:.3e} samples/s), loss {loss:.4}",
+        steps as f64 / train_s,
+        1e3 * train_s / steps as f64,
+        (steps * batch) as f64 / train_s
+    );
+    let model = trainer.into_model();
+    let x0 = g.sample(points, &mut rng, &dev)?;
+    let started = std::time::Instant::now();
+    let sol = flowmatch_solvers::solve(
+        &model,
+        &x0,
+        &flowmatch_solvers::SolverSpec::new(flowmatch_solvers::Method::Euler, sample_steps),
+        false,
+    )?;
+    let x = sol.x.to_device(&candle_core::Device::Cpu)?; // waits for the device
+    let sample_s = started.elapsed().as_secs_f64();
+    say!(
+        "sample: {points} points, Euler {sample_steps} steps: {:.3} s ({:.3e} points/s), {} values",
+        sample_s,
+        points as f64 / sample_s,
+        x.elem_count()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(rows: &[run::TableRow]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let fid = rows.iter().any(|r| r.fid.is_some());
+    say!(
+        "{:<14} {:>6} {:>6} {:>9} {:>10}{}",
+        "solver",
+        "steps",
+        "nfe",
+        "W2",
+        "MMD",
+        if fid {
+            format!(" {:>9}", "FID-like")
+        } else {
+            String::new()
+        }
+    );
+    for r in rows {
+        say!(
+            "{:<14} {:>6} {:>6} {:>9.4} {:>10.3e}{}",
+            r.solver,
+            r.steps,
+            r.nfe,
+            r.w2,
+            r.mmd,
+            match r.fid {
+                Some(f) => format!(" {f:>9.2}"),
+                None => String::new(),
+            }
+        );
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@
 //! animation frame.
 
 use crate::config::{Checked, Config};
+use crate::logging::atomically;
 use crate::reflow::IterationRow;
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor};
@@ -219,7 +220,7 @@ pub fn plot_run(
             checked.target.sample(16, &mut rng, &Device::Cpu)?,
         ));
         let path = dir.join(SAMPLES_GRID);
-        crate::images::sample_grid(&path, &rows, 16)?;
+        atomically(&path, |tmp| crate::images::sample_grid(tmp, &rows, 16))?;
         return Ok(vec![path]);
     }
     if checked.source.dim() != 2 {
@@ -239,13 +240,14 @@ pub fn plot_run(
     let mut written = vec![];
     for fig in figures {
         let path = dir.join(fig.file());
-        match fig {
-            Figure::Distributions => distributions(&path, &f)?,
-            Figure::Trajectories => trajectories(&path, &f)?,
-            Figure::FlowField => flow_field(&path, field, checked, &f, device)?,
-            Figure::StepsGrid => steps_grid(&path, field, &x0t, &f)?,
-            Figure::Animation => animation(&path, &[("flow", &f.traj)], 40)?,
-        }
+        // Each figure goes to a temporary file first: a failed one leaves nothing behind.
+        atomically(&path, |tmp| match fig {
+            Figure::Distributions => distributions(tmp, &f),
+            Figure::Trajectories => trajectories(tmp, &f),
+            Figure::FlowField => flow_field(tmp, field, checked, &f, device),
+            Figure::StepsGrid => steps_grid(tmp, field, &x0t, &f),
+            Figure::Animation => animation(tmp, &[("flow", &f.traj)], 40),
+        })?;
         written.push(path);
     }
     Ok(written)

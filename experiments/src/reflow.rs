@@ -2,9 +2,13 @@
 //! Each iteration is a run folder of its own; the parent gets the straightness table.
 
 use crate::config::{Checked, Config};
-use crate::logging::{write_atomic, write_json, RunLog};
-use crate::run::{progress_bar, run, run_with, Evaluation, Setup, Summary};
-use anyhow::{anyhow, Result};
+use crate::lock::RunLock;
+use crate::logging::{atomically, write_atomic, write_json, RunLog};
+use crate::run::{
+    load_finished, prepare, progress_bar, run, run_with, Evaluation, Prepared, RunOptions,
+    RunPaths, Setup, Summary,
+};
+use anyhow::{anyhow, Context, Result};
 use flowmatch_data::Sampler;
 use flowmatch_losses::{Coupling, TimeSampler};
 use flowmatch_models::{Model, VelocityField};
@@ -85,22 +89,66 @@ pub fn row_of(flow: &str, ev: &Evaluation) -> IterationRow {
     }
 }
 
-/// Runs a config: a plain run, or the base run plus the reflow chain when `[reflow]` asks for it.
-pub fn run_experiment(cfg: &Config, checked: &Checked, dir: &Path, show: bool) -> Result<Summary> {
+/// Runs a config in the folder `lock` holds: a plain run, or the base run plus the reflow
+/// chain when `[reflow]` asks for it. A killed experiment continues where it stopped.
+pub fn run_experiment(
+    cfg: &Config,
+    checked: &Checked,
+    lock: &RunLock,
+    opts: RunOptions,
+) -> Result<Summary> {
+    let dir = lock.dir();
     let r = &checked.reflow;
     if r.iterations == 0 && r.distill_k == 0 {
         return run(
             cfg,
             checked,
             dir,
-            &progress_bar(cfg.train.steps as u64, show, &cfg.name),
+            &progress_bar(cfg.train.steps as u64, opts.show, &cfg.name),
+            opts,
         );
+    }
+    if let Some(done) = open_parent(dir, cfg, opts)? {
+        return Ok(done);
     }
     let cfg1 = with_reflow_eval(cfg);
     let checked1 = cfg1.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
-    let pb = progress_bar(cfg.train.steps as u64, show, &format!("{} 1-RF", cfg.name));
-    let (first, model) = run_with(&cfg1, &checked1, &dir.join("rf1"), &pb, Setup::default())?;
-    chain(&cfg1, &checked1, model, &first.eval, dir, show)
+    let pb = progress_bar(
+        cfg.train.steps as u64,
+        opts.show,
+        &format!("{} 1-RF", cfg.name),
+    );
+    let (first, model) = run_with(
+        &cfg1,
+        &checked1,
+        &dir.join("rf1"),
+        &pb,
+        Setup::default(),
+        opts,
+    )?;
+    chain(&cfg1, &checked1, model, &first.eval, dir, opts)
+}
+
+/// Makes a reflow parent folder ready for `cfg` (see [`prepare`]) and records its config;
+/// returns the summary when this config already finished there.
+pub fn open_parent(parent: &Path, cfg: &Config, opts: RunOptions) -> Result<Option<Summary>> {
+    match prepare(parent, cfg, opts.on_change)? {
+        Prepared::Finished => {
+            let p = RunPaths {
+                dir: parent.to_path_buf(),
+            }
+            .summary();
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            Ok(Some(
+                serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))?,
+            ))
+        }
+        Prepared::Fresh | Prepared::Resume => {
+            write_atomic(&parent.join("config.toml"), cfg.to_toml().as_bytes())?;
+            Ok(None)
+        }
+    }
 }
 
 /// Trains `reflow.iterations` students starting from `teacher` (already evaluated as
@@ -113,10 +161,10 @@ pub fn chain(
     teacher: Model,
     first: &Evaluation,
     parent: &Path,
-    show: bool,
+    opts: RunOptions,
 ) -> Result<Summary> {
     let r = checked.reflow;
-    std::fs::create_dir_all(parent)?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let mut log = RunLog::create(parent, cfg.logging.tensorboard)?;
     let mut rows = vec![row_of("1-RF", first)];
     log_row(&mut log, &rows[0], 1)?;
@@ -147,6 +195,18 @@ pub fn chain(
         c.reflow.distill_k = 0;
         let ck = c.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
         let device = teacher.params.device().clone();
+        let stage_dir = parent.join(&folder);
+        // A stage that finished before a kill is reused, not retrained.
+        if let Prepared::Finished = prepare(&stage_dir, &c, opts.on_change)? {
+            let (summary, model) = load_finished(&stage_dir, &ck, &device)?;
+            let row = row_of(&flow, &summary.eval);
+            log_row(&mut log, &row, rows.len() + 1)?;
+            rows.push(row);
+            write_table(parent, &rows)?;
+            teacher = Arc::new(model);
+            last = Some(summary);
+            continue;
+        }
         let student = if r.from_teacher || flow.starts_with("distill") {
             teacher.duplicate()?
         } else {
@@ -198,14 +258,14 @@ pub fn chain(
             &json!({"flow": flow, "teacher": if i == 0 { "rf1".to_string() } else { format!("stage {i}") }, "coupling": label}),
         )
         .ok();
-        let pb = progress_bar(steps as u64, show, &format!("{} {flow}", cfg.name));
+        let pb = progress_bar(steps as u64, opts.show, &format!("{} {flow}", cfg.name));
         let setup = Setup {
             model: Some(student),
             coupling: Some(coupling),
             coupling_label: Some(label),
             time: Some(time),
         };
-        let (summary, model) = run_with(&c, &ck, &parent.join(&folder), &pb, setup)?;
+        let (summary, model) = run_with(&c, &ck, &stage_dir, &pb, setup, opts)?;
         let row = row_of(&flow, &summary.eval);
         log_row(&mut log, &row, rows.len() + 1)?;
         rows.push(row);
@@ -238,7 +298,9 @@ pub fn reflow_figures(
     rows: &[IterationRow],
     parent: &Path,
 ) -> Result<()> {
-    crate::plot::reflow_curves(&parent.join("reflow.png"), rows)?;
+    atomically(&parent.join("reflow.png"), |tmp| {
+        crate::plot::reflow_curves(tmp, rows)
+    })?;
     if checked.source.dim() == 2 {
         let device = first.params.device().clone();
         let mut rng = flowmatch_data::rng_from_seed(cfg.eval.seed ^ 0xf10e);
@@ -249,11 +311,9 @@ pub fn reflow_figures(
         let a = crate::plot::record(first, &x0, &euler50)?;
         let b = crate::plot::record(last, &x0, &euler50)?;
         let name = rows.last().map(|r| r.flow.as_str()).unwrap_or("reflowed");
-        crate::plot::animation(
-            &parent.join("fm_vs_reflow.gif"),
-            &[("1-RF (flow matching)", &a), (name, &b)],
-            51,
-        )?;
+        atomically(&parent.join("fm_vs_reflow.gif"), |tmp| {
+            crate::plot::animation(tmp, &[("1-RF (flow matching)", &a), (name, &b)], 51)
+        })?;
     }
     Ok(())
 }

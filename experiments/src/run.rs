@@ -1,8 +1,9 @@
 //! One run: config → build → train → checkpoint → evaluate → run folder.
 
-use crate::config::{Checked, Config, TableMethod};
+use crate::checkpoint::{self, ResumeInfo, RngState, RESUME_FILE};
+use crate::config::{describe_differences, Checked, Config, TableMethod};
 use crate::device;
-use crate::logging::{write_atomic, write_json, RunLog};
+use crate::logging::{is_temp_name, remove_event_files, write_atomic, write_json, RunLog};
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 use flowmatch_data::{rng_from_seed, Sampler};
@@ -106,43 +107,23 @@ impl EvalSet {
     }
 }
 
-/// Scores a model while it trains: the final evaluation's samples, the headline solver, W2,
-/// MMD and the FID-like score.
-struct Progress {
-    set: EvalSet,
-    every: usize,
-    rows: Vec<ProgressRow>,
-}
-
-impl Progress {
-    fn new(cfg: &Config, checked: &Checked, device: &Device) -> Result<Option<Self>> {
-        if cfg.eval.every == 0 {
-            return Ok(None);
-        }
-        Ok(Some(Self {
-            set: EvalSet::draw(cfg, checked, device)?,
-            every: cfg.eval.every,
-            rows: vec![],
-        }))
-    }
-
-    fn score(
-        &mut self,
+impl EvalSet {
+    /// The headline solver's scores of `field` on these samples, at training step `step`.
+    fn progress(
+        &self,
         field: &dyn VelocityField,
         solver: &SolverSpec,
         step: usize,
-    ) -> Result<&ProgressRow> {
-        let set = &self.set;
-        let gen = solve(field, &set.x0, solver, false)?
+    ) -> Result<ProgressRow> {
+        let gen = solve(field, &self.x0, solver, false)?
             .x
             .to_device(&Device::Cpu)?;
-        self.rows.push(ProgressRow {
+        Ok(ProgressRow {
             step,
-            w2: metrics::w2(&gen, &set.real)?,
-            mmd: metrics::mmd_rbf(&gen, &set.real, Some(set.bandwidth))?,
-            fid: set.fid(&gen)?,
-        });
-        Ok(self.rows.last().expect("just pushed"))
+            w2: metrics::w2(&gen, &self.real)?,
+            mmd: metrics::mmd_rbf(&gen, &self.real, Some(self.bandwidth))?,
+            fid: self.fid(&gen)?,
+        })
     }
 }
 
@@ -212,21 +193,140 @@ impl RunPaths {
     pub fn summary(&self) -> PathBuf {
         self.dir.join("summary.json")
     }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+    pub fn resume(&self) -> PathBuf {
+        self.dir.join(RESUME_FILE)
+    }
     /// A run is finished exactly when its summary exists (written last, atomically).
     pub fn finished(&self) -> bool {
         self.summary().is_file()
     }
 }
 
-/// Picks `out/name`, or `out/name-2`, … when a finished run already holds the name.
-pub fn fresh_run_dir(out: &Path, name: &str) -> PathBuf {
-    let mut dir = out.join(name);
-    let mut k = 2;
-    while (RunPaths { dir: dir.clone() }).finished() {
-        dir = out.join(format!("{name}-{k}"));
-        k += 1;
+/// What to do with a folder that holds a run of another config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnChange {
+    /// Stop with an error that names the folder and the key (the default: never mix runs).
+    #[default]
+    Refuse,
+    /// Discard that run and run the new config in its place (`--redo-changed`).
+    Redo,
+}
+
+/// How a run is carried out, beyond its config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Progress bars on a terminal.
+    pub show: bool,
+    /// A folder that holds another config.
+    pub on_change: OnChange,
+    /// Test hook: exit abruptly (code [`HALT_EXIT`]) right after this training step, as if
+    /// killed, to check that a rerun resumes.
+    pub halt_after: Option<usize>,
+}
+
+/// The exit code of a run stopped by [`RunOptions::halt_after`].
+pub const HALT_EXIT: i32 = 75;
+
+/// What a run folder holds, checked against the config about to run there.
+pub enum Prepared {
+    /// Nothing to reuse: start at step 1.
+    Fresh,
+    /// A killed run of this config: continue from its checkpoint.
+    Resume,
+    /// A finished run of this config.
+    Finished,
+}
+
+/// Checks what `dir` holds against `cfg` and makes it ready: a run of another config is an
+/// error naming the key (or, with [`OnChange::Redo`], is removed); leftovers of a run that
+/// cannot be resumed are removed. The caller holds the folder's lock.
+pub fn prepare(dir: &Path, cfg: &Config, on_change: OnChange) -> Result<Prepared> {
+    let paths = RunPaths {
+        dir: dir.to_path_buf(),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if paths.config().is_file() {
+        let old = Config::read_resolved(&paths.config()).map_err(|e| anyhow!(e.0))?;
+        let diffs = old.differences(cfg);
+        if diffs.is_empty() {
+            if paths.finished() {
+                return Ok(Prepared::Finished);
+            }
+            if paths.resume().is_file() {
+                return Ok(Prepared::Resume);
+            }
+        } else if on_change == OnChange::Refuse {
+            return Err(anyhow!(
+                "{} holds a run of another config: {}; rerun with --redo-changed to discard it and run this config there",
+                dir.display(),
+                describe_differences(&diffs)
+            ));
+        } else {
+            crate::lock::clear(dir)?;
+            return Ok(Prepared::Fresh);
+        }
     }
-    dir
+    // A start that never reached a checkpoint, or no config at all: its files are replaced.
+    for stale in [
+        "metrics.jsonl",
+        "timing.json",
+        "summary.json",
+        "model.safetensors",
+        RESUME_FILE,
+    ] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    remove_event_files(dir);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if is_temp_name(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(Prepared::Fresh)
+}
+
+/// The summary and model of a finished run folder.
+pub fn load_finished(dir: &Path, checked: &Checked, device: &Device) -> Result<(Summary, Model)> {
+    let paths = RunPaths {
+        dir: dir.to_path_buf(),
+    };
+    let text = std::fs::read_to_string(paths.summary())
+        .with_context(|| format!("reading {}", paths.summary().display()))?;
+    let summary: Summary = serde_json::from_str(&text)
+        .with_context(|| format!("reading {}", paths.summary().display()))?;
+    let model = checked
+        .model
+        .load(checked.source.dim(), &paths.model(), device)?;
+    Ok((summary, model))
+}
+
+/// Claims a folder for a new run under `out`: `out/name`, or `out/name-2`, … when a finished
+/// run already holds the name. A killed run of the same name is continued; a folder that
+/// another live process is writing is an error.
+pub fn claim_run_dir(out: &Path, name: &str) -> Result<(PathBuf, crate::lock::RunLock)> {
+    let mut k = 1;
+    loop {
+        let dir = if k == 1 {
+            out.join(name)
+        } else {
+            out.join(format!("{name}-{k}"))
+        };
+        k += 1;
+        if (RunPaths { dir: dir.clone() }).finished() {
+            continue;
+        }
+        let lock = crate::lock::RunLock::acquire(&dir)?;
+        // It may have finished while we waited for the lock.
+        if (RunPaths { dir: dir.clone() }).finished() {
+            continue;
+        }
+        return Ok((dir, lock));
+    }
 }
 
 /// A progress bar for `n` steps, hidden when stderr is not a terminal or `show` is false.
@@ -244,47 +344,41 @@ pub fn progress_bar(n: u64, show: bool, prefix: &str) -> ProgressBar {
     pb
 }
 
-fn save_model(model: &Model, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    model.save(&tmp)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-}
-
 /// Trains and evaluates one config into `dir`, returning its summary.
-pub fn run(cfg: &Config, checked: &Checked, dir: &Path, pb: &ProgressBar) -> Result<Summary> {
-    Ok(run_with(cfg, checked, dir, pb, Setup::default())?.0)
+pub fn run(
+    cfg: &Config,
+    checked: &Checked,
+    dir: &Path,
+    pb: &ProgressBar,
+    opts: RunOptions,
+) -> Result<Summary> {
+    Ok(run_with(cfg, checked, dir, pb, Setup::default(), opts)?.0)
 }
 
 /// [`run`] with an explicit initial model / coupling / time sampler; also returns the model.
+/// A folder that holds this config finished is reused, a killed one continues from its
+/// checkpoint (see [`prepare`]). The caller holds the folder's lock.
 pub fn run_with(
     cfg: &Config,
     checked: &Checked,
     dir: &Path,
     pb: &ProgressBar,
     setup: Setup,
+    opts: RunOptions,
 ) -> Result<(Summary, Model)> {
     let (device, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
         .map_err(|e| anyhow!(e))?;
     let paths = RunPaths {
         dir: dir.to_path_buf(),
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    // A half-written earlier attempt is replaced, file by file.
-    for stale in ["metrics.jsonl", "timing.json"] {
-        let _ = std::fs::remove_file(dir.join(stale));
+    let prepared = prepare(dir, cfg, opts.on_change)?;
+    if let Prepared::Finished = prepared {
+        pb.finish_and_clear();
+        return load_finished(dir, checked, &device);
     }
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with("events.out.tfevents")
-            {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    write_atomic(&dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let mut log = RunLog::create(dir, cfg.logging.tensorboard)?;
+    // Everything the evaluation needs (samples, the classifier) is loaded before step 1, so a
+    // bad file fails now rather than after the training.
+    let set = EvalSet::draw(cfg, checked, &device)?;
 
     let dim = checked.source.dim();
     let model = match setup.model {
@@ -311,13 +405,38 @@ pub fn run_with(
     .with_ema(cfg.train.ema)?
     .with_prefetch(cfg.train.prefetch);
     let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));
+    let mut recent: Vec<f32> = Vec::with_capacity(cfg.train.steps.min(1 << 20));
+    let mut progress: Vec<ProgressRow> = vec![];
+    let mut start = 0;
+    let mut log = if let Prepared::Resume = prepared {
+        let (state, info) = checkpoint::load_resume(&paths.resume(), &device)?;
+        if info.step > cfg.train.steps {
+            return Err(anyhow!(
+                "{}: the checkpoint is at step {}, past train.steps = {}",
+                paths.resume().display(),
+                info.step,
+                cfg.train.steps
+            ));
+        }
+        trainer
+            .restore(&state)
+            .map_err(|e| anyhow!("{}: {e}", paths.resume().display()))?;
+        rng = info.rng.to_rng()?;
+        recent = info.recent_losses();
+        progress = info.progress();
+        start = info.step;
+        eprintln!("{}: resuming after step {start}", cfg.name);
+        RunLog::resume(dir, cfg.logging.tensorboard, start)?
+    } else {
+        write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
+        RunLog::create(dir, cfg.logging.tensorboard)?
+    };
     let started = Instant::now();
-    let mut recent: Vec<f32> = Vec::with_capacity(cfg.train.steps);
-    let mut last_ckpt: Option<usize> = None;
-    let mut progress = Progress::new(cfg, checked, &device)?;
+    let mut last_ckpt: Option<usize> = (start > 0).then_some(start);
     let mut eval_secs = 0.0;
     pb.set_length(cfg.train.steps as u64);
-    for step in 1..=cfg.train.steps {
+    pb.set_position(start as u64);
+    for step in start + 1..=cfg.train.steps {
         let loss = match trainer.step(&mut rng) {
             Ok(l) => l,
             Err(e @ LossError::NonFiniteLoss(..)) => {
@@ -341,32 +460,40 @@ pub fn run_with(
             pb.set_position(step as u64);
             pb.set_message(format!("loss {loss:.4}"));
         }
-        if cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 {
-            save_model(trainer.model(), &paths.model())?;
-            last_ckpt = Some(step);
-        }
-        if let Some(p) = progress
-            .as_mut()
-            .filter(|p| step % p.every == 0 && step < cfg.train.steps)
-        {
+        if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
             pb.set_message("scoring");
             let t = Instant::now();
-            let row = p.score(trainer.model(), &checked.solver, step)?;
-            log_progress(&mut log, row)?;
+            progress.push(set.progress(trainer.model(), &checked.solver, step)?);
+            log_progress(&mut log, progress.last().expect("just pushed"))?;
             eval_secs += t.elapsed().as_secs_f64();
+        }
+        if cfg.train.checkpoint_every > 0
+            && step % cfg.train.checkpoint_every == 0
+            && step < cfg.train.steps
+        {
+            checkpoint::save_model(trainer.model(), &paths.model())?;
+            let state = trainer.state()?;
+            let keep = recent.len().min(100);
+            let info = ResumeInfo::new(
+                step,
+                state.adam_step,
+                RngState::of(&trainer.rng_to_save(&rng)),
+                &recent[recent.len() - keep..],
+                &progress,
+            );
+            checkpoint::save_resume(&paths.resume(), &state, &info)?;
+            last_ckpt = Some(step);
+        }
+        if opts.halt_after == Some(step) {
+            std::process::exit(HALT_EXIT);
         }
     }
     let train_secs = started.elapsed().as_secs_f64() - eval_secs;
     let model = trainer.into_model();
-    save_model(&model, &paths.model())?;
+    checkpoint::save_model(&model, &paths.model())?;
 
     pb.set_message("evaluating");
     let eval_started = Instant::now();
-    // The progress scores drew the evaluation samples already; the final evaluation reuses them.
-    let (set, mut progress) = match progress {
-        Some(p) => (p.set, p.rows),
-        None => (EvalSet::draw(cfg, checked, &device)?, vec![]),
-    };
     let ev = evaluate_on(&set, &model, cfg, checked, &checked.solver)?;
     if cfg.eval.every > 0 {
         // The final evaluation used the same samples and solver: its scores close the curve.
@@ -427,11 +554,14 @@ pub fn run_with(
         &dir.join("timing.json"),
         &json!({
             "train_seconds": train_secs,
-            "train_steps_per_second": cfg.train.steps as f64 / train_secs,
+            "train_steps_per_second": (cfg.train.steps - start) as f64 / train_secs,
             "eval_seconds": eval_secs,
+            "resumed_after_step": start,
         }),
     )?;
     write_json(&paths.summary(), &summary)?;
+    // Finished: the training state is no longer needed.
+    let _ = std::fs::remove_file(paths.resume());
     pb.finish_and_clear();
     Ok((summary, model))
 }

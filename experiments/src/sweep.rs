@@ -1,9 +1,13 @@
 //! Sweeps: a base config, fixed overrides and axes whose cartesian product is run in parallel
 //! (one candle thread per run), resumable and shardable across a cluster.
 
-use crate::config::{resolve_relative, Checked, Config, ConfigError, ConfigSource};
+use crate::config::{
+    check_name, describe_differences, resolve_relative, Checked, Config, ConfigError, ConfigSource,
+    Override,
+};
+use crate::lock::{LockError, RunLock};
 use crate::logging::write_atomic;
-use crate::run::{progress_bar, RunPaths, Summary};
+use crate::run::{progress_bar, OnChange, RunOptions, RunPaths, Summary};
 use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -28,7 +32,6 @@ struct SweepFile {
 /// One planned run of a sweep.
 pub struct PlannedRun {
     pub name: String,
-    pub sets: Vec<(String, toml::Value)>,
     pub config: Config,
     pub checked: Checked,
 }
@@ -37,15 +40,36 @@ pub struct PlannedRun {
 pub struct Sweep {
     pub name: String,
     pub runs: Vec<PlannedRun>,
-    pub axis_keys: Vec<String>,
 }
 
+/// The most runs a sweep plans unless `--max-runs` says otherwise.
+pub const DEFAULT_MAX_RUNS: usize = 1000;
+
+/// FNV-1a, a stable 64-bit hash for folder-name suffixes.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// An axis value as a short folder-name part: floats in their shorter form (`1e-300`, not
+/// 300 digits), other characters than `[A-Za-z0-9.-]` as `_`, and at most 32 characters (a
+/// longer one keeps 23 and adds a hash of the whole value, so that names stay distinct).
 fn value_label(v: &toml::Value) -> String {
     let s = match v {
         toml::Value::String(s) => s.clone(),
+        toml::Value::Float(f) => {
+            let (plain, sci) = (format!("{f}"), format!("{f:e}"));
+            if sci.len() < plain.len() {
+                sci
+            } else {
+                plain
+            }
+        }
         other => other.to_string(),
     };
-    s.chars()
+    let clean: String = s
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
                 c
@@ -53,11 +77,17 @@ fn value_label(v: &toml::Value) -> String {
                 '_'
             }
         })
-        .collect()
+        .collect();
+    if clean.len() <= 32 {
+        clean
+    } else {
+        format!("{}~{:08x}", &clean[..23], fnv1a(&s) as u32)
+    }
 }
 
-/// Reads a sweep file and validates every run's config before anything runs.
-pub fn plan(path: &Path, extra_sets: &[(String, toml::Value)]) -> Result<Sweep, ConfigError> {
+/// Reads a sweep file and validates every run's config before anything runs; a sweep of more
+/// than `max_runs` runs is refused with its count before any is planned.
+pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Sweep, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
     let file: SweepFile = toml::from_str(&text).map_err(|e| {
@@ -73,6 +103,7 @@ pub fn plan(path: &Path, extra_sets: &[(String, toml::Value)]) -> Result<Sweep, 
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or("sweep".into())
     });
+    check_name(&name).map_err(|m| ConfigError(format!("{}: name: {m}", path.display())))?;
     let mut axes: Vec<(String, Vec<toml::Value>)> = vec![];
     for (k, v) in &file.axes {
         match v {
@@ -85,6 +116,21 @@ pub fn plan(path: &Path, extra_sets: &[(String, toml::Value)]) -> Result<Sweep, 
             }
         }
     }
+    let count = axes
+        .iter()
+        .try_fold(1usize, |n, (_, vals)| n.checked_mul(vals.len()));
+    match count {
+        Some(n) if n <= max_runs => {}
+        _ => {
+            let n = count.map_or("more than 2^64".to_string(), |n| n.to_string());
+            return Err(ConfigError(format!(
+                "{}: the axes make {n} runs, over --max-runs {max_runs}; shrink the axes or raise --max-runs",
+                path.display()
+            )));
+        }
+    }
+    let set_origin = format!("{} [set]", path.display());
+    let axis_origin = format!("{} [axes]", path.display());
     let mut combos: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
     for (k, vals) in &axes {
         combos = combos
@@ -109,14 +155,22 @@ pub fn plan(path: &Path, extra_sets: &[(String, toml::Value)]) -> Result<Sweep, 
         } else {
             format!("{i:03}_{}", label.join("_"))
         };
-        let mut sets: Vec<(String, toml::Value)> = file
+        let mut sets: Vec<Override> = file
             .set
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| Override::new(k, v.clone(), &set_origin))
             .collect();
-        sets.extend(combo);
+        sets.extend(
+            combo
+                .into_iter()
+                .map(|(k, v)| Override::new(&k, v, &axis_origin)),
+        );
         sets.extend(extra_sets.iter().cloned());
-        sets.push(("name".into(), toml::Value::String(run_name.clone())));
+        sets.push(Override::new(
+            "name",
+            toml::Value::String(run_name.clone()),
+            format!("sweep {}", path.display()),
+        ));
         let (config, checked) = Config::load(&ConfigSource {
             file: Some(&base),
             sets: &sets,
@@ -124,16 +178,11 @@ pub fn plan(path: &Path, extra_sets: &[(String, toml::Value)]) -> Result<Sweep, 
         .map_err(|e| ConfigError(format!("sweep {} run {run_name}: {}", path.display(), e.0)))?;
         runs.push(PlannedRun {
             name: run_name,
-            sets,
             config,
             checked,
         });
     }
-    Ok(Sweep {
-        name,
-        runs,
-        axis_keys: axes.into_iter().map(|(k, _)| k).collect(),
-    })
+    Ok(Sweep { name, runs })
 }
 
 /// Parses `--shard I/N` (0-based `I < N`).
@@ -155,20 +204,44 @@ pub struct SweepReport {
     pub dir: PathBuf,
     pub ran: usize,
     pub skipped: usize,
+    /// Runs another process was writing (another shard, a second invocation): left to it.
+    pub busy: Vec<String>,
     pub failed: Vec<(String, String)>,
 }
 
-/// Runs this shard's share of the sweep with `jobs` runs at a time; finished runs are skipped.
+/// The runs of `runs` whose folder holds a run made with another config, with the keys.
+fn changed_runs(dir: &Path, runs: &[&PlannedRun]) -> Result<Vec<(String, Vec<String>)>> {
+    let mut changed = vec![];
+    for r in runs {
+        let stored = RunPaths {
+            dir: dir.join(&r.name),
+        }
+        .config();
+        if stored.is_file() {
+            let old = Config::read_resolved(&stored).map_err(|e| anyhow!(e.0))?;
+            let diffs = old.differences(&r.config);
+            if !diffs.is_empty() {
+                changed.push((r.name.clone(), diffs));
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// Runs this shard's share of the sweep with `jobs` runs at a time (at most one per run);
+/// finished runs are skipped, killed ones continue. Runs whose folder holds another config
+/// stop the sweep before anything runs, unless `opts.on_change` redoes them.
 pub fn execute(
     sweep: &Sweep,
     out: &Path,
     jobs: usize,
     shard: (usize, usize),
-    progress: bool,
+    opts: RunOptions,
 ) -> Result<SweepReport> {
     let dir = out.join(&sweep.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let plan: Vec<&str> = sweep.runs.iter().map(|r| r.name.as_str()).collect();
+    // Every shard writes the same plan, each through its own temporary file.
     write_atomic(
         &dir.join("plan.json"),
         serde_json::to_string_pretty(&plan)?.as_bytes(),
@@ -180,6 +253,16 @@ pub fn execute(
         .filter(|(i, _)| i % shard.1 == shard.0)
         .map(|(_, r)| r)
         .collect();
+    let changed = changed_runs(&dir, &mine)?;
+    if let (Some((first, diffs)), OnChange::Refuse) = (changed.first(), opts.on_change) {
+        return Err(anyhow!(
+            "sweep {}: {} run(s) in {} were made with another config, e.g. {first}: {}; rerun with --redo-changed to redo them (the others are kept)",
+            sweep.name,
+            changed.len(),
+            dir.display(),
+            describe_differences(diffs)
+        ));
+    }
     let todo: Vec<&PlannedRun> = mine
         .iter()
         .copied()
@@ -188,39 +271,64 @@ pub fn execute(
                 dir: dir.join(&r.name),
             }
             .finished()
+                || changed.iter().any(|(n, _)| *n == r.name)
         })
         .collect();
     let skipped = mine.len() - todo.len();
-    let pb = progress_bar(todo.len() as u64, progress, &sweep.name);
+    let pb = progress_bar(todo.len() as u64, opts.show, &sweep.name);
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs.max(1))
+        .num_threads(jobs.min(todo.len()).max(1))
         .build()?;
     let done = AtomicUsize::new(0);
-    let results: Vec<(String, Result<Summary>)> = pool.install(|| {
+    let run_opts = RunOptions {
+        show: false,
+        ..opts
+    };
+    /// How one run went.
+    enum Outcome {
+        Ran,
+        Busy,
+        Failed(String),
+    }
+    let results: Vec<(String, Outcome)> = pool.install(|| {
         use rayon::prelude::*;
         todo.par_iter()
             .map(|r| {
-                let res =
-                    crate::reflow::run_experiment(&r.config, &r.checked, &dir.join(&r.name), false);
+                let outcome = match RunLock::acquire(&dir.join(&r.name)) {
+                    Err(LockError::Busy { .. }) => Outcome::Busy,
+                    Err(e) => Outcome::Failed(e.to_string()),
+                    Ok(lock) => {
+                        match crate::reflow::run_experiment(&r.config, &r.checked, &lock, run_opts)
+                        {
+                            Ok(_) => Outcome::Ran,
+                            Err(e) => Outcome::Failed(format!("{e:#}")),
+                        }
+                    }
+                };
                 pb.set_position(done.fetch_add(1, Ordering::SeqCst) as u64 + 1);
-                (r.name.clone(), res)
+                (r.name.clone(), outcome)
             })
             .collect()
     });
     pb.finish_and_clear();
-    let failed: Vec<(String, String)> = results
-        .iter()
-        .filter_map(|(n, r)| r.as_ref().err().map(|e| (n.clone(), format!("{e:#}"))))
-        .collect();
-    if shard.1 == 1 {
-        merge(&dir)?;
-    }
-    Ok(SweepReport {
+    let mut report = SweepReport {
         dir,
-        ran: todo.len() - failed.len(),
+        ran: 0,
         skipped,
-        failed,
-    })
+        busy: vec![],
+        failed: vec![],
+    };
+    for (name, outcome) in results {
+        match outcome {
+            Outcome::Ran => report.ran += 1,
+            Outcome::Busy => report.busy.push(name),
+            Outcome::Failed(e) => report.failed.push((name, e)),
+        }
+    }
+    if shard.1 == 1 && report.busy.is_empty() {
+        merge(&report.dir)?;
+    }
+    Ok(report)
 }
 
 /// Columns of summary.csv / summary.md besides the run name.
@@ -256,9 +364,17 @@ fn row_values(s: &Summary) -> Vec<String> {
     ]
 }
 
+/// What a merge found.
+pub struct Merged {
+    /// Runs with a summary.
+    pub finished: usize,
+    /// The planned runs without one, in plan order.
+    pub missing: Vec<String>,
+}
+
 /// Writes summary.csv and summary.md of a sweep folder from its finished runs (also merges
-/// the results of shards run elsewhere into the same folder). Returns (finished, planned).
-pub fn merge(dir: &Path) -> Result<(usize, usize)> {
+/// the results of shards run elsewhere into the same folder).
+pub fn merge(dir: &Path) -> Result<Merged> {
     let plan: Vec<String> = match std::fs::read_to_string(dir.join("plan.json")) {
         Ok(t) => {
             serde_json::from_str(&t).with_context(|| format!("{}/plan.json", dir.display()))?
@@ -271,12 +387,16 @@ pub fn merge(dir: &Path) -> Result<(usize, usize)> {
         }
     };
     let mut rows = vec![];
+    let mut missing = vec![];
     for name in &plan {
         let p = dir.join(name).join("summary.json");
-        if let Ok(t) = std::fs::read_to_string(&p) {
-            let s: Summary =
-                serde_json::from_str(&t).with_context(|| format!("reading {}", p.display()))?;
-            rows.push((name.clone(), s));
+        match std::fs::read_to_string(&p) {
+            Ok(t) => {
+                let s: Summary =
+                    serde_json::from_str(&t).with_context(|| format!("reading {}", p.display()))?;
+                rows.push((name.clone(), s));
+            }
+            Err(_) => missing.push(name.clone()),
         }
     }
     let mut csv = format!("run,{}\n", COLUMNS.join(","));
@@ -292,7 +412,10 @@ pub fn merge(dir: &Path) -> Result<(usize, usize)> {
     }
     write_atomic(&dir.join("summary.csv"), csv.as_bytes())?;
     write_atomic(&dir.join("summary.md"), md.as_bytes())?;
-    Ok((rows.len(), plan.len()))
+    Ok(Merged {
+        finished: rows.len(),
+        missing,
+    })
 }
 
 #[cfg(test)]
@@ -317,7 +440,7 @@ mod tests {
             "base = \"base.toml\"\n[set]\n\"train.batch_size\" = 8\n[axes]\n\"loss.coupling\" = [\"independent\", \"ot\"]\n\"solver.method\" = [\"euler\", \"rk4\", \"heun\"]\n",
         )
         .unwrap();
-        let s = plan(&sw, &[]).unwrap();
+        let s = plan(&sw, &[], DEFAULT_MAX_RUNS).unwrap();
         assert_eq!(s.runs.len(), 6);
         assert_eq!(s.runs[0].name, "000_coupling-independent_method-euler");
         assert_eq!(s.runs[5].name, "005_coupling-ot_method-heun");
@@ -330,7 +453,54 @@ mod tests {
             "base = \"base.toml\"\n[axes]\n\"solver.method\" = [\"euler\", \"leapfrog\"]\n",
         )
         .unwrap();
-        let e = plan(&sw, &[]).err().unwrap().0;
+        let e = plan(&sw, &[], DEFAULT_MAX_RUNS).err().unwrap().0;
         assert!(e.contains("leapfrog") && e.contains("solver.method"), "{e}");
+        // The error names the sweep file's axes as the value's source, not a code location.
+        assert!(e.contains("sw.toml [axes]") && !e.contains(".rs"), "{e}");
+    }
+
+    #[test]
+    fn names_that_escape_or_explode_are_refused_and_labels_stay_short() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.toml"), "[train]\nsteps = 5\n").unwrap();
+        let sw = dir.path().join("sw.toml");
+        for bad in ["../../x", "/abs", "", "a\\nb", ".hidden"] {
+            std::fs::write(&sw, format!("base = \"base.toml\"\nname = \"{bad}\"\n")).unwrap();
+            let e = plan(&sw, &[], DEFAULT_MAX_RUNS).err().unwrap().0;
+            assert!(
+                e.contains("name") && e.contains("not a usable name"),
+                "{bad:?}: {e}"
+            );
+        }
+        // 10^6 runs: refused with the count, before any is planned.
+        let axis = format!(
+            "[{}]",
+            (0..100)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        std::fs::write(
+            &sw,
+            format!("base = \"base.toml\"\n[axes]\n\"train.seed\" = {axis}\n\"eval.seed\" = {axis}\n\"train.steps\" = {axis}\n"),
+        )
+        .unwrap();
+        let e = plan(&sw, &[], DEFAULT_MAX_RUNS).err().unwrap().0;
+        assert!(
+            e.contains("1000000 runs") && e.contains("--max-runs"),
+            "{e}"
+        );
+        // A tiny float is written in its short form; a long value is cut and hashed.
+        std::fs::write(
+            &sw,
+            "base = \"base.toml\"\n[axes]\n\"train.weight_decay\" = [1e-300, 0.0]\n",
+        )
+        .unwrap();
+        let s = plan(&sw, &[], DEFAULT_MAX_RUNS).unwrap();
+        assert_eq!(s.runs[0].name, "000_weight_decay-1e-300");
+        let long = toml::Value::String("x".repeat(300));
+        let l = value_label(&long);
+        assert!(l.len() <= 32 && l.starts_with("xxxx"), "{l}");
+        assert_ne!(l, value_label(&toml::Value::String("x".repeat(301))));
     }
 }

@@ -1,0 +1,179 @@
+//! What a run will ask of the machine, estimated from its config before anything is
+//! allocated, so that an absurd size fails at once with the key to blame (`[limits]`).
+//!
+//! The estimate is deliberately rough (within a small factor) and errs high: it is a guard
+//! against typos such as `train.batch_size = 1000000000`, not a planner.
+
+use crate::config::Config;
+use flowmatch_models::ModelSpec;
+
+/// Bytes of an f32.
+const F32: f64 = 4.0;
+/// Bytes of an f64.
+const F64: f64 = 8.0;
+
+/// The estimate and its largest term.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Need {
+    /// Peak bytes, estimated.
+    pub bytes: f64,
+    /// The config key that drives the largest term.
+    pub key: &'static str,
+    /// What the largest term is, in words.
+    pub what: String,
+}
+
+/// Scalar parameters of a model on `dim`-dimensional data, roughly.
+fn parameters(model: &ModelSpec, dim: f64) -> f64 {
+    match *model {
+        ModelSpec::VelocityNet { hidden, .. } => {
+            let h = hidden as f64;
+            (dim + 1.0) * h + 2.0 * h * h + h * dim
+        }
+        ModelSpec::VelocityMlp { hidden, layers, .. } => {
+            let h = hidden as f64;
+            (dim + 1.0) * h + layers as f64 * h * h + h * dim
+        }
+        // Convolutions: a few hundred 3×3 kernels of width up to 4·hidden.
+        ModelSpec::UNet { hidden } | ModelSpec::UNetLesson { hidden } => {
+            let h = hidden as f64;
+            200.0 * h * h + 1000.0
+        }
+    }
+}
+
+/// Floats kept per sample for one forward and backward pass, roughly.
+fn activations_per_sample(model: &ModelSpec, dim: f64) -> f64 {
+    match *model {
+        ModelSpec::VelocityNet { hidden, .. } => 12.0 * (hidden as f64).max(dim),
+        ModelSpec::VelocityMlp { hidden, layers, .. } => {
+            4.0 * (layers as f64 + 2.0) * (hidden as f64).max(dim)
+        }
+        ModelSpec::UNet { hidden } | ModelSpec::UNetLesson { hidden } => 40.0 * dim * hidden as f64,
+    }
+}
+
+/// The peak memory of `cfg` (the checked `model` on `dim`-dimensional data; `images` when
+/// MNIST is loaded) and the key behind its largest term.
+pub fn estimate(cfg: &Config, model: &ModelSpec, dim: usize, images: bool) -> Need {
+    let d = dim as f64;
+    let batch = cfg.train.batch_size as f64;
+    let samples = cfg.eval.samples as f64;
+    let p = parameters(model, d);
+    let ot = cfg.loss.coupling == "ot";
+    let reflow = cfg.reflow.iterations > 0 || cfg.reflow.distill_k > 0;
+    let offline = reflow && cfg.reflow.mode == "offline";
+    let mut terms: Vec<(f64, &'static str, String)> = vec![
+        // Weights, gradients, two moments, a weight average, a checkpoint copy.
+        (6.0 * p * F32, "model.hidden", format!("{p:.3e} parameters")),
+        (
+            batch * (activations_per_sample(model, d) + 8.0 * d) * F32,
+            "train.batch_size",
+            format!("training batches of {batch} × {dim} values"),
+        ),
+        // Exact W2 and MMD hold an n × n matrix; the headline solve keeps its trajectory.
+        (
+            2.0 * samples * samples * F64 + 4.0 * samples * d * F32,
+            "eval.samples",
+            format!("{samples}² distances for the exact W2"),
+        ),
+        (
+            (cfg.solver.steps as f64 + 1.0) * samples * d * F32,
+            "solver.steps",
+            format!(
+                "a trajectory of {} steps × {samples} samples",
+                cfg.solver.steps
+            ),
+        ),
+    ];
+    if ot {
+        terms.push((
+            2.0 * batch * batch * F64,
+            "train.batch_size",
+            format!("{batch}² costs for the OT coupling"),
+        ));
+    }
+    if offline {
+        terms.push((
+            2.0 * cfg.reflow.pairs as f64 * d * F32,
+            "reflow.pairs",
+            format!("{} reflow pairs × {dim} values", cfg.reflow.pairs),
+        ));
+    }
+    if images {
+        // The MNIST digits held in memory, as f32.
+        terms.push((
+            70_000.0 * d * F32,
+            "data.dir",
+            "the MNIST digits".to_string(),
+        ));
+    }
+    let bytes = terms.iter().map(|t| t.0).sum::<f64>() + 64e6;
+    let (_, key, what) =
+        terms
+            .into_iter()
+            .fold((0.0, "train.batch_size", String::new()), |best, t| {
+                if t.0 > best.0 {
+                    t
+                } else {
+                    best
+                }
+            });
+    // A huge `data.dim` inflates every term that holds points: blame the dimension.
+    let key = if d > 1e4 && !images && key != "model.hidden" {
+        "data.dim"
+    } else {
+        key
+    };
+    Need { bytes, key, what }
+}
+
+/// Bytes as `12.3 GB`.
+pub fn human(bytes: f64) -> String {
+    if bytes >= 1e12 {
+        format!("{:.1} TB", bytes / 1e12)
+    } else if bytes >= 1e9 {
+        format!("{:.1} GB", bytes / 1e9)
+    } else {
+        format!("{:.0} MB", bytes / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowmatch_models::activation::Activation;
+
+    fn mlp() -> ModelSpec {
+        ModelSpec::VelocityMlp {
+            hidden: 128,
+            layers: 3,
+            activation: Activation::Silu,
+        }
+    }
+
+    #[test]
+    fn shipped_sizes_fit_and_absurd_ones_name_their_key() {
+        let cfg = Config::default();
+        let n = estimate(&cfg, &mlp(), 2, false);
+        assert!(n.bytes < 1e9, "{n:?}");
+        let mut big = cfg.clone();
+        big.train.batch_size = 1_000_000_000;
+        let n = estimate(&big, &mlp(), 2, false);
+        assert!(n.bytes > 1e12 && n.key == "train.batch_size", "{n:?}");
+        let n = estimate(&cfg, &mlp(), 100_000_000, false);
+        assert!(n.bytes > 1e11 && n.key == "data.dim", "{n:?}");
+        let mut many = cfg.clone();
+        many.eval.samples = 1_000_000;
+        let n = estimate(&many, &mlp(), 2, false);
+        assert!(n.bytes > 1e13 && n.key == "eval.samples", "{n:?}");
+        // MNIST with the U-Net at the shipped batch stays well under the default 16 GB.
+        let mut img = cfg.clone();
+        img.train.batch_size = 128;
+        img.eval.samples = 2000;
+        let n = estimate(&img, &ModelSpec::UNet { hidden: 32 }, 784, true);
+        assert!(n.bytes < 8e9, "{n:?}");
+        assert_eq!(human(2.5e12), "2.5 TB");
+        assert_eq!(human(3.21e9), "3.2 GB");
+    }
+}
