@@ -1,6 +1,7 @@
 //! Metrics for flows and samples.
 //!
-//! - [`ot`]: exact assignment (Hungarian, via `pathfinding`) on squared Euclidean costs.
+//! - [`ot`]: exact assignment on squared Euclidean costs: our shortest-augmenting-path
+//!   solver (Jonker–Volgenant, the default) or `pathfinding`'s Kuhn–Munkres.
 //! - [`distance`]: exact empirical W2, RBF-MMD², energy distance between two samples.
 //! - [`trajectory`]: straightness (lesson), Liu et al.'s S, Tong et al.'s normalized path energy.
 
@@ -23,4 +24,13 @@ pub fn rows(t: &Tensor) -> Result<(Vec<f64>, usize, usize), MetricsError> {
     let d = t.elem_count() / n.max(1);
     let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     Ok((v, n, d))
+}
+
+/// Says on the terminal that a test could not run on this machine, and why, in the manner of
+/// candle's `test_device!`: libtest hides what a passing test prints, but not a direct write
+/// to stderr, so a skip never passes silently.
+#[cfg(test)]
+pub(crate) fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "test {test} ... skipped: {why}");
 }

@@ -1,6 +1,7 @@
 use crate::activation::Activation;
 use crate::{ModelError, Params, VelocityField, VelocityMlp, VelocityNet};
 use candle_core::{Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// A velocity-field architecture with its hyperparameters (the `[model]` config section).
@@ -35,7 +36,64 @@ fn silu() -> Activation {
     Activation::Silu
 }
 
+/// The name of a model in a config (`model.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// [`ModelSpec::VelocityNet`].
+    VelocityNet,
+    /// [`ModelSpec::VelocityMlp`].
+    VelocityMlp,
+    /// [`ModelSpec::UNet`].
+    #[serde(rename = "unet")]
+    UNet,
+    /// [`ModelSpec::UNetLesson`].
+    #[serde(rename = "unet-lesson")]
+    UNetLesson,
+}
+
+impl ModelKind {
+    /// The config name of the kind.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::VelocityNet => "velocity-net",
+            Self::VelocityMlp => "velocity-mlp",
+            Self::UNet => "unet",
+            Self::UNetLesson => "unet-lesson",
+        }
+    }
+}
+
 impl ModelSpec {
+    /// The spec of `kind` with a config's settings: `layers` is read by the lesson MLP only,
+    /// and an absent `activation` is the seed's choice for the kind (GELU for the blog's
+    /// net, SiLU for the lesson's MLP).
+    pub fn of(
+        kind: ModelKind,
+        hidden: usize,
+        layers: usize,
+        activation: Option<Activation>,
+    ) -> ModelSpec {
+        match kind {
+            ModelKind::VelocityNet => Self::VelocityNet {
+                hidden,
+                activation: activation.unwrap_or(Activation::Gelu),
+            },
+            ModelKind::VelocityMlp => Self::VelocityMlp {
+                hidden,
+                layers,
+                activation: activation.unwrap_or(Activation::Silu),
+            },
+            ModelKind::UNet => Self::UNet { hidden },
+            ModelKind::UNetLesson => Self::UNetLesson { hidden },
+        }
+    }
+
+    /// Whether this is an image model (it needs `(1, 28, 28)`-shaped data).
+    pub fn is_image(&self) -> bool {
+        matches!(self, Self::UNet { .. } | Self::UNetLesson { .. })
+    }
+
     /// Checks hyperparameter ranges.
     pub fn validate(&self) -> std::result::Result<(), ModelError> {
         let (h, l) = match self {

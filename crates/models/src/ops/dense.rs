@@ -320,6 +320,10 @@ mod tests {
     #[test]
     fn matches_linear_then_activation_bit_for_bit() {
         if !has_avx2() {
+            crate::skipped(
+                "dense::matches_linear_then_activation_bit_for_bit",
+                "this CPU has no AVX2/FMA, so the fused kernel is never used on it",
+            );
             return;
         }
         let dev = Device::Cpu;

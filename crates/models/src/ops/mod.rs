@@ -1,0 +1,17 @@
+//! The CPU kernels behind the models: candle custom ops with their own backward, AVX-512 or
+//! AVX2 / FMA chosen at run time, each tested bit for bit (or to 1e-4) against the plain
+//! candle ops it replaces. Other devices run the plain ops.
+//!
+//! - [`activation`]: GELU / SiLU (rational `erf` with fused multiply-adds).
+//! - [`linear`]: `Linear`, and `Linear` + activation as one op.
+//! - [`dense`]: an MLP's layers chained in register tiles, for sampling (no gradient).
+//! - [`conv`]: the U-Nets' convolutions (unfold + gemm, backward by col2im).
+//! - [`norm`]: GroupNorm + SiLU.
+//! - `cpu`: shared helpers (slices of CPU storage, parallel batches).
+
+pub mod activation;
+pub mod conv;
+pub(crate) mod cpu;
+pub(crate) mod dense;
+pub mod linear;
+pub mod norm;
