@@ -72,6 +72,9 @@ pairs = [  # (flowmatch criterion id, PyTorch workload, what, goal as a max rati
     ("hungarian/n256", "hungarian/n256", "Hungarian n=256 (vs SciPy)", None),
     ("hungarian/n512", "hungarian/n512", "Hungarian n=512 (vs SciPy)", None),
     ("hungarian/n1024", "hungarian/n1024", "Hungarian n=1024 (vs SciPy)", 0.5),
+    ("hungarian/pathfinding_n256", "hungarian/n256", "Hungarian n=256, `loss.ot_solver = \"pathfinding\"` (vs SciPy)", None),
+    ("hungarian/pathfinding_n512", "hungarian/n512", "Hungarian n=512, `loss.ot_solver = \"pathfinding\"` (vs SciPy)", None),
+    ("hungarian/pathfinding_n1024", "hungarian/n1024", "Hungarian n=1024, `loss.ot_solver = \"pathfinding\"` (vs SciPy)", None),
     ("sample/euler100", "sample/euler100", "sampling 10k points, Euler 100 steps", 0.5),
     ("sample/rk4_20", "sample/rk4_20", "sampling 10k points, RK4 20 steps", 0.5),
 ]

@@ -1,4 +1,5 @@
-//! One training step of each seed config, and the Hungarian coupling at n = 256, 512, 1024.
+//! One training step of each seed config, and the exact OT assignment at n = 256, 512, 1024
+//! with both solvers (`loss.ot_solver`: ours, `jv`, and `pathfinding`'s Kuhn–Munkres).
 //!
 //! candle runs single-threaded here (RAYON_NUM_THREADS=1), as flowmatch runs small models;
 //! `scripts/bench.sh` compares these figures with PyTorch on the same machine.
@@ -12,7 +13,7 @@ use flowmatch_data::{rng_from_seed, Distribution, Sampler};
 use flowmatch_losses::{
     AffinePath, Coupling, Independent, MinibatchOt, OptimConfig, Schedule, TimeSampler, Trainer,
 };
-use flowmatch_metrics::ot::{assignment, sq_cost_matrix};
+use flowmatch_metrics::ot::{sq_cost_matrix, OtSolver};
 use flowmatch_models::{activation::Activation, ModelSpec};
 use std::sync::Arc;
 
@@ -129,7 +130,10 @@ fn hungarian(c: &mut Criterion) {
         let mut group = c.benchmark_group("hungarian");
         group.sample_size(10);
         group.bench_function(format!("n{n}"), |bch| {
-            bch.iter(|| assignment(&cost, n).unwrap())
+            bch.iter(|| OtSolver::Jv.assign(&cost, n).unwrap())
+        });
+        group.bench_function(format!("pathfinding_n{n}"), |bch| {
+            bch.iter(|| OtSolver::Pathfinding.assign(&cost, n).unwrap())
         });
         group.finish();
     }

@@ -3,7 +3,8 @@
 use crate::LossError;
 use candle_core::{Device, Tensor};
 use flowmatch_data::{Rng, Sampler};
-use flowmatch_metrics::{ot::ot_pairing, rows};
+use flowmatch_metrics::ot::{ot_pairing_with, OtSolver};
+use flowmatch_metrics::rows;
 use std::sync::Arc;
 
 /// Draws a training batch of pairs `(x_0, x_1)`, in two stages: [`draw`](Self::draw) takes all
@@ -82,26 +83,95 @@ impl Coupling for Independent {
     }
 }
 
+/// The name of a coupling in a config (`loss.coupling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CouplingKind {
+    /// [`Independent`].
+    Independent,
+    /// [`MinibatchOt`].
+    Ot,
+}
+
+/// A coupling chosen by name, with its settings: a new coupling is one variant here and one
+/// [`Coupling`] impl. (Reflow's teacher couplings are built by the reflow stages.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CouplingSpec {
+    /// Independent pairs (I-CFM).
+    Independent,
+    /// Exact minibatch OT (OT-CFM) with its assignment solver.
+    Ot { solver: OtSolver },
+}
+
+impl CouplingSpec {
+    /// The spec of `kind`; `solver` is used by OT.
+    pub fn new(kind: CouplingKind, solver: OtSolver) -> Self {
+        match kind {
+            CouplingKind::Independent => Self::Independent,
+            CouplingKind::Ot => Self::Ot { solver },
+        }
+    }
+
+    /// The coupling, pairing draws from `source` and `target`.
+    pub fn build(self, source: Arc<dyn Sampler>, target: Arc<dyn Sampler>) -> Box<dyn Coupling> {
+        match self {
+            Self::Independent => Box::new(Independent::new(source, target)),
+            Self::Ot { solver } => Box::new(MinibatchOt::new(source, target).with_solver(solver)),
+        }
+    }
+
+    /// The coupling's name in summaries: `independent`, `ot`, `ot-pathfinding`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Independent => "independent",
+            Self::Ot {
+                solver: OtSolver::Jv,
+            } => "ot",
+            Self::Ot {
+                solver: OtSolver::Pathfinding,
+            } => "ot-pathfinding",
+        }
+    }
+
+    /// Whether batches pair by optimal transport (the batch² cost matrix, for estimates).
+    pub fn is_ot(self) -> bool {
+        matches!(self, Self::Ot { .. })
+    }
+}
+
 /// Exact minibatch optimal transport (Tong et al. 2023, OT-CFM): re-pairs an independent
-/// batch by the Hungarian assignment on squared Euclidean costs.
+/// batch by the exact assignment on squared Euclidean costs.
 pub struct MinibatchOt {
     inner: Independent,
+    solver: OtSolver,
 }
 
 impl MinibatchOt {
-    /// OT re-pairing of draws from `source` and `target`.
+    /// OT re-pairing of draws from `source` and `target` (our solver).
     pub fn new(source: Arc<dyn Sampler>, target: Arc<dyn Sampler>) -> Self {
         Self {
             inner: Independent::new(source, target),
+            solver: OtSolver::Jv,
         }
+    }
+
+    /// The same with the assignment of `solver`.
+    pub fn with_solver(mut self, solver: OtSolver) -> Self {
+        self.solver = solver;
+        self
     }
 }
 
 /// Reorders `x1` so that `x1'[i]` is `x0[i]`'s optimal partner.
 pub fn ot_repair(x0: &Tensor, x1: &Tensor) -> Result<Tensor, LossError> {
+    ot_repair_with(OtSolver::Jv, x0, x1)
+}
+
+/// [`ot_repair`] with the assignment of `solver`.
+pub fn ot_repair_with(solver: OtSolver, x0: &Tensor, x1: &Tensor) -> Result<Tensor, LossError> {
     let (a, _, d) = rows(x0)?;
     let (b, _, _) = rows(x1)?;
-    let (perm, _) = ot_pairing(&a, &b, d)?;
+    let (perm, _) = ot_pairing_with(solver, &a, &b, d)?;
     let idx = Tensor::from_vec(
         perm.iter().map(|&j| j as u32).collect::<Vec<_>>(),
         perm.len(),
@@ -116,17 +186,17 @@ impl Coupling for MinibatchOt {
     }
 
     fn pairing(&self) -> Option<Arc<dyn Pairing>> {
-        Some(Arc::new(OtPairing))
+        Some(Arc::new(OtPairing(self.solver)))
     }
 }
 
-/// The Hungarian re-pairing of [`MinibatchOt`].
-struct OtPairing;
+/// The assignment re-pairing of [`MinibatchOt`].
+struct OtPairing(OtSolver);
 
 impl Pairing for OtPairing {
     fn pair(&self, draw: Draw) -> Result<(Tensor, Tensor), LossError> {
         let (x0, x1) = draw.into_pairs()?;
-        let x1 = ot_repair(&x0, &x1)?;
+        let x1 = ot_repair_with(self.0, &x0, &x1)?;
         Ok((x0, x1))
     }
 }
@@ -173,6 +243,36 @@ mod tests {
         };
         assert_eq!(key(&x1), key(&y1));
         assert!(mean_sq(&y0, &y1) < 0.8 * mean_sq(&x0, &x1));
+    }
+
+    #[test]
+    fn both_ot_solvers_give_the_same_pairs_and_training_batches() {
+        let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
+        let m: Arc<dyn Sampler> = Arc::new(Distribution::from_name("moons").unwrap());
+        for seed in 0..5 {
+            let batch = |solver| {
+                CouplingSpec::Ot { solver }
+                    .build(g.clone(), m.clone())
+                    .sample(256, &mut rng_from_seed(seed), &Device::Cpu)
+                    .unwrap()
+            };
+            let (a0, a1) = batch(OtSolver::Jv);
+            let (b0, b1) = batch(OtSolver::Pathfinding);
+            assert_eq!(a0.to_vec2::<f32>().unwrap(), b0.to_vec2::<f32>().unwrap());
+            assert_eq!(
+                a1.to_vec2::<f32>().unwrap(),
+                b1.to_vec2::<f32>().unwrap(),
+                "seed {seed}"
+            );
+        }
+        assert_eq!(
+            CouplingSpec::new(CouplingKind::Ot, OtSolver::Jv).label(),
+            "ot"
+        );
+        assert_eq!(
+            CouplingSpec::new(CouplingKind::Independent, OtSolver::Pathfinding),
+            CouplingSpec::Independent
+        );
     }
 
     #[test]

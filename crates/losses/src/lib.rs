@@ -16,8 +16,9 @@ pub mod time;
 pub mod train;
 
 pub use adamw::{AdamState, FusedAdamW};
-pub use coupling::{Coupling, Draw, Independent, MinibatchOt, Pairing};
+pub use coupling::{Coupling, CouplingKind, CouplingSpec, Draw, Independent, MinibatchOt, Pairing};
 pub use error::LossError;
+pub use flowmatch_metrics::ot::OtSolver;
 pub use path::{AffinePath, PathSample, ProbabilityPath, Schedule};
-pub use time::TimeSampler;
-pub use train::{cfm_loss, OptimConfig, Trainer, TrainerState};
+pub use time::{TimeKind, TimeSampler};
+pub use train::{OptimConfig, Trainer, TrainerState};

@@ -32,6 +32,15 @@ pub enum Schedule {
 }
 
 impl Schedule {
+    /// The config name of the schedule.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Linear => "linear",
+            Self::Cosine => "cosine",
+            Self::Vp => "vp",
+        }
+    }
+
     /// The coefficients at time `t ∈ [0, 1]`.
     pub fn at(&self, t: f64) -> Coefficients {
         match self {

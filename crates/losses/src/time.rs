@@ -7,6 +7,30 @@ use flowmatch_solvers::warp_time;
 use rand::Rng as _;
 use rand_distr::{Distribution, StandardNormal};
 
+/// The name of a time sampler in a config (`loss.time`; its settings are separate keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeKind {
+    /// [`TimeSampler::Uniform`].
+    Uniform,
+    /// [`TimeSampler::Warped`].
+    Warped,
+    /// [`TimeSampler::LogitNormal`].
+    LogitNormal,
+}
+
+impl TimeSampler {
+    /// The sampler of `kind` with a config's settings (`s` for warped; `mean`, `std` for
+    /// logit-normal; the others unused).
+    pub fn of(kind: TimeKind, s: f64, mean: f64, std: f64) -> TimeSampler {
+        match kind {
+            TimeKind::Uniform => Self::Uniform,
+            TimeKind::Warped => Self::Warped { s },
+            TimeKind::LogitNormal => Self::LogitNormal { mean, std },
+        }
+    }
+}
+
 /// A distribution of training times (config `loss.time`).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]

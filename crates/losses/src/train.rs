@@ -10,20 +10,8 @@ use flowmatch_data::Rng;
 use flowmatch_models::{Model, VelocityField};
 use std::collections::HashMap;
 
-/// The conditional flow matching loss `mean |v(x_t, t) - dx_t|²` (PyTorch `MSELoss`).
-pub fn cfm_loss(
-    model: &dyn VelocityField,
-    path: &dyn ProbabilityPath,
-    x0: &Tensor,
-    x1: &Tensor,
-    t: &[f32],
-    rng: &mut Rng,
-) -> Result<Tensor, LossError> {
-    let p = path.sample(x0, x1, t, rng)?;
-    regression_loss(model, &p, t)
-}
-
-/// `mean |v(x_t, t) - dx_t|²` on a drawn path sample.
+/// The conditional flow matching loss `mean |v(x_t, t) - dx_t|²` (PyTorch `MSELoss`) on a
+/// drawn path sample.
 fn regression_loss(
     model: &dyn VelocityField,
     p: &PathSample,
@@ -303,11 +291,6 @@ impl Trainer {
         self.steps_done = state.steps_done;
         self.serial_rng = None;
         Ok(())
-    }
-
-    /// Changes the learning rate (for schedules).
-    pub fn set_lr(&mut self, lr: f64) {
-        self.opt.set_learning_rate(lr);
     }
 
     /// Ends training and hands back the model (its weight average, with EMA).

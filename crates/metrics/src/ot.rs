@@ -44,6 +44,27 @@ pub fn assignment(cost: &[f64], n: usize) -> Result<Vec<usize>, MetricsError> {
     Ok(shortest_augmenting_path(cost, n, dijkstra_scan_fn()))
 }
 
+/// Which exact assignment solver pairs a minibatch (config `loss.ot_solver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OtSolver {
+    /// Our shortest-augmenting-path solver ([`assignment`], Jonker–Volgenant): the default.
+    #[default]
+    Jv,
+    /// `pathfinding`'s Kuhn–Munkres ([`assignment_kuhn_munkres`]), the design card's Hungarian.
+    Pathfinding,
+}
+
+impl OtSolver {
+    /// The optimal assignment of a square `n × n` cost matrix.
+    pub fn assign(self, cost: &[f64], n: usize) -> Result<Vec<usize>, MetricsError> {
+        match self {
+            Self::Jv => assignment(cost, n),
+            Self::Pathfinding => assignment_kuhn_munkres(cost, n),
+        }
+    }
+}
+
 /// The same assignment computed with `pathfinding`'s Kuhn–Munkres (kept as a cross-check and
 /// a baseline): it needs `Ord` weights, so costs are scaled to integers with 2⁴⁰ levels.
 pub fn assignment_kuhn_munkres(cost: &[f64], n: usize) -> Result<Vec<usize>, MetricsError> {
@@ -322,6 +343,16 @@ unsafe fn scan_avx512(s: Scan) -> (f64, usize) {
 /// Exact OT pairing of two equal-size samples (`n × d` row-major): `b[perm[i]]` pairs with `a[i]`.
 /// Returns the permutation and the mean squared distance of the pairing.
 pub fn ot_pairing(a: &[f64], b: &[f64], d: usize) -> Result<(Vec<usize>, f64), MetricsError> {
+    ot_pairing_with(OtSolver::Jv, a, b, d)
+}
+
+/// [`ot_pairing`] with the assignment of `solver`.
+pub fn ot_pairing_with(
+    solver: OtSolver,
+    a: &[f64],
+    b: &[f64],
+    d: usize,
+) -> Result<(Vec<usize>, f64), MetricsError> {
     if d == 0 || a.len() != b.len() || !a.len().is_multiple_of(d) {
         return Err(MetricsError::Shape(format!(
             "OT needs two samples of equal size and dimension (got {} and {} values, d={d})",
@@ -331,7 +362,7 @@ pub fn ot_pairing(a: &[f64], b: &[f64], d: usize) -> Result<(Vec<usize>, f64), M
     }
     let n = a.len() / d;
     let c = sq_cost_matrix(a, b, d);
-    let perm = assignment(&c, n)?;
+    let perm = solver.assign(&c, n)?;
     let total: f64 = perm.iter().enumerate().map(|(i, &j)| c[i * n + j]).sum();
     Ok((perm, total / n.max(1) as f64))
 }
@@ -427,9 +458,13 @@ mod tests {
         {
             if is_x86_feature_detected!("avx2") {
                 all.push(|s| unsafe { scan_avx2(s) });
+            } else {
+                crate::skipped("ot sweeps (AVX2)", "this CPU has no AVX2");
             }
             if is_x86_feature_detected!("avx512f") {
                 all.push(|s| unsafe { scan_avx512(s) });
+            } else {
+                crate::skipped("ot sweeps (AVX-512)", "this CPU has no AVX-512F");
             }
         }
         all

@@ -104,18 +104,6 @@ impl PairSet {
         })
     }
 
-    /// Wraps existing pairs (same leading dimension).
-    pub fn from_pairs(x0: Tensor, x1: Tensor) -> Result<Self, ReflowError> {
-        if x0.dims() != x1.dims() || x0.dim(0)? == 0 {
-            return Err(ReflowError::Invalid(format!(
-                "pair shapes {:?} and {:?} do not match",
-                x0.dims(),
-                x1.dims()
-            )));
-        }
-        Ok(Self { x0, x1 })
-    }
-
     /// Number of pairs.
     pub fn len(&self) -> usize {
         self.x0.dim(0).unwrap_or(0)
