@@ -5,7 +5,7 @@
 //! run that was never interrupted.
 
 use crate::logging::write_atomic;
-use crate::run::ProgressRow;
+use crate::report::ProgressRow;
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 use flowmatch_data::Rng;

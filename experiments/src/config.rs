@@ -1,16 +1,17 @@
 //! The experiment config: defaults < TOML file < `FLOWMATCH_…` environment < `--set key=value`,
-//! parsed once with figment + serde (unknown keys are errors), then range-checked.
+//! parsed once with figment + serde straight into the library's types (unknown keys and names
+//! are errors), then checked once, section by section, into a plan ([`crate::check`]).
 
+use crate::device::DeviceRequest;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
-use flowmatch_data::{Distribution, Mnist, MnistSampler, Sampler};
-use flowmatch_losses::{AffinePath, Schedule, TimeSampler};
-use flowmatch_models::{activation::Activation, ModelSpec};
-use flowmatch_solvers::{Method, SolverSpec, Tolerances};
+use flowmatch_losses::{CouplingKind, OtSolver, Schedule, TimeKind};
+use flowmatch_models::{activation::Activation, ModelKind};
+use flowmatch_reflow::{ReflowInit, ReflowMode};
+use flowmatch_solvers::Method;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// A whole experiment: what to train, how, and how to evaluate it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,7 +20,7 @@ pub struct Config {
     /// Run name (default: the config file's stem).
     pub name: String,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
-    pub device: String,
+    pub device: DeviceRequest,
     pub data: DataConfig,
     pub model: ModelConfig,
     pub loss: LossConfig,
@@ -62,13 +63,13 @@ pub struct DataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// `velocity-net` (blog) or `velocity-mlp` (lesson).
-    pub kind: String,
+    /// `velocity-net` (blog), `velocity-mlp` (lesson), `unet` or `unet-lesson`.
+    pub kind: ModelKind,
     pub hidden: usize,
     /// Hidden layers (velocity-mlp only).
     pub layers: usize,
     /// `gelu`, `silu` or `relu` (default: the seed's choice for the kind).
-    pub activation: Option<String>,
+    pub activation: Option<Activation>,
 }
 
 /// `[loss]`: probability path, coupling and time sampling.
@@ -76,12 +77,14 @@ pub struct ModelConfig {
 #[serde(deny_unknown_fields)]
 pub struct LossConfig {
     /// `linear`, `cosine` or `vp`.
-    pub path: String,
+    pub path: Schedule,
     /// `independent` or `ot`.
-    pub coupling: String,
+    pub coupling: CouplingKind,
+    /// The assignment solver of `ot`: `jv` (ours) or `pathfinding` (Kuhn–Munkres).
+    pub ot_solver: OtSolver,
     pub sigma_min: f64,
     /// `uniform`, `warped` or `logit-normal`.
-    pub time: String,
+    pub time: TimeKind,
     /// Warp slope for `time = "warped"`.
     pub time_warp_s: f64,
     pub logit_mean: f64,
@@ -112,7 +115,7 @@ pub struct TrainConfig {
 #[serde(deny_unknown_fields)]
 pub struct SolverConfig {
     /// `euler`, `midpoint`, `heun`, `rk4` or `dopri5`.
-    pub method: String,
+    pub method: Method,
     pub steps: usize,
     /// Time-grid warp `s ∈ [0, 1.5]`; absent = uniform grid.
     pub warp_s: Option<f64>,
@@ -129,7 +132,7 @@ pub struct EvalConfig {
     /// Step counts of the table.
     pub steps: Vec<usize>,
     /// Methods of the table (`rk4-warp` = RK4 on the grid warped with `warp_s`).
-    pub methods: Vec<String>,
+    pub methods: Vec<TableMethod>,
     /// Warp slope used by warped table entries.
     pub warp_s: f64,
     /// Seed of the evaluation samples (independent of training).
@@ -148,16 +151,16 @@ pub struct ReflowConfig {
     /// Reflow iterations after the base run (0 = none): 1 gives 2-RF, 2 gives 3-RF, …
     pub iterations: usize,
     /// `online` (new teacher pairs every step) or `offline` (a fixed pair set).
-    pub mode: String,
+    pub mode: ReflowMode,
     /// Size of the offline pair set.
     pub pairs: usize,
     /// The teacher's solver.
-    pub teacher_method: String,
+    pub teacher_method: Method,
     pub teacher_steps: usize,
     /// Warp of the teacher's time grid (absent = uniform).
     pub teacher_warp_s: Option<f64>,
     /// Student initialisation: `teacher` (copy its weights) or `scratch`.
-    pub init: String,
+    pub init: ReflowInit,
     /// Student training steps (default: `train.steps`).
     pub steps: Option<usize>,
     /// Student learning rate (default: `train.lr`).
@@ -182,7 +185,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             name: String::new(),
-            device: "cpu".into(),
+            device: DeviceRequest::Cpu,
             data: DataConfig {
                 source: "gaussian".into(),
                 target: "moons".into(),
@@ -192,16 +195,17 @@ impl Default for Config {
                 dir: "data/mnist".into(),
             },
             model: ModelConfig {
-                kind: "velocity-mlp".into(),
+                kind: ModelKind::VelocityMlp,
                 hidden: 128,
                 layers: 3,
                 activation: None,
             },
             loss: LossConfig {
-                path: "linear".into(),
-                coupling: "independent".into(),
+                path: Schedule::Linear,
+                coupling: CouplingKind::Independent,
+                ot_solver: OtSolver::Jv,
                 sigma_min: 0.0,
-                time: "uniform".into(),
+                time: TimeKind::Uniform,
                 time_warp_s: 0.5,
                 logit_mean: 0.0,
                 logit_std: 1.0,
@@ -217,7 +221,7 @@ impl Default for Config {
                 prefetch: true,
             },
             solver: SolverConfig {
-                method: "euler".into(),
+                method: Method::Euler,
                 steps: 100,
                 warp_s: None,
                 rtol: 1e-5,
@@ -226,7 +230,10 @@ impl Default for Config {
             eval: EvalConfig {
                 samples: 2000,
                 steps: vec![1, 2, 5, 10, 50, 100],
-                methods: vec!["euler".into()],
+                methods: vec![TableMethod {
+                    method: Method::Euler,
+                    warped: false,
+                }],
                 warp_s: 0.5,
                 seed: 1_000_003,
                 classifier: String::new(),
@@ -239,12 +246,12 @@ impl Default for Config {
             },
             reflow: ReflowConfig {
                 iterations: 0,
-                mode: "online".into(),
+                mode: ReflowMode::Online,
                 pairs: 25_600,
-                teacher_method: "rk4".into(),
+                teacher_method: Method::Rk4,
                 teacher_steps: 20,
                 teacher_warp_s: Some(0.5),
-                init: "teacher".into(),
+                init: ReflowInit::Teacher,
                 steps: None,
                 lr: None,
                 distill_k: 0,
@@ -263,42 +270,39 @@ impl Default for Config {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// One entry of the eval table: a method on a uniform or warped grid.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// One entry of the eval table: a method on a uniform or warped grid, written `rk4` or
+/// `rk4-warp` (RK4 on the grid warped with `eval.warp_s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct TableMethod {
     pub method: Method,
     pub warped: bool,
 }
 
-/// Everything the run needs, checked: built from a [`Config`] by [`Config::validate`].
-pub struct Checked {
-    pub source: Arc<dyn Sampler>,
-    pub target: Arc<dyn Sampler>,
-    /// The MNIST digits when MNIST is the source or the target.
-    pub mnist: Option<Arc<Mnist>>,
-    /// The classifier file for the FID-like score (checked to exist).
-    pub classifier: Option<PathBuf>,
-    pub model: ModelSpec,
-    pub path: AffinePath,
-    pub ot: bool,
-    pub time: TimeSampler,
-    pub solver: SolverSpec,
-    pub table: Vec<TableMethod>,
-    pub reflow: CheckedReflow,
+impl TryFrom<String> for TableMethod {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let (name, warped) = match s.strip_suffix("-warp") {
+            Some(base) => (base, true),
+            None => (s.as_str(), false),
+        };
+        Ok(Self {
+            method: Method::from_name(name)?,
+            warped,
+        })
+    }
 }
 
-/// Validated `[reflow]` settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CheckedReflow {
-    pub iterations: usize,
-    pub offline: bool,
-    pub pairs: usize,
-    pub teacher: SolverSpec,
-    pub from_teacher: bool,
-    pub steps: usize,
-    pub lr: f64,
-    pub distill_k: usize,
-    pub distill_steps: usize,
+impl From<TableMethod> for String {
+    fn from(m: TableMethod) -> String {
+        format!("{}{}", m.method.name(), if m.warped { "-warp" } else { "" })
+    }
+}
+
+impl std::fmt::Display for TableMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from(*self))
+    }
 }
 
 /// One `key = value` layered over the config file, with where it came from (`--set …`, a
@@ -398,6 +402,26 @@ pub fn parse_set(s: &str) -> Result<Override, ConfigError> {
     })
 }
 
+/// Where each value of a layered config came from.
+pub struct Origins(Figment);
+
+impl Origins {
+    /// ` (from SOURCE)` for `key`: the file, the environment variable, the `--set`, the sweep
+    /// file, or ` (the default)`.
+    pub fn of(&self, key: &str) -> String {
+        match self.0.find_metadata(key) {
+            Some(m) => match &m.source {
+                // Built-in defaults (and the name taken from the file's stem).
+                Some(figment::Source::Code(_)) => " (the default)".to_string(),
+                Some(s) => format!(" (from {s})"),
+                None if m.name.contains("environment") => format!(" (from {})", env_var(key)),
+                None => format!(" (from {})", m.name),
+            },
+            None => String::new(),
+        }
+    }
+}
+
 /// Where a config comes from: a file (optional), the environment and overrides.
 pub struct ConfigSource<'a> {
     pub file: Option<&'a Path>,
@@ -405,8 +429,9 @@ pub struct ConfigSource<'a> {
 }
 
 impl Config {
-    /// Layers defaults < file < `FLOWMATCH_SECTION__KEY` env vars < `--set`, then validates.
-    pub fn load(src: &ConfigSource) -> Result<(Config, Checked), ConfigError> {
+    /// Layers defaults < file < `FLOWMATCH_SECTION__KEY` env vars < `--set` into typed
+    /// sections, with where each value came from (for [`Config::load`], which also checks).
+    pub fn layered(src: &ConfigSource) -> Result<(Config, Origins), ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = src.file {
             let kind = match std::fs::metadata(path) {
@@ -446,369 +471,7 @@ impl Config {
             fig = fig.merge(o.clone());
         }
         let cfg: Config = fig.extract().map_err(|e| ConfigError(figment_error(e)))?;
-        let origin = |key: &str| -> String {
-            match fig.find_metadata(key) {
-                Some(m) => match &m.source {
-                    // Built-in defaults (and the name taken from the file's stem).
-                    Some(figment::Source::Code(_)) => " (the default)".to_string(),
-                    Some(s) => format!(" (from {s})"),
-                    None if m.name.contains("environment") => format!(" (from {})", env_var(key)),
-                    None => format!(" (from {})", m.name),
-                },
-                None => String::new(),
-            }
-        };
-        let checked = cfg
-            .validate()
-            .map_err(|(key, msg)| ConfigError(format!("{key}: {msg}{}", origin(key))))?;
-        Ok((cfg, checked))
-    }
-
-    /// Range and name checks; the error names the offending key.
-    pub fn validate(&self) -> Result<Checked, (&'static str, String)> {
-        let dist = |key: &'static str, name: &str, scale: Option<f64>, dim: usize| {
-            let mut d = Distribution::from_name(name).map_err(|e| (key, e.to_string()))?;
-            if let Some(s) = scale {
-                let scale_key = if key == "data.source" {
-                    "data.source_scale"
-                } else {
-                    "data.target_scale"
-                };
-                d = d.with_scale(s).map_err(|e| (scale_key, e.to_string()))?;
-            }
-            d.with_dim(dim).map_err(|e| ("data.dim", e.to_string()))
-        };
-        check_name(&self.name).map_err(|m| ("name", m))?;
-        let images = [&self.data.source, &self.data.target]
-            .iter()
-            .any(|n| n.as_str() == "mnist");
-        let mnist = if images {
-            let m = Mnist::load(&self.data.dir).map_err(|e| ("data.dir", e.to_string()))?;
-            Some(Arc::new(m))
-        } else {
-            None
-        };
-        let dim = if images {
-            flowmatch_data::mnist::PIXELS
-        } else {
-            self.data.dim
-        };
-        let sampler = |key: &'static str,
-                       name: &str,
-                       scale: Option<f64>|
-         -> Result<Arc<dyn Sampler>, (&'static str, String)> {
-            match (name, &mnist) {
-                ("mnist", Some(m)) => Ok(Arc::new(MnistSampler(m.clone()))),
-                // A Gaussian source for images is the standard normal of their dimension.
-                ("gaussian", _) if dim != 2 => Ok(Arc::new(dist(key, "gaussian-nd", None, dim)?)),
-                _ => Ok(Arc::new(dist(key, name, scale, dim)?)),
-            }
-        };
-        let source = sampler("data.source", &self.data.source, self.data.source_scale)?;
-        let target = sampler("data.target", &self.data.target, self.data.target_scale)?;
-        let classifier = if self.eval.classifier.is_empty() {
-            None
-        } else {
-            let p = PathBuf::from(&self.eval.classifier);
-            if !p.is_file() {
-                return Err((
-                    "eval.classifier",
-                    format!(
-                        "no such file '{}' (train one with `flowmatch classifier`)",
-                        p.display()
-                    ),
-                ));
-            }
-            Some(p)
-        };
-        if source.dim() != target.dim() {
-            return Err((
-                "data.dim",
-                format!("source has {} dims, target {}", source.dim(), target.dim()),
-            ));
-        }
-        let activation = match self.model.activation.as_deref() {
-            None => None,
-            Some("gelu") => Some(Activation::Gelu),
-            Some("silu") => Some(Activation::Silu),
-            Some("relu") => Some(Activation::Relu),
-            Some(a) => {
-                return Err((
-                    "model.activation",
-                    format!("unknown activation '{a}' (gelu, silu, relu)"),
-                ))
-            }
-        };
-        let model = match self.model.kind.as_str() {
-            "velocity-net" => ModelSpec::VelocityNet {
-                hidden: self.model.hidden,
-                activation: activation.unwrap_or(Activation::Gelu),
-            },
-            "velocity-mlp" => ModelSpec::VelocityMlp {
-                hidden: self.model.hidden,
-                layers: self.model.layers,
-                activation: activation.unwrap_or(Activation::Silu),
-            },
-            "unet" => ModelSpec::UNet {
-                hidden: self.model.hidden,
-            },
-            "unet-lesson" => ModelSpec::UNetLesson {
-                hidden: self.model.hidden,
-            },
-            k => {
-                return Err((
-                    "model.kind",
-                    format!("unknown model '{k}' (velocity-net, velocity-mlp, unet, unet-lesson)"),
-                ))
-            }
-        };
-        if matches!(model, ModelSpec::UNet { .. } | ModelSpec::UNetLesson { .. }) {
-            flowmatch_models::image_shape(source.dim())
-                .map_err(|e| ("model.kind", e.to_string()))?;
-        }
-        model.validate().map_err(|e| ("model", e.to_string()))?;
-        let schedule = match self.loss.path.as_str() {
-            "linear" => Schedule::Linear,
-            "cosine" => Schedule::Cosine,
-            "vp" => Schedule::Vp,
-            p => {
-                return Err((
-                    "loss.path",
-                    format!("unknown path '{p}' (linear, cosine, vp)"),
-                ))
-            }
-        };
-        let path = AffinePath::new(schedule, self.loss.sigma_min)
-            .map_err(|e| ("loss.sigma_min", e.to_string()))?;
-        let ot = match self.loss.coupling.as_str() {
-            "independent" => false,
-            "ot" => true,
-            c => {
-                return Err((
-                    "loss.coupling",
-                    format!("unknown coupling '{c}' (independent, ot)"),
-                ))
-            }
-        };
-        let time = match self.loss.time.as_str() {
-            "uniform" => TimeSampler::Uniform,
-            "warped" => {
-                check_warp("loss.time_warp_s", self.loss.time_warp_s)?;
-                TimeSampler::Warped {
-                    s: self.loss.time_warp_s,
-                }
-            }
-            "logit-normal" if !self.loss.logit_mean.is_finite() => {
-                return Err((
-                    "loss.logit_mean",
-                    format!("must be a finite number, got {}", self.loss.logit_mean),
-                ))
-            }
-            "logit-normal" if !(self.loss.logit_std > 0.0 && self.loss.logit_std.is_finite()) => {
-                return Err((
-                    "loss.logit_std",
-                    format!("must be a positive number, got {}", self.loss.logit_std),
-                ))
-            }
-            "logit-normal" => TimeSampler::LogitNormal {
-                mean: self.loss.logit_mean,
-                std: self.loss.logit_std,
-            },
-            t => {
-                return Err((
-                    "loss.time",
-                    format!("unknown time sampler '{t}' (uniform, warped, logit-normal)"),
-                ))
-            }
-        };
-        time.validate().map_err(|e| ("loss.time", e.to_string()))?;
-        let t = &self.train;
-        if t.steps == 0 {
-            return Err(("train.steps", "must be at least 1".into()));
-        }
-        if t.batch_size == 0 {
-            return Err(("train.batch_size", "must be at least 1".into()));
-        }
-        if !(t.lr > 0.0 && t.lr.is_finite()) {
-            return Err((
-                "train.lr",
-                format!("must be a positive number, got {}", t.lr),
-            ));
-        }
-        if !(0.0..1.0).contains(&t.ema) {
-            return Err((
-                "train.ema",
-                format!("decay must be in [0, 1), got {}", t.ema),
-            ));
-        }
-        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
-            return Err((
-                "train.weight_decay",
-                format!("must be ≥ 0, got {}", t.weight_decay),
-            ));
-        }
-        let method = parse_method(&self.solver.method).map_err(|m| ("solver.method", m))?;
-        if self.solver.steps == 0 {
-            return Err(("solver.steps", "must be at least 1".into()));
-        }
-        if let Some(s) = self.solver.warp_s {
-            check_warp("solver.warp_s", s)?;
-        }
-        for (key, tol) in [
-            ("solver.rtol", self.solver.rtol),
-            ("solver.atol", self.solver.atol),
-        ] {
-            if !(tol > 0.0 && tol.is_finite()) {
-                return Err((key, format!("must be a positive number, got {tol}")));
-            }
-        }
-        let solver = SolverSpec {
-            method,
-            steps: self.solver.steps,
-            warp_s: self.solver.warp_s,
-            tol: Tolerances {
-                rtol: self.solver.rtol,
-                atol: self.solver.atol,
-            },
-            reverse: false,
-        };
-        let e = &self.eval;
-        if e.samples < 2 {
-            return Err(("eval.samples", "must be at least 2".into()));
-        }
-        if e.steps.is_empty() || e.steps.contains(&0) {
-            return Err((
-                "eval.steps",
-                "must be a non-empty list of step counts ≥ 1".into(),
-            ));
-        }
-        if let Some(d) = first_repeat(&e.steps) {
-            return Err(("eval.steps", format!("{d} is listed twice")));
-        }
-        check_warp("eval.warp_s", e.warp_s)?;
-        if e.methods.is_empty() {
-            return Err((
-                "eval.methods",
-                "must be a non-empty list of solvers (euler, midpoint, heun, rk4, dopri5, or NAME-warp)".into(),
-            ));
-        }
-        if let Some(d) = first_repeat(&e.methods) {
-            return Err(("eval.methods", format!("'{d}' is listed twice")));
-        }
-        let mut table = vec![];
-        for m in &e.methods {
-            let (name, warped) = match m.strip_suffix("-warp") {
-                Some(base) => (base, true),
-                None => (m.as_str(), false),
-            };
-            let method = parse_method(name).map_err(|msg| ("eval.methods", msg))?;
-            table.push(TableMethod { method, warped });
-        }
-        if self.logging.every == 0 {
-            return Err(("logging.every", "must be at least 1".into()));
-        }
-        crate::device::parse_device(&self.device).map_err(|m| ("device", m))?;
-        let r = &self.reflow;
-        let offline = match r.mode.as_str() {
-            "online" => false,
-            "offline" => true,
-            m => {
-                return Err((
-                    "reflow.mode",
-                    format!("unknown mode '{m}' (online, offline)"),
-                ))
-            }
-        };
-        let from_teacher = match r.init.as_str() {
-            "teacher" => true,
-            "scratch" => false,
-            i => {
-                return Err((
-                    "reflow.init",
-                    format!("unknown init '{i}' (teacher, scratch)"),
-                ))
-            }
-        };
-        let teacher_method =
-            parse_method(&r.teacher_method).map_err(|m| ("reflow.teacher_method", m))?;
-        if r.teacher_steps == 0 {
-            return Err(("reflow.teacher_steps", "must be at least 1".into()));
-        }
-        if let Some(s) = r.teacher_warp_s {
-            check_warp("reflow.teacher_warp_s", s)?;
-        }
-        let lim = &self.limits;
-        if !(lim.memory_gb > 0.0 && lim.memory_gb.is_finite()) {
-            return Err((
-                "limits.memory_gb",
-                format!("must be a positive number, got {}", lim.memory_gb),
-            ));
-        }
-        if r.iterations > lim.reflow_iterations {
-            return Err((
-                "reflow.iterations",
-                format!(
-                    "{} is over limits.reflow_iterations = {} (each iteration trains a model); raise the limit with --set limits.reflow_iterations=N",
-                    r.iterations, lim.reflow_iterations
-                ),
-            ));
-        }
-        if offline && r.pairs == 0 {
-            return Err(("reflow.pairs", "must be at least 1".into()));
-        }
-        let steps = r.steps.unwrap_or(t.steps);
-        if steps == 0 {
-            return Err(("reflow.steps", "must be at least 1".into()));
-        }
-        let lr = r.lr.unwrap_or(t.lr);
-        if !(lr > 0.0 && lr.is_finite()) {
-            return Err(("reflow.lr", format!("must be a positive number, got {lr}")));
-        }
-        if r.distill_k > 0 && r.distill_steps == 0 {
-            return Err(("reflow.distill_steps", "must be at least 1".into()));
-        }
-        let need = crate::limits::estimate(self, &model, source.dim(), images);
-        if need.bytes > lim.memory_gb * 1e9 {
-            return Err((
-                need.key,
-                format!(
-                    "this run would need about {} of memory ({}), over limits.memory_gb = {}; lower it, or raise the limit with --set limits.memory_gb=N",
-                    crate::limits::human(need.bytes),
-                    need.what,
-                    lim.memory_gb
-                ),
-            ));
-        }
-        let reflow = CheckedReflow {
-            iterations: r.iterations,
-            offline,
-            pairs: r.pairs,
-            teacher: SolverSpec {
-                method: teacher_method,
-                steps: r.teacher_steps,
-                warp_s: r.teacher_warp_s,
-                tol: solver.tol,
-                reverse: false,
-            },
-            from_teacher,
-            steps,
-            lr,
-            distill_k: r.distill_k,
-            distill_steps: r.distill_steps,
-        };
-        Ok(Checked {
-            source,
-            target,
-            mnist,
-            classifier,
-            model,
-            path,
-            ot,
-            time,
-            solver,
-            table,
-            reflow,
-        })
+        Ok((cfg, Origins(fig)))
     }
 
     /// The resolved config as TOML (written into every run folder).
@@ -898,35 +561,6 @@ pub fn describe_differences(diffs: &[String]) -> String {
     }
 }
 
-/// The time-grid warp `s` must lie in [0, 1.5] (the blog's range).
-fn check_warp(key: &'static str, s: f64) -> Result<(), (&'static str, String)> {
-    flowmatch_solvers::grid_check_warp(s).map_err(|e| (key, e.to_string()))
-}
-
-/// The first value that appears twice in `items`.
-fn first_repeat<T: PartialEq + std::fmt::Display>(items: &[T]) -> Option<&T> {
-    items
-        .iter()
-        .enumerate()
-        .find(|(i, x)| items[..*i].contains(x))
-        .map(|(_, x)| x)
-}
-
-fn parse_method(name: &str) -> Result<Method, String> {
-    Ok(match name {
-        "euler" => Method::Euler,
-        "midpoint" => Method::Midpoint,
-        "heun" => Method::Heun,
-        "rk4" => Method::Rk4,
-        "dopri5" => Method::Dopri5,
-        m => {
-            return Err(format!(
-                "unknown solver '{m}' (euler, midpoint, heun, rk4, dopri5)"
-            ))
-        }
-    })
-}
-
 /// The environment variable of a dotted key: `train.steps` → `FLOWMATCH_TRAIN__STEPS`.
 fn env_var(key: &str) -> String {
     format!("FLOWMATCH_{}", key.replace('.', "__").to_ascii_uppercase())
@@ -968,8 +602,9 @@ pub fn resolve_relative(base: &str, relative_to: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::Plan;
 
-    fn load(text: &str, sets: &[&str]) -> Result<(Config, Checked), ConfigError> {
+    fn load(text: &str, sets: &[&str]) -> Result<(Config, Plan), ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("exp.toml");
         std::fs::write(&p, text).unwrap();

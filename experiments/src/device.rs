@@ -2,12 +2,30 @@
 
 use candle_core::Device;
 
-/// A parsed device request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A parsed device request (config `device`, written `cpu`, `cuda`, `cuda:N` or `auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceRequest {
     Cpu,
     Cuda(usize),
     Auto,
+}
+
+impl TryFrom<String> for DeviceRequest {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_device(&s)
+    }
+}
+
+impl From<DeviceRequest> for String {
+    fn from(d: DeviceRequest) -> String {
+        match d {
+            DeviceRequest::Cpu => "cpu".into(),
+            DeviceRequest::Auto => "auto".into(),
+            DeviceRequest::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
 }
 
 /// Parses the config / CLI device string.

@@ -6,7 +6,6 @@ use candle_nn::{loss::cross_entropy, AdamW, Optimizer, ParamsAdamW};
 use flowmatch_data::{rng_from_seed, Mnist, MnistSampler};
 use flowmatch_metrics::frechet_distance;
 use flowmatch_models::Classifier;
-use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
@@ -102,51 +101,4 @@ impl FidScorer {
             class_counts: counts,
         })
     }
-}
-
-/// Draws rows of digits (`(label, (n, 784) tensor in [-1, 1])`), up to `per_row` each, into a
-/// PNG: one row per label, 2 px per pixel, the label on the left.
-pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Result<()> {
-    crate::plot::font_ready();
-    const SCALE: u32 = 2;
-    let side = flowmatch_data::mnist::SIDE as u32;
-    let cell = side * SCALE + 4;
-    let label_w = 110;
-    let (w, h) = (
-        label_w + cell * per_row as u32,
-        cell * rows.len() as u32 + 4,
-    );
-    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
-    root.fill(&crate::plot::BACKGROUND)?;
-    for (r, (label, x)) in rows.iter().enumerate() {
-        let y0 = 4 + cell * r as u32;
-        root.draw(&Text::new(
-            label.clone(),
-            (8, (y0 + cell / 2 - 8) as i32),
-            ("sans-serif", 15).into_font().color(&WHITE),
-        ))?;
-        let n = x.dim(0)?.min(per_row);
-        let v = x
-            .narrow(0, 0, n)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for k in 0..n {
-            let x0 = label_w + cell * k as u32;
-            for i in 0..side {
-                for j in 0..side {
-                    let p = v[k * (side * side) as usize + (i * side + j) as usize];
-                    let g = ((p.clamp(-1.0, 1.0) + 1.0) * 127.5) as u8;
-                    let c = RGBColor(g, g, g);
-                    let (px, py) = ((x0 + j * SCALE) as i32, (y0 + i * SCALE) as i32);
-                    root.draw(&Rectangle::new(
-                        [(px, py), (px + SCALE as i32, py + SCALE as i32)],
-                        c.filled(),
-                    ))?;
-                }
-            }
-        }
-    }
-    root.present()?;
-    Ok(())
 }

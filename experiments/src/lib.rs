@@ -1,24 +1,37 @@
 //! The flowmatch runner: configs, runs, sweeps, evaluation, logging.
 //!
-//! - [`config`]: figment layering and validation (the dotted keys are a contract).
+//! - [`config`]: figment layering into typed sections (the dotted keys are a contract).
+//! - [`check`]: each section checked once, without I/O, into a [`check::Plan`].
+//! - [`experiment`]: a plan built once (data read, device opened) for runs, stages, sweeps.
 //! - [`run`]: config → build → train → checkpoint → evaluate → run folder.
+//! - [`eval`]: the evaluation samples and the metrics of a model (headline and table).
+//! - [`report`]: the result types several modules share (summaries, tables, reflow rows).
+//! - [`folder`]: run folders: paths, finished / killed / changed runs, claiming a name.
 //! - [`reflow`]: k-rectified flows after the base run, the straightness table.
 //! - [`sweep`]: cartesian products in parallel, resumable, shardable; summary tables.
+//! - [`plot`]: the figures (PNG, GIF) of runs, reflow chains and image samples.
+//! - [`bench`]: the GPU benchmark behind `flowmatch bench`.
 //! - [`checkpoint`]: model and resume files; a killed run continues where it stopped.
 //! - [`lock`]: one process owns a run folder at a time.
 //! - [`limits`]: the memory a config asks for, estimated before anything is allocated.
 //! - [`logging`]: metrics.jsonl, TensorBoard events, atomic writes.
 //! - [`device`]: CPU / CUDA selection at run time.
-//! - [`images`]: MNIST classifier, FID-like score, sample grids.
+//! - [`images`]: the MNIST classifier and the FID-like score.
 
+pub mod bench;
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod eval;
+pub mod experiment;
+pub mod folder;
 pub mod images;
 pub mod limits;
 pub mod lock;
 pub mod logging;
 pub mod plot;
 pub mod reflow;
+pub mod report;
 pub mod run;
 pub mod sweep;

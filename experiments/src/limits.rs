@@ -53,16 +53,21 @@ fn activations_per_sample(model: &ModelSpec, dim: f64) -> f64 {
     }
 }
 
-/// The peak memory of `cfg` (the checked `model` on `dim`-dimensional data; `images` when
-/// MNIST is loaded) and the key behind its largest term.
-pub fn estimate(cfg: &Config, model: &ModelSpec, dim: usize, images: bool) -> Need {
+/// The peak memory of `cfg` (its checked `model` on `dim`-dimensional data; `images` when
+/// MNIST is read, `ot` when batches pair by OT, `offline` with an offline reflow pair set)
+/// and the key behind its largest term.
+pub fn estimate(
+    cfg: &Config,
+    model: &ModelSpec,
+    dim: usize,
+    images: bool,
+    ot: bool,
+    offline: bool,
+) -> Need {
     let d = dim as f64;
     let batch = cfg.train.batch_size as f64;
     let samples = cfg.eval.samples as f64;
     let p = parameters(model, d);
-    let ot = cfg.loss.coupling == "ot";
-    let reflow = cfg.reflow.iterations > 0 || cfg.reflow.distill_k > 0;
-    let offline = reflow && cfg.reflow.mode == "offline";
     let mut terms: Vec<(f64, &'static str, String)> = vec![
         // Weights, gradients, two moments, a weight average, a checkpoint copy.
         (6.0 * p * F32, "model.hidden", format!("{p:.3e} parameters")),
@@ -142,36 +147,52 @@ pub fn human(bytes: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flowmatch_models::activation::Activation;
+    use flowmatch_models::ModelKind;
 
-    fn mlp() -> ModelSpec {
-        ModelSpec::VelocityMlp {
-            hidden: 128,
-            layers: 3,
-            activation: Activation::Silu,
-        }
+    fn need(cfg: &Config) -> Need {
+        // The estimate of a config whose checks pass except, perhaps, the memory limit.
+        let mut unlimited = cfg.clone();
+        unlimited.limits.memory_gb = 1e30;
+        let p = unlimited.check().unwrap();
+        estimate(
+            cfg,
+            &p.model,
+            p.source.dim(),
+            p.images(),
+            p.coupling.is_ot(),
+            false,
+        )
     }
 
     #[test]
     fn shipped_sizes_fit_and_absurd_ones_name_their_key() {
-        let cfg = Config::default();
-        let n = estimate(&cfg, &mlp(), 2, false);
+        let cfg = Config {
+            name: "t".into(),
+            ..Config::default()
+        };
+        let n = need(&cfg);
         assert!(n.bytes < 1e9, "{n:?}");
         let mut big = cfg.clone();
         big.train.batch_size = 1_000_000_000;
-        let n = estimate(&big, &mlp(), 2, false);
+        let n = need(&big);
         assert!(n.bytes > 1e12 && n.key == "train.batch_size", "{n:?}");
-        let n = estimate(&cfg, &mlp(), 100_000_000, false);
+        let mut wide = cfg.clone();
+        wide.data.source = "gaussian-nd".into();
+        wide.data.target = "gaussian-nd".into();
+        wide.data.dim = 100_000_000;
+        let n = need(&wide);
         assert!(n.bytes > 1e11 && n.key == "data.dim", "{n:?}");
         let mut many = cfg.clone();
         many.eval.samples = 1_000_000;
-        let n = estimate(&many, &mlp(), 2, false);
+        let n = need(&many);
         assert!(n.bytes > 1e13 && n.key == "eval.samples", "{n:?}");
-        // MNIST with the U-Net at the shipped batch stays well under the default 16 GB.
+        // MNIST with the U-Net at a usual batch stays well under the default 16 GB.
         let mut img = cfg.clone();
+        img.data.target = "mnist".into();
+        img.model.kind = ModelKind::UNet;
+        img.model.hidden = 32;
         img.train.batch_size = 128;
-        img.eval.samples = 2000;
-        let n = estimate(&img, &ModelSpec::UNet { hidden: 32 }, 784, true);
+        let n = need(&img);
         assert!(n.bytes < 8e9, "{n:?}");
         assert_eq!(human(2.5e12), "2.5 TB");
         assert_eq!(human(3.21e9), "3.2 GB");

@@ -3,10 +3,12 @@
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use flowmatch_experiments::config::{parse_set, Config, ConfigSource, Override};
+use flowmatch_experiments::experiment::{with_reflow_eval, Experiment};
+use flowmatch_experiments::folder::{claim_run_dir, OnChange, RunOptions, RunPaths};
 use flowmatch_experiments::lock::RunLock;
 use flowmatch_experiments::logging::write_json;
-use flowmatch_experiments::run::{self, claim_run_dir, OnChange, RunOptions, RunPaths};
-use flowmatch_experiments::{checkpoint, device, plot, reflow, sweep};
+use flowmatch_experiments::report::{Evaluation, TableRow};
+use flowmatch_experiments::{bench, checkpoint, device, eval, plot, reflow, sweep};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -190,12 +192,7 @@ fn on_change(redo: bool) -> OnChange {
 fn open_run(
     dir: &std::path::Path,
     sets: &[Override],
-) -> Result<(
-    flowmatch_models::Model,
-    Config,
-    flowmatch_experiments::config::Checked,
-    candle_core::Device,
-)> {
+) -> Result<(flowmatch_models::Model, Config, Experiment)> {
     let model_path = RunPaths {
         dir: dir.to_path_buf(),
     }
@@ -206,18 +203,13 @@ fn open_run(
             dir.display()
         ));
     }
-    let (cfg, checked) = Config::load(&ConfigSource {
+    let (cfg, plan) = Config::load(&ConfigSource {
         file: Some(&dir.join("config.toml")),
         sets,
     })
     .map_err(|e| anyhow!(e.0))?;
-    let (dev, _) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
-        .map_err(|e| anyhow!(e))?;
-    let model = checked.model.load(
-        flowmatch_data::Sampler::dim(&checked.source),
-        &model_path,
-        &dev,
-    )?;
+    let exp = Experiment::build(&cfg, &plan)?;
+    let model = exp.model.load(exp.dim(), &model_path, &exp.device)?;
     for (name, var) in model.params.named_vars() {
         let finite = var
             .as_tensor()
@@ -233,7 +225,7 @@ fn open_run(
             ));
         }
     }
-    Ok((model, cfg, checked, dev))
+    Ok((model, cfg, exp))
 }
 
 fn main() -> ExitCode {
@@ -352,21 +344,25 @@ fn cmd_run(
     if let Some(d) = device {
         sets.push(Override::new("device", toml::Value::String(d), "--device"));
     }
-    let (cfg, checked) = Config::load(&ConfigSource {
+    let (cfg, plan) = Config::load(&ConfigSource {
         file: Some(&config),
         sets: &sets,
     })
     .map_err(|e| anyhow!(e.0))?;
-    let (_, chosen) = device::open(device::parse_device(&cfg.device).map_err(|e| anyhow!(e))?)
-        .map_err(|e| anyhow!(e))?;
+    let exp = Experiment::build(&cfg, &plan)?;
     let (dir, lock) = claim_run_dir(&out, &cfg.name)?;
-    note!("run {} on {chosen} -> {}", cfg.name, dir.display());
+    note!(
+        "run {} on {} -> {}",
+        cfg.name,
+        exp.device_label,
+        dir.display()
+    );
     let opts = RunOptions {
         show,
         on_change: on_change(redo_changed),
         halt_after,
     };
-    let s = reflow::run_experiment(&cfg, &checked, &lock, opts)?;
+    let s = reflow::run_experiment(&cfg, &exp, &lock, opts)?;
     say!(
         "{}: final_loss {:.4}  W2 {:.4} ({} {} steps, nfe {})  straightness {:.4}  S {:.4}{}",
         s.name,
@@ -392,12 +388,14 @@ fn cmd_run(
 
 fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Result<ExitCode> {
     let sets = sets_of(&sets)?;
-    let (model, mut cfg, _, dev) = open_run(&run_dir, &sets)?;
-    if cfg.reflow.iterations == 0 && cfg.reflow.distill_k == 0 {
+    let (model, mut cfg, mut exp) = open_run(&run_dir, &sets)?;
+    if !exp.reflow.is_reflow() {
+        // A run that asked for no reflow gets one iteration (in range of any limit).
         cfg.reflow.iterations = 1;
+        exp.reflow.iterations = 1;
     }
-    let cfg = reflow::with_reflow_eval(&cfg);
-    let checked = cfg.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
+    let (cfg, checked) = with_reflow_eval(&cfg, &exp);
+    let dev = checked.device.clone();
     let parent = run_dir.join("reflow");
     let lock = RunLock::acquire(&parent)?;
     let opts = RunOptions {
@@ -420,7 +418,7 @@ fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Re
                 cfg.reflow.iterations,
                 parent.display()
             );
-            let first = run::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
+            let first = eval::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
             reflow::chain(&cfg, &checked, model, &first, lock.dir(), opts)?
         }
     };
@@ -495,7 +493,7 @@ fn cmd_sweep(
 #[derive(serde::Serialize)]
 struct EvalFile<'a> {
     #[serde(flatten)]
-    eval: &'a run::Evaluation,
+    eval: &'a Evaluation,
     /// The resolved config (TOML), to tell whether a later eval of the same name differs.
     config: String,
 }
@@ -503,7 +501,8 @@ struct EvalFile<'a> {
 fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode> {
     let sets = sets_of(&sets)?;
     let _lock = RunLock::acquire(&run_dir)?;
-    let (model, cfg, checked, dev) = open_run(&run_dir, &sets)?;
+    let (model, cfg, checked) = open_run(&run_dir, &sets)?;
+    let dev = checked.device.clone();
     let out = run_dir.join(format!(
         "eval-{}-{}.json",
         checked.solver.label(),
@@ -527,7 +526,7 @@ fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode>
             ));
         }
     }
-    let ev = run::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
+    let ev = eval::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
     write_json(
         &out,
         &EvalFile {
@@ -565,7 +564,10 @@ fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<Ex
     };
     let _lock = RunLock::acquire(&run_dir)?;
     let reflow_rows = run_dir.join("reflow.json");
-    let (cfg_dir, rows): (PathBuf, Option<Vec<reflow::IterationRow>>) = if reflow_rows.is_file() {
+    let (cfg_dir, rows): (
+        PathBuf,
+        Option<Vec<flowmatch_experiments::report::IterationRow>>,
+    ) = if reflow_rows.is_file() {
         let text = std::fs::read_to_string(&reflow_rows)
             .with_context(|| format!("reading {}", reflow_rows.display()))?;
         let rows = serde_json::from_str(&text)
@@ -574,8 +576,8 @@ fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<Ex
     } else {
         (run_dir.clone(), None)
     };
-    let (model, cfg, checked, dev) = open_run(&cfg_dir, &sets)?;
-    let dim = flowmatch_data::Sampler::dim(&checked.source);
+    let (model, cfg, checked) = open_run(&cfg_dir, &sets)?;
+    let (dim, dev) = (checked.dim(), checked.device.clone());
     let mut written = plot::plot_run(&model, &cfg, &checked, &cfg_dir, &dev, &figures)?;
     if let Some(rows) = rows {
         // The last flow of the chain lives in the folder named after its row.
@@ -652,71 +654,23 @@ fn cmd_bench(
     points: usize,
     sample_steps: usize,
 ) -> Result<ExitCode> {
-    if batch == 0 || steps == 0 || points == 0 || sample_steps == 0 {
-        return Err(anyhow!(
-            "bench: batch, steps, points and sample-steps must be positive"
-        ));
-    }
     let req = device::parse_device(&device).map_err(|e| anyhow!("--device: {e}"))?;
     let (dev, said) = device::open(req).map_err(|e| anyhow!(e))?;
-    say!("bench on {said}");
-    let spec = flowmatch_models::ModelSpec::VelocityNet {
-        hidden: 64,
-        activation: flowmatch_models::activation::Activation::Gelu,
-    };
-    let g: std::sync::Arc<dyn flowmatch_data::Sampler> =
-        std::sync::Arc::new(flowmatch_data::Distribution::from_name("gaussian")?);
-    let t: std::sync::Arc<dyn flowmatch_data::Sampler> =
-        std::sync::Arc::new(flowmatch_data::Distribution::from_name("spiral")?);
-    let mut trainer = flowmatch_losses::Trainer::new(
-        spec.build(2, 0, &dev)?,
-        Box::new(flowmatch_losses::AffinePath::new(
-            flowmatch_losses::Schedule::Linear,
-            0.0,
-        )?),
-        Box::new(flowmatch_losses::Independent::new(g.clone(), t)),
-        flowmatch_losses::TimeSampler::Uniform,
+    let spec = bench::BenchSpec {
         batch,
-        flowmatch_losses::OptimConfig {
-            lr: 3e-3,
-            ..Default::default()
-        },
-    )?;
-    let mut rng = flowmatch_data::rng_from_seed(0);
-    trainer.step(&mut rng)?; // warm-up (kernel loading, allocator)
-    let started = std::time::Instant::now();
-    let mut loss = 0.0;
-    for _ in 0..steps {
-        loss = trainer.step(&mut rng)?;
+        steps,
+        points,
+        sample_steps,
+    };
+    say!("bench on {said}");
+    let report = bench::run(&spec, &dev)?;
+    for line in report.lines(&spec) {
+        say!("{line}");
     }
-    let train_s = started.elapsed().as_secs_f64();
-    say!(
-        "train: VelocityNet h=64, batch {batch}: {:.2} steps/s ({:.2} ms/step, {:.3e} samples/s), loss {loss:.4}",
-        steps as f64 / train_s,
-        1e3 * train_s / steps as f64,
-        (steps * batch) as f64 / train_s
-    );
-    let model = trainer.into_model();
-    let x0 = g.sample(points, &mut rng, &dev)?;
-    let started = std::time::Instant::now();
-    let sol = flowmatch_solvers::solve(
-        &model,
-        &x0,
-        &flowmatch_solvers::SolverSpec::new(flowmatch_solvers::Method::Euler, sample_steps),
-        false,
-    )?;
-    let x = sol.x.to_device(&candle_core::Device::Cpu)?; // waits for the device
-    let sample_s = started.elapsed().as_secs_f64();
-    say!(
-        "sample: {points} points, Euler {sample_steps} steps: {:.3} s ({:.3e} points/s), {} values",
-        sample_s,
-        points as f64 / sample_s,
-        x.elem_count()
-    );
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(rows: &[run::TableRow]) -> Result<()> {
+fn print_table(rows: &[TableRow]) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }

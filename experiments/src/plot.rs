@@ -4,9 +4,10 @@
 //! Everything plotted comes from recorded trajectories: one solve per figure, never one per
 //! animation frame.
 
-use crate::config::{Checked, Config};
+use crate::config::Config;
+use crate::experiment::Experiment;
 use crate::logging::atomically;
-use crate::reflow::IterationRow;
+use crate::report::IterationRow;
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor};
 use flowmatch_data::{rng_from_seed, Sampler};
@@ -198,7 +199,7 @@ fn transpose(states: &[Pts], n: usize) -> Vec<Pts> {
 pub fn plot_run(
     field: &dyn VelocityField,
     cfg: &Config,
-    checked: &Checked,
+    checked: &Experiment,
     dir: &Path,
     device: &Device,
     figures: &[Figure],
@@ -220,7 +221,7 @@ pub fn plot_run(
             checked.target.sample(16, &mut rng, &Device::Cpu)?,
         ));
         let path = dir.join(SAMPLES_GRID);
-        atomically(&path, |tmp| crate::images::sample_grid(tmp, &rows, 16))?;
+        atomically(&path, |tmp| sample_grid(tmp, &rows, 16))?;
         return Ok(vec![path]);
     }
     if checked.source.dim() != 2 {
@@ -301,7 +302,7 @@ fn trajectories(path: &Path, f: &Flows) -> Result<()> {
 fn flow_field(
     path: &Path,
     field: &dyn VelocityField,
-    checked: &Checked,
+    checked: &Experiment,
     f: &Flows,
     device: &Device,
 ) -> Result<()> {
@@ -516,7 +517,8 @@ pub fn reflow_curves(path: &Path, rows: &[IterationRow]) -> Result<()> {
     Ok(())
 }
 
-/// Recorded Euler-100 trajectories of `field` from `x0` (for side-by-side animations).
+/// Recorded trajectories of `field` from `x0` with the solver `spec` (for side-by-side
+/// animations).
 pub fn record(field: &dyn VelocityField, x0: &Tensor, spec: &SolverSpec) -> Result<Vec<Pts>> {
     let sol = solve(field, x0, spec, true)?;
     sol.trajectory
@@ -524,4 +526,51 @@ pub fn record(field: &dyn VelocityField, x0: &Tensor, spec: &SolverSpec) -> Resu
         .iter()
         .map(points)
         .collect()
+}
+
+/// Draws rows of digits (`(label, (n, 784) tensor in [-1, 1])`), up to `per_row` each, into a
+/// PNG: one row per label, 2 px per pixel, the label on the left.
+pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Result<()> {
+    font_ready();
+    const SCALE: u32 = 2;
+    let side = flowmatch_data::mnist::SIDE as u32;
+    let cell = side * SCALE + 4;
+    let label_w = 110;
+    let (w, h) = (
+        label_w + cell * per_row as u32,
+        cell * rows.len() as u32 + 4,
+    );
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&BACKGROUND)?;
+    for (r, (label, x)) in rows.iter().enumerate() {
+        let y0 = 4 + cell * r as u32;
+        root.draw(&Text::new(
+            label.clone(),
+            (8, (y0 + cell / 2 - 8) as i32),
+            ("sans-serif", 15).into_font().color(&WHITE),
+        ))?;
+        let n = x.dim(0)?.min(per_row);
+        let v = x
+            .narrow(0, 0, n)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for k in 0..n {
+            let x0 = label_w + cell * k as u32;
+            for i in 0..side {
+                for j in 0..side {
+                    let p = v[k * (side * side) as usize + (i * side + j) as usize];
+                    let g = ((p.clamp(-1.0, 1.0) + 1.0) * 127.5) as u8;
+                    let c = RGBColor(g, g, g);
+                    let (px, py) = ((x0 + j * SCALE) as i32, (y0 + i * SCALE) as i32);
+                    root.draw(&Rectangle::new(
+                        [(px, py), (px + SCALE as i32, py + SCALE as i32)],
+                        c.filled(),
+                    ))?;
+                }
+            }
+        }
+    }
+    root.present()?;
+    Ok(())
 }

@@ -1,65 +1,21 @@
 //! k-rectified flows: the base run (1-RF) teaches a student (2-RF), which teaches the next, …
 //! Each iteration is a run folder of its own; the parent gets the straightness table.
 
-use crate::config::{Checked, Config};
+use crate::config::Config;
+use crate::experiment::{with_reflow_eval, Experiment, REFLOW_STEPS};
+use crate::folder::{load_finished, prepare, Prepared, RunOptions, RunPaths};
 use crate::lock::RunLock;
 use crate::logging::{atomically, write_atomic, write_json, RunLog};
-use crate::run::{
-    load_finished, prepare, progress_bar, run, run_with, Evaluation, Prepared, RunOptions,
-    RunPaths, Setup, Summary,
-};
+use crate::report::{Evaluation, IterationRow, StepW2, Summary};
+use crate::run::{progress_bar, run, run_with, Setup};
 use anyhow::{anyhow, Context, Result};
 use flowmatch_data::Sampler;
 use flowmatch_losses::{Coupling, TimeSampler};
 use flowmatch_models::{Model, VelocityField};
-use flowmatch_reflow::{PairSet, TeacherCoupling};
-use serde::{Deserialize, Serialize};
+use flowmatch_reflow::{PairSet, ReflowInit, ReflowMode, TeacherCoupling};
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
-
-/// Euler step counts of the reflow table.
-pub const REFLOW_STEPS: [usize; 5] = [1, 2, 5, 10, 100];
-
-/// W2 of one Euler step count.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepW2 {
-    pub steps: usize,
-    pub w2: f64,
-}
-
-/// One k-rectified flow in the reflow table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct IterationRow {
-    /// `1-RF`, `2-RF`, … or `distill-k`.
-    pub flow: String,
-    /// Lesson's straightness (Euler, 100 steps).
-    pub straightness: f64,
-    /// Liu et al.'s S.
-    pub rf_straightness: f64,
-    pub normalized_path_energy: f64,
-    /// W2 against fresh target samples at 1, 2, 5, 10, 100 Euler steps.
-    pub w2_euler: Vec<StepW2>,
-}
-
-/// The config with the evaluation the reflow table needs: headline Euler 100, Euler rows at
-/// 1, 2, 5, 10, 100 steps (added to whatever the config already evaluates).
-pub fn with_reflow_eval(cfg: &Config) -> Config {
-    let mut c = cfg.clone();
-    c.solver.method = "euler".into();
-    c.solver.steps = 100;
-    c.solver.warp_s = None;
-    if !c.eval.methods.iter().any(|m| m == "euler") {
-        c.eval.methods.insert(0, "euler".into());
-    }
-    for s in REFLOW_STEPS {
-        if !c.eval.steps.contains(&s) {
-            c.eval.steps.push(s);
-        }
-    }
-    c.eval.steps.sort_unstable();
-    c
-}
 
 /// The folder of a flow in a reflow parent: `2-RF` → `rf2`, `distill-2` → `distill2`.
 pub fn folder_of(flow: &str) -> String {
@@ -93,13 +49,12 @@ pub fn row_of(flow: &str, ev: &Evaluation) -> IterationRow {
 /// chain when `[reflow]` asks for it. A killed experiment continues where it stopped.
 pub fn run_experiment(
     cfg: &Config,
-    checked: &Checked,
+    checked: &Experiment,
     lock: &RunLock,
     opts: RunOptions,
 ) -> Result<Summary> {
     let dir = lock.dir();
-    let r = &checked.reflow;
-    if r.iterations == 0 && r.distill_k == 0 {
+    if !checked.reflow.is_reflow() {
         return run(
             cfg,
             checked,
@@ -111,8 +66,7 @@ pub fn run_experiment(
     if let Some(done) = open_parent(dir, cfg, opts)? {
         return Ok(done);
     }
-    let cfg1 = with_reflow_eval(cfg);
-    let checked1 = cfg1.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
+    let (cfg1, checked1) = with_reflow_eval(cfg, checked);
     let pb = progress_bar(
         cfg.train.steps as u64,
         opts.show,
@@ -157,7 +111,7 @@ pub fn open_parent(parent: &Path, cfg: &Config, opts: RunOptions) -> Result<Opti
 /// `parent/summary.json` (the last student's summary with the table).
 pub fn chain(
     cfg: &Config,
-    checked: &Checked,
+    checked: &Experiment,
     teacher: Model,
     first: &Evaluation,
     parent: &Path,
@@ -193,12 +147,11 @@ pub fn chain(
         c.train.seed = cfg.train.seed.wrapping_add(i as u64 + 1);
         c.reflow.iterations = 0;
         c.reflow.distill_k = 0;
-        let ck = c.validate().map_err(|(k, m)| anyhow!("{k}: {m}"))?;
         let device = teacher.params.device().clone();
         let stage_dir = parent.join(&folder);
         // A stage that finished before a kill is reused, not retrained.
         if let Prepared::Finished = prepare(&stage_dir, &c, opts.on_change)? {
-            let (summary, model) = load_finished(&stage_dir, &ck, &device)?;
+            let (summary, model) = load_finished(&stage_dir, checked, &device)?;
             let row = row_of(&flow, &summary.eval);
             log_row(&mut log, &row, rows.len() + 1)?;
             rows.push(row);
@@ -207,7 +160,7 @@ pub fn chain(
             last = Some(summary);
             continue;
         }
-        let student = if r.from_teacher || flow.starts_with("distill") {
+        let student = if r.init == ReflowInit::Teacher || flow.starts_with("distill") {
             teacher.duplicate()?
         } else {
             checked
@@ -215,7 +168,7 @@ pub fn chain(
                 .build(checked.source.dim(), c.train.seed, &device)?
         };
         let as_field: Arc<dyn VelocityField> = teacher.clone();
-        let (coupling, label): (Box<dyn Coupling>, String) = if r.offline {
+        let (coupling, label): (Box<dyn Coupling>, String) = if r.mode == ReflowMode::Offline {
             let threads = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
@@ -265,7 +218,7 @@ pub fn chain(
             coupling_label: Some(label),
             time: Some(time),
         };
-        let (summary, model) = run_with(&c, &ck, &stage_dir, &pb, setup, opts)?;
+        let (summary, model) = run_with(&c, checked, &stage_dir, &pb, setup, opts)?;
         let row = row_of(&flow, &summary.eval);
         log_row(&mut log, &row, rows.len() + 1)?;
         rows.push(row);
@@ -292,7 +245,7 @@ pub fn chain(
 /// the last flow, same starting points).
 pub fn reflow_figures(
     cfg: &Config,
-    checked: &Checked,
+    checked: &Experiment,
     first: &Model,
     last: &Model,
     rows: &[IterationRow],

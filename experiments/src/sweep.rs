@@ -1,13 +1,16 @@
 //! Sweeps: a base config, fixed overrides and axes whose cartesian product is run in parallel
 //! (one candle thread per run), resumable and shardable across a cluster.
 
+use crate::check::Plan;
 use crate::config::{
-    check_name, describe_differences, resolve_relative, Checked, Config, ConfigError, ConfigSource,
-    Override,
+    check_name, describe_differences, resolve_relative, Config, ConfigError, ConfigSource, Override,
 };
+use crate::experiment::Experiment;
+use crate::folder::{OnChange, RunOptions, RunPaths};
 use crate::lock::{LockError, RunLock};
 use crate::logging::write_atomic;
-use crate::run::{progress_bar, OnChange, RunOptions, RunPaths, Summary};
+use crate::report::Summary;
+use crate::run::progress_bar;
 use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -33,7 +36,8 @@ struct SweepFile {
 pub struct PlannedRun {
     pub name: String,
     pub config: Config,
-    pub checked: Checked,
+    /// The checked config; built into an experiment when the run starts.
+    pub plan: Plan,
 }
 
 /// A parsed, validated sweep.
@@ -171,7 +175,7 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
             toml::Value::String(run_name.clone()),
             format!("sweep {}", path.display()),
         ));
-        let (config, checked) = Config::load(&ConfigSource {
+        let (config, plan) = Config::load(&ConfigSource {
             file: Some(&base),
             sets: &sets,
         })
@@ -179,7 +183,7 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
         runs.push(PlannedRun {
             name: run_name,
             config,
-            checked,
+            plan,
         });
     }
     Ok(Sweep { name, runs })
@@ -298,8 +302,10 @@ pub fn execute(
                     Err(LockError::Busy { .. }) => Outcome::Busy,
                     Err(e) => Outcome::Failed(e.to_string()),
                     Ok(lock) => {
-                        match crate::reflow::run_experiment(&r.config, &r.checked, &lock, run_opts)
-                        {
+                        let ran = Experiment::build(&r.config, &r.plan).and_then(|exp| {
+                            crate::reflow::run_experiment(&r.config, &exp, &lock, run_opts)
+                        });
+                        match ran {
                             Ok(_) => Outcome::Ran,
                             Err(e) => Outcome::Failed(format!("{e:#}")),
                         }

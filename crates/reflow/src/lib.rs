@@ -10,6 +10,8 @@
 
 mod coupling;
 mod error;
+mod spec;
 
 pub use coupling::{PairSet, TeacherCoupling};
 pub use error::ReflowError;
+pub use spec::{ReflowInit, ReflowMode, ReflowSpec};

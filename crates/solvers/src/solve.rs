@@ -21,6 +21,27 @@ pub enum Method {
 
 impl Method {
     /// The config name.
+    /// Every method, in the order the docs list them.
+    pub const ALL: [Method; 5] = [
+        Method::Euler,
+        Method::Midpoint,
+        Method::Heun,
+        Method::Rk4,
+        Method::Dopri5,
+    ];
+
+    /// The method called `name` (its config name, as [`Self::name`] spells it).
+    pub fn from_name(name: &str) -> Result<Method, String> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|m| m.name()).collect();
+                format!("unknown solver '{name}' ({})", known.join(", "))
+            })
+    }
+
+    /// The config name of the method.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Euler => "euler",

@@ -1,0 +1,375 @@
+//! The config, checked once: each section's `check()` (linfa-style) turns its typed values into
+//! the library's specs or names the offending key, and [`Config::check`] assembles the
+//! [`Plan`]. No I/O happens here: data and devices are opened when the plan is built into an
+//! [`crate::experiment::Experiment`].
+
+use crate::config::{
+    check_name, Config, ConfigError, ConfigSource, DataConfig, EvalConfig, LimitsConfig,
+    LossConfig, ModelConfig, ReflowConfig, SolverConfig, TableMethod, TrainConfig,
+};
+use flowmatch_data::Distribution;
+use flowmatch_losses::{AffinePath, CouplingSpec, TimeKind, TimeSampler};
+use flowmatch_models::ModelSpec;
+use flowmatch_reflow::{ReflowMode, ReflowSpec};
+use flowmatch_solvers::{SolverSpec, Tolerances};
+use std::path::PathBuf;
+
+/// A failed check: the key and what is wrong with its value.
+pub type Bad = (&'static str, String);
+
+/// One side of the data: a built-in distribution, or MNIST (loaded when the plan is built).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataSpec {
+    Shape(Distribution),
+    Mnist,
+}
+
+impl DataSpec {
+    /// Dimension of a sample.
+    pub fn dim(&self) -> usize {
+        match self {
+            Self::Shape(d) => flowmatch_data::Sampler::dim(d),
+            Self::Mnist => flowmatch_data::mnist::PIXELS,
+        }
+    }
+}
+
+/// Everything a run needs from its config, checked; built into an experiment once.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub source: DataSpec,
+    pub target: DataSpec,
+    pub model: ModelSpec,
+    pub path: AffinePath,
+    pub coupling: CouplingSpec,
+    pub time: TimeSampler,
+    /// The headline solver.
+    pub solver: SolverSpec,
+    /// The eval table's methods (× `eval.steps`).
+    pub table: Vec<TableMethod>,
+    /// The classifier file of the FID-like score, when set.
+    pub classifier: Option<PathBuf>,
+    pub reflow: ReflowSpec,
+}
+
+impl Plan {
+    /// Whether MNIST is the source or the target.
+    pub fn images(&self) -> bool {
+        self.source == DataSpec::Mnist || self.target == DataSpec::Mnist
+    }
+}
+
+/// The time-grid warp `s` must lie in [0, 1.5] (the blog's range).
+fn check_warp(key: &'static str, s: f64) -> Result<(), Bad> {
+    flowmatch_solvers::grid_check_warp(s).map_err(|e| (key, e.to_string()))
+}
+
+/// A learning rate: positive and finite.
+fn check_lr(key: &'static str, lr: f64) -> Result<(), Bad> {
+    if lr > 0.0 && lr.is_finite() {
+        Ok(())
+    } else {
+        Err((key, format!("must be a positive number, got {lr}")))
+    }
+}
+
+/// A count of at least one.
+fn check_count(key: &'static str, n: usize) -> Result<(), Bad> {
+    if n == 0 {
+        Err((key, "must be at least 1".into()))
+    } else {
+        Ok(())
+    }
+}
+
+/// The first value that appears twice in `items`.
+fn first_repeat<T: PartialEq>(items: &[T]) -> Option<&T> {
+    items
+        .iter()
+        .enumerate()
+        .find(|(i, x)| items[..*i].contains(x))
+        .map(|(_, x)| x)
+}
+
+impl DataConfig {
+    /// The two sides, of one dimension.
+    pub fn check(&self) -> Result<(DataSpec, DataSpec), Bad> {
+        let images = self.source == "mnist" || self.target == "mnist";
+        let dim = if images {
+            flowmatch_data::mnist::PIXELS
+        } else {
+            self.dim
+        };
+        let side = |key: &'static str, scale_key: &'static str, name: &str, scale| {
+            if name == "mnist" {
+                return Ok(DataSpec::Mnist);
+            }
+            // A Gaussian source for images or N-D data is the standard normal of its dimension.
+            let (name, scale) = if name == "gaussian" && dim != 2 {
+                ("gaussian-nd", None)
+            } else {
+                (name, scale)
+            };
+            let mut d = Distribution::from_name(name).map_err(|e| (key, e.to_string()))?;
+            if let Some(s) = scale {
+                d = d.with_scale(s).map_err(|e| (scale_key, e.to_string()))?;
+            }
+            Ok(DataSpec::Shape(
+                d.with_dim(dim).map_err(|e| ("data.dim", e.to_string()))?,
+            ))
+        };
+        let source = side(
+            "data.source",
+            "data.source_scale",
+            &self.source,
+            self.source_scale,
+        )?;
+        let target = side(
+            "data.target",
+            "data.target_scale",
+            &self.target,
+            self.target_scale,
+        )?;
+        if source.dim() != target.dim() {
+            return Err((
+                "data.dim",
+                format!("source has {} dims, target {}", source.dim(), target.dim()),
+            ));
+        }
+        Ok((source, target))
+    }
+}
+
+impl ModelConfig {
+    /// The model for `dim`-dimensional data.
+    pub fn check(&self, dim: usize) -> Result<ModelSpec, Bad> {
+        let model = ModelSpec::of(self.kind, self.hidden, self.layers, self.activation);
+        if model.is_image() {
+            flowmatch_models::image_shape(dim).map_err(|e| ("model.kind", e.to_string()))?;
+        }
+        model.validate().map_err(|e| ("model", e.to_string()))?;
+        Ok(model)
+    }
+}
+
+impl LossConfig {
+    /// The path, the coupling and the time sampler.
+    pub fn check(&self) -> Result<(AffinePath, CouplingSpec, TimeSampler), Bad> {
+        let path = AffinePath::new(self.path, self.sigma_min)
+            .map_err(|e| ("loss.sigma_min", e.to_string()))?;
+        match self.time {
+            TimeKind::Uniform => {}
+            TimeKind::Warped => check_warp("loss.time_warp_s", self.time_warp_s)?,
+            TimeKind::LogitNormal => {
+                if !self.logit_mean.is_finite() {
+                    return Err((
+                        "loss.logit_mean",
+                        format!("must be a finite number, got {}", self.logit_mean),
+                    ));
+                }
+                if !(self.logit_std > 0.0 && self.logit_std.is_finite()) {
+                    return Err((
+                        "loss.logit_std",
+                        format!("must be a positive number, got {}", self.logit_std),
+                    ));
+                }
+            }
+        }
+        let time = TimeSampler::of(self.time, self.time_warp_s, self.logit_mean, self.logit_std);
+        Ok((path, CouplingSpec::new(self.coupling, self.ot_solver), time))
+    }
+}
+
+impl TrainConfig {
+    /// Steps, batch, learning rate, weight average and decay in range.
+    pub fn check(&self) -> Result<(), Bad> {
+        check_count("train.steps", self.steps)?;
+        check_count("train.batch_size", self.batch_size)?;
+        check_lr("train.lr", self.lr)?;
+        if !(0.0..1.0).contains(&self.ema) {
+            return Err((
+                "train.ema",
+                format!("decay must be in [0, 1), got {}", self.ema),
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err((
+                "train.weight_decay",
+                format!("must be ≥ 0, got {}", self.weight_decay),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SolverConfig {
+    /// The headline solver.
+    pub fn check(&self) -> Result<SolverSpec, Bad> {
+        check_count("solver.steps", self.steps)?;
+        if let Some(s) = self.warp_s {
+            check_warp("solver.warp_s", s)?;
+        }
+        for (key, tol) in [("solver.rtol", self.rtol), ("solver.atol", self.atol)] {
+            if !(tol > 0.0 && tol.is_finite()) {
+                return Err((key, format!("must be a positive number, got {tol}")));
+            }
+        }
+        Ok(SolverSpec {
+            method: self.method,
+            steps: self.steps,
+            warp_s: self.warp_s,
+            tol: Tolerances {
+                rtol: self.rtol,
+                atol: self.atol,
+            },
+            reverse: false,
+        })
+    }
+}
+
+impl EvalConfig {
+    /// The table's methods and the classifier file (its contents are read when the plan is
+    /// built, before training).
+    pub fn check(&self) -> Result<(Vec<TableMethod>, Option<PathBuf>), Bad> {
+        if self.samples < 2 {
+            return Err(("eval.samples", "must be at least 2".into()));
+        }
+        if self.steps.is_empty() || self.steps.contains(&0) {
+            return Err((
+                "eval.steps",
+                "must be a non-empty list of step counts ≥ 1".into(),
+            ));
+        }
+        if let Some(d) = first_repeat(&self.steps) {
+            return Err(("eval.steps", format!("{d} is listed twice")));
+        }
+        check_warp("eval.warp_s", self.warp_s)?;
+        if self.methods.is_empty() {
+            return Err((
+                "eval.methods",
+                "must be a non-empty list of solvers (euler, midpoint, heun, rk4, dopri5, or NAME-warp)".into(),
+            ));
+        }
+        if let Some(d) = first_repeat(&self.methods) {
+            return Err(("eval.methods", format!("'{d}' is listed twice")));
+        }
+        let classifier = (!self.classifier.is_empty()).then(|| PathBuf::from(&self.classifier));
+        Ok((self.methods.clone(), classifier))
+    }
+}
+
+impl ReflowConfig {
+    /// The reflow chain; students default to the base run's steps and learning rate.
+    pub fn check(
+        &self,
+        train: &TrainConfig,
+        tol: Tolerances,
+        limits: &LimitsConfig,
+    ) -> Result<ReflowSpec, Bad> {
+        check_count("reflow.teacher_steps", self.teacher_steps)?;
+        if let Some(s) = self.teacher_warp_s {
+            check_warp("reflow.teacher_warp_s", s)?;
+        }
+        if self.mode == ReflowMode::Offline {
+            check_count("reflow.pairs", self.pairs)?;
+        }
+        if self.iterations > limits.reflow_iterations {
+            return Err((
+                "reflow.iterations",
+                format!(
+                    "{} is over limits.reflow_iterations = {} (each iteration trains a model); raise the limit with --set limits.reflow_iterations=N",
+                    self.iterations, limits.reflow_iterations
+                ),
+            ));
+        }
+        let steps = self.steps.unwrap_or(train.steps);
+        check_count("reflow.steps", steps)?;
+        let lr = self.lr.unwrap_or(train.lr);
+        check_lr("reflow.lr", lr)?;
+        if self.distill_k > 0 {
+            check_count("reflow.distill_steps", self.distill_steps)?;
+        }
+        Ok(ReflowSpec {
+            iterations: self.iterations,
+            mode: self.mode,
+            pairs: self.pairs,
+            teacher: SolverSpec {
+                method: self.teacher_method,
+                steps: self.teacher_steps,
+                warp_s: self.teacher_warp_s,
+                tol,
+                reverse: false,
+            },
+            init: self.init,
+            steps,
+            lr,
+            distill_k: self.distill_k,
+            distill_steps: self.distill_steps,
+        })
+    }
+}
+
+impl Config {
+    /// Layers a config ([`Config::layered`]) and checks it once; an error is one line that
+    /// names the key and where its value came from.
+    pub fn load(src: &ConfigSource) -> Result<(Config, Plan), ConfigError> {
+        let (cfg, origins) = Config::layered(src)?;
+        let plan = cfg
+            .check()
+            .map_err(|(key, msg)| ConfigError(format!("{key}: {msg}{}", origins.of(key))))?;
+        Ok((cfg, plan))
+    }
+
+    /// Checks every section once and assembles the plan; the error names the offending key.
+    pub fn check(&self) -> Result<Plan, Bad> {
+        check_name(&self.name).map_err(|m| ("name", m))?;
+        let (source, target) = self.data.check()?;
+        let model = self.model.check(source.dim())?;
+        let (path, coupling, time) = self.loss.check()?;
+        self.train.check()?;
+        let solver = self.solver.check()?;
+        let (table, classifier) = self.eval.check()?;
+        check_count("logging.every", self.logging.every)?;
+        let lim = &self.limits;
+        if !(lim.memory_gb > 0.0 && lim.memory_gb.is_finite()) {
+            return Err((
+                "limits.memory_gb",
+                format!("must be a positive number, got {}", lim.memory_gb),
+            ));
+        }
+        let reflow = self.reflow.check(&self.train, solver.tol, lim)?;
+        let plan = Plan {
+            source,
+            target,
+            model,
+            path,
+            coupling,
+            time,
+            solver,
+            table,
+            classifier,
+            reflow,
+        };
+        let offline = plan.reflow.is_reflow() && plan.reflow.mode == ReflowMode::Offline;
+        let need = crate::limits::estimate(
+            self,
+            &plan.model,
+            plan.source.dim(),
+            plan.images(),
+            plan.coupling.is_ot(),
+            offline,
+        );
+        if need.bytes > lim.memory_gb * 1e9 {
+            return Err((
+                need.key,
+                format!(
+                    "this run would need about {} of memory ({}), over limits.memory_gb = {}; lower it, or raise the limit with --set limits.memory_gb=N",
+                    crate::limits::human(need.bytes),
+                    need.what,
+                    lim.memory_gb
+                ),
+            ));
+        }
+        Ok(plan)
+    }
+}

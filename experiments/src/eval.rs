@@ -1,0 +1,176 @@
+//! Evaluation: the samples every evaluation of a run compares against, and the metrics of a
+//! model under the headline solver and every entry of the eval table.
+
+use crate::config::{Config, TableMethod};
+use crate::experiment::Experiment;
+use crate::logging::RunLog;
+use crate::report::{Evaluation, ProgressRow, TableRow};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use flowmatch_data::rng_from_seed;
+use flowmatch_metrics as metrics;
+use flowmatch_models::VelocityField;
+use flowmatch_solvers::{solve, SolverSpec};
+use serde_json::json;
+
+/// What every evaluation of a run compares against: source samples and real samples drawn
+/// from `eval.seed` (the same for every run of a sweep), the MMD bandwidth of the real ones,
+/// and the FID scorer with the real digits embedded (images with a classifier).
+pub struct EvalSet {
+    x0: Tensor,
+    real: Tensor,
+    bandwidth: f64,
+    scorer: Option<crate::images::FidScorer>,
+}
+
+impl EvalSet {
+    /// Draws the samples (`x0` on `device`, the real ones on the CPU) and loads the scorer.
+    pub fn draw(cfg: &Config, checked: &Experiment, device: &Device) -> Result<Self> {
+        let mut rng = rng_from_seed(cfg.eval.seed);
+        let x0 = checked.source.sample(cfg.eval.samples, &mut rng, device)?;
+        let real = checked
+            .target
+            .sample(cfg.eval.samples, &mut rng, &Device::Cpu)?;
+        let scorer = match &checked.classifier {
+            Some(p) => Some(crate::images::FidScorer::new(p, &real)?),
+            None => None,
+        };
+        Ok(Self {
+            bandwidth: metrics::median_bandwidth(&real)?,
+            x0,
+            real,
+            scorer,
+        })
+    }
+
+    /// The FID-like score of generated samples, when there is a scorer.
+    fn fid(&self, gen: &Tensor) -> Result<Option<f64>> {
+        match &self.scorer {
+            Some(s) => Ok(Some(s.score(gen)?.fid)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl EvalSet {
+    /// The headline solver's scores of `field` on these samples, at training step `step`.
+    pub fn progress(
+        &self,
+        field: &dyn VelocityField,
+        solver: &SolverSpec,
+        step: usize,
+    ) -> Result<ProgressRow> {
+        let gen = solve(field, &self.x0, solver, false)?
+            .x
+            .to_device(&Device::Cpu)?;
+        Ok(ProgressRow {
+            step,
+            w2: metrics::w2(&gen, &self.real)?,
+            mmd: metrics::mmd_rbf(&gen, &self.real, Some(self.bandwidth))?,
+            fid: self.fid(&gen)?,
+        })
+    }
+}
+
+/// Writes an evaluation to metrics.jsonl and TensorBoard at `step`.
+pub fn log_evaluation(log: &mut RunLog, ev: &Evaluation, step: usize) -> Result<()> {
+    log.record(&json!({"step": step, "eval": ev}))?;
+    for (tag, v) in [
+        ("eval/w2", ev.w2),
+        ("eval/mmd", ev.mmd),
+        ("eval/straightness", ev.straightness),
+        ("eval/rf_straightness", ev.rf_straightness),
+        ("eval/normalized_path_energy", ev.normalized_path_energy),
+    ] {
+        log.scalar(tag, v, step);
+    }
+    for row in &ev.table {
+        log.scalar(
+            &format!("eval_table/w2_{}_{}", row.solver, row.steps),
+            row.w2,
+            step,
+        );
+    }
+    Ok(())
+}
+
+/// Evaluates `field` with the headline `solver` and every table entry, on fresh samples drawn
+/// from `eval.seed` (the same samples for every run of a sweep).
+pub fn evaluate(
+    field: &dyn VelocityField,
+    cfg: &Config,
+    checked: &Experiment,
+    solver: &SolverSpec,
+    device: &Device,
+) -> Result<Evaluation> {
+    evaluate_on(
+        &EvalSet::draw(cfg, checked, device)?,
+        field,
+        cfg,
+        checked,
+        solver,
+    )
+}
+
+/// [`evaluate`] on samples already drawn.
+pub fn evaluate_on(
+    set: &EvalSet,
+    field: &dyn VelocityField,
+    cfg: &Config,
+    checked: &Experiment,
+    solver: &SolverSpec,
+) -> Result<Evaluation> {
+    let (x0, real, bw) = (&set.x0, &set.real, set.bandwidth);
+    let sol = solve(field, x0, solver, true)?;
+    let traj: Vec<Tensor> = sol.trajectory.clone().unwrap_or_default();
+    let gen = sol.x.to_device(&Device::Cpu)?;
+    let w2_st = metrics::w2(&x0.to_device(&Device::Cpu)?, real)?;
+    let mut table = vec![];
+    for TableMethod { method, warped } in &checked.table {
+        for &steps in &cfg.eval.steps {
+            let mut spec = SolverSpec::new(*method, steps);
+            spec.tol = solver.tol;
+            if *warped {
+                spec = spec.warped(cfg.eval.warp_s);
+            }
+            let s = solve(field, x0, &spec, false)?;
+            let g = s.x.to_device(&Device::Cpu)?;
+            table.push(TableRow {
+                solver: spec.label(),
+                steps,
+                nfe: s.nfe,
+                w2: metrics::w2(&g, real)?,
+                mmd: metrics::mmd_rbf(&g, real, Some(bw))?,
+                fid: set.fid(&g)?,
+            });
+        }
+    }
+    Ok(Evaluation {
+        solver: solver.label(),
+        solver_steps: solver.steps,
+        nfe: sol.nfe,
+        w2: metrics::w2(&gen, real)?,
+        mmd: metrics::mmd_rbf(&gen, real, Some(bw))?,
+        energy_distance: metrics::energy_distance(&gen, real)?,
+        straightness: metrics::straightness(&traj)?,
+        rf_straightness: metrics::rf_straightness(&traj, &sol.times)?,
+        normalized_path_energy: metrics::normalized_path_energy(&traj, &sol.times, w2_st * w2_st)?,
+        w2_source_target: w2_st,
+        table,
+        image: match &set.scorer {
+            Some(s) => Some(s.score(&gen)?),
+            None => None,
+        },
+    })
+}
+
+/// Writes a progress score to metrics.jsonl and TensorBoard.
+pub fn log_progress(log: &mut RunLog, row: &ProgressRow) -> Result<()> {
+    log.record(&json!({"step": row.step, "progress": row}))?;
+    log.scalar("progress/w2", row.w2, row.step);
+    log.scalar("progress/mmd", row.mmd, row.step);
+    if let Some(f) = row.fid {
+        log.scalar("progress/fid", f, row.step);
+    }
+    Ok(())
+}

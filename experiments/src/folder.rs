@@ -1,0 +1,165 @@
+//! Run folders: where a run's files go, who owns the folder, and what an existing folder holds
+//! (a finished run to reuse, a killed one to continue, another config to refuse or redo).
+
+use crate::checkpoint::RESUME_FILE;
+use crate::config::{describe_differences, Config};
+use crate::experiment::Experiment;
+use crate::logging::{is_temp_name, remove_event_files};
+use crate::report::Summary;
+use anyhow::{anyhow, Context, Result};
+use candle_core::Device;
+use flowmatch_data::Sampler;
+use flowmatch_models::Model;
+use std::path::{Path, PathBuf};
+
+/// Where a run's files go.
+pub struct RunPaths {
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    pub fn summary(&self) -> PathBuf {
+        self.dir.join("summary.json")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+    pub fn resume(&self) -> PathBuf {
+        self.dir.join(RESUME_FILE)
+    }
+    /// A run is finished exactly when its summary exists (written last, atomically).
+    pub fn finished(&self) -> bool {
+        self.summary().is_file()
+    }
+}
+
+/// What to do with a folder that holds a run of another config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnChange {
+    /// Stop with an error that names the folder and the key (the default: never mix runs).
+    #[default]
+    Refuse,
+    /// Discard that run and run the new config in its place (`--redo-changed`).
+    Redo,
+}
+
+/// How a run is carried out, beyond its config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Progress bars on a terminal.
+    pub show: bool,
+    /// A folder that holds another config.
+    pub on_change: OnChange,
+    /// Test hook: exit abruptly (code [`HALT_EXIT`]) right after this training step, as if
+    /// killed, to check that a rerun resumes.
+    pub halt_after: Option<usize>,
+}
+
+/// The exit code of a run stopped by [`RunOptions::halt_after`].
+pub const HALT_EXIT: i32 = 75;
+
+/// What a run folder holds, checked against the config about to run there.
+pub enum Prepared {
+    /// Nothing to reuse: start at step 1.
+    Fresh,
+    /// A killed run of this config: continue from its checkpoint.
+    Resume,
+    /// A finished run of this config.
+    Finished,
+}
+
+/// Checks what `dir` holds against `cfg` and makes it ready: a run of another config is an
+/// error naming the key (or, with [`OnChange::Redo`], is removed); leftovers of a run that
+/// cannot be resumed are removed. The caller holds the folder's lock.
+pub fn prepare(dir: &Path, cfg: &Config, on_change: OnChange) -> Result<Prepared> {
+    let paths = RunPaths {
+        dir: dir.to_path_buf(),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if paths.config().is_file() {
+        let old = Config::read_resolved(&paths.config()).map_err(|e| anyhow!(e.0))?;
+        let diffs = old.differences(cfg);
+        if diffs.is_empty() {
+            if paths.finished() {
+                return Ok(Prepared::Finished);
+            }
+            if paths.resume().is_file() {
+                return Ok(Prepared::Resume);
+            }
+        } else if on_change == OnChange::Refuse {
+            return Err(anyhow!(
+                "{} holds a run of another config: {}; rerun with --redo-changed to discard it and run this config there",
+                dir.display(),
+                describe_differences(&diffs)
+            ));
+        } else {
+            crate::lock::clear(dir)?;
+            return Ok(Prepared::Fresh);
+        }
+    }
+    // A start that never reached a checkpoint, or no config at all: its files are replaced.
+    for stale in [
+        "metrics.jsonl",
+        "timing.json",
+        "summary.json",
+        "model.safetensors",
+        RESUME_FILE,
+    ] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    remove_event_files(dir);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if is_temp_name(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(Prepared::Fresh)
+}
+
+/// The summary and model of a finished run folder.
+pub fn load_finished(
+    dir: &Path,
+    checked: &Experiment,
+    device: &Device,
+) -> Result<(Summary, Model)> {
+    let paths = RunPaths {
+        dir: dir.to_path_buf(),
+    };
+    let text = std::fs::read_to_string(paths.summary())
+        .with_context(|| format!("reading {}", paths.summary().display()))?;
+    let summary: Summary = serde_json::from_str(&text)
+        .with_context(|| format!("reading {}", paths.summary().display()))?;
+    let model = checked
+        .model
+        .load(checked.source.dim(), &paths.model(), device)?;
+    Ok((summary, model))
+}
+
+/// Claims a folder for a new run under `out`: `out/name`, or `out/name-2`, … when a finished
+/// run already holds the name. A killed run of the same name is continued; a folder that
+/// another live process is writing is an error.
+pub fn claim_run_dir(out: &Path, name: &str) -> Result<(PathBuf, crate::lock::RunLock)> {
+    let mut k = 1;
+    loop {
+        let dir = if k == 1 {
+            out.join(name)
+        } else {
+            out.join(format!("{name}-{k}"))
+        };
+        k += 1;
+        if (RunPaths { dir: dir.clone() }).finished() {
+            continue;
+        }
+        let lock = crate::lock::RunLock::acquire(&dir)?;
+        // It may have finished while we waited for the lock.
+        if (RunPaths { dir: dir.clone() }).finished() {
+            continue;
+        }
+        return Ok((dir, lock));
+    }
+}

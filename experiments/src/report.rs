@@ -1,0 +1,105 @@
+//! The results that several modules share: evaluation tables, summaries, progress scores and
+//! the reflow table's rows (what `summary.json`, `eval-*.json` and `reflow.json` hold).
+
+use serde::{Deserialize, Serialize};
+
+/// One row of the evaluation table: a solver at a step count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableRow {
+    pub solver: String,
+    pub steps: usize,
+    pub nfe: usize,
+    pub w2: f64,
+    pub mmd: f64,
+    /// FID-like score (images with a classifier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid: Option<f64>,
+}
+
+/// Metrics of one solver against fresh target samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// The headline solver, e.g. `euler` at 100 steps.
+    pub solver: String,
+    pub solver_steps: usize,
+    pub nfe: usize,
+    /// Exact W2 between generated and real samples.
+    pub w2: f64,
+    /// RBF-MMD² (bandwidth: median distance of the real sample).
+    pub mmd: f64,
+    pub energy_distance: f64,
+    /// Lesson's straightness |x1 - x0| / path length (1 = straight).
+    pub straightness: f64,
+    /// Liu et al.'s S (0 = straight).
+    pub rf_straightness: f64,
+    /// Tong et al.'s normalized path energy.
+    pub normalized_path_energy: f64,
+    /// W2 between the source and target samples (the cost of transport itself).
+    pub w2_source_target: f64,
+    /// Solver × steps.
+    pub table: Vec<TableRow>,
+    /// FID-like score and class spread of the headline samples (images with a classifier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::images::ImageScores>,
+}
+
+/// The headline solver's scores at one point of training (`eval.every`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRow {
+    pub step: usize,
+    pub w2: f64,
+    pub mmd: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid: Option<f64>,
+}
+
+/// `summary.json`: deterministic (no timings), one per finished run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub name: String,
+    pub source: String,
+    pub target: String,
+    pub model: String,
+    pub path: String,
+    pub coupling: String,
+    pub train_steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// Mean training loss over the last 100 steps.
+    pub final_loss: f64,
+    pub w2: f64,
+    pub mmd: f64,
+    pub straightness: f64,
+    pub rf_straightness: f64,
+    pub normalized_path_energy: f64,
+    pub nfe: usize,
+    pub eval: Evaluation,
+    /// For reflow experiments: one row per k-rectified flow (1-RF first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reflow: Option<Vec<IterationRow>>,
+    /// The headline solver's scores during training (`eval.every`), the last at the end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub progress: Vec<ProgressRow>,
+}
+
+/// W2 of one Euler step count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepW2 {
+    pub steps: usize,
+    pub w2: f64,
+}
+
+/// One k-rectified flow in the reflow table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IterationRow {
+    /// `1-RF`, `2-RF`, … or `distill-k`.
+    pub flow: String,
+    /// Lesson's straightness (Euler, 100 steps).
+    pub straightness: f64,
+    /// Liu et al.'s S.
+    pub rf_straightness: f64,
+    pub normalized_path_energy: f64,
+    /// W2 against fresh target samples at 1, 2, 5, 10, 100 Euler steps.
+    pub w2_euler: Vec<StepW2>,
+}
