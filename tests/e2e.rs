@@ -590,3 +590,47 @@ fn mnist_trains_scores_draws_and_reflows_and_bad_files_are_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn both_ot_solvers_train_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(
+        tmp.path(),
+        "ot.toml",
+        &format!("{TINY}\n[loss]\ncoupling = \"ot\"\n"),
+    );
+    let mut summaries = vec![];
+    for solver in ["jv", "pathfinding"] {
+        let out = tmp.path().join(solver);
+        let o = flowmatch(&[
+            "run",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            &format!("loss.ot_solver={solver}"),
+            "--set",
+            "train.steps=60",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        summaries.push(read_json(&out.join("ot").join("summary.json")));
+    }
+    assert_eq!(summaries[0]["coupling"], "ot");
+    assert_eq!(summaries[1]["coupling"], "ot-pathfinding");
+    for s in summaries.iter_mut() {
+        s["coupling"] = serde_json::Value::Null;
+    }
+    assert_eq!(summaries[0], summaries[1]);
+    // An unknown solver is a one-line error naming the key.
+    let o = flowmatch(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--set",
+        "loss.ot_solver=simplex",
+    ]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("loss.ot_solver") && e.contains("simplex"),
+        "{e}"
+    );
+}

@@ -10,7 +10,7 @@ use candle_core::Device;
 use flowmatch_data::{Mnist, MnistSampler, Sampler};
 use flowmatch_losses::{AffinePath, CouplingSpec, TimeSampler};
 use flowmatch_models::ModelSpec;
-use flowmatch_reflow::ReflowSpec;
+use flowmatch_reflow::{ReflowSpec, Stage};
 use flowmatch_solvers::{Method, SolverSpec};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -90,6 +90,11 @@ impl Experiment {
     /// The data dimension.
     pub fn dim(&self) -> usize {
         self.source.dim()
+    }
+
+    /// The reflow chain's students, in order (none without `[reflow]`).
+    pub fn stages(&self) -> Vec<Stage> {
+        self.reflow.stages(self.time)
     }
 }
 

@@ -10,12 +10,25 @@ use crate::report::{Evaluation, IterationRow, StepW2, Summary};
 use crate::run::{progress_bar, run, run_with, Setup};
 use anyhow::{anyhow, Context, Result};
 use flowmatch_data::Sampler;
-use flowmatch_losses::{Coupling, TimeSampler};
+use flowmatch_losses::Coupling;
 use flowmatch_models::{Model, VelocityField};
-use flowmatch_reflow::{PairSet, ReflowInit, ReflowMode, TeacherCoupling};
+use flowmatch_reflow::{PairSet, ReflowInit, ReflowMode, Stage, TeacherCoupling};
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
+
+/// The config a stage's folder records: the base config as that student trains it (its name,
+/// steps, learning rate and seed; no reflow of its own).
+fn stage_config(cfg: &Config, stage: &Stage, lr: f64) -> Config {
+    let mut c = cfg.clone();
+    c.name = stage.folder.clone();
+    c.train.steps = stage.steps;
+    c.train.lr = lr;
+    c.train.seed = cfg.train.seed.wrapping_add(stage.index as u64);
+    c.reflow.iterations = 0;
+    c.reflow.distill_k = 0;
+    c
+}
 
 /// The folder of a flow in a reflow parent: `2-RF` → `rf2`, `distill-2` → `distill2`.
 pub fn folder_of(flow: &str) -> String {
@@ -127,26 +140,17 @@ pub fn chain(
     let mut teacher = Arc::new(teacher);
     let first_model = teacher.clone();
     let mut last: Option<Summary> = None;
-    let mut stages: Vec<(String, String, TimeSampler, usize)> = (2..=r.iterations + 1)
-        .map(|k| (format!("rf{k}"), format!("{k}-RF"), checked.time, r.steps))
-        .collect();
-    if r.distill_k > 0 {
-        let k = r.distill_k;
-        stages.push((
-            format!("distill{k}"),
-            format!("distill-{k}"),
-            TimeSampler::Grid { k },
-            r.distill_steps,
-        ));
-    }
-    for (i, (folder, flow, time, steps)) in stages.into_iter().enumerate() {
-        let mut c = cfg.clone();
-        c.name = folder.clone();
-        c.train.steps = steps;
-        c.train.lr = r.lr;
-        c.train.seed = cfg.train.seed.wrapping_add(i as u64 + 1);
-        c.reflow.iterations = 0;
-        c.reflow.distill_k = 0;
+    for stage in checked.stages() {
+        let c = stage_config(cfg, &stage, r.lr);
+        let Stage {
+            index,
+            folder,
+            flow,
+            time,
+            steps,
+            distill,
+        } = stage;
+        let i = index - 1;
         let device = teacher.params.device().clone();
         let stage_dir = parent.join(&folder);
         // A stage that finished before a kill is reused, not retrained.
@@ -160,7 +164,7 @@ pub fn chain(
             last = Some(summary);
             continue;
         }
-        let student = if r.init == ReflowInit::Teacher || flow.starts_with("distill") {
+        let student = if r.init == ReflowInit::Teacher || distill {
             teacher.duplicate()?
         } else {
             checked

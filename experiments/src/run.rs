@@ -6,9 +6,9 @@ use crate::eval::{evaluate_on, log_evaluation, log_progress, EvalSet};
 use crate::experiment::Experiment;
 use crate::folder::{load_finished, prepare, Prepared, RunOptions, RunPaths, HALT_EXIT};
 use crate::logging::{write_atomic, write_json, RunLog};
-use crate::report::{ProgressRow, Summary};
+use crate::report::{Evaluation, ProgressRow, Summary};
 use anyhow::{anyhow, Result};
-use flowmatch_data::{rng_from_seed, Sampler};
+use flowmatch_data::rng_from_seed;
 use flowmatch_losses::{Coupling, LossError, OptimConfig, Trainer};
 use flowmatch_models::Model;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -58,6 +58,9 @@ pub fn run(
 /// [`run`] with an explicit initial model / coupling / time sampler; also returns the model.
 /// A folder that holds this config finished is reused, a killed one continues from its
 /// checkpoint (see [`prepare`]). The caller holds the folder's lock.
+///
+/// The flow is train stage → checkpoint → eval stage → run folder: [`train_stage`] leaves a
+/// trained model, [`eval_stage`] scores it, and `summary.json` is written last.
 pub fn run_with(
     cfg: &Config,
     checked: &Experiment,
@@ -66,155 +69,29 @@ pub fn run_with(
     setup: Setup,
     opts: RunOptions,
 ) -> Result<(Summary, Model)> {
-    let device = checked.device.clone();
-    let paths = RunPaths {
-        dir: dir.to_path_buf(),
-    };
     let prepared = prepare(dir, cfg, opts.on_change)?;
     if let Prepared::Finished = prepared {
         pb.finish_and_clear();
-        return load_finished(dir, checked, &device);
+        return load_finished(dir, checked, &checked.device);
     }
     // Everything the evaluation needs (samples, the classifier) is loaded before step 1, so a
     // bad file fails now rather than after the training.
-    let set = EvalSet::draw(cfg, checked, &device)?;
-
-    let dim = checked.source.dim();
-    let model = match setup.model {
-        Some(m) => m,
-        None => checked.model.build(dim, cfg.train.seed, &device)?,
-    };
-    let coupling_label = setup
-        .coupling_label
-        .unwrap_or_else(|| checked.coupling.label().to_string());
-    let coupling = setup.coupling.unwrap_or_else(|| {
-        checked
-            .coupling
-            .build(checked.source.clone(), checked.target.clone())
-    });
-    let optim = OptimConfig {
-        lr: cfg.train.lr,
-        weight_decay: cfg.train.weight_decay,
-        ..Default::default()
-    };
-    let mut trainer = Trainer::new(
-        model,
-        Box::new(checked.path),
-        coupling,
-        setup.time.unwrap_or(checked.time),
-        cfg.train.batch_size,
-        optim,
-    )?
-    .with_ema(cfg.train.ema)?
-    .with_prefetch(cfg.train.prefetch);
-    let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));
-    let mut recent: Vec<f32> = Vec::with_capacity(cfg.train.steps.min(1 << 20));
-    let mut progress: Vec<ProgressRow> = vec![];
-    let mut start = 0;
-    let mut log = if let Prepared::Resume = prepared {
-        let (state, info) = checkpoint::load_resume(&paths.resume(), &device)?;
-        if info.step > cfg.train.steps {
-            return Err(anyhow!(
-                "{}: the checkpoint is at step {}, past train.steps = {}",
-                paths.resume().display(),
-                info.step,
-                cfg.train.steps
-            ));
-        }
-        trainer
-            .restore(&state)
-            .map_err(|e| anyhow!("{}: {e}", paths.resume().display()))?;
-        rng = info.rng.to_rng()?;
-        recent = info.recent_losses();
-        progress = info.progress();
-        start = info.step;
-        eprintln!("{}: resuming after step {start}", cfg.name);
-        RunLog::resume(dir, cfg.logging.tensorboard, start)?
-    } else {
-        write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
-        RunLog::create(dir, cfg.logging.tensorboard)?
-    };
-    let started = Instant::now();
-    let mut last_ckpt: Option<usize> = (start > 0).then_some(start);
-    let mut eval_secs = 0.0;
-    pb.set_length(cfg.train.steps as u64);
-    pb.set_position(start as u64);
-    for step in start + 1..=cfg.train.steps {
-        let loss = match trainer.step(&mut rng) {
-            Ok(l) => l,
-            Err(e @ LossError::NonFiniteLoss(..)) => {
-                log.record(&json!({"step": step, "error": e.to_string()}))?;
-                log.close()?;
-                let kept = match last_ckpt {
-                    Some(s) => format!(
-                        "kept the checkpoint of step {s} in {}",
-                        paths.model().display()
-                    ),
-                    None => "no checkpoint had been written yet".to_string(),
-                };
-                return Err(anyhow!("{e}; run stopped, {kept}"));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        recent.push(loss);
-        if step % cfg.logging.every == 0 || step == cfg.train.steps {
-            log.record(&json!({"step": step, "loss": loss}))?;
-            log.scalar("train/loss", loss as f64, step);
-            pb.set_position(step as u64);
-            pb.set_message(format!("loss {loss:.4}"));
-        }
-        if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
-            pb.set_message("scoring");
-            let t = Instant::now();
-            progress.push(set.progress(trainer.model(), &checked.solver, step)?);
-            log_progress(&mut log, progress.last().expect("just pushed"))?;
-            eval_secs += t.elapsed().as_secs_f64();
-        }
-        if cfg.train.checkpoint_every > 0
-            && step % cfg.train.checkpoint_every == 0
-            && step < cfg.train.steps
-        {
-            checkpoint::save_model(trainer.model(), &paths.model())?;
-            let state = trainer.state()?;
-            let keep = recent.len().min(100);
-            let info = ResumeInfo::new(
-                step,
-                state.adam_step,
-                RngState::of(&trainer.rng_to_save(&rng)),
-                &recent[recent.len() - keep..],
-                &progress,
-            );
-            checkpoint::save_resume(&paths.resume(), &state, &info)?;
-            last_ckpt = Some(step);
-        }
-        if opts.halt_after == Some(step) {
-            std::process::exit(HALT_EXIT);
-        }
-    }
-    let train_secs = started.elapsed().as_secs_f64() - eval_secs;
-    let model = trainer.into_model();
-    checkpoint::save_model(&model, &paths.model())?;
-
+    let set = EvalSet::draw(cfg, checked, &checked.device)?;
+    let mut trained = train_stage(cfg, checked, dir, pb, setup, opts, &set, prepared)?;
     pb.set_message("evaluating");
-    let eval_started = Instant::now();
-    let ev = evaluate_on(&set, &model, cfg, checked, &checked.solver)?;
-    if cfg.eval.every > 0 {
-        // The final evaluation used the same samples and solver: its scores close the curve.
-        progress.push(ProgressRow {
-            step: cfg.train.steps,
-            w2: ev.w2,
-            mmd: ev.mmd,
-            fid: ev.image.as_ref().map(|i| i.fid),
-        });
-        log_progress(&mut log, progress.last().expect("just pushed"))?;
-    }
-    let eval_secs = eval_secs + eval_started.elapsed().as_secs_f64();
-    let k = recent.len().min(100);
-    let final_loss = recent[recent.len() - k..]
-        .iter()
-        .map(|&l| l as f64)
-        .sum::<f64>()
-        / k as f64;
+    let started = Instant::now();
+    let ev = eval_stage(&set, &mut trained, cfg, checked)?;
+    let eval_secs = trained.score_secs + started.elapsed().as_secs_f64();
+    let Trained {
+        model,
+        coupling_label,
+        final_loss,
+        progress,
+        train_secs,
+        start,
+        mut log,
+        ..
+    } = trained;
     let summary = Summary {
         name: cfg.name.clone(),
         source: cfg.data.source.clone(),
@@ -246,7 +123,7 @@ pub fn run_with(
             cfg,
             checked,
             dir,
-            &device,
+            &checked.device,
             &crate::plot::Figure::ALL,
         ) {
             eprintln!("warning: {}: figures not drawn: {e:#}", cfg.name);
@@ -262,9 +139,205 @@ pub fn run_with(
             "resumed_after_step": start,
         }),
     )?;
+    let paths = RunPaths {
+        dir: dir.to_path_buf(),
+    };
     write_json(&paths.summary(), &summary)?;
     // Finished: the training state is no longer needed.
     let _ = std::fs::remove_file(paths.resume());
     pb.finish_and_clear();
     Ok((summary, model))
+}
+
+/// What the train stage leaves for the eval stage and the run folder.
+pub struct Trained {
+    /// The trained model (its weight average, with EMA), saved as `model.safetensors`.
+    pub model: Model,
+    /// The coupling's name in the summary.
+    pub coupling_label: String,
+    /// Mean training loss over the last 100 steps.
+    pub final_loss: f64,
+    /// The progress scores (`eval.every`).
+    pub progress: Vec<ProgressRow>,
+    /// Seconds spent training, and scoring progress, in this process.
+    pub train_secs: f64,
+    pub score_secs: f64,
+    /// The step this process started after (0, or a checkpoint's).
+    pub start: usize,
+    /// The run's logs, still open.
+    pub log: RunLog,
+}
+
+/// Trains `cfg` in `dir` from step 1, or from the checkpoint that `prepared` found: writes the
+/// config, logs, progress scores and checkpoints, and the final `model.safetensors`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_stage(
+    cfg: &Config,
+    checked: &Experiment,
+    dir: &Path,
+    pb: &ProgressBar,
+    setup: Setup,
+    opts: RunOptions,
+    set: &EvalSet,
+    prepared: Prepared,
+) -> Result<Trained> {
+    let device = &checked.device;
+    let paths = RunPaths {
+        dir: dir.to_path_buf(),
+    };
+    let model = match setup.model {
+        Some(m) => m,
+        None => checked.model.build(checked.dim(), cfg.train.seed, device)?,
+    };
+    let coupling_label = setup
+        .coupling_label
+        .unwrap_or_else(|| checked.coupling.label().to_string());
+    let coupling = setup.coupling.unwrap_or_else(|| {
+        checked
+            .coupling
+            .build(checked.source.clone(), checked.target.clone())
+    });
+    let optim = OptimConfig {
+        lr: cfg.train.lr,
+        weight_decay: cfg.train.weight_decay,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(
+        model,
+        Box::new(checked.path),
+        coupling,
+        setup.time.unwrap_or(checked.time),
+        cfg.train.batch_size,
+        optim,
+    )?
+    .with_ema(cfg.train.ema)?
+    .with_prefetch(cfg.train.prefetch);
+    let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));
+    let mut recent: Vec<f32> = Vec::with_capacity(cfg.train.steps.min(1 << 20));
+    let mut progress: Vec<ProgressRow> = vec![];
+    let mut start = 0;
+    let mut log = if let Prepared::Resume = prepared {
+        let (state, info) = checkpoint::load_resume(&paths.resume(), device)?;
+        if info.step > cfg.train.steps {
+            return Err(anyhow!(
+                "{}: the checkpoint is at step {}, past train.steps = {}",
+                paths.resume().display(),
+                info.step,
+                cfg.train.steps
+            ));
+        }
+        trainer
+            .restore(&state)
+            .map_err(|e| anyhow!("{}: {e}", paths.resume().display()))?;
+        rng = info.rng.to_rng()?;
+        recent = info.recent_losses();
+        progress = info.progress();
+        start = info.step;
+        eprintln!("{}: resuming after step {start}", cfg.name);
+        RunLog::resume(dir, cfg.logging.tensorboard, start)?
+    } else {
+        write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
+        RunLog::create(dir, cfg.logging.tensorboard)?
+    };
+    let started = Instant::now();
+    let mut last_ckpt: Option<usize> = (start > 0).then_some(start);
+    let mut score_secs = 0.0;
+    pb.set_length(cfg.train.steps as u64);
+    pb.set_position(start as u64);
+    for step in start + 1..=cfg.train.steps {
+        let loss = match trainer.step(&mut rng) {
+            Ok(l) => l,
+            Err(e @ LossError::NonFiniteLoss(..)) => {
+                log.record(&json!({"step": step, "error": e.to_string()}))?;
+                log.close()?;
+                let kept = match last_ckpt {
+                    Some(s) => format!(
+                        "kept the checkpoint of step {s} in {}",
+                        paths.model().display()
+                    ),
+                    None => "no checkpoint had been written yet".to_string(),
+                };
+                return Err(anyhow!("{e}; run stopped, {kept}"));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        recent.push(loss);
+        if step % cfg.logging.every == 0 || step == cfg.train.steps {
+            log.record(&json!({"step": step, "loss": loss}))?;
+            log.scalar("train/loss", loss as f64, step);
+            pb.set_position(step as u64);
+            pb.set_message(format!("loss {loss:.4}"));
+        }
+        if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
+            pb.set_message("scoring");
+            let t = Instant::now();
+            progress.push(set.progress(trainer.model(), &checked.solver, step)?);
+            log_progress(&mut log, progress.last().expect("just pushed"))?;
+            score_secs += t.elapsed().as_secs_f64();
+        }
+        if cfg.train.checkpoint_every > 0
+            && step % cfg.train.checkpoint_every == 0
+            && step < cfg.train.steps
+        {
+            checkpoint::save_model(trainer.model(), &paths.model())?;
+            let state = trainer.state()?;
+            let keep = recent.len().min(100);
+            let info = ResumeInfo::new(
+                step,
+                state.adam_step,
+                RngState::of(&trainer.rng_to_save(&rng)),
+                &recent[recent.len() - keep..],
+                &progress,
+            );
+            checkpoint::save_resume(&paths.resume(), &state, &info)?;
+            last_ckpt = Some(step);
+        }
+        if opts.halt_after == Some(step) {
+            std::process::exit(HALT_EXIT);
+        }
+    }
+    let train_secs = started.elapsed().as_secs_f64() - score_secs;
+    let model = trainer.into_model();
+    checkpoint::save_model(&model, &paths.model())?;
+    let k = recent.len().min(100);
+    let final_loss = recent[recent.len() - k..]
+        .iter()
+        .map(|&l| l as f64)
+        .sum::<f64>()
+        / k as f64;
+    Ok(Trained {
+        model,
+        coupling_label,
+        final_loss,
+        progress,
+        train_secs,
+        score_secs,
+        start,
+        log,
+    })
+}
+
+/// Scores a trained model with the headline solver and the eval table on `set`; with
+/// `eval.every`, its headline scores close the progress curve.
+pub fn eval_stage(
+    set: &EvalSet,
+    trained: &mut Trained,
+    cfg: &Config,
+    checked: &Experiment,
+) -> Result<Evaluation> {
+    let ev = evaluate_on(set, &trained.model, cfg, checked, &checked.solver)?;
+    if cfg.eval.every > 0 {
+        // The final evaluation used the same samples and solver: its scores close the curve.
+        trained.progress.push(ProgressRow {
+            step: cfg.train.steps,
+            w2: ev.w2,
+            mmd: ev.mmd,
+            fid: ev.image.as_ref().map(|i| i.fid),
+        });
+        log_progress(
+            &mut trained.log,
+            trained.progress.last().expect("just pushed"),
+        )?;
+    }
+    Ok(ev)
 }
