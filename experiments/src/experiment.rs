@@ -8,35 +8,30 @@ use crate::device;
 use anyhow::{anyhow, Result};
 use candle_core::Device;
 use flowmatch_data::{Mnist, MnistSampler, Sampler};
-use flowmatch_losses::{AffinePath, CouplingSpec, TimeSampler};
-use flowmatch_models::ModelSpec;
-use flowmatch_reflow::{ReflowSpec, Stage};
+use flowmatch_reflow::Stage;
 use flowmatch_solvers::{Method, SolverSpec};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// What a run trains and evaluates, ready to use.
+/// What a run trains and evaluates, ready to use: the checked plan (its model, path,
+/// coupling, solvers, reflow chain … read through `Deref`) with its data and device.
 #[derive(Clone)]
 pub struct Experiment {
+    pub plan: Plan,
     pub source: Arc<dyn Sampler>,
     pub target: Arc<dyn Sampler>,
     /// The MNIST digits when MNIST is the source or the target.
     pub mnist: Option<Arc<Mnist>>,
-    /// The classifier file of the FID-like score (read before training, by the evaluation).
-    pub classifier: Option<PathBuf>,
-    pub model: ModelSpec,
-    pub path: AffinePath,
-    pub coupling: CouplingSpec,
-    pub time: TimeSampler,
-    /// The headline solver.
-    pub solver: SolverSpec,
-    /// The eval table's methods (× `eval.steps`).
-    pub table: Vec<TableMethod>,
-    pub reflow: ReflowSpec,
     pub device: Device,
     /// How the device was chosen, in words (`cpu`, `cuda:0 (auto: GPU found)`).
     pub device_label: String,
+}
+
+impl std::ops::Deref for Experiment {
+    type Target = Plan;
+    fn deref(&self) -> &Plan {
+        &self.plan
+    }
 }
 
 /// The MNIST folders read so far in this process (a sweep reads each once).
@@ -73,15 +68,8 @@ impl Experiment {
         Ok(Experiment {
             source: sampler(&plan.source),
             target: sampler(&plan.target),
+            plan: plan.clone(),
             mnist,
-            classifier: plan.classifier.clone(),
-            model: plan.model.clone(),
-            path: plan.path,
-            coupling: plan.coupling,
-            time: plan.time,
-            solver: plan.solver,
-            table: plan.table.clone(),
-            reflow: plan.reflow,
             device,
             device_label,
         })
@@ -123,12 +111,12 @@ pub fn with_reflow_eval(cfg: &Config, exp: &Experiment) -> (Config, Experiment) 
     }
     c.eval.steps.sort_unstable();
     let mut e = exp.clone();
-    e.solver = SolverSpec {
+    e.plan.solver = SolverSpec {
         method: Method::Euler,
         steps: 100,
         warp_s: None,
         ..exp.solver
     };
-    e.table = c.eval.methods.clone();
+    e.plan.table = c.eval.methods.clone();
     (c, e)
 }

@@ -392,7 +392,7 @@ fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Re
     if !exp.reflow.is_reflow() {
         // A run that asked for no reflow gets one iteration (in range of any limit).
         cfg.reflow.iterations = 1;
-        exp.reflow.iterations = 1;
+        exp.plan.reflow.iterations = 1;
     }
     let (cfg, checked) = with_reflow_eval(&cfg, &exp);
     let dev = checked.device.clone();

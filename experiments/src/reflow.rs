@@ -136,94 +136,20 @@ pub fn chain(
     let mut rows = vec![row_of("1-RF", first)];
     log_row(&mut log, &rows[0], 1)?;
     write_table(parent, &rows)?;
-    let source: Arc<dyn Sampler> = checked.source.clone();
     let mut teacher = Arc::new(teacher);
     let first_model = teacher.clone();
     let mut last: Option<Summary> = None;
     for stage in checked.stages() {
         let c = stage_config(cfg, &stage, r.lr);
-        let Stage {
-            index,
-            folder,
-            flow,
-            time,
-            steps,
-            distill,
-        } = stage;
-        let i = index - 1;
-        let device = teacher.params.device().clone();
-        let stage_dir = parent.join(&folder);
+        let stage_dir = parent.join(&stage.folder);
         // A stage that finished before a kill is reused, not retrained.
-        if let Prepared::Finished = prepare(&stage_dir, &c, opts.on_change)? {
-            let (summary, model) = load_finished(&stage_dir, checked, &device)?;
-            let row = row_of(&flow, &summary.eval);
-            log_row(&mut log, &row, rows.len() + 1)?;
-            rows.push(row);
-            write_table(parent, &rows)?;
-            teacher = Arc::new(model);
-            last = Some(summary);
-            continue;
-        }
-        let student = if r.init == ReflowInit::Teacher || distill {
-            teacher.duplicate()?
-        } else {
-            checked
-                .model
-                .build(checked.source.dim(), c.train.seed, &device)?
+        let (summary, model) = match prepare(&stage_dir, &c, opts.on_change)? {
+            Prepared::Finished => load_finished(&stage_dir, checked, &checked.device)?,
+            Prepared::Fresh | Prepared::Resume => {
+                train_student(cfg, &c, checked, &stage, &teacher, &stage_dir, opts)?
+            }
         };
-        let as_field: Arc<dyn VelocityField> = teacher.clone();
-        let (coupling, label): (Box<dyn Coupling>, String) = if r.mode == ReflowMode::Offline {
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1);
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()?;
-            let set = pool.install(|| {
-                PairSet::generate(
-                    checked.source.as_ref(),
-                    as_field.as_ref(),
-                    &r.teacher,
-                    r.pairs,
-                    256,
-                    c.train.seed,
-                    &device,
-                )
-            })?;
-            (
-                Box::new(set),
-                format!(
-                    "reflow-offline({} pairs, {} {} steps)",
-                    r.pairs,
-                    r.teacher.label(),
-                    r.teacher.steps
-                ),
-            )
-        } else {
-            let tc = TeacherCoupling::new(source.clone(), as_field, r.teacher)?;
-            (
-                Box::new(tc),
-                format!(
-                    "reflow-online({} {} steps)",
-                    r.teacher.label(),
-                    r.teacher.steps
-                ),
-            )
-        };
-        write_json(
-            &parent.join(&folder).with_extension("teacher.json"),
-            &json!({"flow": flow, "teacher": if i == 0 { "rf1".to_string() } else { format!("stage {i}") }, "coupling": label}),
-        )
-        .ok();
-        let pb = progress_bar(steps as u64, opts.show, &format!("{} {flow}", cfg.name));
-        let setup = Setup {
-            model: Some(student),
-            coupling: Some(coupling),
-            coupling_label: Some(label),
-            time: Some(time),
-        };
-        let (summary, model) = run_with(&c, checked, &stage_dir, &pb, setup, opts)?;
-        let row = row_of(&flow, &summary.eval);
+        let row = row_of(&stage.flow, &summary.eval);
         log_row(&mut log, &row, rows.len() + 1)?;
         rows.push(row);
         write_table(parent, &rows)?;
@@ -243,6 +169,89 @@ pub fn chain(
     s.reflow = Some(rows);
     write_json(&parent.join("summary.json"), &s)?;
     Ok(s)
+}
+
+/// Trains one student of the chain in `stage_dir` (its config `c`): from its teacher's
+/// weights or from scratch, on pairs from `teacher` (online, or an offline set made here).
+fn train_student(
+    cfg: &Config,
+    c: &Config,
+    checked: &Experiment,
+    stage: &Stage,
+    teacher: &Arc<Model>,
+    stage_dir: &Path,
+    opts: RunOptions,
+) -> Result<(Summary, Model)> {
+    let Stage {
+        index,
+        ref flow,
+        time,
+        steps,
+        distill,
+        ..
+    } = *stage;
+    let (r, i) = (checked.reflow, index - 1);
+    let device = teacher.params.device().clone();
+    let source = checked.source.clone();
+    let student = if r.init == ReflowInit::Teacher || distill {
+        teacher.duplicate()?
+    } else {
+        checked
+            .model
+            .build(checked.source.dim(), c.train.seed, &device)?
+    };
+    let as_field: Arc<dyn VelocityField> = teacher.clone();
+    let (coupling, label): (Box<dyn Coupling>, String) = if r.mode == ReflowMode::Offline {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        let set = pool.install(|| {
+            PairSet::generate(
+                checked.source.as_ref(),
+                as_field.as_ref(),
+                &r.teacher,
+                r.pairs,
+                256,
+                c.train.seed,
+                &device,
+            )
+        })?;
+        (
+            Box::new(set),
+            format!(
+                "reflow-offline({} pairs, {} {} steps)",
+                r.pairs,
+                r.teacher.label(),
+                r.teacher.steps
+            ),
+        )
+    } else {
+        let tc = TeacherCoupling::new(source.clone(), as_field, r.teacher)?;
+        (
+            Box::new(tc),
+            format!(
+                "reflow-online({} {} steps)",
+                r.teacher.label(),
+                r.teacher.steps
+            ),
+        )
+    };
+    write_json(
+        &stage_dir.with_extension("teacher.json"),
+        &json!({"flow": flow, "teacher": if i == 0 { "rf1".to_string() } else { format!("stage {i}") }, "coupling": label}),
+    )
+    .ok();
+    let pb = progress_bar(steps as u64, opts.show, &format!("{} {flow}", cfg.name));
+    let setup = Setup {
+        model: Some(student),
+        coupling: Some(coupling),
+        coupling_label: Some(label),
+        time: Some(time),
+    };
+    run_with(c, checked, stage_dir, &pb, setup, opts)
 }
 
 /// `reflow.png` (straightness and W2 across iterations) and `fm_vs_reflow.gif` (1-RF next to

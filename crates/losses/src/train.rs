@@ -456,19 +456,7 @@ mod tests {
 
     #[test]
     fn ema_follows_its_recursion_over_the_plain_run() {
-        let flat = |m: &Model| -> Vec<f32> {
-            m.params
-                .vars()
-                .iter()
-                .flat_map(|v| {
-                    v.as_tensor()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                })
-                .collect()
-        };
+        let flat = flat_weights;
         let mut plain = trainer(false);
         let mut avg = trainer(false).with_ema(0.8).unwrap();
         let mut expected = flat(plain.model());
