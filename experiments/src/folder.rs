@@ -53,13 +53,10 @@ pub struct RunOptions {
     pub show: bool,
     /// A folder that holds another config.
     pub on_change: OnChange,
-    /// Test hook: exit abruptly (code [`HALT_EXIT`]) right after this training step, as if
-    /// killed, to check that a rerun resumes.
+    /// Test hook: exit abruptly (code [`crate::signals::RESUMABLE_EXIT`]) right after this
+    /// training step, as if killed, to check that a rerun resumes.
     pub halt_after: Option<usize>,
 }
-
-/// The exit code of a run stopped by [`RunOptions::halt_after`].
-pub const HALT_EXIT: i32 = 75;
 
 /// What a run folder holds, checked against the config about to run there.
 pub enum Prepared {

@@ -13,6 +13,7 @@
 //! - [`bench`]: the GPU benchmark behind `flowmatch bench`.
 //! - [`checkpoint`]: model and resume files; a killed run continues where it stopped.
 //! - [`lock`]: one process owns a run folder at a time.
+//! - [`signals`]: SIGTERM / Ctrl-C: checkpoint after the current step, exit to be resumed.
 //! - [`limits`]: the memory a config asks for, estimated before anything is allocated.
 //! - [`logging`]: metrics.jsonl, TensorBoard events, atomic writes.
 //! - [`device`]: CPU / CUDA selection at run time.
@@ -34,4 +35,5 @@ pub mod plot;
 pub mod reflow;
 pub mod report;
 pub mod run;
+pub mod signals;
 pub mod sweep;

@@ -8,7 +8,7 @@ use flowmatch_experiments::folder::{claim_run_dir, OnChange, RunOptions, RunPath
 use flowmatch_experiments::lock::RunLock;
 use flowmatch_experiments::logging::write_json;
 use flowmatch_experiments::report::{Evaluation, TableRow};
-use flowmatch_experiments::{bench, checkpoint, device, eval, plot, reflow, sweep};
+use flowmatch_experiments::{bench, checkpoint, device, eval, plot, reflow, signals, sweep};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -235,6 +235,9 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
     let cli = Cli::parse();
+    if let Err(e) = signals::install() {
+        note!("warning: cannot catch SIGTERM ({e}): a stopped run keeps only its last checkpoint");
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -243,6 +246,10 @@ fn main() -> ExitCode {
                     // The reader went away (`| head`): nothing more to say to anyone.
                     return ExitCode::SUCCESS;
                 }
+            }
+            if e.downcast_ref::<signals::Stopped>().is_some() {
+                note!("{e}");
+                return ExitCode::from(signals::RESUMABLE_EXIT as u8);
             }
             let msg = format!("{e:#}").replace('\n', " ");
             note!("error: {msg}");
@@ -458,15 +465,27 @@ fn cmd_sweep(
     );
     let rep = sweep::execute(&plan, &out, jobs, shard, opts)?;
     say!(
-        "sweep {}: {} ran, {} already finished, {} running elsewhere, {} failed",
+        "sweep {}: {} ran, {} already finished, {} running elsewhere, {} failed{}",
         plan.name,
         rep.ran,
         rep.skipped,
         rep.busy.len(),
-        rep.failed.len()
+        rep.failed.len(),
+        if rep.stopped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} stopped", rep.stopped.len())
+        }
     );
     for (name, err) in &rep.failed {
         note!("error: run {name}: {err}");
+    }
+    if !rep.stopped.is_empty() {
+        note!(
+            "stopped on request (SIGTERM or Ctrl-C) with checkpoints written: {}; run the same command again to continue",
+            rep.stopped.join(", ")
+        );
+        return Ok(ExitCode::from(signals::RESUMABLE_EXIT as u8));
     }
     if !rep.busy.is_empty() {
         note!(

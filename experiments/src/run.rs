@@ -4,9 +4,10 @@ use crate::checkpoint::{self, ResumeInfo, RngState};
 use crate::config::Config;
 use crate::eval::{evaluate_on, log_evaluation, log_progress, EvalSet};
 use crate::experiment::Experiment;
-use crate::folder::{load_finished, prepare, Prepared, RunOptions, RunPaths, HALT_EXIT};
+use crate::folder::{load_finished, prepare, Prepared, RunOptions, RunPaths};
 use crate::logging::{write_atomic, write_json, RunLog};
 use crate::report::{Evaluation, ProgressRow, Summary};
+use crate::signals::{self, Stopped, RESUMABLE_EXIT};
 use anyhow::{anyhow, Result};
 use flowmatch_data::rng_from_seed;
 use flowmatch_losses::{Coupling, LossError, OptimConfig, Trainer};
@@ -275,10 +276,11 @@ pub fn train_stage(
             log_progress(&mut log, progress.last().expect("just pushed"))?;
             score_secs += t.elapsed().as_secs_f64();
         }
-        if cfg.train.checkpoint_every > 0
-            && step % cfg.train.checkpoint_every == 0
-            && step < cfg.train.steps
-        {
+        // Every `checkpoint_every` steps, after the last one (a run killed while it
+        // evaluates then does not train again), and when a stop is asked for.
+        let stop = signals::stop_requested();
+        let every = cfg.train.checkpoint_every;
+        if (every > 0 && (step % every == 0 || step == cfg.train.steps)) || stop {
             checkpoint::save_model(trainer.model(), &paths.model())?;
             let state = trainer.state()?;
             let keep = recent.len().min(100);
@@ -292,8 +294,16 @@ pub fn train_stage(
             checkpoint::save_resume(&paths.resume(), &state, &info)?;
             last_ckpt = Some(step);
         }
+        if stop {
+            log.close()?;
+            return Err(Stopped {
+                run: cfg.name.clone(),
+                step,
+            }
+            .into());
+        }
         if opts.halt_after == Some(step) {
-            std::process::exit(HALT_EXIT);
+            std::process::exit(RESUMABLE_EXIT);
         }
     }
     let train_secs = started.elapsed().as_secs_f64() - score_secs;

@@ -210,6 +210,8 @@ pub struct SweepReport {
     pub skipped: usize,
     /// Runs another process was writing (another shard, a second invocation): left to it.
     pub busy: Vec<String>,
+    /// Runs stopped by SIGTERM / Ctrl-C (checkpointed) or not started after one.
+    pub stopped: Vec<String>,
     pub failed: Vec<(String, String)>,
 }
 
@@ -292,6 +294,7 @@ pub fn execute(
     enum Outcome {
         Ran,
         Busy,
+        Stopped,
         Failed(String),
     }
     let results: Vec<(String, Outcome)> = pool.install(|| {
@@ -299,6 +302,8 @@ pub fn execute(
         todo.par_iter()
             .map(|r| {
                 let outcome = match RunLock::acquire(&dir.join(&r.name)) {
+                    // After a stop request, no new run starts.
+                    _ if crate::signals::stop_requested() => Outcome::Stopped,
                     Err(LockError::Busy { .. }) => Outcome::Busy,
                     Err(e) => Outcome::Failed(e.to_string()),
                     Ok(lock) => {
@@ -307,6 +312,9 @@ pub fn execute(
                         });
                         match ran {
                             Ok(_) => Outcome::Ran,
+                            Err(e) if e.downcast_ref::<crate::signals::Stopped>().is_some() => {
+                                Outcome::Stopped
+                            }
                             Err(e) => Outcome::Failed(format!("{e:#}")),
                         }
                     }
@@ -322,16 +330,18 @@ pub fn execute(
         ran: 0,
         skipped,
         busy: vec![],
+        stopped: vec![],
         failed: vec![],
     };
     for (name, outcome) in results {
         match outcome {
             Outcome::Ran => report.ran += 1,
             Outcome::Busy => report.busy.push(name),
+            Outcome::Stopped => report.stopped.push(name),
             Outcome::Failed(e) => report.failed.push((name, e)),
         }
     }
-    if shard.1 == 1 && report.busy.is_empty() {
+    if shard.1 == 1 && report.busy.is_empty() && report.stopped.is_empty() {
         merge(&report.dir)?;
     }
     Ok(report)
