@@ -634,3 +634,87 @@ fn both_ot_solvers_train_the_same_run() {
         "{e}"
     );
 }
+
+/// The rows of a CSV file, as cells.
+fn csv_rows(path: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn sweep_tables_have_axis_columns_reflow_rows_and_replicate_intervals() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(
+        tmp.path(),
+        "base.toml",
+        &format!("{TINY}\n[reflow]\niterations = 1\nmode = \"online\"\nteacher_method = \"euler\"\nteacher_steps = 4\nsteps = 30\n"),
+    );
+    let sw = write(
+        tmp.path(),
+        "rs.toml",
+        "base = \"base.toml\"\n[set]\n\"train.steps\" = 40\n\"logging.plots\" = false\n\"eval.samples\" = 100\n[axes]\n\"model.hidden\" = [16, 24]\n[replicates]\n\"train.seed\" = [0, 1, 2]\n",
+    );
+    let out = tmp.path().join("out");
+    let o = flowmatch(&[
+        "sweep",
+        sw.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--jobs",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = out.join("rs");
+    // One column per swept key (any key), one row per flow of each reflow run.
+    let rows = csv_rows(&dir.join("summary.csv"));
+    assert_eq!(
+        &rows[0][..4],
+        ["run", "model.hidden", "train.seed", "iteration"]
+    );
+    assert_eq!(rows.len(), 1 + 6 * 2, "{rows:?}");
+    assert_eq!(&rows[1][1..4], ["16", "0", "1-RF"]);
+    assert_eq!(&rows[2][1..4], ["16", "0", "2-RF"]);
+    assert_eq!(&rows[12][1..4], ["24", "2", "2-RF"]);
+    // The aggregate against a hand computation from the runs' own summaries.
+    let w2 = |run: &str, stage: &str| {
+        read_json(&dir.join(run).join(stage).join("summary.json"))["w2"]
+            .as_f64()
+            .unwrap()
+    };
+    let xs: Vec<f64> = [
+        "000_hidden-16_seed-0",
+        "001_hidden-16_seed-1",
+        "002_hidden-16_seed-2",
+    ]
+    .iter()
+    .map(|r| w2(r, "rf2"))
+    .collect();
+    let mean = xs.iter().sum::<f64>() / 3.0;
+    let sd = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+    let half = 4.3027 * sd / 3f64.sqrt(); // t(0.975, 2)
+    let agg = csv_rows(&dir.join("summary_agg.csv"));
+    let col = |name: &str| agg[0].iter().position(|c| c == name).unwrap();
+    let row = agg.iter().find(|r| r[0] == "16" && r[1] == "2-RF").unwrap();
+    assert_eq!(row[col("n")], "3");
+    let cell = |name: &str| row[col(name)].parse::<f64>().unwrap();
+    assert!(
+        (cell("w2_mean") - mean).abs() < 1e-5,
+        "{} vs {mean}",
+        cell("w2_mean")
+    );
+    assert!((cell("w2_std") - sd).abs() < 1e-5);
+    assert!((cell("w2_ci95_lo") - (mean - half)).abs() < 1e-4);
+    assert!((cell("w2_ci95_hi") - (mean + half)).abs() < 1e-4);
+    // One axis of two values: the paired difference, per iteration and metric.
+    let diff = csv_rows(&dir.join("summary_diff.csv"));
+    assert_eq!(diff[0][..3], ["iteration", "metric", "n"]);
+    assert_eq!(diff.len(), 1 + 2 * 10);
+    let md = std::fs::read_to_string(dir.join("summary_agg.md")).unwrap();
+    assert!(
+        md.contains("t(0.975, n − 1)") && md.contains("paired by train.seed"),
+        "{md}"
+    );
+}

@@ -135,8 +135,12 @@ fn a_sweep_in_four_slurm_shards_equals_a_local_sweep() {
         local.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let runs: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(out.join("sw4/plan.json")).unwrap()).unwrap();
+    let runs: Vec<String> = read_json(&out.join("sw4/plan.json"))["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(runs.len(), 4);
     for r in &runs {
         let a = std::fs::read(out.join("sw4").join(r).join("summary.json")).unwrap();

@@ -8,7 +8,9 @@
 //! - [`report`]: the result types several modules share (summaries, tables, reflow rows).
 //! - [`folder`]: run folders: paths, finished / killed / changed runs, claiming a name.
 //! - [`reflow`]: k-rectified flows after the base run, the straightness table.
-//! - [`sweep`]: cartesian products in parallel, resumable, shardable; summary tables.
+//! - [`sweep`]: cartesian products in parallel, resumable, shardable.
+//! - [`sweep_report`]: the sweep's tables: axis columns, reflow rows, replicate intervals.
+//! - [`stats`]: mean, standard deviation and Student-t intervals of replicates.
 //! - [`plot`]: the figures (PNG, GIF) of runs, reflow chains and image samples.
 //! - [`bench`]: the GPU benchmark behind `flowmatch bench`.
 //! - [`checkpoint`]: model and resume files; a killed run continues where it stopped.
@@ -36,4 +38,6 @@ pub mod reflow;
 pub mod report;
 pub mod run;
 pub mod signals;
+pub mod stats;
 pub mod sweep;
+pub mod sweep_report;

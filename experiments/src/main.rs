@@ -317,7 +317,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             sample_steps,
         } => cmd_bench(device, batch, steps, points, sample_steps),
         Cmd::Merge { sweep_dir } => {
-            let m = sweep::merge(&sweep_dir)?;
+            let m = flowmatch_experiments::sweep_report::merge(&sweep_dir)?;
             let planned = m.finished + m.missing.len();
             say!(
                 "merged {} of {planned} runs into {}/summary.csv and summary.md",

@@ -9,8 +9,8 @@ use crate::experiment::Experiment;
 use crate::folder::{OnChange, RunOptions, RunPaths};
 use crate::lock::{LockError, RunLock};
 use crate::logging::write_atomic;
-use crate::report::Summary;
 use crate::run::progress_bar;
+use crate::sweep_report::{cell, merge, PlanFile};
 use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -30,11 +30,17 @@ struct SweepFile {
     /// Axes: key → list of values; their cartesian product is run.
     #[serde(default)]
     axes: toml::Table,
+    /// Replicates: key → list of values (seeds), crossed with the axes like one more axis;
+    /// the sweep also reports mean and interval over them (`summary_agg`).
+    #[serde(default)]
+    replicates: toml::Table,
 }
 
 /// One planned run of a sweep.
 pub struct PlannedRun {
     pub name: String,
+    /// Its values of the swept keys (axes, then replicates).
+    pub values: Vec<(String, toml::Value)>,
     pub config: Config,
     /// The checked config; built into an experiment when the run starts.
     pub plan: Plan,
@@ -44,6 +50,9 @@ pub struct PlannedRun {
 pub struct Sweep {
     pub name: String,
     pub runs: Vec<PlannedRun>,
+    /// The swept keys and the replicate keys, in file order.
+    pub axes: Vec<String>,
+    pub replicates: Vec<String>,
 }
 
 /// The most runs a sweep plans unless `--max-runs` says otherwise.
@@ -109,14 +118,24 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
     });
     check_name(&name).map_err(|m| ConfigError(format!("{}: name: {m}", path.display())))?;
     let mut axes: Vec<(String, Vec<toml::Value>)> = vec![];
-    for (k, v) in &file.axes {
-        match v {
-            toml::Value::Array(vals) if !vals.is_empty() => axes.push((k.clone(), vals.clone())),
-            _ => {
+    for (table, what) in [(&file.axes, "axis"), (&file.replicates, "replicate key")] {
+        for (k, v) in table {
+            if axes.iter().any(|(a, _)| a == k) {
                 return Err(ConfigError(format!(
-                    "{}: axis '{k}' must be a non-empty list",
+                    "{}: '{k}' is both an axis and a replicate key",
                     path.display()
-                )))
+                )));
+            }
+            match v {
+                toml::Value::Array(vals) if !vals.is_empty() => {
+                    axes.push((k.clone(), vals.clone()))
+                }
+                _ => {
+                    return Err(ConfigError(format!(
+                        "{}: {what} '{k}' must be a non-empty list",
+                        path.display()
+                    )))
+                }
             }
         }
     }
@@ -159,6 +178,7 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
         } else {
             format!("{i:03}_{}", label.join("_"))
         };
+        let values = combo.clone();
         let mut sets: Vec<Override> = file
             .set
             .iter()
@@ -182,11 +202,17 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
         .map_err(|e| ConfigError(format!("sweep {} run {run_name}: {}", path.display(), e.0)))?;
         runs.push(PlannedRun {
             name: run_name,
+            values,
             config,
             plan,
         });
     }
-    Ok(Sweep { name, runs })
+    Ok(Sweep {
+        name,
+        runs,
+        axes: file.axes.keys().cloned().collect(),
+        replicates: file.replicates.keys().cloned().collect(),
+    })
 }
 
 /// Parses `--shard I/N` (0-based `I < N`).
@@ -246,7 +272,21 @@ pub fn execute(
 ) -> Result<SweepReport> {
     let dir = out.join(&sweep.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let plan: Vec<&str> = sweep.runs.iter().map(|r| r.name.as_str()).collect();
+    let plan = PlanFile {
+        runs: sweep.runs.iter().map(|r| r.name.clone()).collect(),
+        axes: sweep.axes.clone(),
+        replicates: sweep.replicates.clone(),
+        values: sweep
+            .runs
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    r.values.iter().map(|(_, v)| cell(v)).collect(),
+                )
+            })
+            .collect(),
+    };
     // Every shard writes the same plan, each through its own temporary file.
     write_atomic(
         &dir.join("plan.json"),
@@ -345,93 +385,6 @@ pub fn execute(
         merge(&report.dir)?;
     }
     Ok(report)
-}
-
-/// Columns of summary.csv / summary.md besides the run name.
-const COLUMNS: &[&str] = &[
-    "coupling",
-    "path",
-    "solver",
-    "solver_steps",
-    "train_steps",
-    "final_loss",
-    "w2",
-    "mmd",
-    "straightness",
-    "rf_straightness",
-    "normalized_path_energy",
-    "nfe",
-];
-
-fn row_values(s: &Summary) -> Vec<String> {
-    vec![
-        s.coupling.clone(),
-        s.path.clone(),
-        s.eval.solver.clone(),
-        s.eval.solver_steps.to_string(),
-        s.train_steps.to_string(),
-        format!("{:.5}", s.final_loss),
-        format!("{:.5}", s.w2),
-        format!("{:.3e}", s.mmd),
-        format!("{:.5}", s.straightness),
-        format!("{:.5}", s.rf_straightness),
-        format!("{:.5}", s.normalized_path_energy),
-        s.nfe.to_string(),
-    ]
-}
-
-/// What a merge found.
-pub struct Merged {
-    /// Runs with a summary.
-    pub finished: usize,
-    /// The planned runs without one, in plan order.
-    pub missing: Vec<String>,
-}
-
-/// Writes summary.csv and summary.md of a sweep folder from its finished runs (also merges
-/// the results of shards run elsewhere into the same folder).
-pub fn merge(dir: &Path) -> Result<Merged> {
-    let plan: Vec<String> = match std::fs::read_to_string(dir.join("plan.json")) {
-        Ok(t) => {
-            serde_json::from_str(&t).with_context(|| format!("{}/plan.json", dir.display()))?
-        }
-        Err(_) => {
-            return Err(anyhow!(
-                "{} is not a sweep folder (no plan.json)",
-                dir.display()
-            ))
-        }
-    };
-    let mut rows = vec![];
-    let mut missing = vec![];
-    for name in &plan {
-        let p = dir.join(name).join("summary.json");
-        match std::fs::read_to_string(&p) {
-            Ok(t) => {
-                let s: Summary =
-                    serde_json::from_str(&t).with_context(|| format!("reading {}", p.display()))?;
-                rows.push((name.clone(), s));
-            }
-            Err(_) => missing.push(name.clone()),
-        }
-    }
-    let mut csv = format!("run,{}\n", COLUMNS.join(","));
-    let mut md = format!(
-        "| run | {} |\n|{}\n",
-        COLUMNS.join(" | "),
-        "---|".repeat(COLUMNS.len() + 1)
-    );
-    for (name, s) in &rows {
-        let v = row_values(s);
-        csv.push_str(&format!("{name},{}\n", v.join(",")));
-        md.push_str(&format!("| {name} | {} |\n", v.join(" | ")));
-    }
-    write_atomic(&dir.join("summary.csv"), csv.as_bytes())?;
-    write_atomic(&dir.join("summary.md"), md.as_bytes())?;
-    Ok(Merged {
-        finished: rows.len(),
-        missing,
-    })
 }
 
 #[cfg(test)]

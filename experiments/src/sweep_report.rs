@@ -1,0 +1,431 @@
+//! A sweep's tables, built from its finished runs: `summary.csv` / `summary.md` with one
+//! column per swept key and one row per flow (a reflow run gives 1-RF, 2-RF, … rows), and,
+//! with `[replicates]`, `summary_agg.csv` / `summary_agg.md`: per setting and iteration, n,
+//! mean, standard deviation and 95% t-interval of every metric, plus the paired difference
+//! when one axis compares two values.
+
+use crate::logging::write_atomic;
+use crate::reflow::folder_of;
+use crate::report::Summary;
+use crate::stats::Interval;
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// `plan.json`: the planned runs and, per run, the value of each swept key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlanFile {
+    /// Run folders, in plan order.
+    pub runs: Vec<String>,
+    /// The swept keys (`[axes]`), in file order.
+    #[serde(default)]
+    pub axes: Vec<String>,
+    /// The replicate keys (`[replicates]`), in file order.
+    #[serde(default)]
+    pub replicates: Vec<String>,
+    /// Per run, its values of `axes` then `replicates`, as text.
+    #[serde(default)]
+    pub values: BTreeMap<String, Vec<String>>,
+}
+
+/// Either `plan.json` form: today's object, or the plain list of names earlier versions wrote.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AnyPlan {
+    Names(Vec<String>),
+    Plan(PlanFile),
+}
+
+impl PlanFile {
+    /// Reads `DIR/plan.json`.
+    pub fn read(dir: &Path) -> Result<PlanFile> {
+        let p = dir.join("plan.json");
+        let text = std::fs::read_to_string(&p)
+            .map_err(|_| anyhow!("{} is not a sweep folder (no plan.json)", dir.display()))?;
+        Ok(
+            match serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))? {
+                AnyPlan::Names(runs) => PlanFile {
+                    runs,
+                    ..PlanFile::default()
+                },
+                AnyPlan::Plan(plan) => plan,
+            },
+        )
+    }
+}
+
+/// A value of a swept key as a table cell.
+pub fn cell(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Euler step counts with their own W2 columns (the reflow table's few-step counts).
+const W2_STEPS: [usize; 4] = [1, 2, 5, 100];
+
+/// The metric columns of a row and of the aggregate.
+const METRICS: [&str; 10] = [
+    "final_loss",
+    "w2",
+    "mmd",
+    "straightness",
+    "rf_straightness",
+    "normalized_path_energy",
+    "w2_euler_1",
+    "w2_euler_2",
+    "w2_euler_5",
+    "w2_euler_100",
+];
+
+/// One row of the sweep table: a run, or one flow of a reflow run.
+struct Row {
+    run: String,
+    values: Vec<String>,
+    iteration: String,
+    summary: Summary,
+}
+
+impl Row {
+    fn metrics(&self) -> [f64; 10] {
+        let s = &self.summary;
+        let w2 = |k: usize| {
+            s.eval
+                .table
+                .iter()
+                .find(|r| r.solver == "euler" && r.steps == k)
+                .map_or(f64::NAN, |r| r.w2)
+        };
+        [
+            s.final_loss,
+            s.w2,
+            s.mmd,
+            s.straightness,
+            s.rf_straightness,
+            s.normalized_path_energy,
+            w2(W2_STEPS[0]),
+            w2(W2_STEPS[1]),
+            w2(W2_STEPS[2]),
+            w2(W2_STEPS[3]),
+        ]
+    }
+}
+
+fn num(x: f64) -> String {
+    if x.is_nan() {
+        String::new()
+    } else if x != 0.0 && x.abs() < 1e-3 {
+        format!("{x:.3e}")
+    } else {
+        format!("{x:.5}")
+    }
+}
+
+fn read_summary(p: &Path) -> Result<Summary> {
+    let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&t).with_context(|| format!("reading {}", p.display()))
+}
+
+/// The rows of a finished run: itself, or each flow of its reflow chain.
+fn rows_of(dir: &Path, run: &str, values: &[String], s: Summary) -> Result<Vec<Row>> {
+    let Some(flows) = &s.reflow else {
+        return Ok(vec![Row {
+            run: run.to_string(),
+            values: values.to_vec(),
+            iteration: String::new(),
+            summary: s,
+        }]);
+    };
+    flows
+        .iter()
+        .map(|f| {
+            let p = dir.join(run).join(folder_of(&f.flow)).join("summary.json");
+            Ok(Row {
+                run: run.to_string(),
+                values: values.to_vec(),
+                iteration: f.flow.clone(),
+                summary: read_summary(&p)?,
+            })
+        })
+        .collect()
+}
+
+/// What a merge found.
+pub struct Merged {
+    /// Runs with a summary.
+    pub finished: usize,
+    /// The planned runs without one, in plan order.
+    pub missing: Vec<String>,
+}
+
+/// Writes the sweep folder's tables from its finished runs (also merging the results of
+/// shards run elsewhere into the same folder).
+pub fn merge(dir: &Path) -> Result<Merged> {
+    let plan = PlanFile::read(dir)?;
+    let mut rows = vec![];
+    let mut missing = vec![];
+    let mut finished = 0;
+    for run in &plan.runs {
+        let p = dir.join(run).join("summary.json");
+        if !p.is_file() {
+            missing.push(run.clone());
+            continue;
+        }
+        finished += 1;
+        let values = plan.values.get(run).cloned().unwrap_or_default();
+        rows.extend(rows_of(dir, run, &values, read_summary(&p)?)?);
+    }
+    let keys: Vec<&String> = plan.axes.iter().chain(&plan.replicates).collect();
+    let reflow = rows.iter().any(|r| !r.iteration.is_empty());
+    let mut head: Vec<String> = vec!["run".into()];
+    head.extend(keys.iter().map(|k| k.to_string()));
+    if reflow {
+        head.push("iteration".into());
+    }
+    head.extend(["coupling", "path", "solver", "solver_steps", "train_steps"].map(String::from));
+    head.extend(METRICS.iter().map(|m| m.to_string()));
+    head.push("nfe".into());
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let s = &r.summary;
+            let mut v = vec![r.run.clone()];
+            v.extend((0..keys.len()).map(|i| r.values.get(i).cloned().unwrap_or_default()));
+            if reflow {
+                v.push(r.iteration.clone());
+            }
+            v.extend([
+                s.coupling.clone(),
+                s.path.clone(),
+                s.eval.solver.clone(),
+                s.eval.solver_steps.to_string(),
+                s.train_steps.to_string(),
+            ]);
+            v.extend(r.metrics().iter().map(|&x| num(x)));
+            v.push(s.nfe.to_string());
+            v
+        })
+        .collect();
+    write_tables(dir, "summary", &head, &table)?;
+    if !plan.replicates.is_empty() {
+        aggregate(dir, &plan, &rows, reflow)?;
+    }
+    Ok(Merged { finished, missing })
+}
+
+/// Writes `NAME.csv` and `NAME.md`.
+fn write_tables(dir: &Path, name: &str, head: &[String], rows: &[Vec<String>]) -> Result<()> {
+    write_atomic(
+        &dir.join(format!("{name}.csv")),
+        csv_text(head, rows).as_bytes(),
+    )?;
+    write_atomic(
+        &dir.join(format!("{name}.md")),
+        md_table(head, rows).as_bytes(),
+    )?;
+    Ok(())
+}
+
+fn csv_text(head: &[String], rows: &[Vec<String>]) -> String {
+    let cell = |c: &String| {
+        if c.contains([',', '"']) {
+            format!("\"{}\"", c.replace('"', "\"\""))
+        } else {
+            c.clone()
+        }
+    };
+    let line = |r: &[String]| r.iter().map(cell).collect::<Vec<_>>().join(",") + "\n";
+    let mut csv = line(head);
+    for r in rows {
+        csv.push_str(&line(r));
+    }
+    csv
+}
+
+/// `summary_agg.*`: replicates grouped by setting (the non-replicate values) and iteration;
+/// with exactly one axis of two values, also `summary_diff.*`: second minus first, paired by
+/// the replicate values.
+fn aggregate(dir: &Path, plan: &PlanFile, rows: &[Row], reflow: bool) -> Result<()> {
+    let na = plan.axes.len();
+    let setting = |r: &Row| {
+        (
+            r.values[..na.min(r.values.len())].to_vec(),
+            r.iteration.clone(),
+        )
+    };
+    // (the setting's values, the iteration) → its replicate rows, in table order.
+    type Group<'a> = ((Vec<String>, String), Vec<&'a Row>);
+    let mut groups: Vec<Group> = vec![];
+    for r in rows {
+        let key = setting(r);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(r),
+            None => groups.push((key, vec![r])),
+        }
+    }
+    let mut head: Vec<String> = plan.axes.clone();
+    if reflow {
+        head.push("iteration".into());
+    }
+    head.push("n".into());
+    let mut md_head = head.clone();
+    for m in METRICS {
+        head.extend([
+            format!("{m}_mean"),
+            format!("{m}_std"),
+            format!("{m}_ci95_lo"),
+            format!("{m}_ci95_hi"),
+        ]);
+        md_head.push(format!("{m} (mean ± 95% CI)"));
+    }
+    let (mut csv_rows, mut md_rows) = (vec![], vec![]);
+    for ((values, iteration), g) in &groups {
+        let mut lead = values.clone();
+        if reflow {
+            lead.push(iteration.clone());
+        }
+        lead.push(g.len().to_string());
+        let (mut c, mut m) = (lead.clone(), lead);
+        for k in 0..METRICS.len() {
+            let xs: Vec<f64> = g.iter().map(|r| r.metrics()[k]).collect();
+            let i = Interval::of(&xs);
+            c.extend([
+                num(i.mean),
+                num(i.std),
+                num(i.mean - i.half),
+                num(i.mean + i.half),
+            ]);
+            m.push(if i.n == 0 {
+                String::new()
+            } else {
+                format!("{} ± {}", num(i.mean), num(i.half))
+            });
+        }
+        csv_rows.push(c);
+        md_rows.push(m);
+    }
+    write_atomic(
+        &dir.join("summary_agg.csv"),
+        csv_text(&head, &csv_rows).as_bytes(),
+    )?;
+    let mut md = format!(
+        "Per setting{}: n replicates ({}), mean ± half-width of the 95% interval of the mean, t(0.975, n − 1) · s / √n.\n\n{}",
+        if reflow { " and reflow iteration" } else { "" },
+        plan.replicates.join(", "),
+        md_table(&md_head, &md_rows)
+    );
+    write_atomic(&dir.join("summary_agg.md"), md.as_bytes())?;
+    // The paired difference, where one axis compares two values.
+    let two: Vec<&String> = match (plan.axes.as_slice(), rows.first()) {
+        ([_], Some(_)) => {
+            let mut vals: Vec<&String> = vec![];
+            for r in rows {
+                if let Some(v) = r.values.first() {
+                    if !vals.contains(&v) {
+                        vals.push(v);
+                    }
+                }
+            }
+            vals
+        }
+        _ => vec![],
+    };
+    if two.len() != 2 {
+        return Ok(());
+    }
+    let mut iterations: Vec<&String> = vec![];
+    for r in rows {
+        if !iterations.contains(&&r.iteration) {
+            iterations.push(&r.iteration);
+        }
+    }
+    let mut dhead: Vec<String> = vec![];
+    if reflow {
+        dhead.push("iteration".into());
+    }
+    dhead.extend(
+        [
+            "metric",
+            "n",
+            "mean_difference",
+            "ci95_lo",
+            "ci95_hi",
+            "beyond_noise",
+        ]
+        .map(String::from),
+    );
+    let mut drows = vec![];
+    for it in iterations {
+        let side = |v: &String| -> BTreeMap<&[String], &Row> {
+            rows.iter()
+                .filter(|r| &r.iteration == it && r.values.first() == Some(v))
+                .map(|r| (&r.values[na..], r))
+                .collect()
+        };
+        let (a, b) = (side(two[0]), side(two[1]));
+        for (k, metric) in METRICS.iter().enumerate() {
+            let ds: Vec<f64> = a
+                .iter()
+                .filter_map(|(seed, ra)| b.get(seed).map(|rb| rb.metrics()[k] - ra.metrics()[k]))
+                .collect();
+            let i = Interval::of(&ds);
+            if i.n == 0 {
+                continue;
+            }
+            let mut row = vec![];
+            if reflow {
+                row.push(it.clone());
+            }
+            row.extend([
+                metric.to_string(),
+                i.n.to_string(),
+                num(i.mean),
+                num(i.mean - i.half),
+                num(i.mean + i.half),
+                if i.excludes_zero() { "yes" } else { "no" }.to_string(),
+            ]);
+            drows.push(row);
+        }
+    }
+    write_tables(dir, "summary_diff", &dhead, &drows)?;
+    // summary_agg.md also names the comparison and holds the difference table.
+    md.push_str(&format!(
+        "\nDifference {} = {} minus {} = {}, paired by {}: mean and 95% t-interval of the paired differences; \"beyond_noise\" where the interval leaves out 0.\n\n{}",
+        plan.axes[0],
+        two[1],
+        plan.axes[0],
+        two[0],
+        plan.replicates.join(", "),
+        md_table(&dhead, &drows)
+    ));
+    write_atomic(&dir.join("summary_agg.md"), md.as_bytes())?;
+    Ok(())
+}
+
+fn md_table(head: &[String], rows: &[Vec<String>]) -> String {
+    let mut md = format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
+    for r in rows {
+        md.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_files_of_earlier_versions_still_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("plan.json"), r#"["000_a", "001_b"]"#).unwrap();
+        let p = PlanFile::read(tmp.path()).unwrap();
+        assert_eq!(p.runs, ["000_a", "001_b"]);
+        assert!(p.axes.is_empty() && p.values.is_empty());
+        let e = PlanFile::read(&tmp.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a sweep folder"), "{e}");
+    }
+}
