@@ -718,3 +718,98 @@ fn sweep_tables_have_axis_columns_reflow_rows_and_replicate_intervals() {
         "{md}"
     );
 }
+
+#[test]
+fn a_solver_axis_trains_once_per_training_config_with_the_same_summaries() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "base.toml", TINY);
+    let sw = write(
+        tmp.path(),
+        "once.toml",
+        "base = \"base.toml\"\n[set]\n\"train.steps\" = 80\n\"logging.plots\" = false\n[axes]\n\"loss.coupling\" = [\"independent\", \"ot\"]\n\"solver.method\" = [\"euler\", \"rk4\"]\n\"eval.samples\" = [200, 150]\n",
+    );
+    let out = tmp.path().join("out");
+    let o = flowmatch(&[
+        "sweep",
+        sw.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--jobs",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = out.join("once");
+    // 8 runs, 2 trainings: the other 6 name the run whose model they evaluated.
+    let mut trained = vec![];
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let t = e.path().join("timing.json");
+        if t.is_file() && read_json(&t)["trained_in"].is_null() {
+            trained.push(e.file_name().to_string_lossy().to_string());
+        }
+    }
+    trained.sort();
+    assert_eq!(
+        trained,
+        [
+            "000_coupling-independent_method-euler_samples-200",
+            "004_coupling-ot_method-euler_samples-200"
+        ]
+    );
+    assert_eq!(
+        read_json(&dir.join("007_coupling-ot_method-rk4_samples-150/timing.json"))["trained_in"],
+        "004_coupling-ot_method-euler_samples-200"
+    );
+    // Each reused run's summary is the one a separate training gives, byte for byte.
+    for (run, sets) in [
+        (
+            "003_coupling-independent_method-rk4_samples-150",
+            [
+                "loss.coupling=independent",
+                "solver.method=rk4",
+                "eval.samples=150",
+            ],
+        ),
+        (
+            "005_coupling-ot_method-euler_samples-150",
+            [
+                "loss.coupling=ot",
+                "solver.method=euler",
+                "eval.samples=150",
+            ],
+        ),
+    ] {
+        let sep = tmp.path().join("sep");
+        let base = tmp.path().join("base.toml");
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            base.to_str().unwrap().into(),
+            "--out".into(),
+            sep.to_str().unwrap().into(),
+        ];
+        for s in sets
+            .iter()
+            .chain(&["train.steps=80", "logging.plots=false"])
+        {
+            args.push("--set".into());
+            args.push(s.to_string());
+        }
+        args.push("--set".into());
+        args.push(format!("name={run}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = flowmatch(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(
+            std::fs::read(sep.join(run).join("summary.json")).unwrap(),
+            std::fs::read(dir.join(run).join("summary.json")).unwrap(),
+            "{run}"
+        );
+    }
+    // Killed and rerun: nothing is redone.
+    let o = flowmatch(&[
+        "sweep",
+        sw.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 ran, 8 already finished"));
+}

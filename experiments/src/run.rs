@@ -8,7 +8,7 @@ use crate::folder::{load_finished, prepare, Prepared, RunOptions, RunPaths};
 use crate::logging::{write_atomic, write_json, RunLog};
 use crate::report::{Evaluation, ProgressRow, Summary};
 use crate::signals::{self, Stopped, RESUMABLE_EXIT};
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use flowmatch_data::rng_from_seed;
 use flowmatch_losses::{Coupling, LossError, OptimConfig, Trainer};
 use flowmatch_models::Model;
@@ -78,10 +78,24 @@ pub fn run_with(
     // Everything the evaluation needs (samples, the classifier) is loaded before step 1, so a
     // bad file fails now rather than after the training.
     let set = EvalSet::draw(cfg, checked, &checked.device)?;
-    let mut trained = train_stage(cfg, checked, dir, pb, setup, opts, &set, prepared)?;
+    let trained = train_stage(cfg, checked, dir, pb, setup, opts, &set, prepared)?;
+    finish_run(cfg, checked, dir, pb, &set, trained, None)
+}
+
+/// The eval stage and the run folder's last files: the evaluation on `set`, the summary,
+/// the figures and `timing.json` (`trained_in`: the folder whose training this run reuses).
+fn finish_run(
+    cfg: &Config,
+    checked: &Experiment,
+    dir: &Path,
+    pb: &ProgressBar,
+    set: &EvalSet,
+    mut trained: Trained,
+    trained_in: Option<&str>,
+) -> Result<(Summary, Model)> {
     pb.set_message("evaluating");
     let started = Instant::now();
-    let ev = eval_stage(&set, &mut trained, cfg, checked)?;
+    let ev = eval_stage(set, &mut trained, cfg, checked)?;
     let eval_secs = trained.score_secs + started.elapsed().as_secs_f64();
     let Trained {
         model,
@@ -138,6 +152,7 @@ pub fn run_with(
             "train_steps_per_second": (cfg.train.steps - start) as f64 / train_secs,
             "eval_seconds": eval_secs,
             "resumed_after_step": start,
+            "trained_in": trained_in,
         }),
     )?;
     let paths = RunPaths {
@@ -148,6 +163,57 @@ pub fn run_with(
     let _ = std::fs::remove_file(paths.resume());
     pb.finish_and_clear();
     Ok((summary, model))
+}
+
+/// Evaluates, in `dir`, the model that the finished run in `trained_dir` trained with the
+/// same training settings (a sweep variant that differs only in `solver.*` / `eval.*`): the
+/// folder gets its own config, evaluation, figures and summary, and the training's loss
+/// records and weights. The summary is the one training again would give (tested). The
+/// caller holds `dir`'s lock; `eval.every` must be 0 (progress scores need the training).
+pub fn evaluate_trained(
+    cfg: &Config,
+    checked: &Experiment,
+    dir: &Path,
+    trained_dir: &Path,
+    pb: &ProgressBar,
+    opts: RunOptions,
+) -> Result<Summary> {
+    if let Prepared::Finished = prepare(dir, cfg, opts.on_change)? {
+        pb.finish_and_clear();
+        return Ok(load_finished(dir, checked, &checked.device)?.0);
+    }
+    let (base, model) = load_finished(trained_dir, checked, &checked.device)?;
+    let set = EvalSet::draw(cfg, checked, &checked.device)?;
+    let paths = RunPaths {
+        dir: dir.to_path_buf(),
+    };
+    write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
+    checkpoint::save_model(&model, &paths.model())?;
+    // The training's records (not its evaluation), then TensorBoard replays them.
+    let theirs = std::fs::read_to_string(trained_dir.join("metrics.jsonl"))
+        .with_context(|| format!("reading {}/metrics.jsonl", trained_dir.display()))?;
+    let mine: String = theirs
+        .lines()
+        .filter(|l| !l.contains("\"eval\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(&dir.join("metrics.jsonl"), mine.as_bytes())?;
+    let log = RunLog::resume(dir, cfg.logging.tensorboard, cfg.train.steps)?;
+    let trained = Trained {
+        model,
+        coupling_label: base.coupling,
+        final_loss: base.final_loss,
+        progress: vec![],
+        train_secs: 0.0,
+        score_secs: 0.0,
+        start: cfg.train.steps,
+        log,
+    };
+    let name = trained_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    Ok(finish_run(cfg, checked, dir, pb, &set, trained, Some(&name))?.0)
 }
 
 /// What the train stage leaves for the eval stage and the run folder.

@@ -9,7 +9,7 @@ use crate::experiment::Experiment;
 use crate::folder::{OnChange, RunOptions, RunPaths};
 use crate::lock::{LockError, RunLock};
 use crate::logging::write_atomic;
-use crate::run::progress_bar;
+use crate::run::{evaluate_trained, progress_bar};
 use crate::sweep_report::{cell, merge, PlanFile};
 use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
@@ -241,6 +241,33 @@ pub struct SweepReport {
     pub failed: Vec<(String, String)>,
 }
 
+/// The sweep's runs grouped by training: runs whose configs differ only in keys that the
+/// evaluation reads (`solver.*`, `eval.*`, the name) train once, the first of each group;
+/// a reflow run or one with progress scores (`eval.every`) trains alone. Indices in plan
+/// order, groups in the order of their first run.
+pub fn training_groups(runs: &[PlannedRun]) -> Vec<Vec<usize>> {
+    let key = |r: &PlannedRun| -> Option<String> {
+        if r.plan.reflow.is_reflow() || r.config.eval.every > 0 {
+            return None;
+        }
+        let defaults = Config::default();
+        let mut c = r.config.clone();
+        c.name = String::new();
+        c.solver = defaults.solver;
+        c.eval = defaults.eval;
+        Some(c.to_toml())
+    };
+    let mut groups: Vec<(Option<String>, Vec<usize>)> = vec![];
+    for (i, r) in runs.iter().enumerate() {
+        let k = key(r);
+        match groups.iter_mut().find(|(g, _)| k.is_some() && *g == k) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((k, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, m)| m).collect()
+}
+
 /// The runs of `runs` whose folder holds a run made with another config, with the keys.
 fn changed_runs(dir: &Path, runs: &[&PlannedRun]) -> Result<Vec<(String, Vec<String>)>> {
     let mut changed = vec![];
@@ -292,13 +319,22 @@ pub fn execute(
         &dir.join("plan.json"),
         serde_json::to_string_pretty(&plan)?.as_bytes(),
     )?;
-    let mine: Vec<&PlannedRun> = sweep
-        .runs
+    // Shards take whole training groups, so that a group trains once, in one shard.
+    let groups = training_groups(&sweep.runs);
+    let mine: Vec<&PlannedRun> = groups
         .iter()
         .enumerate()
-        .filter(|(i, _)| i % shard.1 == shard.0)
-        .map(|(_, r)| r)
+        .filter(|(g, _)| g % shard.1 == shard.0)
+        .flat_map(|(_, members)| members.iter().map(|&i| &sweep.runs[i]))
         .collect();
+    // The run whose training each run reuses (itself for the first of its group).
+    let trainer_of = |r: &PlannedRun| -> &PlannedRun {
+        let g = groups
+            .iter()
+            .find(|m| m.iter().any(|&i| sweep.runs[i].name == r.name))
+            .expect("every run is in a group");
+        &sweep.runs[g[0]]
+    };
     let changed = changed_runs(&dir, &mine)?;
     if let (Some((first, diffs)), OnChange::Refuse) = (changed.first(), opts.on_change) {
         return Err(anyhow!(
@@ -337,32 +373,53 @@ pub fn execute(
         Stopped,
         Failed(String),
     }
+    let one = |r: &PlannedRun| -> (String, Outcome) {
+        let trainer = trainer_of(r);
+        let trained_dir = dir.join(&trainer.name);
+        let outcome = match RunLock::acquire(&dir.join(&r.name)) {
+            // After a stop request, no new run starts.
+            _ if crate::signals::stop_requested() => Outcome::Stopped,
+            Err(LockError::Busy { .. }) => Outcome::Busy,
+            Err(e) => Outcome::Failed(e.to_string()),
+            // A variant whose training did not finish here waits for a later invocation.
+            Ok(_)
+                if trainer.name != r.name
+                    && !RunPaths {
+                        dir: trained_dir.clone(),
+                    }
+                    .finished() =>
+            {
+                Outcome::Failed(format!("its training run {} did not finish", trainer.name))
+            }
+            Ok(lock) => {
+                let ran = Experiment::build(&r.config, &r.plan).and_then(|exp| {
+                    if trainer.name == r.name {
+                        crate::reflow::run_experiment(&r.config, &exp, &lock, run_opts)
+                    } else {
+                        let pb = indicatif::ProgressBar::hidden();
+                        evaluate_trained(&r.config, &exp, lock.dir(), &trained_dir, &pb, run_opts)
+                    }
+                });
+                match ran {
+                    Ok(_) => Outcome::Ran,
+                    Err(e) if e.downcast_ref::<crate::signals::Stopped>().is_some() => {
+                        Outcome::Stopped
+                    }
+                    Err(e) => Outcome::Failed(format!("{e:#}")),
+                }
+            }
+        };
+        pb.set_position(done.fetch_add(1, Ordering::SeqCst) as u64 + 1);
+        (r.name.clone(), outcome)
+    };
+    // First the trainings, then the runs that evaluate a model trained in the first phase.
+    let (train, reuse): (Vec<&PlannedRun>, Vec<&PlannedRun>) =
+        todo.iter().partition(|r| trainer_of(r).name == r.name);
     let results: Vec<(String, Outcome)> = pool.install(|| {
         use rayon::prelude::*;
-        todo.par_iter()
-            .map(|r| {
-                let outcome = match RunLock::acquire(&dir.join(&r.name)) {
-                    // After a stop request, no new run starts.
-                    _ if crate::signals::stop_requested() => Outcome::Stopped,
-                    Err(LockError::Busy { .. }) => Outcome::Busy,
-                    Err(e) => Outcome::Failed(e.to_string()),
-                    Ok(lock) => {
-                        let ran = Experiment::build(&r.config, &r.plan).and_then(|exp| {
-                            crate::reflow::run_experiment(&r.config, &exp, &lock, run_opts)
-                        });
-                        match ran {
-                            Ok(_) => Outcome::Ran,
-                            Err(e) if e.downcast_ref::<crate::signals::Stopped>().is_some() => {
-                                Outcome::Stopped
-                            }
-                            Err(e) => Outcome::Failed(format!("{e:#}")),
-                        }
-                    }
-                };
-                pb.set_position(done.fetch_add(1, Ordering::SeqCst) as u64 + 1);
-                (r.name.clone(), outcome)
-            })
-            .collect()
+        let mut all: Vec<(String, Outcome)> = train.par_iter().map(|r| one(r)).collect();
+        all.extend(reuse.par_iter().map(|r| one(r)).collect::<Vec<_>>());
+        all
     });
     pb.finish_and_clear();
     let mut report = SweepReport {
