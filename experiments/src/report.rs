@@ -103,3 +103,22 @@ pub struct IterationRow {
     /// W2 against fresh target samples at 1, 2, 5, 10, 100 Euler steps.
     pub w2_euler: Vec<StepW2>,
 }
+
+#[cfg(test)]
+mod tests {
+    /// Summaries are read back (sweep tables, reused trainings, resumed reflow chains) and
+    /// written again: every float must survive the round trip bit for bit.
+    #[test]
+    fn floats_read_back_exactly() {
+        for x in [
+            1.033_673_328_757_286_1_f64,
+            0.142_406_970_262_527_47,
+            1.0 / 3.0,
+            2.225_073_858_507_201_4e-308,
+            6.02e23,
+        ] {
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{x}");
+        }
+    }
+}
