@@ -658,14 +658,7 @@ fn sweep_tables_have_axis_columns_reflow_rows_and_replicate_intervals() {
         "base = \"base.toml\"\n[set]\n\"train.steps\" = 40\n\"logging.plots\" = false\n\"eval.samples\" = 100\n[axes]\n\"model.hidden\" = [16, 24]\n[replicates]\n\"train.seed\" = [0, 1, 2]\n",
     );
     let out = tmp.path().join("out");
-    let o = flowmatch(&[
-        "sweep",
-        sw.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--jobs",
-        "2",
-    ]);
+    let o = sweep_into(&sw, &out, &["--jobs", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let dir = out.join("rs");
     // One column per swept key (any key), one row per flow of each reflow run.
@@ -729,14 +722,7 @@ fn a_solver_axis_trains_once_per_training_config_with_the_same_summaries() {
         "base = \"base.toml\"\n[set]\n\"train.steps\" = 80\n\"logging.plots\" = false\n[axes]\n\"loss.coupling\" = [\"independent\", \"ot\"]\n\"solver.method\" = [\"euler\", \"rk4\"]\n\"eval.samples\" = [200, 150]\n",
     );
     let out = tmp.path().join("out");
-    let o = flowmatch(&[
-        "sweep",
-        sw.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--jobs",
-        "2",
-    ]);
+    let o = sweep_into(&sw, &out, &["--jobs", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let dir = out.join("once");
     // 8 runs, 2 trainings: the other 6 name the run whose model they evaluated.
@@ -805,11 +791,6 @@ fn a_solver_axis_trains_once_per_training_config_with_the_same_summaries() {
         );
     }
     // Killed and rerun: nothing is redone.
-    let o = flowmatch(&[
-        "sweep",
-        sw.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = sweep_into(&sw, &out, &[]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("0 ran, 8 already finished"));
 }

@@ -443,12 +443,7 @@ fn errors_name_the_flag_or_file_the_value_came_from() {
         "sw.toml",
         "base = \"base.toml\"\n[axes]\n\"train.steps\" = [10, \"ten\"]\n",
     );
-    let o = flowmatch(&[
-        "sweep",
-        sw.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = sweep_into(&sw, &out, &[]);
     let e = stderr(&o);
     assert!(e.contains("sw.toml [axes]") && !e.contains(".rs:"), "{e}");
     // A sweep whose name escapes --out writes nothing anywhere.
@@ -457,12 +452,7 @@ fn errors_name_the_flag_or_file_the_value_came_from() {
         "esc.toml",
         "base = \"base.toml\"\nname = \"../../x\"\n",
     );
-    let o = flowmatch(&[
-        "sweep",
-        sw.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = sweep_into(&sw, &out, &[]);
     assert!(!o.status.success() && stderr(&o).contains("not a usable name"));
     assert_eq!(files_under(&out), 0);
     assert!(!tmp.path().join("x").exists());

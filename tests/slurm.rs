@@ -15,6 +15,17 @@ fn skipped(test: &str, why: &str) {
     let _ = writeln!(std::io::stderr(), "test {test} ... skipped: {why}");
 }
 
+/// The cluster's config, or `None` after saying why `test` is skipped.
+fn cluster_or_skip(test: &str) -> Option<String> {
+    match cluster() {
+        Ok(conf) => Some(conf),
+        Err(why) => {
+            skipped(test, &why);
+            None
+        }
+    }
+}
+
 /// The cluster's config, when a Slurm controller answers; else why not.
 fn cluster() -> Result<String, String> {
     let conf = std::env::var("SLURM_CONF")
@@ -106,14 +117,9 @@ fn sweep_files(dir: &Path, name: &str, set: &str, axes: &str) -> PathBuf {
 
 #[test]
 fn a_sweep_in_four_slurm_shards_equals_a_local_sweep() {
-    let conf = match cluster() {
-        Ok(c) => c,
-        Err(why) => {
-            return skipped(
-                "slurm::a_sweep_in_four_slurm_shards_equals_a_local_sweep",
-                &why,
-            )
-        }
+    let Some(conf) = cluster_or_skip("slurm::a_sweep_in_four_slurm_shards_equals_a_local_sweep")
+    else {
+        return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let sw = sweep_files(
@@ -128,12 +134,7 @@ fn a_sweep_in_four_slurm_shards_equals_a_local_sweep() {
     let log = logs(&out);
     assert!(log.contains("merged 4 of 4 runs"), "{log}");
     let local = tmp.path().join("local");
-    let o = flowmatch(&[
-        "sweep",
-        sw.to_str().unwrap(),
-        "--out",
-        local.to_str().unwrap(),
-    ]);
+    let o = sweep_into(&sw, &local, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let runs: Vec<String> = read_json(&out.join("sw4/plan.json"))["runs"]
         .as_array()
@@ -155,14 +156,10 @@ fn a_sweep_in_four_slurm_shards_equals_a_local_sweep() {
 
 #[test]
 fn a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run() {
-    let conf = match cluster() {
-        Ok(c) => c,
-        Err(why) => {
-            return skipped(
-                "slurm::a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run",
-                &why,
-            )
-        }
+    let Some(conf) =
+        cluster_or_skip("slurm::a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run")
+    else {
+        return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let sw = sweep_files(
@@ -213,12 +210,7 @@ fn a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run() {
     );
     assert!(log.contains("merged 1 of 1 runs"), "{log}");
     let local = tmp.path().join("local");
-    let o = flowmatch(&[
-        "sweep",
-        sw.to_str().unwrap(),
-        "--out",
-        local.to_str().unwrap(),
-    ]);
+    let o = sweep_into(&sw, &local, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         std::fs::read(run.join("summary.json")).unwrap(),

@@ -67,3 +67,15 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Runs `flowmatch sweep SWEEP --out OUT EXTRA…`.
+pub fn sweep_into(sweep: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "sweep",
+        sweep.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    flowmatch(&args)
+}
