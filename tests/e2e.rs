@@ -710,6 +710,74 @@ fn sweep_tables_have_axis_columns_reflow_rows_and_replicate_intervals() {
         md.contains("t(0.975, n − 1)") && md.contains("paired by train.seed"),
         "{md}"
     );
+    // sweep.png: three panels by default; `flowmatch plot SWEEP_DIR` redraws it with other
+    // metrics, and an unknown metric is a one-line error that leaves the figure alone.
+    let png = dir.join("sweep.png");
+    let width = |p: &Path| {
+        png::Decoder::new(std::fs::File::open(p).unwrap())
+            .read_info()
+            .unwrap()
+            .info()
+            .width
+    };
+    let three = width(&png);
+    let o = flowmatch(&["plot", dir.to_str().unwrap(), "--what", "mmd"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(width(&png) * 3, three);
+    let before = std::fs::read(&png).unwrap();
+    let o = flowmatch(&["plot", dir.to_str().unwrap(), "--what", "w2,nope"]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("`nope`") && e.lines().count() == 1,
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&png).unwrap(), before);
+    // TensorBoard's HParams dashboard, as TensorBoard itself reads it: one session per row
+    // (6 runs × 2 flows), with the swept values and the metrics.
+    tensorboard_shows(&dir, 12, &["iteration", "model.hidden", "train.seed"]);
+}
+
+/// Asks TensorBoard (scripts/check_tensorboard_hparams.py) what its HParams dashboard shows
+/// for `dir`; says skipped where TensorBoard is not installed.
+fn tensorboard_shows(dir: &Path, sessions: usize, hparams: &[&str]) {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_tensorboard_hparams.py");
+    let o = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(dir)
+        .args(["--expect-sessions", &sessions.to_string()])
+        .output();
+    let o = match o {
+        Ok(o)
+            if o.status.code() == Some(2)
+                && String::from_utf8_lossy(&o.stderr).contains("tensorboard is not installed") =>
+        {
+            eprintln!(
+                "test tensorboard_hparams skipped: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return;
+        }
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("test tensorboard_hparams skipped: no python3 ({e})");
+            return;
+        }
+    };
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains(&format!("hparams: {}", hparams.join(", "))),
+        "{out}"
+    );
+    assert!(
+        out.contains("w2_euler_1") && out.contains(&format!("{sessions} sessions")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -793,4 +861,7 @@ fn a_solver_axis_trains_once_per_training_config_with_the_same_summaries() {
     // Killed and rerun: nothing is redone.
     let o = sweep_into(&sw, &out, &[]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("0 ran, 8 already finished"));
+    // Without reflow, sweep.png has the first axis along x; TensorBoard shows every run.
+    assert!(dir.join("sweep.png").is_file());
+    tensorboard_shows(&dir, 8, &["eval.samples", "loss.coupling", "solver.method"]);
 }

@@ -10,6 +10,8 @@
 //! - [`reflow`]: k-rectified flows after the base run, the straightness table.
 //! - [`sweep`]: cartesian products in parallel, resumable, shardable.
 //! - [`sweep_report`]: the sweep's tables: axis columns, reflow rows, replicate intervals.
+//! - [`hparams`]: the sweep's runs as sessions of TensorBoard's HParams dashboard.
+//! - [`sweep_plot`]: `sweep.png`, metrics against an axis or the reflow iteration.
 //! - [`stats`]: mean, standard deviation and Student-t intervals of replicates.
 //! - [`plot`]: the figures (PNG, GIF) of runs, reflow chains and image samples.
 //! - [`bench`]: the GPU benchmark behind `flowmatch bench`.
@@ -29,6 +31,7 @@ pub mod device;
 pub mod eval;
 pub mod experiment;
 pub mod folder;
+pub mod hparams;
 pub mod images;
 pub mod limits;
 pub mod lock;
@@ -40,4 +43,5 @@ pub mod run;
 pub mod signals;
 pub mod stats;
 pub mod sweep;
+pub mod sweep_plot;
 pub mod sweep_report;

@@ -123,11 +123,14 @@ enum Cmd {
         #[arg(long)]
         redo_changed: bool,
     },
-    /// Draw a run folder's figures again (or only some: --what distributions,flow).
+    /// Draw a run folder's figures again (or only some: --what distributions,flow), or a
+    /// sweep folder's sweep.png (--what picks its metrics: w2_euler_5,mmd …).
     Plot {
-        /// A run folder, or a reflow parent folder (with reflow.json).
+        /// A run folder, a reflow parent folder (with reflow.json) or a sweep folder.
         run_dir: PathBuf,
-        /// Figures: distributions, trajectories, flow_field, steps_grid, flow (default: all).
+        /// Figures: distributions, trajectories, flow_field, steps_grid, flow (default: all);
+        /// for a sweep folder, metric columns of summary.csv (default: straightness,
+        /// w2_euler_1, w2_euler_100).
         #[arg(long, value_delimiter = ',')]
         what: Vec<String>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -574,6 +577,17 @@ fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode>
 
 fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<ExitCode> {
     let sets = sets_of(&sets)?;
+    if run_dir.join("plan.json").is_file() {
+        if !sets.is_empty() {
+            return Err(anyhow!(
+                "--set applies to run folders; {} is a sweep folder",
+                run_dir.display()
+            ));
+        }
+        let path = flowmatch_experiments::sweep_report::redraw(&run_dir, &what)?;
+        say!("wrote {}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let figures: Vec<plot::Figure> = if what.is_empty() {
         plot::Figure::ALL.to_vec()
     } else {

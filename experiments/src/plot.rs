@@ -35,8 +35,8 @@ const TARGET: RGBColor = wong::RED;
 const GENERATED: RGBColor = wong::GREEN;
 const LINES: RGBColor = wong::YELLOW;
 pub(crate) const BACKGROUND: RGBColor = RGBColor(18, 18, 18);
-const INK: RGBColor = RGBColor(225, 225, 225);
-const PANEL: u32 = 360;
+pub(crate) const INK: RGBColor = RGBColor(225, 225, 225);
+pub(crate) const PANEL: u32 = 360;
 
 static FONT: Once = Once::new();
 

@@ -2,16 +2,19 @@
 //! column per swept key and one row per flow (a reflow run gives 1-RF, 2-RF, … rows), and,
 //! with `[replicates]`, `summary_agg.csv` / `summary_agg.md`: per setting and iteration, n,
 //! mean, standard deviation and 95% t-interval of every metric, plus the paired difference
-//! when one axis compares two values.
+//! when one axis compares two values; `sweep.png` (metrics against the first axis or the
+//! reflow iteration); and the runs as sessions of TensorBoard's HParams dashboard.
 
-use crate::logging::write_atomic;
+use crate::hparams;
+use crate::logging::{atomically, write_atomic};
 use crate::reflow::folder_of;
 use crate::report::Summary;
 use crate::stats::Interval;
+use crate::sweep_plot::{self, Series, SweepFigure, DEFAULT_METRICS};
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// `plan.json`: the planned runs and, per run, the value of each swept key.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -160,9 +163,17 @@ pub struct Merged {
     pub missing: Vec<String>,
 }
 
-/// Writes the sweep folder's tables from its finished runs (also merging the results of
-/// shards run elsewhere into the same folder).
-pub fn merge(dir: &Path) -> Result<Merged> {
+/// A sweep folder's plan and the rows of its finished runs.
+struct Gathered {
+    plan: PlanFile,
+    rows: Vec<Row>,
+    finished: usize,
+    missing: Vec<String>,
+    /// Whether any run is a reflow chain (the table gets an `iteration` column).
+    reflow: bool,
+}
+
+fn gather(dir: &Path) -> Result<Gathered> {
     let plan = PlanFile::read(dir)?;
     let mut rows = vec![];
     let mut missing = vec![];
@@ -177,8 +188,22 @@ pub fn merge(dir: &Path) -> Result<Merged> {
         let values = plan.values.get(run).cloned().unwrap_or_default();
         rows.extend(rows_of(dir, run, &values, read_summary(&p)?)?);
     }
-    let keys: Vec<&String> = plan.axes.iter().chain(&plan.replicates).collect();
     let reflow = rows.iter().any(|r| !r.iteration.is_empty());
+    Ok(Gathered {
+        plan,
+        rows,
+        finished,
+        missing,
+        reflow,
+    })
+}
+
+/// Writes the sweep folder's tables, `sweep.png` and the HParams sessions from its finished
+/// runs (also merging the results of shards run elsewhere into the same folder).
+pub fn merge(dir: &Path) -> Result<Merged> {
+    let g = gather(dir)?;
+    let (plan, rows, reflow) = (&g.plan, &g.rows, g.reflow);
+    let keys: Vec<&String> = plan.axes.iter().chain(&plan.replicates).collect();
     let mut head: Vec<String> = vec!["run".into()];
     head.extend(keys.iter().map(|k| k.to_string()));
     if reflow {
@@ -210,9 +235,210 @@ pub fn merge(dir: &Path) -> Result<Merged> {
         .collect();
     write_tables(dir, "summary", &head, &table)?;
     if !plan.replicates.is_empty() {
-        aggregate(dir, &plan, &rows, reflow)?;
+        aggregate(dir, plan, rows, reflow)?;
     }
-    Ok(Merged { finished, missing })
+    if !rows.is_empty() {
+        let metrics = DEFAULT_METRICS.map(String::from);
+        let fig = figure(&g, &metrics)?;
+        atomically(&dir.join(sweep_plot::FILE), |tmp| {
+            sweep_plot::draw(tmp, &fig)
+        })?;
+        write_hparams(dir, &g)?;
+    }
+    Ok(Merged {
+        finished: g.finished,
+        missing: g.missing,
+    })
+}
+
+/// Draws `sweep.png` again from the finished runs, with `metrics` (default: straightness,
+/// W2 @1, W2 @100); returns its path.
+pub fn redraw(dir: &Path, metrics: &[String]) -> Result<PathBuf> {
+    let g = gather(dir)?;
+    if g.rows.is_empty() {
+        return Err(anyhow!(
+            "nothing to draw: no run of {} has finished",
+            dir.display()
+        ));
+    }
+    let metrics: Vec<String> = if metrics.is_empty() {
+        DEFAULT_METRICS.map(String::from).to_vec()
+    } else {
+        metrics.to_vec()
+    };
+    let fig = figure(&g, &metrics)?;
+    let path = dir.join(sweep_plot::FILE);
+    atomically(&path, |tmp| sweep_plot::draw(tmp, &fig))?;
+    Ok(path)
+}
+
+/// The last part of a dotted key (`loss.coupling` → `coupling`), for legends.
+fn short(key: &str) -> &str {
+    key.rsplit('.').next().unwrap_or(key)
+}
+
+/// What `sweep.png` shows: x is the reflow iteration (a reflow sweep) or the first axis;
+/// each other combination of axis values is a line; replicates give the band.
+fn figure(g: &Gathered, metrics: &[String]) -> Result<SweepFigure> {
+    let cols: Vec<usize> = metrics
+        .iter()
+        .map(|m| {
+            METRICS.iter().position(|k| k == m).ok_or_else(|| {
+                anyhow!(
+                    "unknown sweep metric `{m}`: expected one of {}",
+                    METRICS.join(", ")
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    let (plan, rows) = (&g.plan, &g.rows);
+    let na = plan.axes.len();
+    // A run without reflow in a reflow sweep is its first flow.
+    let x_of = |r: &Row| -> String {
+        if g.reflow {
+            if r.iteration.is_empty() {
+                "1-RF".into()
+            } else {
+                r.iteration.clone()
+            }
+        } else {
+            r.values
+                .first()
+                .filter(|_| na > 0)
+                .cloned()
+                .unwrap_or_default()
+        }
+    };
+    let line_axes: Vec<usize> = if g.reflow {
+        (0..na).collect()
+    } else {
+        (1..na).collect()
+    };
+    let line_of = |r: &Row| -> String {
+        let parts: Vec<String> = line_axes
+            .iter()
+            .filter_map(|&i| Some(format!("{}={}", short(&plan.axes[i]), r.values.get(i)?)))
+            .collect();
+        if parts.is_empty() {
+            "all runs".into()
+        } else {
+            parts.join(", ")
+        }
+    };
+    let mut ticks: Vec<String> = vec![];
+    let mut labels: Vec<String> = vec![];
+    for r in rows {
+        let (x, l) = (x_of(r), line_of(r));
+        if !ticks.contains(&x) {
+            ticks.push(x);
+        }
+        if !labels.contains(&l) {
+            labels.push(l);
+        }
+    }
+    let panels = cols
+        .iter()
+        .map(|&k| {
+            let lines = labels
+                .iter()
+                .map(|l| Series {
+                    label: l.clone(),
+                    points: ticks
+                        .iter()
+                        .map(|x| {
+                            let xs: Vec<f64> = rows
+                                .iter()
+                                .filter(|r| &x_of(r) == x && &line_of(r) == l)
+                                .map(|r| r.metrics()[k])
+                                .collect();
+                            let i = Interval::of(&xs);
+                            (i.n > 0).then_some(i)
+                        })
+                        .collect(),
+                })
+                .collect();
+            (METRICS[k].to_string(), lines)
+        })
+        .collect();
+    Ok(SweepFigure {
+        x_title: if g.reflow {
+            "reflow iteration".into()
+        } else {
+            plan.axes.first().cloned().unwrap_or_default()
+        },
+        x_ticks: ticks,
+        panels,
+    })
+}
+
+/// Whether a run logged to TensorBoard (an event file in its folder or a flow's folder).
+fn logged_to_tensorboard(run_dir: &Path) -> bool {
+    let has = |d: &Path| {
+        std::fs::read_dir(d).is_ok_and(|es| {
+            es.flatten().any(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.starts_with("events.out.tfevents") || {
+                    name.starts_with("rf") && has_events(&e.path())
+                }
+            })
+        })
+    };
+    has(run_dir)
+}
+
+fn has_events(d: &Path) -> bool {
+    std::fs::read_dir(d).is_ok_and(|es| {
+        es.flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents")
+        })
+    })
+}
+
+/// The table's rows as HParams sessions, for the runs that logged to TensorBoard.
+fn write_hparams(dir: &Path, g: &Gathered) -> Result<()> {
+    let mut keys: Vec<String> = g
+        .plan
+        .axes
+        .iter()
+        .chain(&g.plan.replicates)
+        .cloned()
+        .collect();
+    if g.reflow {
+        keys.push("iteration".into());
+    }
+    let sessions: Vec<hparams::Session> = g
+        .rows
+        .iter()
+        .filter(|r| logged_to_tensorboard(&dir.join(&r.run)))
+        .map(|r| {
+            let mut values = r.values.clone();
+            let mut name = r.run.clone();
+            if g.reflow {
+                let it = if r.iteration.is_empty() {
+                    "1-RF"
+                } else {
+                    &r.iteration
+                };
+                values.push(it.to_string());
+                name = format!("{}/{}", r.run, folder_of(it));
+            }
+            hparams::Session {
+                name,
+                hparams: keys.iter().cloned().zip(values).collect(),
+                metrics: METRICS
+                    .iter()
+                    .map(|m| m.to_string())
+                    .zip(r.metrics())
+                    .collect(),
+            }
+        })
+        .collect();
+    if sessions.is_empty() {
+        return Ok(());
+    }
+    hparams::write(dir, &keys, &METRICS, &sessions)
 }
 
 /// Writes `NAME.csv` and `NAME.md`.
