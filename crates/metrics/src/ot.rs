@@ -41,7 +41,34 @@ pub fn sq_cost_matrix(a: &[f64], b: &[f64], d: usize) -> Vec<f64> {
 /// contiguously. Non-finite costs are an error, not a hang.
 pub fn assignment(cost: &[f64], n: usize) -> Result<Vec<usize>, MetricsError> {
     check_square(cost, n)?;
-    Ok(shortest_augmenting_path(cost, n, dijkstra_scan_fn()))
+    Ok(shortest_augmenting_path(cost, n, None, dijkstra_scan_fn()).0)
+}
+
+/// [`assignment`] started from column potentials `warm` (those a solve against the same
+/// columns returned; `None`: a cold start, as [`assignment`]), returning the assignment and
+/// its column potentials for the next solve.
+///
+/// Any column potentials give a valid start: the row potentials are set to the row minima
+/// of the reduced costs, so every reduced cost is ≥ 0, and each row whose minimum lies in a
+/// free column is assigned there (reduced cost 0). The shortest augmenting paths then place
+/// the other rows, and the result is an optimal assignment as from a cold start. Potentials
+/// of a similar problem (the same real samples against a generated sample close to the last
+/// one) leave few rows free, with short paths.
+pub fn assignment_warm(
+    cost: &[f64],
+    n: usize,
+    warm: Option<&[f64]>,
+) -> Result<(Vec<usize>, Vec<f64>), MetricsError> {
+    check_square(cost, n)?;
+    if let Some(v) = warm {
+        if v.len() != n || v.iter().any(|x| !x.is_finite()) {
+            return Err(MetricsError::Shape(format!(
+                "warm start has {} column potentials for {n} columns",
+                v.len()
+            )));
+        }
+    }
+    Ok(shortest_augmenting_path(cost, n, warm, dijkstra_scan_fn()))
 }
 
 /// Which exact assignment solver pairs a minibatch (config `loss.ot_solver`).
@@ -102,16 +129,27 @@ fn check_square(cost: &[f64], n: usize) -> Result<(), MetricsError> {
     Ok(())
 }
 
-fn shortest_augmenting_path(cost: &[f64], n: usize, scan: fn(Scan) -> (f64, usize)) -> Vec<usize> {
+fn shortest_augmenting_path(
+    cost: &[f64],
+    n: usize,
+    warm: Option<&[f64]>,
+    scan: fn(Scan) -> (f64, usize),
+) -> (Vec<usize>, Vec<f64>) {
     const NONE: usize = usize::MAX;
     let mut u = vec![0.0f64; n];
-    // Column reduction: start the column potentials at the column minima.
-    let mut v = vec![f64::INFINITY; n];
-    for row in cost.chunks_exact(n.max(1)).take(n) {
-        for (vj, &c) in v.iter_mut().zip(row) {
-            *vj = vj.min(c);
+    let mut v = match warm {
+        Some(v) => v.to_vec(),
+        None => {
+            // Column reduction: start the column potentials at the column minima.
+            let mut v = vec![f64::INFINITY; n];
+            for row in cost.chunks_exact(n.max(1)).take(n) {
+                for (vj, &c) in v.iter_mut().zip(row) {
+                    *vj = vj.min(c);
+                }
+            }
+            v
         }
-    }
+    };
     let mut col4row = vec![NONE; n];
     let mut row4col = vec![NONE; n];
     // No augmenting row reduction (Jonker & Volgenant's second phase): measured on Gaussian →
@@ -119,11 +157,23 @@ fn shortest_augmenting_path(cost: &[f64], n: usize, scan: fn(Scan) -> (f64, usiz
     // Row potentials consistent with v: u_i = min_j (c_ij - v_j), attained at i's column.
     for (i, ui) in u.iter_mut().enumerate() {
         let row = &cost[i * n..(i + 1) * n];
-        *ui = row
-            .iter()
-            .zip(&v)
-            .map(|(c, vj)| c - vj)
-            .fold(f64::INFINITY, f64::min);
+        let (low, at) = row.iter().zip(&v).map(|(c, vj)| c - vj).enumerate().fold(
+            (f64::INFINITY, NONE),
+            |(m, a), (j, x)| {
+                if x < m {
+                    (x, j)
+                } else {
+                    (m, a)
+                }
+            },
+        );
+        *ui = low;
+        // A warm start assigns each row whose minimum lies in a free column (a cold start
+        // leaves every row to the augmenting paths, as it always has).
+        if warm.is_some() && at != NONE && row4col[at] == NONE {
+            row4col[at] = i;
+            col4row[i] = at;
+        }
     }
     let mut shortest = vec![f64::INFINITY; n];
     let mut path = vec![0f64; n];
@@ -135,6 +185,9 @@ fn shortest_augmenting_path(cost: &[f64], n: usize, scan: fn(Scan) -> (f64, usiz
     let mut rows_seen: Vec<usize> = Vec::with_capacity(n);
     let mut cols_seen: Vec<usize> = Vec::with_capacity(n);
     for cur in 0..n {
+        if col4row[cur] != NONE {
+            continue;
+        }
         shortest.iter_mut().for_each(|s| *s = f64::INFINITY);
         rows_seen.clear();
         cols_seen.clear();
@@ -184,7 +237,7 @@ fn shortest_augmenting_path(cost: &[f64], n: usize, scan: fn(Scan) -> (f64, usiz
             }
         }
     }
-    col4row
+    (col4row, v)
 }
 
 /// One Dijkstra step's sweep over the columns for row `i`.
@@ -471,6 +524,39 @@ mod tests {
     }
 
     #[test]
+    fn warm_starts_reach_the_same_optimum_from_any_column_potentials() {
+        let mut seed = 5;
+        let n = 400;
+        let real: Vec<f64> = (0..2 * n).map(|_| lcg(&mut seed) * 2.0).collect();
+        let mut gen: Vec<f64> = (0..2 * n).map(|_| lcg(&mut seed) * 2.0 - 0.5).collect();
+        let (_, mut duals) = assignment_warm(&sq_cost_matrix(&gen, &real, 2), n, None).unwrap();
+        type Start = Box<dyn Fn(&[f64]) -> Vec<f64>>;
+        let starts: [Start; 3] = [
+            // The last solve's potentials (the intended use) …
+            Box::new(|d: &[f64]| d.to_vec()),
+            // … and arbitrary ones: any start is exact.
+            Box::new(|d: &[f64]| d.iter().map(|x| -x * 3.0 + 1.0).collect()),
+            Box::new(|d: &[f64]| vec![0.0; d.len()]),
+        ];
+        for step in 0..4 {
+            // The next generated sample: the last one moved a little.
+            gen.iter_mut()
+                .for_each(|x| *x += (lcg(&mut seed) - 0.5) * 0.1);
+            let c = sq_cost_matrix(&gen, &real, 2);
+            let cold = assignment(&c, n).unwrap();
+            for (k, start) in starts.iter().enumerate() {
+                let (warm, v) = assignment_warm(&c, n, Some(&start(&duals))).unwrap();
+                assert_eq!(warm, cold, "step {step}, start {k}");
+                if k == 0 {
+                    duals = v;
+                }
+            }
+        }
+        let e = assignment_warm(&[1.0; 4], 2, Some(&[0.0])).unwrap_err();
+        assert!(e.to_string().contains("1 column potentials for 2"), "{e}");
+    }
+
+    #[test]
     fn shortest_path_and_kuhn_munkres_agree_on_larger_problems() {
         let mut seed = 11;
         for n in [50, 301] {
@@ -487,7 +573,7 @@ mod tests {
             // Every sweep this CPU has reaches the optimum, and they all pick the same pairs.
             let x = assignment(&c, n).unwrap();
             for sweep in sweeps() {
-                assert_eq!(shortest_augmenting_path(&c, n, sweep), x, "n={n}");
+                assert_eq!(shortest_augmenting_path(&c, n, None, sweep).0, x, "n={n}");
             }
             assert!(
                 (cost(&x) - cost(&y)).abs() < 1e-8 * cost(&y),
@@ -499,10 +585,20 @@ mod tests {
             let coarse: Vec<f64> = c.iter().map(|v| (v * 2.0).round()).collect();
             let x = assignment(&coarse, n).unwrap();
             for sweep in sweeps() {
-                assert_eq!(shortest_augmenting_path(&coarse, n, sweep), x, "n={n}");
+                assert_eq!(
+                    shortest_augmenting_path(&coarse, n, None, sweep).0,
+                    x,
+                    "n={n}"
+                );
             }
         }
         // Ties and duplicates: all-equal costs still give a permutation.
+        let p = assignment_warm(&[1.0; 16], 4, Some(&[0.5, -3.0, 2.0, 0.0]))
+            .unwrap()
+            .0;
+        let mut s = p.clone();
+        s.sort();
+        assert_eq!(s, vec![0, 1, 2, 3]);
         let p = assignment(&[1.0; 16], 4).unwrap();
         let mut s = p.clone();
         s.sort();
