@@ -15,7 +15,7 @@ mod params;
 mod spec;
 mod unet;
 
-pub use ops::{activation, conv, norm};
+pub use ops::{activation, conv, conv_transpose, norm};
 pub(crate) use ops::{cpu, dense};
 
 pub use classifier::Classifier;

@@ -77,19 +77,6 @@ impl Params {
         Ok(Linear::new(w, b))
     }
 
-    /// A `Conv2d(in, out, k)` named `name`, initialised like PyTorch (uniform in ±1/sqrt(in·k²)).
-    pub fn conv2d(
-        &mut self,
-        name: &str,
-        c_in: usize,
-        c_out: usize,
-        k: usize,
-        cfg: candle_nn::Conv2dConfig,
-    ) -> Result<candle_nn::Conv2d, ModelError> {
-        let (w, b) = self.conv_weights(name, c_in, c_out, k)?;
-        Ok(candle_nn::Conv2d::new(w, Some(b), cfg))
-    }
-
     /// Conv weights `(out, in, k, k)` and bias, uniform in ±1/sqrt(in·k²) as in PyTorch.
     fn conv_weights(
         &mut self,
@@ -118,20 +105,24 @@ impl Params {
         Ok(crate::conv::Conv::new(w, b, stride, pad)?)
     }
 
-    /// A `ConvTranspose2d(in, out, k)` named `name` (PyTorch's weight layout `(in, out, k, k)`
-    /// and initialisation, uniform in ±1/sqrt(out·k²)).
-    pub fn conv_transpose2d(
+    /// A `ConvTranspose2d(in, out, k, stride, padding)` named `name` (PyTorch's weight layout
+    /// `(in, out, k, k)` and initialisation, uniform in ±1/sqrt(out·k²)), as gemm + col2im
+    /// ([`crate::conv_transpose::ConvTranspose`]).
+    pub fn conv_transpose(
         &mut self,
         name: &str,
         c_in: usize,
         c_out: usize,
         k: usize,
-        cfg: candle_nn::ConvTranspose2dConfig,
-    ) -> Result<candle_nn::ConvTranspose2d, ModelError> {
+        stride: usize,
+        pad: usize,
+    ) -> Result<crate::conv_transpose::ConvTranspose, ModelError> {
         let bound = 1.0 / ((c_out * k * k) as f64).sqrt();
         let w = self.uniform(&format!("{name}.weight"), &[c_in, c_out, k, k], bound)?;
         let b = self.uniform(&format!("{name}.bias"), &[c_out], bound)?;
-        Ok(candle_nn::ConvTranspose2d::new(w, Some(b), cfg))
+        Ok(crate::conv_transpose::ConvTranspose::new(
+            w, b, stride, pad,
+        )?)
     }
 
     /// A `GroupNorm(groups, channels)` named `name` (weight 1, bias 0, eps 1e-5) followed by

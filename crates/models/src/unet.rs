@@ -3,11 +3,11 @@
 
 use crate::activation::Activation;
 use crate::conv::{upsample2, Conv};
+use crate::conv_transpose::ConvTranspose;
 use crate::norm::GroupNormSilu;
 use crate::Linear;
 use crate::{sinusoidal_embedding, ModelError, Params, VelocityField};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 
 /// Image geometry `(channels, side)` for a flattened dimension: square images, 1 or 3 channels.
 pub fn image_shape(dim: usize) -> std::result::Result<(usize, usize), ModelError> {
@@ -38,22 +38,6 @@ fn like_input(out: Tensor, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn conv3(stride: usize) -> Conv2dConfig {
-    Conv2dConfig {
-        padding: 1,
-        stride,
-        ..Default::default()
-    }
-}
-
-fn up4() -> ConvTranspose2dConfig {
-    ConvTranspose2dConfig {
-        padding: 1,
-        stride: 2,
-        ..Default::default()
-    }
-}
-
 /// The time embedding `(B,)` → `(B, hidden)`: 64-dim sinusoids, `Linear(64, hidden)`, SiLU.
 fn time_features(t: &Tensor, lin: &Linear, act: Activation, b: usize) -> Result<Tensor> {
     let t = t.flatten_all()?;
@@ -69,12 +53,12 @@ fn time_features(t: &Tensor, lin: &Linear, act: Activation, b: usize) -> Result<
 /// skips, the time embedding added once after the first conv.
 pub struct VelocityUNetLesson {
     time_mlp: Linear,
-    enc1: Conv2d,
-    enc2: Conv2d,
-    enc3: Conv2d,
-    dec3: ConvTranspose2d,
-    dec2: ConvTranspose2d,
-    dec1: Conv2d,
+    enc1: Conv,
+    enc2: Conv,
+    enc3: Conv,
+    dec3: ConvTranspose,
+    dec2: ConvTranspose,
+    dec1: Conv,
     act: Activation,
     channels: usize,
     side: usize,
@@ -87,12 +71,12 @@ impl VelocityUNetLesson {
         let h = hidden;
         Ok(Self {
             time_mlp: p.linear("time_mlp.0", 64, h)?,
-            enc1: p.conv2d("enc1", c, h, 3, conv3(1))?,
-            enc2: p.conv2d("enc2", h, 2 * h, 3, conv3(2))?,
-            enc3: p.conv2d("enc3", 2 * h, 2 * h, 3, conv3(2))?,
-            dec3: p.conv_transpose2d("dec3", 2 * h, 2 * h, 4, up4())?,
-            dec2: p.conv_transpose2d("dec2", 4 * h, h, 4, up4())?,
-            dec1: p.conv2d("dec1", 2 * h, c, 3, conv3(1))?,
+            enc1: p.conv("enc1", c, h, 3, 1, 1)?,
+            enc2: p.conv("enc2", h, 2 * h, 3, 2, 1)?,
+            enc3: p.conv("enc3", 2 * h, 2 * h, 3, 2, 1)?,
+            dec3: p.conv_transpose("dec3", 2 * h, 2 * h, 4, 2, 1)?,
+            dec2: p.conv_transpose("dec2", 4 * h, h, 4, 2, 1)?,
+            dec1: p.conv("dec1", 2 * h, c, 3, 1, 1)?,
             act: Activation::Silu,
             channels: c,
             side,

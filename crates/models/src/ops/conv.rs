@@ -127,17 +127,17 @@ impl Conv {
 
 /// A convolution's geometry for one sample: `(C, H, W)` in, `k×k` taps, stride, zero padding.
 #[derive(Clone, Copy)]
-struct Geometry {
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+pub(crate) struct Geometry {
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) k: usize,
+    pub(crate) stride: usize,
+    pub(crate) pad: usize,
 }
 
 impl Geometry {
-    fn out_hw(&self) -> (usize, usize) {
+    pub(crate) fn out_hw(&self) -> (usize, usize) {
         (
             (self.h + 2 * self.pad - self.k) / self.stride + 1,
             (self.w + 2 * self.pad - self.k) / self.stride + 1,
@@ -145,12 +145,12 @@ impl Geometry {
     }
 
     /// Rows of the unfolded matrix, `C·k·k`.
-    fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.c * self.k * self.k
     }
 
     /// Output pixels per channel.
-    fn cols(&self) -> usize {
+    pub(crate) fn cols(&self) -> usize {
         let (ho, wo) = self.out_hw();
         ho * wo
     }
@@ -191,7 +191,7 @@ impl Geometry {
     }
 
     /// Unfolds one sample into `cols` (`rows() × cols()`, zero where a tap is padding).
-    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+    pub(crate) fn im2col(&self, x: &[f32], cols: &mut [f32]) {
         cols.fill(0.0);
         let s = self.stride;
         self.for_each_run(|o, i, n| {
@@ -206,7 +206,7 @@ impl Geometry {
     }
 
     /// The adjoint of [`Self::im2col`]: adds every column entry onto its pixel in `dx`.
-    fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
+    pub(crate) fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
         let s = self.stride;
         self.for_each_run(|o, i, n| {
             if s == 1 {
@@ -224,7 +224,7 @@ impl Geometry {
 
 /// Samples per work item in the backward: the weight gradient is summed per chunk, then the
 /// chunks in order, so the result does not depend on the number of threads.
-const CHUNK: usize = 4;
+pub(crate) const CHUNK: usize = 4;
 
 /// The whole CPU convolution `(x, W, b) → y` as one custom op: per sample, unfold into a
 /// reused buffer and one gemm; samples in parallel (rayon). Memory: one unfolded sample per

@@ -6,11 +6,13 @@
 //! - [`linear`]: `Linear`, and `Linear` + activation as one op.
 //! - [`dense`]: an MLP's layers chained in register tiles, for sampling (no gradient).
 //! - [`conv`]: the U-Nets' convolutions (unfold + gemm, backward by col2im).
+//! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (gemm + col2im).
 //! - [`norm`]: GroupNorm + SiLU.
 //! - `cpu`: shared helpers (slices of CPU storage, parallel batches).
 
 pub mod activation;
 pub mod conv;
+pub mod conv_transpose;
 pub(crate) mod cpu;
 pub(crate) mod dense;
 pub mod linear;
