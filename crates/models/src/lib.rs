@@ -27,18 +27,22 @@ pub use params::Params;
 pub use spec::{Model, ModelKind, ModelSpec};
 pub use unet::{image_shape, VelocityUNet, VelocityUNetLesson};
 
-/// Largest absolute difference between two f32 tensors of the same shape (tests).
+/// Largest absolute value of an f32 tensor (tests).
 #[cfg(test)]
-pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Largest absolute difference between two f32 tensors of the same shape (tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a - b).unwrap())
 }
 
 /// Largest absolute difference between the gradients two backward passes gave `v` (tests).

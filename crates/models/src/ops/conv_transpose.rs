@@ -281,16 +281,7 @@ mod tests {
                 let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
                 // Relative to the gradient's scale: dW sums hundreds of products per entry.
                 for v in [&x, &w, &bias] {
-                    let scale = g2
-                        .get(v.as_tensor())
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                        .max(1.0);
+                    let scale = crate::max_abs(g2.get(v.as_tensor()).unwrap()).max(1.0);
                     let d = crate::grad_diff(&g1, &g2, v) / scale;
                     assert!(d < 1e-5, "{what} grad: {d} of {scale}");
                 }
