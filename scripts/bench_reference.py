@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -84,6 +85,91 @@ class VelocityMLP(nn.Module):
 
     def forward(self, x, t):
         return self.net(torch.cat([x, self.time_embed(sinusoidal(t))], 1))
+
+
+# --- the image U-Nets, forward + backward of mean(v²) on a batch 64 × 1 × 28 × 28 ---
+class LessonUNet(nn.Module):
+    """The lesson's VelocityUNet, as written in the seed (hidden 32 here)."""
+
+    def __init__(self, channels=1, hidden=32):
+        super().__init__()
+        self.time_mlp = nn.Sequential(nn.Linear(64, hidden), nn.SiLU())
+        self.enc1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.enc2 = nn.Conv2d(hidden, hidden * 2, 3, stride=2, padding=1)
+        self.enc3 = nn.Conv2d(hidden * 2, hidden * 2, 3, stride=2, padding=1)
+        self.dec3 = nn.ConvTranspose2d(hidden * 2, hidden * 2, 4, stride=2, padding=1)
+        self.dec2 = nn.ConvTranspose2d(hidden * 4, hidden, 4, stride=2, padding=1)
+        self.dec1 = nn.Conv2d(hidden * 2, channels, 3, padding=1)
+        self.act = nn.SiLU()
+
+    def forward(self, x, t):
+        t_emb = self.time_mlp(sinusoidal(t))[:, :, None, None]
+        h1 = self.act(self.enc1(x)) + t_emb
+        h2 = self.act(self.enc2(h1))
+        h3 = self.act(self.enc3(h2))
+        d3 = self.act(self.dec3(h3))
+        d2 = self.act(self.dec2(torch.cat([d3, h2], dim=1)))
+        return self.dec1(torch.cat([d2, h1], dim=1))
+
+
+class ResBlock(nn.Module):
+    """flowmatch's residual block: GroupNorm+SiLU, conv, + time, GroupNorm+SiLU, conv, skip."""
+
+    def __init__(self, c_in, c_out, t_dim, groups=8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time = nn.Linear(t_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x))) + self.time(temb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.skip(x) if self.skip is not None else x) + h
+
+
+class FlowmatchUNet(nn.Module):
+    """flowmatch's `unet` (crates/models/src/unet.rs VelocityUNet) rebuilt in PyTorch."""
+
+    def __init__(self, channels=1, hidden=16):
+        super().__init__()
+        h, td = hidden, 4 * hidden
+        self.time1 = nn.Linear(64, td)
+        self.time2 = nn.Linear(td, td)
+        self.conv_in = nn.Conv2d(channels, h, 3, padding=1)
+        self.enc1 = ResBlock(h, h, td)
+        self.down1 = nn.Conv2d(h, 2 * h, 3, stride=2, padding=1)
+        self.enc2 = ResBlock(2 * h, 2 * h, td)
+        self.down2 = nn.Conv2d(2 * h, 2 * h, 3, stride=2, padding=1)
+        self.mid = ResBlock(2 * h, 2 * h, td)
+        self.up2 = nn.Conv2d(2 * h, 2 * h, 3, padding=1)
+        self.dec2 = ResBlock(4 * h, 2 * h, td)
+        self.up1 = nn.Conv2d(2 * h, h, 3, padding=1)
+        self.dec1 = ResBlock(2 * h, h, td)
+        self.norm_out = nn.GroupNorm(8, h)
+        self.conv_out = nn.Conv2d(h, channels, 3, padding=1)
+
+    def forward(self, x, t):
+        temb = self.time2(F.silu(self.time1(sinusoidal(t))))
+        up = lambda z: F.interpolate(z, scale_factor=2, mode="nearest")
+        h1 = self.enc1(self.conv_in(x), temb)
+        h2 = self.enc2(self.down1(h1), temb)
+        m = self.mid(self.down2(h2), temb)
+        d2 = self.dec2(torch.cat([self.up2(up(m)), h2], 1), temb)
+        d1 = self.dec1(torch.cat([self.up1(up(d2)), h1], 1), temb)
+        return self.conv_out(F.silu(self.norm_out(d1)))
+
+
+def unet_step(model):
+    x = torch.randn(64, 1, 28, 28)
+    t = torch.rand(64)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        (model(x, t) ** 2).mean().backward()
+    return step
 
 
 # --- one training step (the seeds' loop body) ---
@@ -148,6 +234,8 @@ def workloads():
     x = torch.randn(10_000, 2)
     yield "sample/euler100", lambda: sample(net, x, 100, "euler")
     yield "sample/rk4_20", lambda: sample(net, x, 20, "rk4")
+    yield "unet/lesson_h32", unet_step(LessonUNet(hidden=32))
+    yield "unet/flowmatch_h16", unet_step(FlowmatchUNet(hidden=16))
 
 
 def lesson_run(steps, samples):

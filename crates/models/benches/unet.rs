@@ -8,6 +8,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use flowmatch_models::{ModelSpec, VelocityField};
 
 fn unets(c: &mut Criterion) {
+    // As the flowmatch binary runs (experiments/src/main.rs keep_freed_memory): mimalloc keeps
+    // freed memory (option 15, purge_delay = -1) instead of faulting it in again every step.
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) }
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (64, 784), &dev).unwrap();
     let t = Tensor::rand(0f32, 1.0, 64, &dev).unwrap();
