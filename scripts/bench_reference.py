@@ -4,6 +4,7 @@
     scripts/bench_reference.py                 # all workloads, one JSON line each
     scripts/bench_reference.py --only hungarian
     scripts/bench_reference.py --lesson-run    # one whole lesson run (for peak memory)
+    scripts/bench_reference.py --lesson-run --metrics   # … with flowmatch's evaluation (end to end)
 
 Workloads (the same as flowmatch's criterion benches, see scripts/bench.sh):
   train_step/blog     VelocityNet h=64 (GELU), gaussian -> spiral, batch 2048, Adam 3e-3
@@ -13,6 +14,9 @@ Workloads (the same as flowmatch's criterion benches, see scripts/bench.sh):
   hungarian/nN        linear_sum_assignment alone on squared distances, gaussian vs moons
   sample/euler100     10,000 points, 100 Euler steps, lesson VelocityMLP
   sample/rk4_20       10,000 points, 20 RK4 steps, lesson VelocityMLP
+  unet/lesson_h32     the lesson's VelocityUNet (hidden 32), forward + backward of mean(v²),
+                      batch 64 x 1 x 28 x 28
+  unet/flowmatch_h16  flowmatch's `unet` (hidden 16) rebuilt here, the same pass
 Threads: torch.set_num_threads(BENCH_THREADS) (default 1, as flowmatch runs small models).
 Run it through scripts/bench.sh, which installs torch, numpy and scipy into .venv-bench.
 """
@@ -238,30 +242,90 @@ def workloads():
     yield "unet/flowmatch_h16", unet_step(FlowmatchUNet(hidden=16))
 
 
-def lesson_run(steps, samples):
-    """The lesson config end to end (lesson_moons.toml): train, then sample with Euler 100."""
+def w2_exact(a, b):
+    """Exact empirical W2 between equal-size samples (SciPy's Hungarian on squared costs)."""
+    c = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    r, col = linear_sum_assignment(c)
+    return float(np.sqrt(c[r, col].mean()))
+
+
+def mmd_rbf(a, b, sigma):
+    """Squared MMD (biased V-statistic) with a Gaussian kernel, as flowmatch's mmd_rbf."""
+    g = 1.0 / (2.0 * sigma * sigma)
+    k = lambda x, y: np.exp(-g * ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)).mean()
+    return max(k(a, a) + k(b, b) - 2.0 * k(a, b), 0.0)
+
+
+def median_bandwidth(x):
+    sub = x[:: max(len(x) // 500, 1)]
+    d = np.sqrt(((sub[:, None, :] - sub[None, :, :]) ** 2).sum(-1))
+    return max(float(np.median(d[np.triu_indices(len(sub), 1)])), 1e-12)
+
+
+@torch.no_grad()
+def trajectory(model, x, steps):
+    xs = [x]
+    dt = 1.0 / steps
+    for i in range(steps):
+        x = x + dt * model(x, torch.full((x.shape[0],), i * dt))
+        xs.append(x)
+    return torch.stack(xs).double().numpy()
+
+
+def lesson_run(steps, samples, metrics):
+    """The lesson config end to end (lesson_moons.toml): train, then sample with Euler 100;
+    with `metrics`, flowmatch's evaluation as well: exact W2 and MMD at 1, 2, 5, 10, 50 and
+    100 Euler steps on `samples` points, W2 of the headline (Euler 100), straightness and
+    Liu's S from its trajectory, and the source-target W2."""
     model = VelocityMLP()
     step = make_step(model, moons, 256, 1e-3)
     s = time.perf_counter()
     for _ in range(steps):
         step()
     train_s = time.perf_counter() - s
-    sample(model.eval(), torch.randn(samples, 2), 100, "euler")
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"name": "lesson_run", "train_s": train_s, "steps_per_s": steps / train_s,
-                      "maxrss_kb": rss_kb}))
+    model.eval()
+    x0 = torch.randn(samples, 2)
+    out = {"name": "lesson_run", "train_s": train_s, "steps_per_s": steps / train_s}
+    if not metrics:
+        sample(model, x0, 100, "euler")
+    else:
+        s = time.perf_counter()
+        real = moons(samples).double().numpy()
+        bw = median_bandwidth(real)
+        traj = trajectory(model, x0, 100)
+        gen = traj[-1]
+        direct = np.linalg.norm(traj[-1] - traj[0], axis=1).sum()
+        length = np.linalg.norm(np.diff(traj, axis=0), axis=2).sum()
+        dt = 1.0 / 100
+        chord = traj[-1] - traj[0]
+        rf = sum(((chord - (traj[k + 1] - traj[k]) / dt) ** 2).sum(1).mean() * dt for k in range(100))
+        table = {}
+        for n in (1, 2, 5, 10, 50, 100):
+            g = sample(model, x0, n, "euler").double().numpy()
+            table[n] = (w2_exact(g, real), mmd_rbf(g, real, bw))
+        out.update({
+            "w2": w2_exact(gen, real), "mmd": mmd_rbf(gen, real, bw),
+            "straightness": float(direct / length), "rf_straightness": float(rf),
+            "w2_source_target": w2_exact(x0.double().numpy(), real),
+            "table": {str(k): v for k, v in table.items()},
+            "eval_s": time.perf_counter() - s,
+        })
+    out["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(out))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="run workloads whose name contains this")
     ap.add_argument("--lesson-run", action="store_true")
+    ap.add_argument("--metrics", action="store_true",
+                    help="with --lesson-run: also flowmatch's evaluation (exact W2 at 6 step counts, MMD, straightness)")
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--time", type=float, default=3.0, help="seconds measured per workload")
     a = ap.parse_args()
     if a.lesson_run:
-        return lesson_run(a.steps, a.samples)
+        return lesson_run(a.steps, a.samples, a.metrics)
     for name, fn in workloads():
         if a.only not in name:
             continue
