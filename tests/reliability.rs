@@ -187,16 +187,7 @@ fn rerunning_with_changed_settings_is_an_error_until_asked_to_redo() {
     let tmp = tempfile::tempdir().unwrap();
     let sw = small_sweep(tmp.path());
     let out = tmp.path().join("runs");
-    let sweep = |extra: &[&str]| {
-        let mut args = vec![
-            "sweep",
-            sw.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        flowmatch(&args)
-    };
+    let sweep = |extra: &[&str]| sweep_into(&sw, &out, extra);
     let o = sweep(&["--jobs", "1000"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("up to 2 at a time"), "{}", stderr(&o));

@@ -106,6 +106,7 @@ pub fn write(
             .unwrap_or_default(),
     );
     let mut infos = vec![];
+    let mut kinds = vec![];
     for key in keys {
         let mut values: Vec<&str> = vec![];
         for s in sessions {
@@ -125,6 +126,7 @@ pub fn write(
         list.set_values(RepeatedField::from_vec(
             values.iter().map(|v| value_as(kind, v)).collect(),
         ));
+        kinds.push(kind);
         let mut info = HParamInfo::new();
         info.set_name(key.clone());
         info.set_field_type(kind);
@@ -159,12 +161,8 @@ pub fn write(
     }
     write_events(&root, vec![plugin_summary("_hparams_/experiment", &data)?])?;
     for s in sessions {
-        let kinds: Vec<DataType> = keys
-            .iter()
-            .map(|k| exp_kind(data.get_experiment(), k))
-            .collect();
         let mut start = SessionStartInfo::new();
-        for ((k, v), kind) in s.hparams.iter().zip(kinds) {
+        for ((k, v), &kind) in s.hparams.iter().zip(&kinds) {
             start.mut_hparams().insert(k.clone(), value_as(kind, v));
         }
         let mut open = HParamsPluginData::new();
@@ -184,14 +182,6 @@ pub fn write(
         write_events(&root.join(&s.name), summaries)?;
     }
     Ok(())
-}
-
-/// The type the experiment gave `key`.
-fn exp_kind(exp: &Experiment, key: &str) -> DataType {
-    exp.get_hparam_infos()
-        .iter()
-        .find(|i| i.get_name() == key)
-        .map_or(DataType::DATA_TYPE_STRING, |i| i.get_field_type())
 }
 
 /// `cell` as a value of type `kind`.

@@ -325,15 +325,17 @@ fn figure(g: &Gathered, metrics: &[String]) -> Result<SweepFigure> {
             parts.join(", ")
         }
     };
+    // Each row's x position and line, once.
+    let placed: Vec<(String, String, &Row)> =
+        rows.iter().map(|r| (x_of(r), line_of(r), r)).collect();
     let mut ticks: Vec<String> = vec![];
     let mut labels: Vec<String> = vec![];
-    for r in rows {
-        let (x, l) = (x_of(r), line_of(r));
-        if !ticks.contains(&x) {
-            ticks.push(x);
+    for (x, l, _) in &placed {
+        if !ticks.contains(x) {
+            ticks.push(x.clone());
         }
-        if !labels.contains(&l) {
-            labels.push(l);
+        if !labels.contains(l) {
+            labels.push(l.clone());
         }
     }
     let panels = cols
@@ -346,10 +348,10 @@ fn figure(g: &Gathered, metrics: &[String]) -> Result<SweepFigure> {
                     points: ticks
                         .iter()
                         .map(|x| {
-                            let xs: Vec<f64> = rows
+                            let xs: Vec<f64> = placed
                                 .iter()
-                                .filter(|r| &x_of(r) == x && &line_of(r) == l)
-                                .map(|r| r.metrics()[k])
+                                .filter(|(px, pl, _)| px == x && pl == l)
+                                .map(|(_, _, r)| r.metrics()[k])
                                 .collect();
                             let i = Interval::of(&xs);
                             (i.n > 0).then_some(i)
@@ -371,19 +373,13 @@ fn figure(g: &Gathered, metrics: &[String]) -> Result<SweepFigure> {
     })
 }
 
-/// Whether a run logged to TensorBoard (an event file in its folder or a flow's folder).
+/// Whether a run logged to TensorBoard: an event file in its folder or in a flow's (`rf*`).
 fn logged_to_tensorboard(run_dir: &Path) -> bool {
-    let has = |d: &Path| {
-        std::fs::read_dir(d).is_ok_and(|es| {
-            es.flatten().any(|e| {
-                let name = e.file_name().to_string_lossy().to_string();
-                name.starts_with("events.out.tfevents") || {
-                    name.starts_with("rf") && has_events(&e.path())
-                }
-            })
+    has_events(run_dir)
+        || std::fs::read_dir(run_dir).is_ok_and(|es| {
+            es.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("rf") && has_events(&e.path()))
         })
-    };
-    has(run_dir)
 }
 
 fn has_events(d: &Path) -> bool {

@@ -85,8 +85,7 @@ impl Reference {
         let c = crate::ot::sq_cost_matrix(&g, &self.real, d);
         let (perm, duals) = crate::ot::assignment_warm(&c, n, self.duals.as_deref())?;
         self.duals = Some(duals);
-        let total: f64 = perm.iter().enumerate().map(|(i, &j)| c[i * n + j]).sum();
-        Ok((total / n as f64).sqrt())
+        Ok(crate::ot::paired_mean(&c, &perm).sqrt())
     }
 
     /// Squared MMD between `gen` and the real sample at bandwidth `sigma` ([`mmd_rbf`]).

@@ -416,8 +416,15 @@ pub fn ot_pairing_with(
     let n = a.len() / d;
     let c = sq_cost_matrix(a, b, d);
     let perm = solver.assign(&c, n)?;
+    let mean = paired_mean(&c, &perm);
+    Ok((perm, mean))
+}
+
+/// The mean cost `Σ_i C[i][perm[i]] / n` of an assignment of the square matrix `c`.
+pub(crate) fn paired_mean(c: &[f64], perm: &[usize]) -> f64 {
+    let n = perm.len();
     let total: f64 = perm.iter().enumerate().map(|(i, &j)| c[i * n + j]).sum();
-    Ok((perm, total / n.max(1) as f64))
+    total / n.max(1) as f64
 }
 
 #[cfg(test)]
