@@ -64,6 +64,7 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
     let model = ModelSpec::VelocityNet {
         hidden: 64,
         activation: Activation::Gelu,
+        span: false,
     };
     let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian")?);
     let t: Arc<dyn Sampler> = Arc::new(Distribution::from_name("spiral")?);

@@ -35,7 +35,7 @@ fn parameters(model: &ModelSpec, dim: f64) -> f64 {
             (dim + 1.0) * h + layers as f64 * h * h + h * dim
         }
         // Convolutions: a few hundred 3×3 kernels of width up to 4·hidden.
-        ModelSpec::UNet { hidden } | ModelSpec::UNetLesson { hidden } => {
+        ModelSpec::UNet { hidden, .. } | ModelSpec::UNetLesson { hidden, .. } => {
             let h = hidden as f64;
             200.0 * h * h + 1000.0
         }
@@ -49,7 +49,9 @@ fn activations_per_sample(model: &ModelSpec, dim: f64) -> f64 {
         ModelSpec::VelocityMlp { hidden, layers, .. } => {
             4.0 * (layers as f64 + 2.0) * (hidden as f64).max(dim)
         }
-        ModelSpec::UNet { hidden } | ModelSpec::UNetLesson { hidden } => 40.0 * dim * hidden as f64,
+        ModelSpec::UNet { hidden, .. } | ModelSpec::UNetLesson { hidden, .. } => {
+            40.0 * dim * hidden as f64
+        }
     }
 }
 

@@ -55,6 +55,7 @@ fn lesson() -> ModelSpec {
         hidden: 128,
         layers: 3,
         activation: Activation::Silu,
+        span: false,
     }
 }
 
@@ -65,6 +66,7 @@ fn train_steps(c: &mut Criterion) {
             ModelSpec::VelocityNet {
                 hidden: 64,
                 activation: Activation::Gelu,
+                span: false,
             },
             "spiral",
             2048,

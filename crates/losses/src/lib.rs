@@ -5,11 +5,14 @@
 //! - [`coupling`]: how `(x_0, x_1)` pairs are drawn — independent, minibatch OT, or any other
 //!   [`Coupling`] (the reflow crate adds teacher couplings).
 //! - [`time`]: where `t` is drawn — uniform, the blog's warped, logit-normal.
+//! - [`objective`]: what the model regresses on — the flow's velocity (CFM), MeanFlow's
+//!   average velocity, or a shortcut model's self-consistent jump.
 //! - [`train`]: [`Trainer::step`], the one training step (AdamW) every experiment uses.
 
 mod adamw;
 pub mod coupling;
 mod error;
+pub mod objective;
 pub mod path;
 mod prefetch;
 pub mod time;
@@ -19,6 +22,7 @@ pub use adamw::{AdamState, FusedAdamW};
 pub use coupling::{Coupling, CouplingKind, CouplingSpec, Draw, Independent, MinibatchOt, Pairing};
 pub use error::LossError;
 pub use flowmatch_metrics::ot::OtSolver;
+pub use objective::{Draws, Objective, ObjectiveKind};
 pub use path::{AffinePath, PathSample, ProbabilityPath, Schedule};
 pub use time::{TimeKind, TimeSampler};
 pub use train::{OptimConfig, Trainer, TrainerState};

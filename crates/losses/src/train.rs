@@ -3,24 +3,12 @@
 use crate::adamw::AdamState;
 use crate::prefetch::Prefetcher;
 use crate::FusedAdamW;
-use crate::{Coupling, LossError, PathSample, ProbabilityPath, TimeSampler};
+use crate::{Coupling, LossError, Objective, ProbabilityPath, TimeSampler};
 use candle_core::Tensor;
 use candle_nn::{Optimizer, ParamsAdamW};
 use flowmatch_data::Rng;
-use flowmatch_models::{Model, VelocityField};
+use flowmatch_models::Model;
 use std::collections::HashMap;
-
-/// The conditional flow matching loss `mean |v(x_t, t) - dx_t|²` (PyTorch `MSELoss`) on a
-/// drawn path sample.
-fn regression_loss(
-    model: &dyn VelocityField,
-    p: &PathSample,
-    t: &[f32],
-) -> Result<Tensor, LossError> {
-    let tt = Tensor::from_slice(t, t.len(), p.x_t.device())?.to_dtype(p.x_t.dtype())?;
-    let v = model.velocity(&p.x_t, &tt)?;
-    Ok((v - &p.dx_t)?.sqr()?.mean_all()?)
-}
 
 /// Optimiser settings (AdamW; `weight_decay = 0` is the seeds' Adam).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -50,13 +38,14 @@ impl Default for OptimConfig {
 }
 
 /// A model being trained: draws a batch from its coupling, a time per pair, forms the path
-/// sample and takes one AdamW step on the CFM loss.
+/// sample and takes one AdamW step on its objective (CFM unless [`Trainer::with_objective`]).
 pub struct Trainer {
     model: Model,
     opt: FusedAdamW,
     path: Box<dyn ProbabilityPath>,
     coupling: Box<dyn Coupling>,
     time: TimeSampler,
+    objective: Objective,
     batch: usize,
     steps_done: usize,
     ema: Option<Ema>,
@@ -132,6 +121,7 @@ impl Trainer {
             path,
             coupling,
             time,
+            objective: Objective::Cfm,
             batch,
             steps_done: 0,
             ema: None,
@@ -159,6 +149,19 @@ impl Trainer {
         Ok(self)
     }
 
+    /// Trains on `objective`; MeanFlow and shortcut models need a model with a span input.
+    pub fn with_objective(mut self, objective: Objective) -> Result<Self, LossError> {
+        objective.validate()?;
+        if objective.needs_span() && !self.model.spec.span() {
+            return Err(LossError::Invalid(format!(
+                "the {} objective needs a model with a span input",
+                objective.name()
+            )));
+        }
+        self.objective = objective;
+        Ok(self)
+    }
+
     /// Pairs the next batch on a second thread while the current step trains, for couplings
     /// with a pairing stage (OT, reflow's teacher) on CPU; otherwise a no-op. The random draws
     /// stay on the training thread in the same order, so the numbers are the same as without.
@@ -180,15 +183,15 @@ impl Trainer {
             Some(pairs) => pairs?,
             None => self.coupling.sample(self.batch, rng, &device)?,
         };
-        let t = self.time.sample(self.batch, rng);
-        let p = self.path.sample(&x0, &x1, &t, rng)?;
+        let draws = self.objective.draw(self.batch, &self.time, rng);
+        let p = self.path.sample(&x0, &x1, &draws.t, rng)?;
         // This step's random draws are done: the next batch's come now, in the order a serial
         // run takes them, and its pairing runs beside this step's forward and backward pass.
         if let Some(worker) = self.prefetch.as_mut() {
             self.serial_rng = Some(rng.clone());
             worker.start(self.coupling.draw(self.batch, rng, &device)?)?;
         }
-        let loss = regression_loss(&self.model, &p, &t)?;
+        let loss = self.objective.loss(&self.model, &p, &draws)?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(LossError::NonFiniteLoss(value, self.steps_done + 1));
@@ -305,7 +308,7 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{AffinePath, Independent, MinibatchOt, Schedule};
+    use crate::{AffinePath, Independent, MinibatchOt, Objective, Schedule};
     use candle_core::Device;
     use flowmatch_data::{rng_from_seed, Distribution, Sampler};
     use flowmatch_metrics::w2;
@@ -346,6 +349,7 @@ mod tests {
             hidden: 64,
             layers: 2,
             activation: Activation::Silu,
+            span: false,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();
@@ -373,6 +377,96 @@ mod tests {
             let tail: f32 = losses[550..].iter().sum::<f32>() / 50.0;
             assert!(tail < head, "ot={ot}: loss {head} -> {tail}");
         }
+    }
+
+    fn w2_at_one_step(model: &Model) -> f64 {
+        let mut rng = rng_from_seed(11);
+        let n = 400;
+        let x0 = Distribution::from_name("gaussian")
+            .unwrap()
+            .sample(n, &mut rng, &Device::Cpu)
+            .unwrap();
+        let real = Distribution::from_name("moons")
+            .unwrap()
+            .sample(n, &mut rng, &Device::Cpu)
+            .unwrap();
+        let gen = solve(model, &x0, &SolverSpec::new(Method::Euler, 1), false)
+            .unwrap()
+            .x;
+        w2(&gen, &real).unwrap()
+    }
+
+    #[test]
+    fn meanflow_and_shortcut_trainings_cut_the_one_step_w2() {
+        // One Euler step of size 1 is the model's jump u(x0, 0, 1): a short training must
+        // bring it far closer to the moons than I-CFM's one step, which lands on the mean.
+        let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
+        let m: Arc<dyn Sampler> = Arc::new(Distribution::from_name("moons").unwrap());
+        let run = |objective: Objective| {
+            let spec = ModelSpec::VelocityMlp {
+                hidden: 64,
+                layers: 2,
+                activation: Activation::Silu,
+                span: objective.needs_span(),
+            };
+            let model = spec.build(2, 0, &Device::Cpu).unwrap();
+            let path = Box::new(AffinePath::new(Schedule::Linear, 0.0).unwrap());
+            let optim = OptimConfig {
+                lr: 3e-3,
+                ..Default::default()
+            };
+            let coupling = Box::new(Independent::new(g.clone(), m.clone()));
+            let mut tr = Trainer::new(model, path, coupling, TimeSampler::Uniform, 256, optim)
+                .unwrap()
+                .with_objective(objective)
+                .unwrap();
+            let mut rng = rng_from_seed(5);
+            for _ in 0..800 {
+                tr.step(&mut rng).unwrap();
+            }
+            w2_at_one_step(tr.model())
+        };
+        let cfm = run(Objective::Cfm);
+        let meanflow = run(Objective::MeanFlow {
+            span_fraction: 0.5,
+            adaptive_p: 1.0,
+        });
+        let shortcut = run(Objective::Shortcut {
+            bootstrap_fraction: 0.25,
+            max_steps: 32,
+        });
+        assert!(
+            meanflow < 0.75 * cfm,
+            "MeanFlow 1-step W2 {meanflow} vs I-CFM {cfm}"
+        );
+        assert!(
+            shortcut < 0.75 * cfm,
+            "shortcut 1-step W2 {shortcut} vs I-CFM {cfm}"
+        );
+        // A flow model cannot train on an objective that needs the span input.
+        let flat = ModelSpec::VelocityNet {
+            hidden: 8,
+            activation: Activation::Gelu,
+            span: false,
+        }
+        .build(2, 0, &Device::Cpu)
+        .unwrap();
+        let path = Box::new(AffinePath::new(Schedule::Linear, 0.0).unwrap());
+        let tr = Trainer::new(
+            flat,
+            path,
+            Box::new(Independent::new(g.clone(), m)),
+            TimeSampler::Uniform,
+            8,
+            OptimConfig::default(),
+        )
+        .unwrap();
+        assert!(tr
+            .with_objective(Objective::Shortcut {
+                bootstrap_fraction: 0.25,
+                max_steps: 8
+            })
+            .is_err());
     }
 
     #[test]
@@ -486,6 +580,7 @@ mod tests {
         let model = ModelSpec::VelocityNet {
             hidden: 8,
             activation: Activation::Gelu,
+            span: false,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();

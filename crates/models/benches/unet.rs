@@ -17,8 +17,20 @@ fn unets(c: &mut Criterion) {
     let mut group = c.benchmark_group("unet_fwd_bwd_b64");
     group.sample_size(10);
     for (name, spec) in [
-        ("unet_h16", ModelSpec::UNet { hidden: 16 }),
-        ("unet_lesson_h32", ModelSpec::UNetLesson { hidden: 32 }),
+        (
+            "unet_h16",
+            ModelSpec::UNet {
+                hidden: 16,
+                span: false,
+            },
+        ),
+        (
+            "unet_lesson_h32",
+            ModelSpec::UNetLesson {
+                hidden: 32,
+                span: false,
+            },
+        ),
     ] {
         let model = spec.build(784, 0, &dev).unwrap();
         group.bench_function(name, |b| {

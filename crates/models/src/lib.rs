@@ -9,6 +9,7 @@
 mod classifier;
 mod error;
 mod field;
+mod jvp;
 mod mlp;
 pub mod ops;
 mod params;
@@ -20,7 +21,7 @@ pub(crate) use ops::{cpu, dense};
 
 pub use classifier::Classifier;
 pub use error::ModelError;
-pub use field::{FnField, VelocityField};
+pub use field::{finite_difference_jvp, FnField, VelocityField};
 pub use mlp::{sinusoidal_embedding, VelocityMlp, VelocityNet};
 pub use ops::linear::Linear;
 pub use params::Params;

@@ -5,6 +5,10 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// A velocity-field architecture with its hyperparameters (the `[model]` config section).
+///
+/// `span`: a second time input, the span `h` of the step the model jumps, so that the model
+/// is an average velocity `u(x, t, h)` (MeanFlow, shortcut models; see
+/// [`VelocityField::mean_velocity`]). The experiment sets it from its training objective.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ModelSpec {
@@ -13,6 +17,8 @@ pub enum ModelSpec {
         hidden: usize,
         #[serde(default = "gelu")]
         activation: Activation,
+        #[serde(default, skip_serializing_if = "is_false")]
+        span: bool,
     },
     /// The lesson's VelocityMLP.
     VelocityMlp {
@@ -20,13 +26,27 @@ pub enum ModelSpec {
         layers: usize,
         #[serde(default = "silu")]
         activation: Activation,
+        #[serde(default, skip_serializing_if = "is_false")]
+        span: bool,
     },
     /// flowmatch's image U-Net: residual blocks, GroupNorm, time in every block.
     #[serde(rename = "unet")]
-    UNet { hidden: usize },
+    UNet {
+        hidden: usize,
+        #[serde(default, skip_serializing_if = "is_false")]
+        span: bool,
+    },
     /// The lesson's VelocityUNet.
     #[serde(rename = "unet-lesson")]
-    UNetLesson { hidden: usize },
+    UNetLesson {
+        hidden: usize,
+        #[serde(default, skip_serializing_if = "is_false")]
+        span: bool,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn gelu() -> Activation {
@@ -78,14 +98,43 @@ impl ModelSpec {
             ModelKind::VelocityNet => Self::VelocityNet {
                 hidden,
                 activation: activation.unwrap_or(Activation::Gelu),
+                span: false,
             },
             ModelKind::VelocityMlp => Self::VelocityMlp {
                 hidden,
                 layers,
                 activation: activation.unwrap_or(Activation::Silu),
+                span: false,
             },
-            ModelKind::UNet => Self::UNet { hidden },
-            ModelKind::UNetLesson => Self::UNetLesson { hidden },
+            ModelKind::UNet => Self::UNet {
+                hidden,
+                span: false,
+            },
+            ModelKind::UNetLesson => Self::UNetLesson {
+                hidden,
+                span: false,
+            },
+        }
+    }
+
+    /// The same architecture with (or without) the span input.
+    pub fn with_span(mut self, on: bool) -> ModelSpec {
+        match &mut self {
+            Self::VelocityNet { span, .. }
+            | Self::VelocityMlp { span, .. }
+            | Self::UNet { span, .. }
+            | Self::UNetLesson { span, .. } => *span = on,
+        }
+        self
+    }
+
+    /// Whether the model has the span input.
+    pub fn span(&self) -> bool {
+        match self {
+            Self::VelocityNet { span, .. }
+            | Self::VelocityMlp { span, .. }
+            | Self::UNet { span, .. }
+            | Self::UNetLesson { span, .. } => *span,
         }
     }
 
@@ -99,7 +148,7 @@ impl ModelSpec {
         let (h, l) = match self {
             Self::VelocityNet { hidden, .. } => (*hidden, 1),
             Self::VelocityMlp { hidden, layers, .. } => (*hidden, *layers),
-            Self::UNet { hidden } | Self::UNetLesson { hidden } => (*hidden, 1),
+            Self::UNet { hidden, .. } | Self::UNetLesson { hidden, .. } => (*hidden, 1),
         };
         if h == 0 || h > 65_536 {
             return Err(ModelError::Invalid(format!(
@@ -124,24 +173,39 @@ impl ModelSpec {
         self.validate()?;
         let mut params = Params::new(seed, device);
         let net: Box<dyn VelocityField> = match *self {
-            Self::VelocityNet { hidden, activation } => {
-                Box::new(VelocityNet::new(&mut params, dim, hidden, activation)?)
-            }
+            Self::VelocityNet {
+                hidden,
+                activation,
+                span,
+            } => Box::new(VelocityNet::new(
+                &mut params,
+                dim,
+                hidden,
+                activation,
+                span,
+            )?),
             Self::VelocityMlp {
                 hidden,
                 layers,
                 activation,
+                span,
             } => Box::new(VelocityMlp::new(
                 &mut params,
                 dim,
                 hidden,
                 layers,
                 activation,
+                span,
             )?),
-            Self::UNet { hidden } => Box::new(crate::VelocityUNet::new(&mut params, dim, hidden)?),
-            Self::UNetLesson { hidden } => {
-                Box::new(crate::VelocityUNetLesson::new(&mut params, dim, hidden)?)
+            Self::UNet { hidden, span } => {
+                Box::new(crate::VelocityUNet::new(&mut params, dim, hidden, span)?)
             }
+            Self::UNetLesson { hidden, span } => Box::new(crate::VelocityUNetLesson::new(
+                &mut params,
+                dim,
+                hidden,
+                span,
+            )?),
         };
         Ok(Model {
             spec: self.clone(),
@@ -196,6 +260,21 @@ impl VelocityField for Model {
     fn velocity_at(&self, x: &Tensor, t: f64) -> Result<Tensor> {
         self.net.velocity_at(x, t)
     }
+    fn mean_velocity(&self, x: &Tensor, t: &Tensor, h: &Tensor) -> Result<Tensor> {
+        self.net.mean_velocity(x, t, h)
+    }
+    fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
+        self.net.mean_velocity_at(x, t, h)
+    }
+    fn mean_velocity_jvp(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        h: &Tensor,
+        tangent: (&Tensor, f64, f64),
+    ) -> Result<(Tensor, Tensor)> {
+        self.net.mean_velocity_jvp(x, t, h, tangent)
+    }
 }
 
 #[cfg(test)]
@@ -221,10 +300,12 @@ mod tests {
                 hidden: 32,
                 layers: 3,
                 activation: Activation::Silu,
+                span: false,
             },
             ModelSpec::VelocityNet {
                 hidden: 16,
                 activation: Activation::Gelu,
+                span: false,
             },
         ] {
             let m = spec.build(2, 3, &Device::Cpu).unwrap();
@@ -245,6 +326,7 @@ mod tests {
         let net = ModelSpec::VelocityNet {
             hidden: 64,
             activation: Activation::Gelu,
+            span: false,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();
@@ -254,6 +336,7 @@ mod tests {
             hidden: 128,
             layers: 3,
             activation: Activation::Silu,
+            span: false,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();
@@ -270,6 +353,7 @@ mod tests {
             hidden: 16,
             layers: 2,
             activation: Activation::Silu,
+            span: false,
         };
         let (x, t) = input(4);
         let a = spec.build(2, 3, &Device::Cpu).unwrap();
@@ -315,6 +399,7 @@ mod tests {
             hidden: 8,
             layers: 2,
             activation: Activation::Silu,
+            span: false,
         };
         assert!(matches!(
             other.load(2, &path, &Device::Cpu),

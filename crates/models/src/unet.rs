@@ -4,9 +4,10 @@
 use crate::activation::Activation;
 use crate::conv::{upsample2, Conv};
 use crate::conv_transpose::ConvTranspose;
+use crate::mlp::time_embedding;
 use crate::norm::GroupNormSilu;
 use crate::Linear;
-use crate::{sinusoidal_embedding, ModelError, Params, VelocityField};
+use crate::{ModelError, Params, VelocityField};
 use candle_core::{Module, Result, Tensor};
 
 /// Image geometry `(channels, side)` for a flattened dimension: square images, 1 or 3 channels.
@@ -38,15 +39,26 @@ fn like_input(out: Tensor, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The time embedding `(B,)` → `(B, hidden)`: 64-dim sinusoids, `Linear(64, hidden)`, SiLU.
-fn time_features(t: &Tensor, lin: &Linear, act: Activation, b: usize) -> Result<Tensor> {
-    let t = t.flatten_all()?;
-    let t = if t.dim(0)? == 1 && b > 1 {
-        t.broadcast_as(b)?.contiguous()?
-    } else {
-        t
+/// The time embedding `(B,)` → `(B, hidden)`: 64-dim sinusoids, `Linear(64, hidden)`, SiLU;
+/// with a span input, `[emb(t), emb(h)]` and `Linear(128, hidden)`.
+fn time_features(
+    t: &Tensor,
+    h: Option<&Tensor>,
+    span: bool,
+    lin: &Linear,
+    act: Activation,
+    b: usize,
+) -> Result<Tensor> {
+    let batch = |t: &Tensor| -> Result<Tensor> {
+        let t = t.flatten_all()?;
+        if t.dim(0)? == 1 && b > 1 {
+            t.broadcast_as(b)?.contiguous()
+        } else {
+            Ok(t)
+        }
     };
-    act.apply(&lin.forward(&sinusoidal_embedding(&t, 64)?)?)
+    let h = h.map(batch).transpose()?;
+    act.apply(&lin.forward(&time_embedding(&batch(t)?, h.as_ref(), span, 64)?)?)
 }
 
 /// The lesson's `VelocityUNet`: two stride-2 conv encoders, two transposed-conv decoders with
@@ -62,15 +74,22 @@ pub struct VelocityUNetLesson {
     act: Activation,
     channels: usize,
     side: usize,
+    span: bool,
 }
 
 impl VelocityUNetLesson {
-    /// Builds it for flattened images of `dim` pixels with `hidden` base channels.
-    pub fn new(p: &mut Params, dim: usize, hidden: usize) -> std::result::Result<Self, ModelError> {
+    /// Builds it for flattened images of `dim` pixels with `hidden` base channels (and a span
+    /// input with `span`).
+    pub fn new(
+        p: &mut Params,
+        dim: usize,
+        hidden: usize,
+        span: bool,
+    ) -> std::result::Result<Self, ModelError> {
         let (c, side) = image_shape(dim)?;
         let h = hidden;
         Ok(Self {
-            time_mlp: p.linear("time_mlp.0", 64, h)?,
+            time_mlp: p.linear("time_mlp.0", 64 * (1 + span as usize), h)?,
             enc1: p.conv("enc1", c, h, 3, 1, 1)?,
             enc2: p.conv("enc2", h, 2 * h, 3, 2, 1)?,
             enc3: p.conv("enc3", 2 * h, 2 * h, 3, 2, 1)?,
@@ -80,15 +99,14 @@ impl VelocityUNetLesson {
             act: Activation::Silu,
             channels: c,
             side,
+            span,
         })
     }
-}
 
-impl VelocityField for VelocityUNetLesson {
-    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, t: &Tensor, h: Option<&Tensor>) -> Result<Tensor> {
         let xi = as_image(x, self.channels, self.side)?;
         let b = xi.dim(0)?;
-        let temb = time_features(t, &self.time_mlp, self.act, b)?
+        let temb = time_features(t, h, self.span, &self.time_mlp, self.act, b)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let a = |t: Tensor| self.act.apply(&t);
@@ -99,6 +117,19 @@ impl VelocityField for VelocityUNetLesson {
         let d2 = a(self.dec2.forward(&Tensor::cat(&[&d3, &h2], 1)?)?)?;
         let d1 = self.dec1.forward(&Tensor::cat(&[&d2, &h1], 1)?)?;
         like_input(d1, x)
+    }
+}
+
+impl VelocityField for VelocityUNetLesson {
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.forward(x, t, None)
+    }
+    fn mean_velocity(&self, x: &Tensor, t: &Tensor, h: &Tensor) -> Result<Tensor> {
+        self.forward(x, t, Some(h))
+    }
+    fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
+        let full = |v: f64| Tensor::full(v as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype());
+        self.forward(x, &full(t)?, Some(&full(if self.span { h } else { 0.0 })?))
     }
 }
 
@@ -168,11 +199,18 @@ pub struct VelocityUNet {
     act: Activation,
     channels: usize,
     side: usize,
+    span: bool,
 }
 
 impl VelocityUNet {
-    /// Builds it with `hidden` base channels (a multiple of 8: GroupNorm uses 8 groups).
-    pub fn new(p: &mut Params, dim: usize, hidden: usize) -> std::result::Result<Self, ModelError> {
+    /// Builds it with `hidden` base channels (a multiple of 8: GroupNorm uses 8 groups), and a
+    /// span input with `span`.
+    pub fn new(
+        p: &mut Params,
+        dim: usize,
+        hidden: usize,
+        span: bool,
+    ) -> std::result::Result<Self, ModelError> {
         let (c, side) = image_shape(dim)?;
         if !hidden.is_multiple_of(8) {
             return Err(ModelError::Invalid(format!(
@@ -181,7 +219,7 @@ impl VelocityUNet {
         }
         let (h, g, td) = (hidden, 8, 4 * hidden);
         Ok(Self {
-            time1: p.linear("time.0", 64, td)?,
+            time1: p.linear("time.0", 64 * (1 + span as usize), td)?,
             time2: p.linear("time.2", td, td)?,
             conv_in: p.conv("conv_in", c, h, 3, 1, 1)?,
             enc1: ResBlock::new(p, "enc1", h, h, td, g)?,
@@ -198,15 +236,14 @@ impl VelocityUNet {
             act: Activation::Silu,
             channels: c,
             side,
+            span,
         })
     }
-}
 
-impl VelocityField for VelocityUNet {
-    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, t: &Tensor, h: Option<&Tensor>) -> Result<Tensor> {
         let xi = as_image(x, self.channels, self.side)?;
         let b = xi.dim(0)?;
-        let temb = time_features(t, &self.time1, self.act, b)?;
+        let temb = time_features(t, h, self.span, &self.time1, self.act, b)?;
         let temb = self.time2.forward(&temb)?;
         let h0 = self.conv_in.forward(&xi)?;
         let h1 = self.enc1.forward(&h0, &temb)?;
@@ -222,6 +259,19 @@ impl VelocityField for VelocityUNet {
         )?;
         let out = self.conv_out.forward(&self.norm_out.forward(&d1)?)?;
         like_input(out, x)
+    }
+}
+
+impl VelocityField for VelocityUNet {
+    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.forward(x, t, None)
+    }
+    fn mean_velocity(&self, x: &Tensor, t: &Tensor, h: &Tensor) -> Result<Tensor> {
+        self.forward(x, t, Some(h))
+    }
+    fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
+        let full = |v: f64| Tensor::full(v as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype());
+        self.forward(x, &full(t)?, Some(&full(if self.span { h } else { 0.0 })?))
     }
 }
 
@@ -246,9 +296,9 @@ mod tests {
         for lesson in [true, false] {
             let mut p = Params::new(1, &Device::Cpu);
             let net: Box<dyn VelocityField> = if lesson {
-                Box::new(VelocityUNetLesson::new(&mut p, 64, 8).unwrap())
+                Box::new(VelocityUNetLesson::new(&mut p, 64, 8, false).unwrap())
             } else {
-                Box::new(VelocityUNet::new(&mut p, 64, 8).unwrap())
+                Box::new(VelocityUNet::new(&mut p, 64, 8, false).unwrap())
             };
             let x = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu).unwrap();
             let t = Tensor::new(&[0.0f32, 0.3, 0.6, 1.0], &Device::Cpu).unwrap();

@@ -210,6 +210,7 @@ mod tests {
             hidden: 64,
             layers: 2,
             activation: Activation::Silu,
+            span: false,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();

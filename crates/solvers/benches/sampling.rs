@@ -15,6 +15,7 @@ fn sampling(c: &mut Criterion) {
         hidden: 128,
         layers: 3,
         activation: Activation::Silu,
+        span: false,
     };
     let model = spec.build(2, 0, &Device::Cpu).unwrap();
     let x0 = Distribution::from_name("gaussian")

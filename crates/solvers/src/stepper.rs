@@ -25,7 +25,11 @@ pub trait Stepper: Send + Sync {
     fn evals_per_step(&self) -> usize;
 }
 
-/// Forward Euler (order 1).
+/// Forward Euler (order 1). It asks the field for its average velocity over the step
+/// ([`VelocityField::mean_velocity_at`] with `h = dt`): a flow answers with its velocity at
+/// `t` (plain Euler), a model with a span input (MeanFlow, shortcut) with its jump over the
+/// step, so Euler with `k` steps is such a model's `k`-step sampler. Backward steps use the
+/// instantaneous velocity (`h = 0`): the span is trained forwards only.
 pub struct Euler;
 /// Explicit midpoint (order 2).
 pub struct Midpoint;
@@ -36,7 +40,7 @@ pub struct Rk4;
 
 impl Stepper for Euler {
     fn step(&self, f: &dyn VelocityField, x: &Tensor, t: f64, dt: f64) -> Result<Tensor> {
-        let k1 = eval(f, x, t)?;
+        let k1 = f.mean_velocity_at(x, t, dt.max(0.0))?;
         axpy(x, &[(dt, &k1)])
     }
     fn evals_per_step(&self) -> usize {
