@@ -865,3 +865,86 @@ fn a_solver_axis_trains_once_per_training_config_with_the_same_summaries() {
     assert!(dir.join("sweep.png").is_file());
     tensorboard_shows(&dir, 8, &["eval.samples", "loss.coupling", "solver.method"]);
 }
+
+#[test]
+fn a_sweep_of_method_variants_trains_meanflow_and_shortcut_and_reports_nll_and_sde_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "base.toml", TINY);
+    let sw = write(
+        tmp.path(),
+        "methods.toml",
+        "base = \"base.toml\"\n[set]\n\"train.steps\" = 60\n\"logging.plots\" = false\n\"eval.samples\" = 100\n\"eval.nll_samples\" = 50\n\"eval.sde_gammas\" = [0.5]\n\"eval.sde_steps\" = 20\n[variants.cfm]\n[variants.meanflow]\n\"loss.objective\" = \"meanflow\"\n[variants.shortcut]\n\"loss.objective\" = \"shortcut\"\n\"loss.shortcut_steps\" = 16\n[replicates]\n\"train.seed\" = [0, 1]\n",
+    );
+    let out = tmp.path().join("out");
+    let o = sweep_into(&sw, &out, &["--jobs", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = out.join("methods");
+    // The variants are one axis, named in file order.
+    let rows = csv_rows(&dir.join("summary.csv"));
+    assert_eq!(&rows[0][..3], ["run", "variant", "train.seed"]);
+    let variants: Vec<&str> = rows[1..].iter().map(|r| r[1].as_str()).collect();
+    assert_eq!(variants, ["cfm", "cfm", "meanflow", "meanflow", "shortcut", "shortcut"]);
+    for (run, objective) in [
+        ("000_variant-cfm_seed-0", None),
+        ("002_variant-meanflow_seed-0", Some("meanflow")),
+        ("004_variant-shortcut_seed-0", Some("shortcut")),
+    ] {
+        let s = read_json(&dir.join(run).join("summary.json"));
+        assert_eq!(s["objective"].as_str(), objective, "{run}");
+        // The likelihood of 50 real points, and a stochastic row beside the ODE rows.
+        let nll = &s["eval"]["nll"];
+        assert_eq!(nll["samples"], 50, "{run}");
+        assert_eq!(nll["divergence"], "exact");
+        let nats = nll["nats"].as_f64().unwrap();
+        assert!(nats.is_finite() && nats > -5.0 && nats < 20.0, "{run}: NLL {nats}");
+        let sde = s["eval"]["table"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["solver"] == "em-g0.5")
+            .unwrap_or_else(|| panic!("{run}: no em-g0.5 row"));
+        assert_eq!(sde["steps"], 20);
+        assert!(sde["w2"].as_f64().unwrap().is_finite());
+    }
+    // The span models' config records the objective; their checkpoints load back with it.
+    let cfg = std::fs::read_to_string(dir.join("002_variant-meanflow_seed-0/config.toml")).unwrap();
+    assert!(cfg.contains("objective = \"meanflow\""), "{cfg}");
+    // The aggregate has the NLL and few-step columns, one row per variant.
+    let agg = csv_rows(&dir.join("summary_agg.csv"));
+    let col = |name: &str| agg[0].iter().position(|c| c == name).unwrap_or_else(|| panic!("{name}: {:?}", agg[0]));
+    assert_eq!(agg.len(), 4);
+    for r in &agg[1..] {
+        assert!(r[col("nll_mean")].parse::<f64>().unwrap().is_finite());
+        assert!(r[col("mmd_euler_1_mean")].parse::<f64>().unwrap() >= 0.0);
+    }
+    // One panel per variant at 1 NFE (the first seed).
+    let o = flowmatch(&["plot", dir.to_str().unwrap(), "--what", "samples"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (w, h, colours) = png_facts(&dir.join("samples_nfe1.png"));
+    assert_eq!((w, h), (3 * 360, 360));
+    assert!(colours > 10);
+    // Bad variants and objective settings: one line naming what is wrong.
+    let bad = write(
+        tmp.path(),
+        "bad.toml",
+        "base = \"base.toml\"\n[variants]\nmeanflow = 3\n",
+    );
+    let o = sweep_into(&bad, &out, &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("variant 'meanflow' must be a table"), "{}", stderr(&o));
+    let cfgp = write(tmp.path(), "tiny.toml", TINY);
+    let o = flowmatch(&[
+        "run",
+        cfgp.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "loss.objective=shortcut",
+        "--set",
+        "loss.shortcut_steps=12",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("loss.shortcut_steps") && e.contains("power of two"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}

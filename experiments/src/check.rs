@@ -8,10 +8,10 @@ use crate::config::{
     LossConfig, ModelConfig, ReflowConfig, SolverConfig, TableMethod, TrainConfig,
 };
 use flowmatch_data::Distribution;
-use flowmatch_losses::{AffinePath, CouplingSpec, TimeKind, TimeSampler};
+use flowmatch_losses::{AffinePath, CouplingSpec, Objective, TimeKind, TimeSampler};
 use flowmatch_models::ModelSpec;
 use flowmatch_reflow::{ReflowMode, ReflowSpec};
-use flowmatch_solvers::{SolverSpec, Tolerances};
+use flowmatch_solvers::{Divergence, NoiseSchedule, SolverSpec, Tolerances};
 use std::path::PathBuf;
 
 /// A failed check: the key and what is wrong with its value.
@@ -50,6 +50,26 @@ pub struct Plan {
     /// The classifier file of the FID-like score, when set.
     pub classifier: Option<PathBuf>,
     pub reflow: ReflowSpec,
+    /// What the model regresses on (the model has a span input when it needs one).
+    pub objective: Objective,
+    /// The likelihood evaluation, when there is one.
+    pub nll: Option<NllSpec>,
+    /// The stochastic rows of the eval table, and their step count.
+    pub sde: Vec<NoiseSchedule>,
+    pub sde_steps: usize,
+    /// The source's standard deviation when it is an isotropic Gaussian (the likelihood and
+    /// the stochastic sampler's score need its density).
+    pub source_std: Option<f64>,
+}
+
+/// The negative log-likelihood evaluation, checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NllSpec {
+    /// Real samples scored (at most `eval.samples`).
+    pub samples: usize,
+    /// The backward solve.
+    pub solver: SolverSpec,
+    pub divergence: Divergence,
 }
 
 impl Plan {
@@ -258,6 +278,113 @@ impl EvalConfig {
     }
 }
 
+impl LossConfig {
+    /// The training objective.
+    pub fn check_objective(&self) -> Result<Objective, Bad> {
+        let objective = Objective::of(
+            self.objective,
+            self.meanflow_fraction,
+            self.meanflow_p,
+            self.shortcut_bootstrap,
+            self.shortcut_steps,
+        );
+        objective.validate().map_err(|e| {
+            let key = match objective {
+                Objective::Cfm => "loss.objective",
+                Objective::MeanFlow { span_fraction, .. }
+                    if !(0.0..=1.0).contains(&span_fraction) =>
+                {
+                    "loss.meanflow_fraction"
+                }
+                Objective::MeanFlow { .. } => "loss.meanflow_p",
+                Objective::Shortcut {
+                    bootstrap_fraction, ..
+                } if !(0.0..=1.0).contains(&bootstrap_fraction) => "loss.shortcut_bootstrap",
+                Objective::Shortcut { .. } => "loss.shortcut_steps",
+            };
+            let msg = e.to_string();
+            (
+                key,
+                msg.strip_prefix("invalid loss setting: ")
+                    .unwrap_or(&msg)
+                    .to_string(),
+            )
+        })?;
+        Ok(objective)
+    }
+}
+
+impl EvalConfig {
+    /// The likelihood evaluation: on by default for 2-D data with a Gaussian source.
+    pub fn check_nll(
+        &self,
+        dim: usize,
+        source_std: Option<f64>,
+        tol: Tolerances,
+    ) -> Result<Option<NllSpec>, Bad> {
+        let samples = self.nll_samples.unwrap_or(if dim <= 16 { 1000 } else { 0 });
+        if samples == 0 {
+            return Ok(None);
+        }
+        if source_std.is_none() {
+            // Only a Gaussian source has the density the likelihood starts from.
+            return match self.nll_samples {
+                Some(_) => Err((
+                    "eval.nll_samples",
+                    "the likelihood needs a Gaussian source (data.source = gaussian or gaussian-nd); set it to 0".into(),
+                )),
+                None => Ok(None),
+            };
+        }
+        check_count("eval.nll_steps", self.nll_steps)?;
+        check_count("eval.nll_probes", self.nll_probes)?;
+        let divergence = if dim <= 16 {
+            Divergence::Exact
+        } else {
+            Divergence::Hutchinson {
+                probes: self.nll_probes,
+            }
+        };
+        Ok(Some(NllSpec {
+            samples: samples.min(self.samples),
+            solver: SolverSpec {
+                tol,
+                ..SolverSpec::new(self.nll_method, self.nll_steps)
+            },
+            divergence,
+        }))
+    }
+
+    /// The stochastic rows.
+    pub fn check_sde(&self, source_std: Option<f64>) -> Result<Vec<NoiseSchedule>, Bad> {
+        if !self.sde_gammas.is_empty() && source_std.is_none() {
+            return Err((
+                "eval.sde_gammas",
+                "the stochastic sampler's score needs a Gaussian source (data.source = gaussian or gaussian-nd)".into(),
+            ));
+        }
+        if let Some(g) = first_repeat(&self.sde_gammas) {
+            return Err(("eval.sde_gammas", format!("{g} is listed twice")));
+        }
+        let rows: Vec<NoiseSchedule> = self
+            .sde_gammas
+            .iter()
+            .map(|&g| self.sde_schedule.with(g))
+            .collect();
+        for r in &rows {
+            r.validate().map_err(|e| {
+                let msg = e.to_string();
+                let msg = msg.strip_prefix("invalid solver setting: ").unwrap_or(&msg);
+                ("eval.sde_gammas", msg.to_string())
+            })?;
+        }
+        if !rows.is_empty() {
+            check_count("eval.sde_steps", self.sde_steps)?;
+        }
+        Ok(rows)
+    }
+}
+
 impl ReflowConfig {
     /// The reflow chain; students default to the base run's steps and learning rate.
     pub fn check(
@@ -326,9 +453,17 @@ impl Config {
         let (source, target) = self.data.check()?;
         let model = self.model.check(source.dim())?;
         let (path, coupling, time) = self.loss.check()?;
+        let objective = self.loss.check_objective()?;
+        let model = model.with_span(objective.needs_span());
         self.train.check()?;
         let solver = self.solver.check()?;
         let (table, classifier) = self.eval.check()?;
+        let source_std = match &source {
+            DataSpec::Shape(d) => d.gaussian_std(),
+            DataSpec::Mnist => None,
+        };
+        let nll = self.eval.check_nll(source.dim(), source_std, solver.tol)?;
+        let sde = self.eval.check_sde(source_std)?;
         check_count("logging.every", self.logging.every)?;
         let lim = &self.limits;
         if !(lim.memory_gb > 0.0 && lim.memory_gb.is_finite()) {
@@ -349,6 +484,11 @@ impl Config {
             table,
             classifier,
             reflow,
+            objective,
+            nll,
+            sde,
+            sde_steps: self.eval.sde_steps,
+            source_std,
         };
         let offline = plan.reflow.is_reflow() && plan.reflow.mode == ReflowMode::Offline;
         let need = crate::limits::estimate(

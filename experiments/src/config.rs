@@ -6,10 +6,10 @@ use crate::device::DeviceRequest;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
-use flowmatch_losses::{CouplingKind, OtSolver, Schedule, TimeKind};
+use flowmatch_losses::{CouplingKind, ObjectiveKind, OtSolver, Schedule, TimeKind};
 use flowmatch_models::{activation::Activation, ModelKind};
 use flowmatch_reflow::{ReflowInit, ReflowMode};
-use flowmatch_solvers::Method;
+use flowmatch_solvers::{Method, NoiseSchedule};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -89,6 +89,17 @@ pub struct LossConfig {
     pub time_warp_s: f64,
     pub logit_mean: f64,
     pub logit_std: f64,
+    /// `cfm` (regress the flow's velocity), `meanflow` or `shortcut` (a model with a span
+    /// input, sampled in a few Euler steps).
+    pub objective: ObjectiveKind,
+    /// MeanFlow: fraction of pairs with a span `h > 0` (the rest are flow matching).
+    pub meanflow_fraction: f64,
+    /// MeanFlow: power `p` of the adaptive loss weight `1/(‖Δ‖² + 10⁻³)^p` (0 = squared error).
+    pub meanflow_p: f64,
+    /// Shortcut models: fraction of each batch on the self-consistency target.
+    pub shortcut_bootstrap: f64,
+    /// Shortcut models: the finest step count `M` (a power of two).
+    pub shortcut_steps: usize,
 }
 
 /// `[train]`: optimisation.
@@ -142,6 +153,39 @@ pub struct EvalConfig {
     /// Evaluate the headline solver (W2, MMD, FID) every this many training steps, to follow
     /// training (0 = only at the end).
     pub every: usize,
+    /// Real samples whose negative log-likelihood is computed (Gaussian sources only; 0 =
+    /// none). Default: 1000 for 2-D data, none for images (each point costs a backward pass
+    /// per solver evaluation).
+    pub nll_samples: Option<usize>,
+    /// The solver of the likelihood ODE (integrated backwards).
+    pub nll_method: Method,
+    pub nll_steps: usize,
+    /// Hutchinson probes per point in more than 16 dimensions (the divergence is exact below).
+    pub nll_probes: usize,
+    /// Noise scales γ of stochastic (Euler–Maruyama) rows in the eval table (empty = none).
+    pub sde_gammas: Vec<f64>,
+    /// `constant` (g = γ) or `decaying` (g = γ·(1 − t)).
+    pub sde_schedule: SdeSchedule,
+    /// Euler–Maruyama steps of the stochastic rows.
+    pub sde_steps: usize,
+}
+
+/// The shape of the noise scale `g(t)` of stochastic rows (`eval.sde_schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SdeSchedule {
+    Constant,
+    Decaying,
+}
+
+impl SdeSchedule {
+    /// The noise schedule with scale `gamma`.
+    pub fn with(self, gamma: f64) -> NoiseSchedule {
+        match self {
+            Self::Constant => NoiseSchedule::Constant { gamma },
+            Self::Decaying => NoiseSchedule::Decaying { gamma },
+        }
+    }
 }
 
 /// `[reflow]`: k-rectified flows trained after the base run (1-RF).
@@ -209,6 +253,11 @@ impl Default for Config {
                 time_warp_s: 0.5,
                 logit_mean: 0.0,
                 logit_std: 1.0,
+                objective: ObjectiveKind::Cfm,
+                meanflow_fraction: 0.25,
+                meanflow_p: 1.0,
+                shortcut_bootstrap: 0.25,
+                shortcut_steps: 128,
             },
             train: TrainConfig {
                 steps: 5000,
@@ -238,6 +287,13 @@ impl Default for Config {
                 seed: 1_000_003,
                 classifier: String::new(),
                 every: 0,
+                nll_samples: None,
+                nll_method: Method::Rk4,
+                nll_steps: 20,
+                nll_probes: 1,
+                sde_gammas: vec![],
+                sde_schedule: SdeSchedule::Constant,
+                sde_steps: 100,
             },
             logging: LoggingConfig {
                 every: 10,

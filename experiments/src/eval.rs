@@ -1,16 +1,17 @@
 //! Evaluation: the samples every evaluation of a run compares against, and the metrics of a
 //! model under the headline solver and every entry of the eval table.
 
+use crate::check::NllSpec;
 use crate::config::{Config, TableMethod};
 use crate::experiment::Experiment;
 use crate::logging::RunLog;
-use crate::report::{Evaluation, ProgressRow, TableRow};
+use crate::report::{Evaluation, Nll, ProgressRow, TableRow};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use flowmatch_data::rng_from_seed;
 use flowmatch_metrics as metrics;
 use flowmatch_models::VelocityField;
-use flowmatch_solvers::{solve, SolverSpec};
+use flowmatch_solvers::{log_likelihood, sample_sde, solve, Divergence, SolverSpec};
 use serde_json::json;
 
 /// What every evaluation of a run compares against: source samples and real samples drawn
@@ -136,11 +137,20 @@ pub fn evaluate_on(
             }
             // The headline solver's own entry: its samples are already there.
             if spec == *solver {
-                entries.push((spec, steps, sol.nfe, gen.clone()));
+                entries.push((spec.label(), steps, sol.nfe, gen.clone()));
                 continue;
             }
             let s = solve(field, x0, &spec, false)?;
-            entries.push((spec, steps, s.nfe, s.x.to_device(&Device::Cpu)?));
+            entries.push((spec.label(), steps, s.nfe, s.x.to_device(&Device::Cpu)?));
+        }
+    }
+    // Stochastic rows: Euler–Maruyama from the same source samples, noise from eval.seed.
+    if let (false, Some(std)) = (checked.sde.is_empty(), checked.source_std) {
+        let mut rng = rng_from_seed(cfg.eval.seed ^ SDE_SEED);
+        for g in &checked.sde {
+            let x = sample_sde(field, x0, checked.sde_steps, *g, std, &mut rng)?;
+            let n = checked.sde_steps;
+            entries.push((g.label(), n, n, x.to_device(&Device::Cpu)?));
         }
     }
     // Exact W2 on two threads, each a chain of warm-started solves. The sample of the fewest
@@ -188,9 +198,9 @@ pub fn evaluate_on(
     let w2_gen = a[0];
     let mut mmd = reference;
     let mut table = vec![];
-    for ((spec, steps, nfe, g), w2) in entries.iter().zip(w2_table) {
+    for ((label, steps, nfe, g), w2) in entries.iter().zip(w2_table) {
         table.push(TableRow {
-            solver: spec.label(),
+            solver: label.clone(),
             steps: *steps,
             nfe: *nfe,
             w2,
@@ -214,6 +224,65 @@ pub fn evaluate_on(
             Some(s) => Some(s.score(&gen)?),
             None => None,
         },
+        nll: match (&checked.nll, checked.source_std) {
+            (Some(spec), Some(std)) => Some(negative_log_likelihood(
+                field,
+                real,
+                x0.device(),
+                spec,
+                std,
+                cfg,
+            )?),
+            _ => None,
+        },
+    })
+}
+
+/// Seeds of the stochastic rows' noise and the Hutchinson probes (with `eval.seed`).
+const SDE_SEED: u64 = 0x5de0_0000_0000;
+const NLL_SEED: u64 = 0x0111_0000_0000;
+
+/// The mean `−log p₁` of the first `spec.samples` real samples under the model's flow.
+fn negative_log_likelihood(
+    field: &dyn VelocityField,
+    real: &Tensor,
+    device: &Device,
+    spec: &NllSpec,
+    source_std: f64,
+    cfg: &Config,
+) -> Result<Nll> {
+    let x1 = real.narrow(0, 0, spec.samples)?;
+    let mut rng = rng_from_seed(cfg.eval.seed ^ NLL_SEED);
+    // Chunks bound the memory of the backward passes (images); the probes are drawn in order.
+    let chunk = if x1.dim(1)? <= 16 { spec.samples } else { 64 };
+    let mut total = 0.0;
+    let mut start = 0;
+    while start < spec.samples {
+        let n = chunk.min(spec.samples - start);
+        let x = x1.narrow(0, start, n)?.to_device(device)?;
+        let ll = log_likelihood(
+            field,
+            &x,
+            &spec.solver,
+            spec.divergence,
+            source_std,
+            &mut rng,
+        )?;
+        total -= ll.sum_all()?.to_scalar::<f64>()?;
+        start += n;
+    }
+    let nats = total / spec.samples as f64;
+    let dim = x1.dim(1)? as f64;
+    Ok(Nll {
+        samples: spec.samples,
+        nats,
+        bits_per_dim: nats / (dim * std::f64::consts::LN_2),
+        divergence: match spec.divergence {
+            Divergence::Exact => "exact".into(),
+            Divergence::Hutchinson { probes } => format!("hutchinson-{probes}"),
+        },
+        solver: spec.solver.label(),
+        steps: spec.solver.steps,
     })
 }
 

@@ -421,7 +421,7 @@ fn cmd_run(
         match &s.eval.image {
             Some(i) => format!("  FID-like {:.2} ({} classes)", i.fid, i.classes_present),
             None => String::new(),
-        }
+        } + &nll_text(&s.eval)
     );
     print_table(&s.eval.table)?;
     if let Some(rows) = &s.reflow {
@@ -603,11 +603,93 @@ fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode>
         match &ev.image {
             Some(i) => format!("  FID-like {:.2}", i.fid),
             None => String::new(),
-        }
+        } + &nll_text(&ev)
     );
     print_table(&ev.table)?;
     say!("wrote {}", out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `plot SWEEP --what samples[:K]`: `samples_nfeK.png` (K = 1 unless given), one panel per
+/// setting and flow of the sweep, each the samples of K Euler steps (a span model's K-step
+/// sampler) from the eval source sample, for the first replicate (seed) of each setting.
+fn sweep_samples(dir: &std::path::Path, what: &[String]) -> Result<PathBuf> {
+    use flowmatch_solvers::{solve, Method, SolverSpec};
+    let [w] = what else {
+        return Err(anyhow!("--what samples draws one figure; give it alone"));
+    };
+    let k: usize = match w.strip_prefix("samples") {
+        Some("") => 1,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|k| k.parse().ok())
+            .filter(|&k| k > 0)
+            .ok_or_else(|| anyhow!("--what {w}: expected samples or samples:K with K ≥ 1"))?,
+        None => unreachable!("called for samples"),
+    };
+    let plan = flowmatch_experiments::sweep_report::PlanFile::read(dir)?;
+    let n_axes = plan.axes.len();
+    let first_replicate = plan
+        .runs
+        .first()
+        .and_then(|r| plan.values.get(r))
+        .map(|v| v[n_axes.min(v.len())..].to_vec())
+        .unwrap_or_default();
+    let mut panels = vec![];
+    let mut real = None;
+    for run in &plan.runs {
+        let values = plan.values.get(run).cloned().unwrap_or_default();
+        if values[n_axes.min(values.len())..] != first_replicate[..] {
+            continue;
+        }
+        let run_dir = dir.join(run);
+        if !run_dir.join("summary.json").is_file() {
+            continue;
+        }
+        let setting = values[..n_axes.min(values.len())].join(" ");
+        let flows: Vec<(String, PathBuf)> =
+            match std::fs::read_to_string(run_dir.join("reflow.json")) {
+                Ok(text) => {
+                    let rows: Vec<flowmatch_experiments::report::IterationRow> =
+                        serde_json::from_str(&text).with_context(|| {
+                            format!("reading {}/reflow.json", run_dir.display())
+                        })?;
+                    rows.iter()
+                        .map(|r| {
+                            (
+                                format!("{setting} {}", r.flow),
+                                run_dir.join(reflow::folder_of(&r.flow)),
+                            )
+                        })
+                        .collect()
+                }
+                Err(_) => vec![(setting, run_dir.clone())],
+            };
+        for (title, d) in flows {
+            let (model, cfg, checked) = open_run(&d, &[])?;
+            let mut rng = flowmatch_data::rng_from_seed(cfg.eval.seed);
+            let x0 = checked
+                .source
+                .sample(cfg.eval.samples, &mut rng, &checked.device)?;
+            if real.is_none() {
+                real = Some(checked.target.sample(
+                    cfg.eval.samples,
+                    &mut rng,
+                    &candle_core::Device::Cpu,
+                )?);
+            }
+            let x = solve(&model, &x0, &SolverSpec::new(Method::Euler, k), false)?.x;
+            panels.push((format!("{title} ({k} NFE)"), x));
+        }
+    }
+    let Some(real) = real else {
+        return Err(anyhow!("{}: no finished run to draw", dir.display()));
+    };
+    let path = dir.join(format!("samples_nfe{k}.png"));
+    flowmatch_experiments::logging::atomically(&path, |tmp| {
+        plot::sample_panels(tmp, &real, &panels)
+    })?;
+    Ok(path)
 }
 
 fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<ExitCode> {
@@ -618,6 +700,11 @@ fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<Ex
                 "--set applies to run folders; {} is a sweep folder",
                 run_dir.display()
             ));
+        }
+        if what.iter().any(|w| w.starts_with("samples")) {
+            let path = sweep_samples(&run_dir, &what)?;
+            say!("wrote {}", path.display());
+            return Ok(ExitCode::SUCCESS);
         }
         let path = flowmatch_experiments::sweep_report::redraw(&run_dir, &what)?;
         say!("wrote {}", path.display());
@@ -736,6 +823,14 @@ fn cmd_bench(
         say!("{line}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `  NLL 2.31 nats (1.67 bits/dim)` when the evaluation has one.
+fn nll_text(ev: &flowmatch_experiments::report::Evaluation) -> String {
+    match &ev.nll {
+        Some(n) => format!("  NLL {:.4} nats ({:.4} bits/dim)", n.nats, n.bits_per_dim),
+        None => String::new(),
+    }
 }
 
 fn print_table(rows: &[TableRow]) -> Result<()> {

@@ -574,3 +574,32 @@ pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Re
     root.present()?;
     Ok(())
 }
+
+/// One panel per model: its samples (green) over the real ones (grey), in rows of three
+/// (the few-step leaderboard's samples at one NFE).
+pub fn sample_panels(path: &Path, real: &Tensor, panels: &[(String, Tensor)]) -> Result<()> {
+    let real = points(real)?;
+    let gens: Vec<Pts> = panels
+        .iter()
+        .map(|(_, t)| points(t))
+        .collect::<Result<_>>()?;
+    let mut sets: Vec<&Pts> = gens.iter().collect();
+    sets.push(&real);
+    let r = extent(&sets);
+    let cols = panels.len().clamp(1, 3);
+    let rows = panels.len().div_ceil(cols).max(1);
+    let root =
+        BitMapBackend::new(path, (PANEL * cols as u32, PANEL * rows as u32)).into_drawing_area();
+    root.fill(&BACKGROUND)?;
+    for (area, ((title, _), gen)) in root
+        .split_evenly((rows, cols))
+        .iter()
+        .zip(panels.iter().zip(&gens))
+    {
+        let mut c = panel(area, title, r)?;
+        scatter(&mut c, &real, TARGET, 0.25, 2)?;
+        scatter(&mut c, gen, GENERATED, 0.6, 2)?;
+    }
+    root.present()?;
+    Ok(())
+}

@@ -41,6 +41,26 @@ pub struct Evaluation {
     /// FID-like score and class spread of the headline samples (images with a classifier).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<crate::images::ImageScores>,
+    /// Negative log-likelihood of real samples under the flow (Gaussian sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nll: Option<Nll>,
+}
+
+/// The negative log-likelihood of real samples under the model's flow (its instantaneous
+/// velocity), by the instantaneous change of variables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Nll {
+    /// Real samples scored.
+    pub samples: usize,
+    /// Mean `−log p₁(x)` in nats per sample.
+    pub nats: f64,
+    /// The same in bits per dimension, `nats / (D·ln 2)`.
+    pub bits_per_dim: f64,
+    /// `exact` (2-D) or `hutchinson-P` (P probes per point).
+    pub divergence: String,
+    /// The backward solver, e.g. `rk4` at 20 steps.
+    pub solver: String,
+    pub steps: usize,
 }
 
 /// The headline solver's scores at one point of training (`eval.every`).
@@ -62,6 +82,9 @@ pub struct Summary {
     pub model: String,
     pub path: String,
     pub coupling: String,
+    /// The training objective, when not plain CFM (`meanflow`, `shortcut`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective: Option<String>,
     pub train_steps: usize,
     pub batch_size: usize,
     pub lr: f64,

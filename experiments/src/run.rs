@@ -114,6 +114,10 @@ fn finish_run(
         model: cfg.model.kind.name().to_string(),
         path: cfg.loss.path.name().to_string(),
         coupling: coupling_label,
+        objective: checked
+            .objective
+            .needs_span()
+            .then(|| checked.objective.name().to_string()),
         train_steps: cfg.train.steps,
         batch_size: cfg.train.batch_size,
         lr: cfg.train.lr,
@@ -277,6 +281,7 @@ pub fn train_stage(
         cfg.train.batch_size,
         optim,
     )?
+    .with_objective(checked.objective)?
     .with_ema(cfg.train.ema)?
     .with_prefetch(cfg.train.prefetch);
     let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));

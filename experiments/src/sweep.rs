@@ -34,7 +34,15 @@ struct SweepFile {
     /// the sweep also reports mean and interval over them (`summary_agg`).
     #[serde(default)]
     replicates: toml::Table,
+    /// Variants: name → a table of overrides; one more axis, `variant`, whose values are the
+    /// names (methods that differ in several keys: `[variants.meanflow]
+    /// "loss.objective" = "meanflow"`, `[variants.reflow] "reflow.iterations" = 1`).
+    #[serde(default)]
+    variants: toml::Table,
 }
+
+/// The axis of `[variants]`.
+pub const VARIANT: &str = "variant";
 
 /// One planned run of a sweep.
 pub struct PlannedRun {
@@ -118,6 +126,24 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
     });
     check_name(&name).map_err(|m| ConfigError(format!("{}: name: {m}", path.display())))?;
     let mut axes: Vec<(String, Vec<toml::Value>)> = vec![];
+    for (name, v) in &file.variants {
+        if !matches!(v, toml::Value::Table(_)) {
+            return Err(ConfigError(format!(
+                "{}: variant '{name}' must be a table of overrides ([variants.{name}])",
+                path.display()
+            )));
+        }
+    }
+    if !file.variants.is_empty() {
+        if file.axes.contains_key(VARIANT) || file.replicates.contains_key(VARIANT) {
+            return Err(ConfigError(format!(
+                "{}: '{VARIANT}' is the axis of [variants]; it cannot also be an axis or a replicate key",
+                path.display()
+            )));
+        }
+        let names = file.variants.keys().cloned().map(toml::Value::String);
+        axes.push((VARIANT.to_string(), names.collect()));
+    }
     for (table, what) in [(&file.axes, "axis"), (&file.replicates, "replicate key")] {
         for (k, v) in table {
             if axes.iter().any(|(a, _)| a == k) {
@@ -184,11 +210,17 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
             .iter()
             .map(|(k, v)| Override::new(k, v.clone(), &set_origin))
             .collect();
-        sets.extend(
-            combo
-                .into_iter()
-                .map(|(k, v)| Override::new(&k, v, &axis_origin)),
-        );
+        for (k, v) in combo {
+            match (k.as_str(), &v) {
+                (VARIANT, toml::Value::String(name)) => {
+                    let origin = format!("{} [variants.{name}]", path.display());
+                    if let Some(toml::Value::Table(t)) = file.variants.get(name) {
+                        sets.extend(t.iter().map(|(k, v)| Override::new(k, v.clone(), &origin)));
+                    }
+                }
+                _ => sets.push(Override::new(&k, v, &axis_origin)),
+            }
+        }
         sets.extend(extra_sets.iter().cloned());
         sets.push(Override::new(
             "name",
@@ -210,7 +242,11 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
     Ok(Sweep {
         name,
         runs,
-        axes: file.axes.keys().cloned().collect(),
+        axes: (!file.variants.is_empty())
+            .then(|| VARIANT.to_string())
+            .into_iter()
+            .chain(file.axes.keys().cloned())
+            .collect(),
         replicates: file.replicates.keys().cloned().collect(),
     })
 }

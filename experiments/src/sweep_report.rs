@@ -68,9 +68,11 @@ pub fn cell(v: &toml::Value) -> String {
 
 /// Euler step counts with their own W2 columns (the reflow table's few-step counts).
 const W2_STEPS: [usize; 4] = [1, 2, 5, 100];
+/// Euler step counts of the few-step columns (W2 at 4, MMD at 1, 2, 4).
+const FEW_STEPS: [usize; 3] = [1, 2, 4];
 
 /// The metric columns of a row and of the aggregate.
-const METRICS: [&str; 10] = [
+const METRICS: [&str; 15] = [
     "final_loss",
     "w2",
     "mmd",
@@ -81,6 +83,11 @@ const METRICS: [&str; 10] = [
     "w2_euler_2",
     "w2_euler_5",
     "w2_euler_100",
+    "w2_euler_4",
+    "mmd_euler_1",
+    "mmd_euler_2",
+    "mmd_euler_4",
+    "nll",
 ];
 
 /// One row of the sweep table: a run, or one flow of a reflow run.
@@ -92,15 +99,16 @@ struct Row {
 }
 
 impl Row {
-    fn metrics(&self) -> [f64; 10] {
+    fn metrics(&self) -> [f64; 15] {
         let s = &self.summary;
-        let w2 = |k: usize| {
+        let euler = |k: usize| {
             s.eval
                 .table
                 .iter()
                 .find(|r| r.solver == "euler" && r.steps == k)
-                .map_or(f64::NAN, |r| r.w2)
         };
+        let w2 = |k: usize| euler(k).map_or(f64::NAN, |r| r.w2);
+        let mmd = |k: usize| euler(k).map_or(f64::NAN, |r| r.mmd);
         [
             s.final_loss,
             s.w2,
@@ -112,6 +120,11 @@ impl Row {
             w2(W2_STEPS[1]),
             w2(W2_STEPS[2]),
             w2(W2_STEPS[3]),
+            w2(FEW_STEPS[2]),
+            mmd(FEW_STEPS[0]),
+            mmd(FEW_STEPS[1]),
+            mmd(FEW_STEPS[2]),
+            s.eval.nll.as_ref().map_or(f64::NAN, |n| n.nats),
         ]
     }
 }
@@ -423,10 +436,13 @@ fn write_hparams(dir: &Path, g: &Gathered) -> Result<()> {
             hparams::Session {
                 name,
                 hparams: keys.iter().cloned().zip(values).collect(),
+                // A metric the run did not measure (W2 at 4 steps without 4 in eval.steps, NLL
+                // without a Gaussian source) is left out rather than logged as NaN.
                 metrics: METRICS
                     .iter()
                     .map(|m| m.to_string())
                     .zip(r.metrics())
+                    .filter(|(_, v)| !v.is_nan())
                     .collect(),
             }
         })

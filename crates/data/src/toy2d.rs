@@ -74,6 +74,16 @@ impl Distribution {
         })
     }
 
+    /// The standard deviation of an isotropic Gaussian (`gaussian`, `gaussian-nd`), whose
+    /// density a likelihood starts from; `None` for the other shapes.
+    pub fn gaussian_std(&self) -> Option<f64> {
+        match *self {
+            Self::Gaussian { scale } => Some(scale),
+            Self::GaussianNd { .. } => Some(1.0),
+            _ => None,
+        }
+    }
+
     /// Replaces the distribution's main parameter: `scale` (or `noise` for moons, `dim` for
     /// gaussian-nd). Errors for a non-positive value or a distribution without one.
     pub fn with_scale(self, value: f64) -> Result<Self, DataError> {
