@@ -578,6 +578,7 @@ pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Re
 /// One panel per model: its samples (green) over the real ones (grey), in rows of three
 /// (the few-step leaderboard's samples at one NFE).
 pub fn sample_panels(path: &Path, real: &Tensor, panels: &[(String, Tensor)]) -> Result<()> {
+    font_ready();
     let real = points(real)?;
     let gens: Vec<Pts> = panels
         .iter()

@@ -210,7 +210,15 @@ impl VelocityMlp {
         let temb = self.act.apply(&self.time_embed.forward(&features)?)?;
         let first = &self.net[0];
         let w = first.weight();
-        let row = temb.matmul(&w.narrow(1, dim, w.dim(1)? - dim)?.t()?)?;
+        // The time columns of the first layer: a strided view the CPU's gemm reads as it is;
+        // CUDA's matmul takes only contiguous operands (or their transposes).
+        let w_t = w.narrow(1, dim, w.dim(1)? - dim)?;
+        let w_t = if w_t.device().is_cpu() {
+            w_t
+        } else {
+            w_t.contiguous()?
+        };
+        let row = temb.matmul(&w_t.t()?)?;
         let row = match first.bias() {
             Some(b) => row.broadcast_add(b)?,
             None => row,
