@@ -120,18 +120,26 @@ impl VelocityUNetLesson {
     }
 }
 
-impl VelocityField for VelocityUNetLesson {
-    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        self.forward(x, t, None)
-    }
-    fn mean_velocity(&self, x: &Tensor, t: &Tensor, h: &Tensor) -> Result<Tensor> {
-        self.forward(x, t, Some(h))
-    }
-    fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
-        let full = |v: f64| Tensor::full(v as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype());
-        self.forward(x, &full(t)?, Some(&full(if self.span { h } else { 0.0 })?))
-    }
+/// Both U-Nets are fields through their `forward(x, t, h)`; their JVP is the trait's
+/// central differences.
+macro_rules! unet_field {
+    ($($ty:ty),*) => {$(
+        impl VelocityField for $ty {
+            fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+                self.forward(x, t, None)
+            }
+            fn mean_velocity(&self, x: &Tensor, t: &Tensor, h: &Tensor) -> Result<Tensor> {
+                self.forward(x, t, Some(h))
+            }
+            fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
+                let full =
+                    |v: f64| Tensor::full(v as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype());
+                self.forward(x, &full(t)?, Some(&full(if self.span { h } else { 0.0 })?))
+            }
+        }
+    )*};
 }
+unet_field!(VelocityUNetLesson, VelocityUNet);
 
 /// A residual block: GroupNorm → SiLU → conv, plus the time embedding projected to the
 /// block's channels, GroupNorm → SiLU → conv, and a 1×1 skip when channels change.
@@ -262,19 +270,6 @@ impl VelocityUNet {
     }
 }
 
-impl VelocityField for VelocityUNet {
-    fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        self.forward(x, t, None)
-    }
-    fn mean_velocity(&self, x: &Tensor, t: &Tensor, h: &Tensor) -> Result<Tensor> {
-        self.forward(x, t, Some(h))
-    }
-    fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
-        let full = |v: f64| Tensor::full(v as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype());
-        self.forward(x, &full(t)?, Some(&full(if self.span { h } else { 0.0 })?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +326,50 @@ mod tests {
             }
             let last = loss(net.as_ref()).to_scalar::<f32>().unwrap();
             assert!(last < 0.2 * first, "lesson={lesson}: {first} -> {last}");
+        }
+    }
+
+    #[test]
+    fn span_unets_read_the_span_and_their_jvp_matches_a_finer_difference() {
+        for lesson in [true, false] {
+            let mut p = Params::new(2, &Device::Cpu);
+            let net: Box<dyn VelocityField> = if lesson {
+                Box::new(VelocityUNetLesson::new(&mut p, 64, 8, true).unwrap())
+            } else {
+                Box::new(VelocityUNet::new(&mut p, 64, 8, true).unwrap())
+            };
+            let x = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
+            let dx = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
+            let t = Tensor::new(&[0.1f32, 0.5, 0.7], &Device::Cpu).unwrap();
+            let h = Tensor::new(&[0.5f32, 0.25, 0.0], &Device::Cpu).unwrap();
+            let zero = t.zeros_like().unwrap();
+            let v = net.velocity(&x, &t).unwrap();
+            let u0 = net.mean_velocity(&x, &t, &zero).unwrap();
+            assert!(crate::max_abs_diff(&u0, &v) < 1e-6, "lesson={lesson}");
+            let u = net.mean_velocity(&x, &t, &h).unwrap();
+            assert!(
+                crate::max_abs_diff(&u, &v) > 1e-4,
+                "lesson={lesson}: span ignored"
+            );
+            // The trait's central differences (ε = 4e-3) against a difference with a step 4×
+            // smaller: both carry f32 rounding of order 2⁻²³·|u|/ε, hence a loose bound.
+            let (_, jvp) = net.mean_velocity_jvp(&x, &t, &h, (&dx, 1.0, -1.0)).unwrap();
+            let eps = 1e-3;
+            let at = |s: f64| {
+                net.mean_velocity(
+                    &(&x + dx.affine(s * eps, 0.0).unwrap()).unwrap(),
+                    &t.affine(1.0, s * eps).unwrap(),
+                    &h.affine(1.0, -s * eps).unwrap(),
+                )
+                .unwrap()
+            };
+            let fine = ((at(1.0) - at(-1.0)).unwrap() / (2.0 * eps)).unwrap();
+            let scale = crate::max_abs(&jvp).max(1e-3);
+            let err = crate::max_abs_diff(&jvp, &fine) / scale;
+            assert!(
+                err < 2e-2,
+                "lesson={lesson}: JVP {err} off a finer difference"
+            );
         }
     }
 }
