@@ -884,7 +884,10 @@ fn a_sweep_of_method_variants_trains_meanflow_and_shortcut_and_reports_nll_and_s
     let rows = csv_rows(&dir.join("summary.csv"));
     assert_eq!(&rows[0][..3], ["run", "variant", "train.seed"]);
     let variants: Vec<&str> = rows[1..].iter().map(|r| r[1].as_str()).collect();
-    assert_eq!(variants, ["cfm", "cfm", "meanflow", "meanflow", "shortcut", "shortcut"]);
+    assert_eq!(
+        variants,
+        ["cfm", "cfm", "meanflow", "meanflow", "shortcut", "shortcut"]
+    );
     for (run, objective) in [
         ("000_variant-cfm_seed-0", None),
         ("002_variant-meanflow_seed-0", Some("meanflow")),
@@ -897,7 +900,10 @@ fn a_sweep_of_method_variants_trains_meanflow_and_shortcut_and_reports_nll_and_s
         assert_eq!(nll["samples"], 50, "{run}");
         assert_eq!(nll["divergence"], "exact");
         let nats = nll["nats"].as_f64().unwrap();
-        assert!(nats.is_finite() && nats > -5.0 && nats < 20.0, "{run}: NLL {nats}");
+        assert!(
+            nats.is_finite() && nats > -5.0 && nats < 20.0,
+            "{run}: NLL {nats}"
+        );
         let sde = s["eval"]["table"]
             .as_array()
             .unwrap()
@@ -912,7 +918,12 @@ fn a_sweep_of_method_variants_trains_meanflow_and_shortcut_and_reports_nll_and_s
     assert!(cfg.contains("objective = \"meanflow\""), "{cfg}");
     // The aggregate has the NLL and few-step columns, one row per variant.
     let agg = csv_rows(&dir.join("summary_agg.csv"));
-    let col = |name: &str| agg[0].iter().position(|c| c == name).unwrap_or_else(|| panic!("{name}: {:?}", agg[0]));
+    let col = |name: &str| {
+        agg[0]
+            .iter()
+            .position(|c| c == name)
+            .unwrap_or_else(|| panic!("{name}: {:?}", agg[0]))
+    };
     assert_eq!(agg.len(), 4);
     for r in &agg[1..] {
         assert!(r[col("nll_mean")].parse::<f64>().unwrap().is_finite());
@@ -932,7 +943,11 @@ fn a_sweep_of_method_variants_trains_meanflow_and_shortcut_and_reports_nll_and_s
     );
     let o = sweep_into(&bad, &out, &[]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("variant 'meanflow' must be a table"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("variant 'meanflow' must be a table"),
+        "{}",
+        stderr(&o)
+    );
     let cfgp = write(tmp.path(), "tiny.toml", TINY);
     let o = flowmatch(&[
         "run",
@@ -946,6 +961,9 @@ fn a_sweep_of_method_variants_trains_meanflow_and_shortcut_and_reports_nll_and_s
     ]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("loss.shortcut_steps") && e.contains("power of two"), "{e}");
+    assert!(
+        e.contains("loss.shortcut_steps") && e.contains("power of two"),
+        "{e}"
+    );
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
