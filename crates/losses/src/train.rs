@@ -444,24 +444,8 @@ mod tests {
             "shortcut 1-step W2 {shortcut} vs I-CFM {cfm}"
         );
         // A flow model cannot train on an objective that needs the span input.
-        let flat = ModelSpec::VelocityNet {
-            hidden: 8,
-            activation: Activation::Gelu,
-            span: false,
-        }
-        .build(2, 0, &Device::Cpu)
-        .unwrap();
-        let path = Box::new(AffinePath::new(Schedule::Linear, 0.0).unwrap());
-        let tr = Trainer::new(
-            flat,
-            path,
-            Box::new(Independent::new(g.clone(), m)),
-            TimeSampler::Uniform,
-            8,
-            OptimConfig::default(),
-        )
-        .unwrap();
-        assert!(tr
+        assert!(small_flow_trainer(8)
+            .unwrap()
             .with_objective(Objective::Shortcut {
                 bootstrap_fraction: 0.25,
                 max_steps: 8
@@ -574,8 +558,8 @@ mod tests {
         assert!(trainer(false).with_ema(-0.1).is_err());
     }
 
-    #[test]
-    fn bad_settings_are_rejected() {
+    /// A small flow (no span input) on Gaussian → Gaussian with batches of `batch`.
+    fn small_flow_trainer(batch: usize) -> Result<Trainer, LossError> {
         let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
         let model = ModelSpec::VelocityNet {
             hidden: 8,
@@ -585,14 +569,18 @@ mod tests {
         .build(2, 0, &Device::Cpu)
         .unwrap();
         let path = Box::new(AffinePath::new(Schedule::Linear, 0.0).unwrap());
-        let r = Trainer::new(
+        Trainer::new(
             model,
             path,
             Box::new(Independent::new(g.clone(), g)),
             TimeSampler::Uniform,
-            0,
+            batch,
             OptimConfig::default(),
-        );
-        assert!(matches!(r, Err(LossError::Invalid(_))));
+        )
+    }
+
+    #[test]
+    fn bad_settings_are_rejected() {
+        assert!(matches!(small_flow_trainer(0), Err(LossError::Invalid(_))));
     }
 }

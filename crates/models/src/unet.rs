@@ -286,15 +286,20 @@ mod tests {
             .contains("multiple of 4"));
     }
 
+    /// A U-Net for 8×8 images with 8 base channels.
+    fn tiny_unet(p: &mut Params, lesson: bool, span: bool) -> Box<dyn VelocityField> {
+        if lesson {
+            Box::new(VelocityUNetLesson::new(p, 64, 8, span).unwrap())
+        } else {
+            Box::new(VelocityUNet::new(p, 64, 8, span).unwrap())
+        }
+    }
+
     #[test]
     fn both_unets_keep_the_input_shape_and_learn_a_constant_field() {
         for lesson in [true, false] {
             let mut p = Params::new(1, &Device::Cpu);
-            let net: Box<dyn VelocityField> = if lesson {
-                Box::new(VelocityUNetLesson::new(&mut p, 64, 8, false).unwrap())
-            } else {
-                Box::new(VelocityUNet::new(&mut p, 64, 8, false).unwrap())
-            };
+            let net = tiny_unet(&mut p, lesson, false);
             let x = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu).unwrap();
             let t = Tensor::new(&[0.0f32, 0.3, 0.6, 1.0], &Device::Cpu).unwrap();
             assert_eq!(net.velocity(&x, &t).unwrap().dims(), &[4, 64]);
@@ -333,11 +338,7 @@ mod tests {
     fn span_unets_read_the_span_and_their_jvp_matches_a_finer_difference() {
         for lesson in [true, false] {
             let mut p = Params::new(2, &Device::Cpu);
-            let net: Box<dyn VelocityField> = if lesson {
-                Box::new(VelocityUNetLesson::new(&mut p, 64, 8, true).unwrap())
-            } else {
-                Box::new(VelocityUNet::new(&mut p, 64, 8, true).unwrap())
-            };
+            let net = tiny_unet(&mut p, lesson, true);
             let x = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
             let dx = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
             let t = Tensor::new(&[0.1f32, 0.5, 0.7], &Device::Cpu).unwrap();
