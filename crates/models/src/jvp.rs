@@ -2,13 +2,21 @@
 //! `(a, da) ↦ (f(a), f'(a)·da)`, in the input's dtype (f64 in the tests). candle has no
 //! forward mode; these are the few layers the MLPs are made of.
 
-use crate::activation::Activation;
+use crate::activation::{Activation, FastGrad};
 use crate::Linear;
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
-/// `(x Wᵀ + b, dx Wᵀ)`.
+/// Whether `x` takes the fused CPU kernels (f32 on the CPU), as in training.
+fn fused(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 2
+}
+
+/// `(x Wᵀ + b, dx Wᵀ)`; on the CPU in f32 the value is the fused Linear op of training.
 pub(crate) fn linear(l: &Linear, x: &Tensor, dx: &Tensor) -> Result<(Tensor, Tensor)> {
+    if fused(x) {
+        return Ok((l.forward(x)?, dx.matmul(&l.weight().t()?)?));
+    }
     let w = l.weight().to_dtype(x.dtype())?.t()?;
     let mut a = x.matmul(&w)?;
     if let Some(b) = l.bias() {
@@ -35,9 +43,16 @@ pub(crate) fn activation_derivative(act: Activation, a: &Tensor) -> Result<Tenso
     }
 }
 
-/// `(act(a), act'(a)·da)`.
+/// `(act(a), act'(a)·da)`; on the CPU in f32, GELU and SiLU take the fused kernels of
+/// training: the tangent is their backward applied to `da` (one pass, no temporaries).
 pub(crate) fn activation(act: Activation, a: &Tensor, da: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((act.apply(a)?, activation_derivative(act, a)?.mul(da)?))
+    let y = act.apply(a)?;
+    if let (Some(kind), true) = (act.kind(), fused(a)) {
+        let a = a.contiguous()?;
+        let dy = a.apply_op3_no_bwd(&y.contiguous()?, &da.contiguous()?, &FastGrad(kind))?;
+        return Ok((y, dy));
+    }
+    Ok((y, activation_derivative(act, a)?.mul(da)?))
 }
 
 /// `act(x W₁ᵀ + b₁)` through `hidden` (each followed by `act`), then the linear `head`.
