@@ -120,7 +120,7 @@ e2e = float(fm_s) / float(py_s)
 print(f"| lesson run end to end, wall-clock s (ratio fm/PyTorch: {e2e:.2f}) | {float(fm_s):.1f} | {float(py_s):.1f} | "
       f"<= 0.5 | {'yes' if e2e <= 0.5 else '**no**'} |")
 print(f"\nLesson run: flowmatch `run configs/lesson_moons.toml` (5000 steps, then the full evaluation: "
-      f"exact W2 and MMD at 6 Euler step counts on 2000 samples, straightness, Liu's S; no figures); "
+      f"exact W2 and MMD at 6 Euler step counts on 2000 samples, straightness, Liu's S; no figures, and no NLL, which the PyTorch script does not compute); "
       f"the PyTorch + SciPy script (`bench_reference.py --lesson-run --metrics`: the same training, "
       f"then the same metrics, W2 by SciPy's linear_sum_assignment).")
 EOF
