@@ -25,13 +25,25 @@ pub struct EvalSet {
 }
 
 impl EvalSet {
-    /// Draws the samples (`x0` on `device`, the real ones on the CPU) and loads the scorer.
-    pub fn draw(cfg: &Config, checked: &Experiment, device: &Device) -> Result<Self> {
+    /// The evaluation's source samples (on `device`) and real samples (on the CPU), drawn in
+    /// that order from `eval.seed`: the same for every evaluation of a run (and for the
+    /// samples figure of `flowmatch plot SWEEP --what samples`).
+    pub fn samples(
+        cfg: &Config,
+        checked: &Experiment,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let mut rng = rng_from_seed(cfg.eval.seed);
         let x0 = checked.source.sample(cfg.eval.samples, &mut rng, device)?;
         let real = checked
             .target
             .sample(cfg.eval.samples, &mut rng, &Device::Cpu)?;
+        Ok((x0, real))
+    }
+
+    /// Draws the samples ([`Self::samples`]) and loads the scorer.
+    pub fn draw(cfg: &Config, checked: &Experiment, device: &Device) -> Result<Self> {
+        let (x0, real) = Self::samples(cfg, checked, device)?;
         let scorer = match &checked.classifier {
             Some(p) => Some(crate::images::FidScorer::new(p, &real)?),
             None => None,
@@ -145,7 +157,7 @@ pub fn evaluate_on(
         }
     }
     // Stochastic rows: Euler–Maruyama from the same source samples, noise from eval.seed.
-    if let (false, Some(std)) = (checked.sde.is_empty(), checked.source_std) {
+    if let Some(std) = checked.source_std {
         let mut rng = rng_from_seed(cfg.eval.seed ^ SDE_SEED);
         for g in &checked.sde {
             let x = sample_sde(field, x0, checked.sde_steps, *g, std, &mut rng)?;

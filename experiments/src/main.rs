@@ -667,17 +667,9 @@ fn sweep_samples(dir: &std::path::Path, what: &[String]) -> Result<PathBuf> {
             };
         for (title, d) in flows {
             let (model, cfg, checked) = open_run(&d, &[])?;
-            let mut rng = flowmatch_data::rng_from_seed(cfg.eval.seed);
-            let x0 = checked
-                .source
-                .sample(cfg.eval.samples, &mut rng, &checked.device)?;
-            if real.is_none() {
-                real = Some(checked.target.sample(
-                    cfg.eval.samples,
-                    &mut rng,
-                    &candle_core::Device::Cpu,
-                )?);
-            }
+            let (x0, r) =
+                flowmatch_experiments::eval::EvalSet::samples(&cfg, &checked, &checked.device)?;
+            real.get_or_insert(r);
             let x = solve(&model, &x0, &SolverSpec::new(Method::Euler, k), false)?.x;
             panels.push((format!("{title} ({k} NFE)"), x));
         }

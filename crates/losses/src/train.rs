@@ -316,7 +316,8 @@ mod tests {
     use flowmatch_solvers::{solve, Method, SolverSpec};
     use std::sync::Arc;
 
-    fn w2_at_100_euler(model: &Model, seed: u64) -> f64 {
+    /// W2 between `steps` Euler steps of `model` from 400 Gaussian points and 400 moons.
+    fn w2_at_euler(model: &Model, steps: usize, seed: u64) -> f64 {
         let mut rng = rng_from_seed(seed);
         let n = 400;
         let x0 = Distribution::from_name("gaussian")
@@ -327,7 +328,7 @@ mod tests {
             .unwrap()
             .sample(n, &mut rng, &Device::Cpu)
             .unwrap();
-        let gen = solve(model, &x0, &SolverSpec::new(Method::Euler, 100), false)
+        let gen = solve(model, &x0, &SolverSpec::new(Method::Euler, steps), false)
             .unwrap()
             .x;
         w2(&gen, &real).unwrap()
@@ -365,35 +366,18 @@ mod tests {
     fn short_training_on_gaussian_to_moons_halves_w2() {
         for ot in [false, true] {
             let mut tr = trainer(ot);
-            let before = w2_at_100_euler(tr.model(), 11);
+            let before = w2_at_euler(tr.model(), 100, 11);
             let mut rng = rng_from_seed(5);
             let mut losses = vec![];
             for _ in 0..600 {
                 losses.push(tr.step(&mut rng).unwrap());
             }
-            let after = w2_at_100_euler(tr.model(), 11);
+            let after = w2_at_euler(tr.model(), 100, 11);
             assert!(after < 0.5 * before, "ot={ot}: W2 {before} -> {after}");
             let head: f32 = losses[..50].iter().sum::<f32>() / 50.0;
             let tail: f32 = losses[550..].iter().sum::<f32>() / 50.0;
             assert!(tail < head, "ot={ot}: loss {head} -> {tail}");
         }
-    }
-
-    fn w2_at_one_step(model: &Model) -> f64 {
-        let mut rng = rng_from_seed(11);
-        let n = 400;
-        let x0 = Distribution::from_name("gaussian")
-            .unwrap()
-            .sample(n, &mut rng, &Device::Cpu)
-            .unwrap();
-        let real = Distribution::from_name("moons")
-            .unwrap()
-            .sample(n, &mut rng, &Device::Cpu)
-            .unwrap();
-        let gen = solve(model, &x0, &SolverSpec::new(Method::Euler, 1), false)
-            .unwrap()
-            .x;
-        w2(&gen, &real).unwrap()
     }
 
     #[test]
@@ -424,7 +408,7 @@ mod tests {
             for _ in 0..800 {
                 tr.step(&mut rng).unwrap();
             }
-            w2_at_one_step(tr.model())
+            w2_at_euler(tr.model(), 1, 11)
         };
         let cfm = run(Objective::Cfm);
         let meanflow = run(Objective::MeanFlow {

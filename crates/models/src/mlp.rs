@@ -81,7 +81,7 @@ impl VelocityField for VelocityNet {
     }
 
     fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
-        self.forward_at(x, t, if self.span { h } else { 0.0 })
+        self.forward_at(x, t, h)
     }
 
     /// Exact: the tangent `[dx, dt, dh]` through the layers.
@@ -247,7 +247,7 @@ impl VelocityField for VelocityMlp {
     }
 
     fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
-        self.forward_at(x, t, if self.span { h } else { 0.0 })
+        self.forward_at(x, t, h)
     }
 
     /// Exact: the tangent through the sinusoids, the time MLP and the layers.

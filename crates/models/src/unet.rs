@@ -134,7 +134,7 @@ macro_rules! unet_field {
             fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
                 let full =
                     |v: f64| Tensor::full(v as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype());
-                self.forward(x, &full(t)?, Some(&full(if self.span { h } else { 0.0 })?))
+                self.forward(x, &full(t)?, Some(&full(h)?))
             }
         }
     )*};
