@@ -7,6 +7,7 @@
 //! re-unfolds (dW) and folds back (col2im, dx). Other devices build the batch's patches from
 //! `pad` / `narrow` / `stack` and one batched matmul.
 
+use super::conv_direct::{self as direct, Scratch};
 use crate::cpu::{f32_slice, matmul, unpack_grads};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -156,7 +157,7 @@ impl Geometry {
     }
 
     /// A 1×1, stride-1, unpadded conv: the input already is its own unfolding.
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
 
@@ -190,35 +191,81 @@ impl Geometry {
         }
     }
 
-    /// Unfolds one sample into `cols` (`rows() × cols()`, zero where a tap is padding).
+    /// Unfolds one sample into `cols` (`rows() × cols()`, zero where a tap is padding):
+    /// every entry is written once, stride 2 as a gather of every other pixel.
     pub(crate) fn im2col(&self, x: &[f32], cols: &mut [f32]) {
-        cols.fill(0.0);
-        let s = self.stride;
-        self.for_each_run(|o, i, n| {
-            if s == 1 {
-                cols[o..o + n].copy_from_slice(&x[i..i + n]);
-            } else {
-                for (c, v) in cols[o..o + n].iter_mut().zip(x[i..].iter().step_by(s)) {
-                    *c = *v;
+        let (ho, wo) = self.out_hw();
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        for ch in 0..self.c {
+            for i in 0..k {
+                for j in 0..k {
+                    let row = (ch * k + i) * k + j;
+                    let x0 = p.saturating_sub(j).div_ceil(s).min(wo);
+                    let x1 = ((self.w + p).saturating_sub(j).div_ceil(s)).clamp(x0, wo);
+                    for y in 0..ho {
+                        let dst = &mut cols[(row * ho + y) * wo..][..wo];
+                        let iy = (y * s + i) as isize - p as isize;
+                        if iy < 0 || iy >= self.h as isize || x1 == x0 {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        dst[..x0].fill(0.0);
+                        dst[x1..].fill(0.0);
+                        let at = (ch * self.h + iy as usize) * self.w + x0 * s + j - p;
+                        gather(&x[at..], &mut dst[x0..x1], s);
+                    }
                 }
             }
-        });
+        }
     }
 
     /// The adjoint of [`Self::im2col`]: adds every column entry onto its pixel in `dx`.
     pub(crate) fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
         let s = self.stride;
-        self.for_each_run(|o, i, n| {
-            if s == 1 {
-                for (d, c) in dx[i..i + n].iter_mut().zip(&cols[o..o + n]) {
-                    *d += c;
-                }
-            } else {
-                for (d, c) in dx[i..].iter_mut().step_by(s).zip(&cols[o..o + n]) {
-                    *d += c;
-                }
+        self.for_each_run(|o, i, n| scatter_add(&cols[o..o + n], &mut dx[i..], s));
+    }
+}
+
+/// `dst[t] = src[s·t]`.
+#[inline(always)]
+fn gather(src: &[f32], dst: &mut [f32], s: usize) {
+    let n = dst.len();
+    match s {
+        1 => dst.copy_from_slice(&src[..n]),
+        // Pairs when the last one is whole (vectorizes as a shuffle).
+        2 if src.len() >= 2 * n => {
+            for (d, pair) in dst.iter_mut().zip(src[..2 * n].chunks_exact(2)) {
+                *d = pair[0];
             }
-        });
+        }
+        _ => {
+            for (d, v) in dst.iter_mut().zip(src.iter().step_by(s)) {
+                *d = *v;
+            }
+        }
+    }
+}
+
+/// `dst[s·t] += src[t]`.
+#[inline(always)]
+fn scatter_add(src: &[f32], dst: &mut [f32], s: usize) {
+    let n = src.len();
+    match s {
+        1 => {
+            for (d, c) in dst[..n].iter_mut().zip(src) {
+                *d += c;
+            }
+        }
+        2 if dst.len() >= 2 * n => {
+            for (pair, c) in dst[..2 * n].chunks_exact_mut(2).zip(src) {
+                pair[0] += c;
+            }
+        }
+        _ => {
+            for (d, c) in dst.iter_mut().step_by(s).zip(src) {
+                *d += c;
+            }
+        }
     }
 }
 
@@ -268,13 +315,21 @@ impl CustomOp3 for ConvOp {
         let bias = f32_slice(s3, l3, self.name())?;
         let (n_in, l, (ho, wo)) = (g.c * g.h * g.w, g.cols(), g.out_hw());
         let mut out = vec![0f32; b * o * l];
+        let direct = direct::fits(&g, o);
+        let unfolded = !direct && !g.is_pointwise();
         out.par_chunks_mut(o * l)
             .zip(xs.par_chunks(n_in))
             .for_each_init(
-                || vec![0f32; if g.is_pointwise() { 0 } else { g.rows() * l }],
-                |cols, (yb, xb)| {
+                || {
+                    let cols = vec![0f32; if unfolded { g.rows() * l } else { 0 }];
+                    (cols, Scratch::default())
+                },
+                |(cols, scratch), (yb, xb)| {
                     for (row, &bv) in yb.chunks_exact_mut(l).zip(bias) {
                         row.fill(bv);
+                    }
+                    if direct {
+                        return direct::forward(&g, o, xb, ws, yb, scratch);
                     }
                     let cols: &[f32] = if g.is_pointwise() {
                         xb
@@ -305,14 +360,25 @@ impl CustomOp3 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // One op computes dx, dW and db, packed end to end in a flat tensor.
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &ConvGrad(self.0))?;
-        unpack_grads(&packed, [x, w, bias])
+        // One op computes dx, dW and db, packed end to end in a flat tensor; dx only when
+        // the input needs it (not for a network's input).
+        let want_dx = x.track_op();
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &ConvGrad(self.0, want_dx))?;
+        if want_dx {
+            return unpack_grads(&packed, [x, w, bias]);
+        }
+        let nw = w.elem_count();
+        let dw = packed.narrow(0, 0, nw)?.reshape(w.shape())?;
+        let db = packed
+            .narrow(0, nw, bias.elem_count())?
+            .reshape(bias.shape())?;
+        Ok((None, Some(dw), Some(db)))
     }
 }
 
-/// Backward of [`ConvOp`]: inputs x, W, dy; output `[dx; dW; db]` flattened.
-struct ConvGrad(Geometry);
+/// Backward of [`ConvOp`]: inputs x, W, dy; output `[dx; dW; db]` flattened (`[dW; db]`
+/// without dx when the flag is off).
+struct ConvGrad(Geometry, bool);
 
 impl CustomOp3 for ConvGrad {
     fn name(&self) -> &'static str {
@@ -335,22 +401,38 @@ impl CustomOp3 for ConvGrad {
         if dy.len() != b * o * l {
             candle_core::bail!("{}: gradient shape mismatch", self.name());
         }
-        let mut out = vec![0f32; b * n_in + o * k + o];
-        let (dx, _) = out.split_at_mut(b * n_in);
+        let want_dx = self.1;
+        let n_dx = if want_dx { b * n_in } else { 0 };
+        let mut out = vec![0f32; n_dx + o * k + o];
+        // Each chunk of samples writes its own slice of dx, when there is one.
+        let dx: Vec<Option<&mut [f32]>> = if want_dx {
+            out[..n_dx].chunks_mut(CHUNK * n_in).map(Some).collect()
+        } else {
+            (0..b.div_ceil(CHUNK)).map(|_| None).collect()
+        };
+        let direct = direct::fits(&g, o);
+        let unfolded = !direct && !g.is_pointwise();
         // Per chunk of samples: dx (its own slice), and partial dW, db.
         let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(CHUNK * n_in)
+            .into_par_iter()
             .zip(xs.par_chunks(CHUNK * n_in))
             .zip(dy.par_chunks(CHUNK * o * l))
-            .map(|((dxc, xc), dyc)| {
+            .map(|((mut dxc, xc), dyc)| {
                 let mut acc = vec![0f32; o * k + o];
-                let mut cols = vec![0f32; if g.is_pointwise() { 0 } else { k * l }];
-                let mut dcols = vec![0f32; k * l];
-                for ((dxb, xb), dyb) in dxc
-                    .chunks_exact_mut(n_in)
-                    .zip(xc.chunks_exact(n_in))
+                let mut cols = vec![0f32; if unfolded { k * l } else { 0 }];
+                let mut dcols = vec![0f32; if unfolded && want_dx { k * l } else { 0 }];
+                let mut scratch = Scratch::default();
+                for (i, (xb, dyb)) in xc
+                    .chunks_exact(n_in)
                     .zip(dyc.chunks_exact(o * l))
+                    .enumerate()
                 {
+                    let dxb = dxc.as_deref_mut().map(|d| &mut d[i * n_in..(i + 1) * n_in]);
+                    if direct {
+                        let (dw, db) = acc.split_at_mut(o * k);
+                        direct::backward(&g, o, xb, ws, dyb, dxb, (dw, db), &mut scratch);
+                        continue;
+                    }
                     let colsb: &[f32] = if g.is_pointwise() {
                         xb
                     } else {
@@ -364,6 +446,7 @@ impl CustomOp3 for ConvGrad {
                         *d += row.iter().sum::<f32>();
                     }
                     // dcols = Wᵀ (k×o) · dY (o×l), folded back onto the pixels.
+                    let Some(dxb) = dxb else { continue };
                     if g.is_pointwise() {
                         matmul((k, l, o), dxb, false, ws, (1, k), dyb, (l, 1), 1);
                     } else {
@@ -374,11 +457,11 @@ impl CustomOp3 for ConvGrad {
                 acc
             })
             .collect();
-        let tail = &mut out[b * n_in..];
+        let tail = &mut out[n_dx..];
         for p in &partials {
             tail.iter_mut().zip(p).for_each(|(t, v)| *t += v);
         }
-        Ok((CpuStorage::F32(out), Shape::from(b * n_in + o * k + o)))
+        Ok((CpuStorage::F32(out), Shape::from(n_dx + o * k + o)))
     }
 }
 
@@ -399,12 +482,20 @@ mod tests {
     #[test]
     fn matches_candle_conv2d_forward_and_gradients() {
         let dev = Device::Cpu;
-        for (k, s, p, hw) in [(3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 7), (1, 1, 0, 5)] {
+        // Output channels 1 and 4 run tap by tap at stride 1 (conv_direct), 6 by im2col.
+        let cases = [
+            (3, 1, 1, 8),
+            (3, 2, 1, 8),
+            (3, 2, 1, 7),
+            (1, 1, 0, 5),
+            (5, 1, 2, 9),
+        ];
+        for ((k, s, p, hw), o) in cases.into_iter().flat_map(|c| [(c, 1), (c, 4), (c, 6)]) {
             let x =
                 Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 3, hw, hw), &dev).unwrap()).unwrap();
             let w =
-                Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 3, k, k), &dev).unwrap()).unwrap();
-            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, 4, &dev).unwrap()).unwrap();
+                Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, 3, k, k), &dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
             let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), s, p).unwrap();
             let cfg = candle_nn::Conv2dConfig {
                 padding: p,
@@ -429,6 +520,26 @@ mod tests {
                     let d = crate::grad_diff(&g1, &g2, v);
                     assert!(d < 1e-3, "{path} grad k{k} s{s} p{p} hw{hw}: {d}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn an_input_without_gradient_skips_dx_and_keeps_dw() {
+        let dev = Device::Cpu;
+        for o in [1, 6] {
+            let x = Tensor::randn(0f32, 1.0, (5, 2, 6, 6), &dev).unwrap();
+            let w =
+                Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, 2, 3, 3), &dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1).unwrap();
+            let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let ours = loss(conv.forward_cpu(&x).unwrap());
+            let theirs = loss(conv.forward_ops(&x).unwrap());
+            assert!(ours.get(&x).is_none(), "o{o}: no dx for a plain input");
+            for v in [&w, &bias] {
+                let d = crate::grad_diff(&ours, &theirs, v);
+                assert!(d < 1e-3, "o{o}: {d}");
             }
         }
     }

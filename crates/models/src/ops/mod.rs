@@ -12,6 +12,7 @@
 
 pub mod activation;
 pub mod conv;
+mod conv_direct;
 pub mod conv_transpose;
 pub(crate) mod cpu;
 pub(crate) mod dense;

@@ -1,0 +1,287 @@
+//! Stride-1 convolutions with few output channels (a U-Net's last conv: 64 → 1), tap by tap.
+//!
+//! Unfolding such a conv writes `C·k²` rows per pixel for a product with one row: the im2col
+//! and col2im passes cost ten times the arithmetic. Here the padded sample is laid out with
+//! its padded row width `Wp`, so that tap `(i, j)` of every output pixel is one shifted
+//! slice: each tap is a single long `y += w·x` over `H'·Wp` values (the `Wp − W'` columns
+//! past each row are scratch, dropped at the end). The backward runs the same shifts: dx
+//! as the adjoint `axpy`s, dW as dot products against the gradient laid out the same way
+//! (its scratch columns zero).
+
+use super::conv::Geometry;
+
+/// Output channels up to which a stride-1 conv runs tap by tap instead of im2col + gemm.
+pub(crate) const MAX_DIRECT_OUT: usize = 4;
+
+/// Whether a conv of geometry `g` with `o` output channels runs tap by tap.
+pub(crate) fn fits(g: &Geometry, o: usize) -> bool {
+    g.stride == 1 && o <= MAX_DIRECT_OUT && !g.is_pointwise()
+}
+
+/// The padded layout of one sample: `C` planes of `Hp × Wp`, and `k` floats of slack at the
+/// end that the last plane's shifted slices run into.
+struct Padded {
+    hp: usize,
+    wp: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Padded {
+    fn of(g: &Geometry) -> Self {
+        let (ho, wo) = g.out_hw();
+        Self {
+            hp: g.h + 2 * g.pad,
+            wp: g.w + 2 * g.pad,
+            ho,
+            wo,
+        }
+    }
+
+    fn plane(&self) -> usize {
+        self.hp * self.wp
+    }
+
+    /// The span of one output channel in the `Wp`-wide layout.
+    fn span(&self) -> usize {
+        self.ho * self.wp
+    }
+
+    fn len(&self, c: usize, k: usize) -> usize {
+        c * self.plane() + k
+    }
+}
+
+/// Reused buffers of one worker (resized on first use).
+#[derive(Default)]
+pub(crate) struct Scratch {
+    x: Vec<f32>,
+    y: Vec<f32>,
+    dx: Vec<f32>,
+}
+
+/// Copies `x` (`C × H × W`) into the zero-padded `Wp`-wide layout. A worker's buffer serves
+/// one geometry: the border, zeroed when the buffer is made, is never written.
+fn pad_into(g: &Geometry, p: &Padded, x: &[f32], dst: &mut Vec<f32>) {
+    dst.resize(p.len(g.c, g.k), 0.0);
+    for ch in 0..g.c {
+        for r in 0..g.h {
+            let at = ch * p.plane() + (r + g.pad) * p.wp + g.pad;
+            let from = (ch * g.h + r) * g.w;
+            dst[at..at + g.w].copy_from_slice(&x[from..from + g.w]);
+        }
+    }
+}
+
+/// `y += a·x` (portable).
+fn axpy_base(a: f32, x: &[f32], y: &mut [f32]) {
+    for (d, &s) in y.iter_mut().zip(x) {
+        *d += a * s;
+    }
+}
+
+/// `Σ x·y` in eight interleaved partial sums (portable).
+fn dot_base(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (l, (a, b)) in x.iter().zip(y).enumerate() {
+        acc[l % 8] += a * b;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// `y += a·x`, eight lanes at a time with fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let yp = y.as_mut_ptr().add(i);
+        let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(yp));
+        _mm256_storeu_ps(yp, v);
+        i += 8;
+    }
+    for t in i..n {
+        y[t] = a.mul_add(x[t], y[t]);
+    }
+}
+
+/// `Σ x·y` in four vector chains of eight lanes (fused multiply-adds), then the tail.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let (xp, yp) = (x.as_ptr(), y.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (c, a) in acc.iter_mut().enumerate() {
+            let at = i + 8 * c;
+            *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(yp.add(at)), *a);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(xp.add(i)),
+            _mm256_loadu_ps(yp.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+    let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for t in i..n {
+        sum = x[t].mul_add(y[t], sum);
+    }
+    sum
+}
+
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::activation::has_avx2() {
+        // SAFETY: the CPU reports AVX2 and FMA; every load and store is below `min(len)`.
+        return unsafe { axpy_avx2(a, x, y) };
+    }
+    axpy_base(a, x, y)
+}
+
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::activation::has_avx2() {
+        // SAFETY: as in `axpy`.
+        return unsafe { dot_avx2(x, y) };
+    }
+    dot_base(x, y)
+}
+
+/// One sample's forward: `y` (`O × H' × W'`, holding the bias) `+= W ⋆ x`.
+pub(crate) fn forward(
+    g: &Geometry,
+    o: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    s: &mut Scratch,
+) {
+    let p = Padded::of(g);
+    let k = g.k;
+    pad_into(g, &p, x, &mut s.x);
+    s.y.clear();
+    s.y.resize(o * p.span(), 0.0);
+    for (oc, acc) in s.y.chunks_exact_mut(p.span()).enumerate() {
+        for ch in 0..g.c {
+            for i in 0..k {
+                for j in 0..k {
+                    let wv = w[((oc * g.c + ch) * k + i) * k + j];
+                    let at = ch * p.plane() + i * p.wp + j;
+                    axpy(wv, &s.x[at..at + p.span()], acc);
+                }
+            }
+        }
+        for r in 0..p.ho {
+            let dst = &mut y[(oc * p.ho + r) * p.wo..][..p.wo];
+            for (d, v) in dst.iter_mut().zip(&acc[r * p.wp..r * p.wp + p.wo]) {
+                *d += v;
+            }
+        }
+    }
+}
+
+/// One sample's backward: `dw += dy ⋆ x`, `db += Σ dy`, and `dx = Wᵀ ⋆ dy` when asked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    g: &Geometry,
+    o: usize,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    (dw, db): (&mut [f32], &mut [f32]),
+    s: &mut Scratch,
+) {
+    let p = Padded::of(g);
+    let k = g.k;
+    pad_into(g, &p, x, &mut s.x);
+    // dy in the Wp-wide layout, zero in the scratch columns (never written, as the border
+    // in `pad_into`).
+    s.y.resize(o * p.span(), 0.0);
+    for oc in 0..o {
+        for r in 0..p.ho {
+            let src = &dy[(oc * p.ho + r) * p.wo..][..p.wo];
+            s.y[oc * p.span() + r * p.wp..][..p.wo].copy_from_slice(src);
+            db[oc] += src.iter().sum::<f32>();
+        }
+    }
+    for (oc, gy) in s.y.chunks_exact(p.span()).enumerate() {
+        for ch in 0..g.c {
+            for i in 0..k {
+                for j in 0..k {
+                    let at = ch * p.plane() + i * p.wp + j;
+                    dw[((oc * g.c + ch) * k + i) * k + j] += dot(gy, &s.x[at..at + p.span()]);
+                }
+            }
+        }
+    }
+    let Some(dx) = dx else { return };
+    s.dx.clear();
+    s.dx.resize(p.len(g.c, k), 0.0);
+    for (oc, gy) in s.y.chunks_exact(p.span()).enumerate() {
+        for ch in 0..g.c {
+            for i in 0..k {
+                for j in 0..k {
+                    let wv = w[((oc * g.c + ch) * k + i) * k + j];
+                    let at = ch * p.plane() + i * p.wp + j;
+                    axpy(wv, gy, &mut s.dx[at..at + p.span()]);
+                }
+            }
+        }
+    }
+    for ch in 0..g.c {
+        for r in 0..g.h {
+            let from = ch * p.plane() + (r + g.pad) * p.wp + g.pad;
+            let to = (ch * g.h + r) * g.w;
+            for (d, v) in dx[to..to + g.w].iter_mut().zip(&s.dx[from..from + g.w]) {
+                *d += v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vector_kernels_match_the_portable_ones() {
+        // Lengths around the 8- and 32-lane blocks, on values of both signs.
+        for n in [0, 1, 7, 8, 9, 31, 32, 33, 70, 840] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+                .collect();
+            let y0: Vec<f32> = (0..n).map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0).collect();
+            let (mut ya, mut yb) = (y0.clone(), y0.clone());
+            axpy(0.75, &x, &mut ya);
+            axpy_base(0.75, &x, &mut yb);
+            for (a, b) in ya.iter().zip(&yb) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "axpy n{n}: {a} vs {b}"
+                );
+            }
+            let exact: f64 = x.iter().zip(&y0).map(|(a, b)| *a as f64 * *b as f64).sum();
+            for (what, d) in [("dot", dot(&x, &y0)), ("dot_base", dot_base(&x, &y0))] {
+                assert!(
+                    (d as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()),
+                    "{what} n{n}: {d} vs {exact}"
+                );
+            }
+        }
+    }
+}
