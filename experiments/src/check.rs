@@ -84,6 +84,19 @@ fn check_warp(key: &'static str, s: f64) -> Result<(), Bad> {
     flowmatch_solvers::grid_check_warp(s).map_err(|e| (key, e.to_string()))
 }
 
+/// The learning-rate warm-up must end before the `steps` of the training it starts.
+fn check_warmup(steps_key: &str, steps: usize, warmup: usize) -> Result<(), Bad> {
+    if warmup > 0 && warmup >= steps {
+        return Err((
+            "train.warmup",
+            format!(
+                "{warmup} warm-up steps leave nothing of {steps_key} = {steps}; it must be shorter"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A learning rate: positive and finite.
 fn check_lr(key: &'static str, lr: f64) -> Result<(), Bad> {
     if lr > 0.0 && lr.is_finite() {
@@ -206,6 +219,7 @@ impl TrainConfig {
         check_count("train.steps", self.steps)?;
         check_count("train.batch_size", self.batch_size)?;
         check_lr("train.lr", self.lr)?;
+        check_warmup("train.steps", self.steps, self.warmup)?;
         if !(0.0..1.0).contains(&self.ema) {
             return Err((
                 "train.ema",
@@ -411,6 +425,9 @@ impl ReflowConfig {
         }
         let steps = self.steps.unwrap_or(train.steps);
         check_count("reflow.steps", steps)?;
+        if self.iterations > 0 {
+            check_warmup("reflow.steps", steps, train.warmup)?;
+        }
         let lr = self.lr.unwrap_or(train.lr);
         check_lr("reflow.lr", lr)?;
         if self.distill_k > 0 {

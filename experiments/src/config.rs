@@ -6,7 +6,7 @@ use crate::device::DeviceRequest;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
-use flowmatch_losses::{CouplingKind, ObjectiveKind, OtSolver, Schedule, TimeKind};
+use flowmatch_losses::{CouplingKind, LrDecay, ObjectiveKind, OtSolver, Schedule, TimeKind};
 use flowmatch_models::{activation::Activation, ModelKind};
 use flowmatch_reflow::{ReflowInit, ReflowMode};
 use flowmatch_solvers::{Method, NoiseSchedule};
@@ -109,6 +109,11 @@ pub struct TrainConfig {
     pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
+    /// `constant`, `cosine` or `linear`: the rate after the warm-up, decaying to zero at the
+    /// last step for the last two.
+    pub lr_decay: LrDecay,
+    /// Steps of linear warm-up to `lr` (0 = none).
+    pub warmup: usize,
     pub weight_decay: f64,
     pub seed: u64,
     /// Save `model.safetensors` every this many steps (0 = only at the end).
@@ -263,6 +268,8 @@ impl Default for Config {
                 steps: 5000,
                 batch_size: 256,
                 lr: 1e-3,
+                lr_decay: LrDecay::Constant,
+                warmup: 0,
                 weight_decay: 0.0,
                 seed: 0,
                 checkpoint_every: 1000,
@@ -712,6 +719,13 @@ mod tests {
         assert!(e.contains("train.batch_size"), "{e}");
         let e = load("[train]\nema = 1.0\n", &[]).err().unwrap().0;
         assert!(e.contains("train.ema") && e.contains("[0, 1)"), "{e}");
+        let e = load("[train]\nsteps = 50\nwarmup = 50\n", &[]).err().unwrap().0;
+        assert!(e.contains("train.warmup") && e.contains("exp.toml"), "{e}");
+        let e = load("[train]\nlr_decay = \"exp\"\n", &[]).err().unwrap().0;
+        assert!(e.contains("train.lr_decay") && e.contains("cosine"), "{e}");
+        let e = load("[train]\nwarmup = 300\n[reflow]\niterations = 1\nsteps = 200\n", &[]);
+        let e = e.err().unwrap().0;
+        assert!(e.contains("train.warmup") && e.contains("reflow.steps"), "{e}");
         let e = load("[data]\ntarget = \"banana\"\n", &[]).err().unwrap().0;
         assert!(e.contains("data.target") && e.contains("banana"), "{e}");
         let e = load("[train\nsteps = 1", &[]).err().unwrap().0;

@@ -10,7 +10,7 @@ use crate::report::{Evaluation, ProgressRow, Summary};
 use crate::signals::{self, Stopped, RESUMABLE_EXIT};
 use anyhow::{anyhow, Context, Result};
 use flowmatch_data::rng_from_seed;
-use flowmatch_losses::{Coupling, LossError, OptimConfig, Trainer};
+use flowmatch_losses::{Coupling, LossError, LrDecay, LrSchedule, OptimConfig, Trainer};
 use flowmatch_models::Model;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -282,6 +282,11 @@ pub fn train_stage(
         optim,
     )?
     .with_objective(checked.objective)?
+    .with_lr_schedule(LrSchedule {
+        decay: cfg.train.lr_decay,
+        warmup: cfg.train.warmup,
+        total: cfg.train.steps,
+    })?
     .with_ema(cfg.train.ema)?
     .with_prefetch(cfg.train.prefetch);
     let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));
@@ -335,7 +340,13 @@ pub fn train_stage(
         };
         recent.push(loss);
         if step % cfg.logging.every == 0 || step == cfg.train.steps {
-            log.record(&json!({"step": step, "loss": loss}))?;
+            if cfg.train.lr_decay == LrDecay::Constant && cfg.train.warmup == 0 {
+                log.record(&json!({"step": step, "loss": loss}))?;
+            } else {
+                let lr = trainer.lr();
+                log.record(&json!({"step": step, "loss": loss, "lr": lr}))?;
+                log.scalar("train/lr", lr, step);
+            }
             log.scalar("train/loss", loss as f64, step);
             pb.set_position(step as u64);
             pb.set_message(format!("loss {loss:.4}"));

@@ -7,11 +7,13 @@
 //! - [`time`]: where `t` is drawn — uniform, the blog's warped, logit-normal.
 //! - [`objective`]: what the model regresses on — the flow's velocity (CFM), MeanFlow's
 //!   average velocity, or a shortcut model's self-consistent jump.
+//! - [`lr`]: the learning rate over a training (warm-up, constant, cosine or linear decay).
 //! - [`train`]: [`Trainer::step`], the one training step (AdamW) every experiment uses.
 
 mod adamw;
 pub mod coupling;
 mod error;
+pub mod lr;
 pub mod objective;
 pub mod path;
 mod prefetch;
@@ -22,6 +24,7 @@ pub use adamw::{AdamState, FusedAdamW};
 pub use coupling::{Coupling, CouplingKind, CouplingSpec, Draw, Independent, MinibatchOt, Pairing};
 pub use error::LossError;
 pub use flowmatch_metrics::ot::OtSolver;
+pub use lr::{LrDecay, LrSchedule};
 pub use objective::{Draws, Objective, ObjectiveKind};
 pub use path::{AffinePath, PathSample, ProbabilityPath, Schedule};
 pub use time::{TimeKind, TimeSampler};

@@ -1,6 +1,7 @@
 //! The one training step of flow matching, generic over path, coupling and time sampler.
 
 use crate::adamw::AdamState;
+use crate::lr::LrSchedule;
 use crate::prefetch::Prefetcher;
 use crate::FusedAdamW;
 use crate::{Coupling, LossError, Objective, ProbabilityPath, TimeSampler};
@@ -42,6 +43,9 @@ impl Default for OptimConfig {
 pub struct Trainer {
     model: Model,
     opt: FusedAdamW,
+    /// The base learning rate and its schedule over the training.
+    lr: f64,
+    schedule: LrSchedule,
     path: Box<dyn ProbabilityPath>,
     coupling: Box<dyn Coupling>,
     time: TimeSampler,
@@ -118,6 +122,8 @@ impl Trainer {
         Ok(Self {
             model,
             opt,
+            lr: optim.lr,
+            schedule: LrSchedule::CONSTANT,
             path,
             coupling,
             time,
@@ -146,6 +152,13 @@ impl Trainer {
         } else {
             None
         };
+        Ok(self)
+    }
+
+    /// Moves the learning rate along `schedule` (warm-up, then constant or decaying to zero).
+    pub fn with_lr_schedule(mut self, schedule: LrSchedule) -> Result<Self, LossError> {
+        schedule.validate()?;
+        self.schedule = schedule;
         Ok(self)
     }
 
@@ -196,12 +209,19 @@ impl Trainer {
         if !value.is_finite() {
             return Err(LossError::NonFiniteLoss(value, self.steps_done + 1));
         }
+        self.opt
+            .set_learning_rate(self.lr * self.schedule.factor(self.steps_done));
         self.opt.backward_step(&loss)?;
         if let Some(ema) = &self.ema {
             ema.update(&self.model)?;
         }
         self.steps_done += 1;
         Ok(value)
+    }
+
+    /// The learning rate of the last step taken (the base rate before the first).
+    pub fn lr(&self) -> f64 {
+        self.opt.learning_rate()
     }
 
     /// Steps taken so far.
@@ -378,6 +398,29 @@ mod tests {
             let tail: f32 = losses[550..].iter().sum::<f32>() / 50.0;
             assert!(tail < head, "ot={ot}: loss {head} -> {tail}");
         }
+    }
+
+    #[test]
+    fn the_schedule_sets_each_steps_learning_rate() {
+        let schedule = crate::LrSchedule {
+            decay: crate::LrDecay::Cosine,
+            warmup: 2,
+            total: 10,
+        };
+        let mut tr = trainer(false).with_lr_schedule(schedule).unwrap();
+        let mut rng = rng_from_seed(1);
+        let mut rates = vec![];
+        for _ in 0..10 {
+            tr.step(&mut rng).unwrap();
+            rates.push(tr.lr());
+        }
+        let base = 3e-3;
+        assert!((rates[0] - 0.5 * base).abs() < 1e-15, "{rates:?}");
+        assert!((rates[1] - base).abs() < 1e-15 && (rates[2] - base).abs() < 1e-15);
+        assert!(rates.windows(2).skip(2).all(|w| w[1] < w[0]), "{rates:?}");
+        assert!(rates[9] < 0.05 * base, "{rates:?}");
+        let constant = trainer(false);
+        assert_eq!(constant.lr(), base);
     }
 
     #[test]
