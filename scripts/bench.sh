@@ -34,7 +34,7 @@ for r in $(seq "$ROUNDS"); do
   echo "== round $r/$ROUNDS: flowmatch"
   cargo bench -q -p flowmatch-losses --bench train_step >/dev/null 2>&1
   cargo bench -q -p flowmatch-solvers --bench sampling >/dev/null 2>&1
-  cargo bench -q -p flowmatch-models --bench unet -- unet_fwd_bwd >/dev/null 2>&1
+  cargo bench -q -p flowmatch-models --bench unet -- 'unet_fwd_bwd|gemm_ceiling' >/dev/null 2>&1
   for f in "$CARGO_TARGET_DIR"/criterion/*/*/new/estimates.json; do
     name=$(basename "$(dirname "$(dirname "$(dirname "$f")")")")/$(basename "$(dirname "$(dirname "$f")")")
     "$VENV/bin/python" -c 'import json,sys; e=json.load(open(sys.argv[1])); print(json.dumps({"side":"flowmatch","name":sys.argv[2],"ms":e["median"]["point_estimate"]/1e6}))' "$f" "$name" >> "$OUT/rows.jsonl"
@@ -119,6 +119,23 @@ print(f"| peak memory of a lesson run, MiB | {int(fm_kb) / 1024:.0f} | {int(py_k
 e2e = float(fm_s) / float(py_s)
 print(f"| lesson run end to end, wall-clock s (ratio fm/PyTorch: {e2e:.2f}) | {float(fm_s):.1f} | {float(py_s):.1f} | "
       f"<= 0.5 | {'yes' if e2e <= 0.5 else '**no**'} |")
+# The U-Nets' arithmetic: multiply-adds of every conv at batch 64 (forward; the backward's
+# data and weight gradients are two more of each), against this core's 512³ sgemm.
+unet_gflop = {"unet_fwd_bwd_b64/unet_lesson_h32": ("unet/lesson_h32", 6 * 64 * 22.15e6 / 1e9),
+              "unet_fwd_bwd_b64/unet_h16": ("unet/flowmatch_h16", 6 * 64 * 26.77e6 / 1e9)}
+ceiling = best.get(("flowmatch", "gemm_ceiling/sgemm_512"))
+if ceiling:
+    peak = 2 * 512 ** 3 / (ceiling / 1e3) / 1e9
+    print(f"\n**The U-Nets' arithmetic.** A matrix product of 512³ runs at {peak:.0f} GFLOP/s on one core "
+          f"here (the `gemm` crate the convolutions use). In GFLOP/s of each step (3× the forward's "
+          f"multiply-adds ×2):\n")
+    print("| U-Net step | flops | flowmatch | PyTorch | the goal (0.67× PyTorch's time) needs |")
+    print("|---|---:|---:|---:|---:|")
+    for fm, (py, g) in unet_gflop.items():
+        a, b = best.get(("flowmatch", fm)), best.get(("pytorch", py))
+        if a and b:
+            print(f"| {fm.split('/')[1]} | {g:.2f} G | {g / a * 1e3:.0f} | {g / b * 1e3:.0f} | "
+                  f"{g / (b / 1.5) * 1e3:.0f} ({100 * g / (b / 1.5) * 1e3 / peak:.0f}% of the 512³ product) |")
 print(f"\nLesson run: flowmatch `run configs/lesson_moons.toml` (5000 steps, then the full evaluation: "
       f"exact W2 and MMD at 6 Euler step counts on 2000 samples, straightness, Liu's S; no figures, and no NLL, which the PyTorch script does not compute); "
       f"the PyTorch + SciPy script (`bench_reference.py --lesson-run --metrics`: the same training, "

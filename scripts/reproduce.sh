@@ -95,6 +95,9 @@ else:
         im = s["eval"]["image"]
         out.append(f"Classes predicted among the generated digits: {im['classes_present']} of 10, "
                    f"counts {im['class_counts']}\n")
+        if im.get("fid_real") is not None:
+            out.append(f"FID-like of a second real sample of the same size (the floor at this "
+                       f"sample count): {im['fid_real']:.1f}\n")
     out.append(f"straightness {s['straightness']:.4f}, S (Liu) {s['rf_straightness']:.4f}, "
                f"normalized path energy {s['normalized_path_energy']:.4f}")
 open(os.path.join(dst, "table.md"), "w").write("\n".join(out).strip() + "\n")

@@ -542,6 +542,12 @@ fn mnist_trains_scores_draws_and_reflows_and_bad_files_are_clear_errors() {
         let s = read_json(&run.join("summary.json"));
         let image = &s["eval"]["image"];
         assert!(image["fid"].as_f64().unwrap().is_finite(), "{s}");
+        // A second real sample scores far below a 60-step model's digits.
+        let fid_real = image["fid_real"].as_f64().unwrap();
+        assert!(
+            fid_real > 0.0 && fid_real < image["fid"].as_f64().unwrap(),
+            "{s}"
+        );
         assert_eq!(image["class_counts"].as_array().unwrap().len(), 10);
         assert!(s["eval"]["table"][0]["fid"].as_f64().is_some());
         // 4 step counts + real digits, 16 per row, 2 px per pixel.

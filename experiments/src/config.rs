@@ -719,13 +719,22 @@ mod tests {
         assert!(e.contains("train.batch_size"), "{e}");
         let e = load("[train]\nema = 1.0\n", &[]).err().unwrap().0;
         assert!(e.contains("train.ema") && e.contains("[0, 1)"), "{e}");
-        let e = load("[train]\nsteps = 50\nwarmup = 50\n", &[]).err().unwrap().0;
+        let e = load("[train]\nsteps = 50\nwarmup = 50\n", &[])
+            .err()
+            .unwrap()
+            .0;
         assert!(e.contains("train.warmup") && e.contains("exp.toml"), "{e}");
         let e = load("[train]\nlr_decay = \"exp\"\n", &[]).err().unwrap().0;
         assert!(e.contains("train.lr_decay") && e.contains("cosine"), "{e}");
-        let e = load("[train]\nwarmup = 300\n[reflow]\niterations = 1\nsteps = 200\n", &[]);
+        let e = load(
+            "[train]\nwarmup = 300\n[reflow]\niterations = 1\nsteps = 200\n",
+            &[],
+        );
         let e = e.err().unwrap().0;
-        assert!(e.contains("train.warmup") && e.contains("reflow.steps"), "{e}");
+        assert!(
+            e.contains("train.warmup") && e.contains("reflow.steps"),
+            "{e}"
+        );
         let e = load("[data]\ntarget = \"banana\"\n", &[]).err().unwrap().0;
         assert!(e.contains("data.target") && e.contains("banana"), "{e}");
         let e = load("[train\nsteps = 1", &[]).err().unwrap().0;

@@ -45,7 +45,15 @@ impl EvalSet {
     pub fn draw(cfg: &Config, checked: &Experiment, device: &Device) -> Result<Self> {
         let (x0, real) = Self::samples(cfg, checked, device)?;
         let scorer = match &checked.classifier {
-            Some(p) => Some(crate::images::FidScorer::new(p, &real)?),
+            Some(p) => {
+                // A second real sample of the same size, from its own seed (the draws above
+                // stay as they were).
+                let mut rng = rng_from_seed(cfg.eval.seed ^ 0xf1d_4ea1);
+                let other = checked
+                    .target
+                    .sample(cfg.eval.samples, &mut rng, &Device::Cpu)?;
+                Some(crate::images::FidScorer::new(p, &real, &other)?)
+            }
             None => None,
         };
         Ok(Self {

@@ -60,24 +60,39 @@ pub struct ImageScores {
     pub classes_present: usize,
     /// Generated digits predicted as each class 0..9.
     pub class_counts: Vec<usize>,
+    /// The score of a second real sample of the same size: what a perfect model would get at
+    /// this sample count (the Fréchet distance of finite samples is biased upwards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid_real: Option<f64>,
 }
 
 /// Scores generated digits against a fixed real sample.
 pub struct FidScorer {
     clf: Classifier,
     real: Vec<f32>,
+    /// The score of `other_real` (see [`ImageScores::fid_real`]).
+    fid_real: f64,
 }
 
 impl FidScorer {
-    /// Loads the classifier and embeds the real digits once.
-    pub fn new(path: &Path, real: &Tensor) -> Result<Self> {
+    /// Loads the classifier, embeds the real digits once, and scores a second real sample
+    /// `other_real` against them.
+    pub fn new(path: &Path, real: &Tensor, other_real: &Tensor) -> Result<Self> {
         let clf = Classifier::load(path, flowmatch_data::mnist::PIXELS, 10, &Device::Cpu)
             .map_err(|e| anyhow!("eval.classifier: {e}"))?;
-        let real = clf
-            .features(&real.to_device(&Device::Cpu)?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok(Self { clf, real })
+        let features = |x: &Tensor| -> Result<Vec<f32>> {
+            Ok(clf
+                .features(&x.to_device(&Device::Cpu)?.flatten_from(1)?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let real = features(real)?;
+        let fid_real = frechet_distance(&features(other_real)?, &real, Classifier::FEATURES)?;
+        Ok(Self {
+            clf,
+            real,
+            fid_real,
+        })
     }
 
     /// The score of `gen` (`(n, 784)`, any device).
@@ -99,6 +114,7 @@ impl FidScorer {
             fid,
             classes_present: counts.iter().filter(|&&c| c > 0).count(),
             class_counts: counts,
+            fid_real: Some(self.fid_real),
         })
     }
 }

@@ -419,7 +419,12 @@ fn cmd_run(
         s.straightness,
         s.rf_straightness,
         match &s.eval.image {
-            Some(i) => format!("  FID-like {:.2} ({} classes)", i.fid, i.classes_present),
+            Some(i) => format!(
+                "  FID-like {:.2} ({} classes; real digits score {:.2})",
+                i.fid,
+                i.classes_present,
+                i.fid_real.unwrap_or(f64::NAN)
+            ),
             None => String::new(),
         } + &nll_text(&s.eval)
     );

@@ -70,6 +70,46 @@ fn pieces(c: &mut Criterion) {
     group.finish();
 }
 
+/// This core's matrix-product ceiling: one 512³ f32 product with the `gemm` crate the
+/// convolutions use (2·512³ flops; `scripts/bench.sh` reports it in GFLOP/s).
+fn gemm_ceiling(c: &mut Criterion) {
+    let n = 512;
+    let a = vec![0.5f32; n * n];
+    let b = vec![0.25f32; n * n];
+    let mut d = vec![0f32; n * n];
+    let mut group = c.benchmark_group("gemm_ceiling");
+    group.sample_size(20);
+    group.bench_function("sgemm_512", |bench| {
+        bench.iter(|| {
+            // SAFETY: three n×n row-major buffers, strides within them.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    n,
+                    n,
+                    d.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    n as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        })
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     std::env::set_var("RAYON_NUM_THREADS", "1");
     Criterion::default()
@@ -77,5 +117,5 @@ fn config() -> Criterion {
         .measurement_time(std::time::Duration::from_secs(4))
 }
 
-criterion_group! { name = benches; config = config(); targets = unets, pieces }
+criterion_group! { name = benches; config = config(); targets = unets, pieces, gemm_ceiling }
 criterion_main!(benches);
