@@ -59,6 +59,26 @@ pub(crate) fn grad_diff(
     )
 }
 
+/// The gradients of `vars` after `loss().backward()` run on a pool of `threads` threads, as
+/// flat vectors (tests: the CPU ops must give the same bits for any thread count).
+#[cfg(test)]
+pub(crate) fn grads_on_threads(
+    threads: usize,
+    vars: &[&candle_core::Var],
+    loss: impl Fn() -> candle_core::Tensor + Send + Sync,
+) -> Vec<Vec<f32>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let g = loss().backward().unwrap();
+        vars.iter()
+            .map(|v| g.get(v).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    })
+}
+
 /// Says on the terminal that a test could not run on this machine, and why, in the manner of
 /// candle's `test_device!`: libtest hides what a passing test prints, but not a direct write
 /// to stderr, so a skip never passes silently.

@@ -525,6 +525,26 @@ mod tests {
     }
 
     #[test]
+    fn gradients_do_not_depend_on_the_thread_count() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 3, 8, 8), &dev).unwrap()).unwrap();
+        // 5 output channels by im2col, 2 tap by tap.
+        for o in [5, 2] {
+            let w = Tensor::randn(0f32, 0.3, (o, 3, 3, 3), &dev).unwrap();
+            let w = Var::from_tensor(&w).unwrap();
+            let bias = Var::from_tensor(&Tensor::zeros(o, DType::F32, &dev).unwrap()).unwrap();
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1).unwrap();
+            let grads = |threads: usize| {
+                crate::grads_on_threads(threads, &[&x, &w, &bias], || {
+                    let y = conv.forward(x.as_tensor()).unwrap();
+                    y.sqr().unwrap().sum_all().unwrap()
+                })
+            };
+            assert_eq!(grads(1), grads(3), "o{o}");
+        }
+    }
+
+    #[test]
     fn an_input_without_gradient_skips_dx_and_keeps_dw() {
         let dev = Device::Cpu;
         for o in [1, 6] {
