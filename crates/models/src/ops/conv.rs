@@ -7,7 +7,7 @@
 //! re-unfolds (dW) and folds back (col2im, dx). Other devices build the batch's patches from
 //! `pad` / `narrow` / `stack` and one batched matmul.
 
-use super::conv_direct::{self as direct, Scratch};
+use super::conv_padded::{self as padded, Scratch};
 use crate::cpu::{f32_slice, matmul, unpack_grads};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -269,6 +269,33 @@ fn scatter_add(src: &[f32], dst: &mut [f32], s: usize) {
     }
 }
 
+/// How a conv runs on the CPU, per sample.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// 1×1, stride 1, unpadded: the input is its own unfolding; one gemm.
+    Pointwise,
+    /// Stride 1, at most [`padded::MAX_DIRECT_OUT`] output channels: tap by tap.
+    Direct,
+    /// Stride 1: unfolded on the padded layout (long copies), one gemm.
+    Padded,
+    /// Stride 2 and more: unfolded by runs of taps, one gemm, folded back by col2im.
+    Strided,
+}
+
+impl Path {
+    fn of(g: &Geometry, o: usize) -> Self {
+        if g.is_pointwise() {
+            Self::Pointwise
+        } else if padded::direct_fits(g, o) {
+            Self::Direct
+        } else if padded::fits(g) {
+            Self::Padded
+        } else {
+            Self::Strided
+        }
+    }
+}
+
 /// Samples per work item in the backward: the weight gradient is summed per chunk, then the
 /// chunks in order, so the result does not depend on the number of threads.
 pub(crate) const CHUNK: usize = 4;
@@ -315,23 +342,33 @@ impl CustomOp3 for ConvOp {
         let bias = f32_slice(s3, l3, self.name())?;
         let (n_in, l, (ho, wo)) = (g.c * g.h * g.w, g.cols(), g.out_hw());
         let mut out = vec![0f32; b * o * l];
-        let direct = direct::fits(&g, o);
-        let unfolded = !direct && !g.is_pointwise();
+        let path = Path::of(&g, o);
         out.par_chunks_mut(o * l)
             .zip(xs.par_chunks(n_in))
             .for_each_init(
                 || {
-                    let cols = vec![0f32; if unfolded { g.rows() * l } else { 0 }];
+                    let cols = vec![
+                        0f32;
+                        if path == Path::Strided {
+                            g.rows() * l
+                        } else {
+                            0
+                        }
+                    ];
                     (cols, Scratch::default())
                 },
                 |(cols, scratch), (yb, xb)| {
                     for (row, &bv) in yb.chunks_exact_mut(l).zip(bias) {
                         row.fill(bv);
                     }
-                    if direct {
-                        return direct::forward(&g, o, xb, ws, yb, scratch);
+                    match path {
+                        Path::Direct => return padded::forward_direct(&g, o, xb, ws, yb, scratch),
+                        Path::Padded => {
+                            return padded::forward_unfolded(&g, o, xb, ws, yb, scratch)
+                        }
+                        Path::Pointwise | Path::Strided => {}
                     }
-                    let cols: &[f32] = if g.is_pointwise() {
+                    let cols: &[f32] = if path == Path::Pointwise {
                         xb
                     } else {
                         g.im2col(xb, cols);
@@ -410,8 +447,8 @@ impl CustomOp3 for ConvGrad {
         } else {
             (0..b.div_ceil(CHUNK)).map(|_| None).collect()
         };
-        let direct = direct::fits(&g, o);
-        let unfolded = !direct && !g.is_pointwise();
+        let path = Path::of(&g, o);
+        let unfolded = path == Path::Strided;
         // Per chunk of samples: dx (its own slice), and partial dW, db.
         let partials: Vec<Vec<f32>> = dx
             .into_par_iter()
@@ -428,18 +465,25 @@ impl CustomOp3 for ConvGrad {
                     .enumerate()
                 {
                     let dxb = dxc.as_deref_mut().map(|d| &mut d[i * n_in..(i + 1) * n_in]);
-                    if direct {
-                        let (dw, db) = acc.split_at_mut(o * k);
-                        direct::backward(&g, o, xb, ws, dyb, dxb, (dw, db), &mut scratch);
-                        continue;
+                    let (dw, db) = acc.split_at_mut(o * k);
+                    let s = &mut scratch;
+                    match path {
+                        Path::Direct => {
+                            padded::backward_direct(&g, o, xb, ws, dyb, dxb, (dw, db), s);
+                            continue;
+                        }
+                        Path::Padded => {
+                            padded::backward_unfolded(&g, o, xb, ws, dyb, dxb, (dw, db), s);
+                            continue;
+                        }
+                        Path::Pointwise | Path::Strided => {}
                     }
-                    let colsb: &[f32] = if g.is_pointwise() {
+                    let colsb: &[f32] = if path == Path::Pointwise {
                         xb
                     } else {
                         g.im2col(xb, &mut cols);
                         &cols
                     };
-                    let (dw, db) = acc.split_at_mut(o * k);
                     // dW += dY (o×l) · colsᵀ (l×k); db += row sums of dY.
                     matmul((o, k, l), dw, true, dyb, (l, 1), colsb, (1, l), 1);
                     for (d, row) in db.iter_mut().zip(dyb.chunks_exact(l)) {
@@ -447,7 +491,7 @@ impl CustomOp3 for ConvGrad {
                     }
                     // dcols = Wᵀ (k×o) · dY (o×l), folded back onto the pixels.
                     let Some(dxb) = dxb else { continue };
-                    if g.is_pointwise() {
+                    if path == Path::Pointwise {
                         matmul((k, l, o), dxb, false, ws, (1, k), dyb, (l, 1), 1);
                     } else {
                         matmul((k, l, o), &mut dcols, false, ws, (1, k), dyb, (l, 1), 1);

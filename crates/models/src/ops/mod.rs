@@ -12,7 +12,7 @@
 
 pub mod activation;
 pub mod conv;
-mod conv_direct;
+mod conv_padded;
 pub mod conv_transpose;
 pub(crate) mod cpu;
 pub(crate) mod dense;

@@ -1,20 +1,22 @@
-//! Stride-1 convolutions with few output channels (a U-Net's last conv: 64 → 1), tap by tap.
+//! Stride-1 convolutions on the padded sample, laid out with its padded row width `Wp`: tap
+//! `(i, j)` of every output pixel is then one shifted slice of `H'·Wp` values (the `Wp − W'`
+//! columns past each output row are scratch, dropped at the end).
 //!
-//! Unfolding such a conv writes `C·k²` rows per pixel for a product with one row: the im2col
-//! and col2im passes cost ten times the arithmetic. Here the padded sample is laid out with
-//! its padded row width `Wp`, so that tap `(i, j)` of every output pixel is one shifted
-//! slice: each tap is a single long `y += w·x` over `H'·Wp` values (the `Wp − W'` columns
-//! past each row are scratch, dropped at the end). The backward runs the same shifts: dx
-//! as the adjoint `axpy`s, dW as dot products against the gradient laid out the same way
-//! (its scratch columns zero).
+//! - Few output channels (a U-Net's last conv: 64 → 1), tap by tap: unfolding such a conv
+//!   writes `C·k²` rows per pixel for a product with one row, so each tap is instead a single
+//!   long `y += w·x`; the backward runs the same shifts (dx as the adjoint `axpy`s, dW as dot
+//!   products against the gradient laid out the same way, its scratch columns zero).
+//! - Otherwise, unfolding is one copy of `H'·Wp` values per row (no short runs, no padding
+//!   tests) for a gemm `Wp / W'` wider, and folding back one contiguous add per row.
 
 use super::conv::Geometry;
+use crate::cpu::matmul;
 
 /// Output channels up to which a stride-1 conv runs tap by tap instead of im2col + gemm.
 pub(crate) const MAX_DIRECT_OUT: usize = 4;
 
 /// Whether a conv of geometry `g` with `o` output channels runs tap by tap.
-pub(crate) fn fits(g: &Geometry, o: usize) -> bool {
+pub(crate) fn direct_fits(g: &Geometry, o: usize) -> bool {
     g.stride == 1 && o <= MAX_DIRECT_OUT && !g.is_pointwise()
 }
 
@@ -58,6 +60,135 @@ pub(crate) struct Scratch {
     x: Vec<f32>,
     y: Vec<f32>,
     dx: Vec<f32>,
+    cols: Vec<f32>,
+}
+
+/// Whether a conv of geometry `g` runs on the padded layout (stride 1, a kernel wider than 1).
+pub(crate) fn fits(g: &Geometry) -> bool {
+    g.stride == 1 && !g.is_pointwise()
+}
+
+/// Unfolds one sample into `s.cols` (`C·k² × H'·Wp`): row `(c, i, j)` is the padded plane `c`
+/// from `i·Wp + j` on.
+fn unfold(g: &Geometry, p: &Padded, x: &[f32], s: &mut Scratch) {
+    pad_into(g, p, x, &mut s.x);
+    let (k, span) = (g.k, p.span());
+    s.cols.resize(g.rows() * span, 0.0);
+    for (r, row) in s.cols.chunks_exact_mut(span).enumerate() {
+        let (ch, i, j) = (r / (k * k), r / k % k, r % k);
+        let at = ch * p.plane() + i * p.wp + j;
+        row.copy_from_slice(&s.x[at..at + span]);
+    }
+}
+
+/// `dy` (`O × H' × W'`) into `dst` in the `Wp`-wide layout, zero in the scratch columns (never
+/// written, as the border in `pad_into`); adds its row sums to `db`.
+fn widen(p: &Padded, o: usize, dy: &[f32], dst: &mut Vec<f32>, db: &mut [f32]) {
+    dst.resize(o * p.span(), 0.0);
+    for (r, (src, row)) in dy
+        .chunks_exact(p.wo)
+        .zip(dst.chunks_exact_mut(p.wp))
+        .enumerate()
+    {
+        row[..p.wo].copy_from_slice(src);
+        db[r / p.ho] += src.iter().sum::<f32>();
+    }
+}
+
+/// One sample's forward by unfolding: `y` (`O × H' × W'`, holding the bias) `+= W · cols`.
+pub(crate) fn forward_unfolded(
+    g: &Geometry,
+    o: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    s: &mut Scratch,
+) {
+    let p = Padded::of(g);
+    unfold(g, &p, x, s);
+    let (rows, span) = (g.rows(), p.span());
+    s.y.resize(o * span, 0.0);
+    matmul(
+        (o, span, rows),
+        &mut s.y,
+        false,
+        w,
+        (rows, 1),
+        &s.cols,
+        (span, 1),
+        1,
+    );
+    for (yo, ypo) in y.chunks_exact_mut(p.ho * p.wo).zip(s.y.chunks_exact(span)) {
+        for (row, src) in yo.chunks_exact_mut(p.wo).zip(ypo.chunks_exact(p.wp)) {
+            for (d, v) in row.iter_mut().zip(src) {
+                *d += v;
+            }
+        }
+    }
+}
+
+/// One sample's backward by unfolding: `dw += dy · colsᵀ`, `db += Σ dy`, and, when asked,
+/// `dx +=` the fold of `Wᵀ · dy`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_unfolded(
+    g: &Geometry,
+    o: usize,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    (dw, db): (&mut [f32], &mut [f32]),
+    s: &mut Scratch,
+) {
+    let p = Padded::of(g);
+    let (k, rows, span) = (g.k, g.rows(), p.span());
+    unfold(g, &p, x, s);
+    widen(&p, o, dy, &mut s.y, db);
+    matmul(
+        (o, rows, span),
+        dw,
+        true,
+        &s.y,
+        (span, 1),
+        &s.cols,
+        (1, span),
+        1,
+    );
+    let Some(dx) = dx else { return };
+    // dcols = Wᵀ · dy (into the cols buffer, whose unfolding is spent), folded back.
+    matmul(
+        (rows, span, o),
+        &mut s.cols,
+        false,
+        w,
+        (1, rows),
+        &s.y,
+        (span, 1),
+        1,
+    );
+    s.dx.clear();
+    s.dx.resize(p.len(g.c, k), 0.0);
+    for (r, row) in s.cols.chunks_exact(span).enumerate() {
+        let (ch, i, j) = (r / (k * k), r / k % k, r % k);
+        let at = ch * p.plane() + i * p.wp + j;
+        for (d, v) in s.dx[at..at + span].iter_mut().zip(row) {
+            *d += v;
+        }
+    }
+    crop_interior(g, &p, &s.dx, dx);
+}
+
+/// `dx += ` the interior of the padded planes `dxp`.
+fn crop_interior(g: &Geometry, p: &Padded, dxp: &[f32], dx: &mut [f32]) {
+    for ch in 0..g.c {
+        for r in 0..g.h {
+            let from = ch * p.plane() + (r + g.pad) * p.wp + g.pad;
+            let to = (ch * g.h + r) * g.w;
+            for (d, v) in dx[to..to + g.w].iter_mut().zip(&dxp[from..from + g.w]) {
+                *d += v;
+            }
+        }
+    }
 }
 
 /// Copies `x` (`C × H × W`) into the zero-padded `Wp`-wide layout. A worker's buffer serves
@@ -161,8 +292,8 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
     dot_base(x, y)
 }
 
-/// One sample's forward: `y` (`O × H' × W'`, holding the bias) `+= W ⋆ x`.
-pub(crate) fn forward(
+/// One sample's forward tap by tap: `y` (`O × H' × W'`, holding the bias) `+= W ⋆ x`.
+pub(crate) fn forward_direct(
     g: &Geometry,
     o: usize,
     x: &[f32],
@@ -194,9 +325,10 @@ pub(crate) fn forward(
     }
 }
 
-/// One sample's backward: `dw += dy ⋆ x`, `db += Σ dy`, and `dx = Wᵀ ⋆ dy` when asked.
+/// One sample's backward tap by tap: `dw += dy ⋆ x`, `db += Σ dy`, and `dx += Wᵀ ⋆ dy` when
+/// asked.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(
+pub(crate) fn backward_direct(
     g: &Geometry,
     o: usize,
     x: &[f32],
@@ -209,16 +341,7 @@ pub(crate) fn backward(
     let p = Padded::of(g);
     let k = g.k;
     pad_into(g, &p, x, &mut s.x);
-    // dy in the Wp-wide layout, zero in the scratch columns (never written, as the border
-    // in `pad_into`).
-    s.y.resize(o * p.span(), 0.0);
-    for oc in 0..o {
-        for r in 0..p.ho {
-            let src = &dy[(oc * p.ho + r) * p.wo..][..p.wo];
-            s.y[oc * p.span() + r * p.wp..][..p.wo].copy_from_slice(src);
-            db[oc] += src.iter().sum::<f32>();
-        }
-    }
+    widen(&p, o, dy, &mut s.y, db);
     for (oc, gy) in s.y.chunks_exact(p.span()).enumerate() {
         for ch in 0..g.c {
             for i in 0..k {
@@ -243,15 +366,7 @@ pub(crate) fn backward(
             }
         }
     }
-    for ch in 0..g.c {
-        for r in 0..g.h {
-            let from = ch * p.plane() + (r + g.pad) * p.wp + g.pad;
-            let to = (ch * g.h + r) * g.w;
-            for (d, v) in dx[to..to + g.w].iter_mut().zip(&s.dx[from..from + g.w]) {
-                *d += v;
-            }
-        }
-    }
+    crop_interior(g, &p, &s.dx, dx);
 }
 
 #[cfg(test)]
