@@ -205,7 +205,8 @@ pub fn plot_run(
     figures: &[Figure],
 ) -> Result<Vec<PathBuf>> {
     if checked.mnist.is_some() {
-        // Images: one figure, digits at 1, 2, 5 and 20 Euler steps (real digits last).
+        // Images: one figure, digits at 1, 2, 5 and 20 Euler steps, then the headline
+        // solver's when it is not Euler (real digits last).
         let mut rng = rng_from_seed(cfg.eval.seed ^ 0x9107);
         let x0 = checked.source.sample(16, &mut rng, device)?;
         let mut rows = vec![];
@@ -215,6 +216,11 @@ pub fn plot_run(
                 format!("{steps} step{}", if steps == 1 { "" } else { "s" }),
                 x,
             ));
+        }
+        if checked.solver.method != Method::Euler {
+            let run = solve(field, &x0, &checked.solver, false)?;
+            let (name, steps) = (checked.solver.method.name(), checked.solver.steps);
+            rows.push((format!("{name} {steps}\n({} NFE)", run.nfe), run.x));
         }
         rows.push((
             "real".to_string(),
@@ -529,7 +535,7 @@ pub fn record(field: &dyn VelocityField, x0: &Tensor, spec: &SolverSpec) -> Resu
 }
 
 /// Draws rows of digits (`(label, (n, 784) tensor in [-1, 1])`), up to `per_row` each, into a
-/// PNG: one row per label, 2 px per pixel, the label on the left.
+/// PNG: one row per label, 2 px per pixel, the label on the left (lines split at `\n`).
 pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Result<()> {
     font_ready();
     const SCALE: u32 = 2;
@@ -544,11 +550,16 @@ pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Re
     root.fill(&BACKGROUND)?;
     for (r, (label, x)) in rows.iter().enumerate() {
         let y0 = 4 + cell * r as u32;
-        root.draw(&Text::new(
-            label.clone(),
-            (8, (y0 + cell / 2 - 8) as i32),
-            ("sans-serif", 15).into_font().color(&WHITE),
-        ))?;
+        // One line, or several (split at '\n') centred on the row.
+        let lines: Vec<&str> = label.lines().collect();
+        let top = (y0 + cell / 2) as i32 - 8 * lines.len() as i32;
+        for (i, line) in lines.iter().enumerate() {
+            root.draw(&Text::new(
+                line.to_string(),
+                (8, top + 16 * i as i32),
+                ("sans-serif", 15).into_font().color(&WHITE),
+            ))?;
+        }
         let n = x.dim(0)?.min(per_row);
         let v = x
             .narrow(0, 0, n)?
