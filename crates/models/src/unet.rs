@@ -176,8 +176,10 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?)?;
-        let h = h.broadcast_add(&self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?)?;
+        let shift = self.time.forward(temb)?;
+        let h = self
+            .conv1
+            .forward_shifted(&self.norm1.forward(x)?, Some(&shift))?;
         let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         match &self.skip {
             Some(s) => s.forward(x)? + h,

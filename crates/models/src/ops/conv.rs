@@ -37,14 +37,26 @@ impl Conv {
 
     /// `(B, C, H, W)` → `(B, O, H', W')`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_shifted(x, None)
+    }
+
+    /// The conv plus a per-sample shift `(B, O)` of each output channel (a U-Net block's
+    /// time embedding), in the same pass: on CPU the shift joins the bias inside the op, so
+    /// neither the broadcast add nor its backward's reduction runs over the feature map.
+    pub fn forward_shifted(&self, x: &Tensor, shift: Option<&Tensor>) -> Result<Tensor> {
+        let bias = match shift {
+            Some(s) => s.broadcast_add(&self.bias.unsqueeze(0)?)?,
+            None => self.bias.clone(),
+        };
         if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 {
-            self.forward_cpu(x)
+            self.forward_cpu(x, &bias)
         } else {
-            self.forward_ops(x)
+            self.forward_ops(x, &bias)
         }
     }
 
-    fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
+    /// `bias` is `(O,)` or per sample `(B, O)`.
+    fn forward_cpu(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;
         if self.weight.dim(1)? != c {
             candle_core::bail!(
@@ -68,14 +80,11 @@ impl Conv {
                 self.k
             );
         }
-        x.contiguous()?.apply_op3(
-            &self.weight.contiguous()?,
-            &self.bias.contiguous()?,
-            ConvOp(geo),
-        )
+        x.contiguous()?
+            .apply_op3(&self.weight.contiguous()?, &bias.contiguous()?, ConvOp(geo))
     }
 
-    fn forward_ops(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_ops(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (o, k, s, p) = (self.weight.dim(0)?, self.k, self.stride, self.pad);
         let ho = (h + 2 * p - k) / s + 1;
@@ -121,8 +130,12 @@ impl Conv {
             Tensor::stack(&patches, 2)?.reshape((b, c * k * k, ho * wo))?
         };
         let y = wm.broadcast_matmul(&cols)?;
-        y.broadcast_add(&self.bias.reshape((1, o, 1))?)?
-            .reshape((b, o, ho, wo))
+        let bias = if bias.rank() == 2 {
+            bias.unsqueeze(2)?
+        } else {
+            bias.reshape((1, o, 1))?
+        };
+        y.broadcast_add(&bias)?.reshape((b, o, ho, wo))
     }
 }
 
@@ -269,6 +282,17 @@ fn scatter_add(src: &[f32], dst: &mut [f32], s: usize) {
     }
 }
 
+/// Whether a conv op's bias of `n` values is per sample (`B·O`) rather than shared (`O`).
+fn bias_per_sample(n: usize, b: usize, o: usize, op: &str) -> Result<bool> {
+    if n == o {
+        Ok(false)
+    } else if n == b * o {
+        Ok(true)
+    } else {
+        candle_core::bail!("{op}: a bias of {n} values for {b} samples of {o} channels")
+    }
+}
+
 /// How a conv runs on the CPU, per sample.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path {
@@ -340,11 +364,13 @@ impl CustomOp3 for ConvOp {
         let g = self.0;
         let (b, o, xs, ws) = self.shapes((s1, l1), (s2, l2), self.name())?;
         let bias = f32_slice(s3, l3, self.name())?;
+        let per_sample = bias_per_sample(bias.len(), b, o, self.name())?;
         let (n_in, l, (ho, wo)) = (g.c * g.h * g.w, g.cols(), g.out_hw());
         let mut out = vec![0f32; b * o * l];
         let path = Path::of(&g, o);
         out.par_chunks_mut(o * l)
             .zip(xs.par_chunks(n_in))
+            .enumerate()
             .for_each_init(
                 || {
                     let cols = vec![
@@ -357,7 +383,12 @@ impl CustomOp3 for ConvOp {
                     ];
                     (cols, Scratch::default())
                 },
-                |(cols, scratch), (yb, xb)| {
+                |(cols, scratch), (i, (yb, xb))| {
+                    let bias = if per_sample {
+                        &bias[i * o..(i + 1) * o]
+                    } else {
+                        bias
+                    };
                     for (row, &bv) in yb.chunks_exact_mut(l).zip(bias) {
                         row.fill(bv);
                     }
@@ -400,7 +431,12 @@ impl CustomOp3 for ConvOp {
         // One op computes dx, dW and db, packed end to end in a flat tensor; dx only when
         // the input needs it (not for a network's input).
         let want_dx = x.track_op();
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &ConvGrad(self.0, want_dx))?;
+        let op = ConvGrad {
+            geo: self.0,
+            want_dx,
+            per_sample_bias: bias.rank() == 2,
+        };
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
         if want_dx {
             return unpack_grads(&packed, [x, w, bias]);
         }
@@ -414,8 +450,12 @@ impl CustomOp3 for ConvOp {
 }
 
 /// Backward of [`ConvOp`]: inputs x, W, dy; output `[dx; dW; db]` flattened (`[dW; db]`
-/// without dx when the flag is off).
-struct ConvGrad(Geometry, bool);
+/// without dx; db per sample with a per-sample bias).
+struct ConvGrad {
+    geo: Geometry,
+    want_dx: bool,
+    per_sample_bias: bool,
+}
 
 impl CustomOp3 for ConvGrad {
     fn name(&self) -> &'static str {
@@ -431,16 +471,18 @@ impl CustomOp3 for ConvGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
+        let g = self.geo;
         let (b, o, xs, ws) = ConvOp(g).shapes((s1, l1), (s2, l2), self.name())?;
         let dy = f32_slice(s3, l3, self.name())?;
         let (n_in, l, k) = (g.c * g.h * g.w, g.cols(), g.rows());
         if dy.len() != b * o * l {
             candle_core::bail!("{}: gradient shape mismatch", self.name());
         }
-        let want_dx = self.1;
+        let want_dx = self.want_dx;
         let n_dx = if want_dx { b * n_in } else { 0 };
-        let mut out = vec![0f32; n_dx + o * k + o];
+        // The bias gradient: one row of o, or one per sample (written by its chunk).
+        let n_db = if self.per_sample_bias { b * o } else { o };
+        let mut out = vec![0f32; n_dx + o * k + n_db];
         // Each chunk of samples writes its own slice of dx, when there is one.
         let dx: Vec<Option<&mut [f32]>> = if want_dx {
             out[..n_dx].chunks_mut(CHUNK * n_in).map(Some).collect()
@@ -449,13 +491,16 @@ impl CustomOp3 for ConvGrad {
         };
         let path = Path::of(&g, o);
         let unfolded = path == Path::Strided;
-        // Per chunk of samples: dx (its own slice), and partial dW, db.
-        let partials: Vec<Vec<f32>> = dx
+        // Per chunk of samples: dx (its own slice), and partial dW and db (db per sample with a
+        // per-sample bias).
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
             .into_par_iter()
             .zip(xs.par_chunks(CHUNK * n_in))
             .zip(dy.par_chunks(CHUNK * o * l))
             .map(|((mut dxc, xc), dyc)| {
-                let mut acc = vec![0f32; o * k + o];
+                let mut dw = vec![0f32; o * k];
+                let n = xc.len() / n_in;
+                let mut dbc = vec![0f32; if self.per_sample_bias { n * o } else { o }];
                 let mut cols = vec![0f32; if unfolded { k * l } else { 0 }];
                 let mut dcols = vec![0f32; if unfolded && want_dx { k * l } else { 0 }];
                 let mut scratch = Scratch::default();
@@ -465,7 +510,11 @@ impl CustomOp3 for ConvGrad {
                     .enumerate()
                 {
                     let dxb = dxc.as_deref_mut().map(|d| &mut d[i * n_in..(i + 1) * n_in]);
-                    let (dw, db) = acc.split_at_mut(o * k);
+                    let (dw, db) = if self.per_sample_bias {
+                        (&mut dw[..], &mut dbc[i * o..(i + 1) * o])
+                    } else {
+                        (&mut dw[..], &mut dbc[..])
+                    };
                     let s = &mut scratch;
                     match path {
                         Path::Direct => {
@@ -498,14 +547,21 @@ impl CustomOp3 for ConvGrad {
                         g.col2im(&dcols, dxb);
                     }
                 }
-                acc
+                (dw, dbc)
             })
             .collect();
-        let tail = &mut out[n_dx..];
-        for p in &partials {
-            tail.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+        let (dw_out, db_out) = out[n_dx..].split_at_mut(o * k);
+        let mut at = 0;
+        for (pw, pb) in &partials {
+            dw_out.iter_mut().zip(pw).for_each(|(t, v)| *t += v);
+            if self.per_sample_bias {
+                db_out[at..at + pb.len()].copy_from_slice(pb);
+                at += pb.len();
+            } else {
+                db_out.iter_mut().zip(pb).for_each(|(t, v)| *t += v);
+            }
         }
-        Ok((CpuStorage::F32(out), Shape::from(n_dx + o * k + o)))
+        Ok((CpuStorage::F32(out), Shape::from(n_dx + o * k + n_db)))
     }
 }
 
@@ -553,8 +609,11 @@ mod tests {
             let g2 = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             // Both paths: the CPU custom op and the op-built one other devices use.
             for (path, ours) in [
-                ("im2col", conv.forward_cpu(x.as_tensor()).unwrap()),
-                ("ops", conv.forward_ops(x.as_tensor()).unwrap()),
+                (
+                    "im2col",
+                    conv.forward_cpu(x.as_tensor(), &conv.bias).unwrap(),
+                ),
+                ("ops", conv.forward_ops(x.as_tensor(), &conv.bias).unwrap()),
             ] {
                 assert_eq!(ours.dims(), theirs.dims(), "{path} k{k} s{s} p{p} hw{hw}");
                 let d = crate::max_abs_diff(&ours, &theirs);
@@ -564,6 +623,51 @@ mod tests {
                     let d = crate::grad_diff(&g1, &g2, v);
                     assert!(d < 1e-3, "{path} grad k{k} s{s} p{p} hw{hw}: {d}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_per_sample_shift_equals_the_broadcast_add() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 3, 6, 6), &dev).unwrap()).unwrap();
+        // Each path: tap by tap (2 outputs), padded (5), strided (5, stride 2), pointwise.
+        for (o, k, s, p) in [(2, 3, 1, 1), (5, 3, 1, 1), (5, 3, 2, 1), (5, 1, 1, 0)] {
+            let w = Tensor::randn(0f32, 0.3, (o, 3, k, k), &dev).unwrap();
+            let w = Var::from_tensor(&w).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
+            let shift = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, o), &dev).unwrap()).unwrap();
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), s, p).unwrap();
+            let fused = conv
+                .forward_shifted(x.as_tensor(), Some(shift.as_tensor()))
+                .unwrap();
+            let plain = conv
+                .forward(x.as_tensor())
+                .unwrap()
+                .broadcast_add(
+                    &shift
+                        .as_tensor()
+                        .unsqueeze(2)
+                        .unwrap()
+                        .unsqueeze(3)
+                        .unwrap(),
+                )
+                .unwrap();
+            assert!(crate::max_abs_diff(&fused, &plain) < 1e-5, "o{o} k{k} s{s}");
+            // The op-built path other devices run takes the per-sample bias too.
+            let both = shift
+                .as_tensor()
+                .broadcast_add(&bias.as_tensor().unsqueeze(0).unwrap());
+            let ops = conv.forward_ops(x.as_tensor(), &both.unwrap()).unwrap();
+            assert!(
+                crate::max_abs_diff(&ops, &plain) < 1e-4,
+                "ops o{o} k{k} s{s}"
+            );
+            let loss = |y: &Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let (g1, g2) = (loss(&fused), loss(&plain));
+            for v in [&x, &w, &bias, &shift] {
+                let d = crate::grad_diff(&g1, &g2, v);
+                assert!(d < 1e-3, "o{o} k{k} s{s}: {d}");
             }
         }
     }
@@ -598,8 +702,8 @@ mod tests {
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
             let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1).unwrap();
             let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-            let ours = loss(conv.forward_cpu(&x).unwrap());
-            let theirs = loss(conv.forward_ops(&x).unwrap());
+            let ours = loss(conv.forward_cpu(&x, &conv.bias).unwrap());
+            let theirs = loss(conv.forward_ops(&x, &conv.bias).unwrap());
             assert!(ours.get(&x).is_none(), "o{o}: no dx for a plain input");
             for v in [&w, &bias] {
                 let d = crate::grad_diff(&ours, &theirs, v);
