@@ -118,11 +118,14 @@ pub(crate) fn forward_unfolded(
         (span, 1),
         1,
     );
-    for (yo, ypo) in y.chunks_exact_mut(p.ho * p.wo).zip(s.y.chunks_exact(span)) {
-        for (row, src) in yo.chunks_exact_mut(p.wo).zip(ypo.chunks_exact(p.wp)) {
-            for (d, v) in row.iter_mut().zip(src) {
-                *d += v;
-            }
+    narrow_add(&p, &s.y, y);
+}
+
+/// `y` (`O × H' × W'`) `+=` the `Wp`-wide `yp` (`O × H'·Wp`) without its scratch columns.
+fn narrow_add(p: &Padded, yp: &[f32], y: &mut [f32]) {
+    for (row, src) in y.chunks_exact_mut(p.wo).zip(yp.chunks_exact(p.wp)) {
+        for (d, v) in row.iter_mut().zip(src) {
+            *d += v;
         }
     }
 }
@@ -316,13 +319,8 @@ pub(crate) fn forward_direct(
                 }
             }
         }
-        for r in 0..p.ho {
-            let dst = &mut y[(oc * p.ho + r) * p.wo..][..p.wo];
-            for (d, v) in dst.iter_mut().zip(&acc[r * p.wp..r * p.wp + p.wo]) {
-                *d += v;
-            }
-        }
     }
+    narrow_add(&p, &s.y, y);
 }
 
 /// One sample's backward tap by tap: `dw += dy ⋆ x`, `db += Σ dy`, and `dx += Wᵀ ⋆ dy` when
