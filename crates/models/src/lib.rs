@@ -59,6 +59,21 @@ pub(crate) fn grad_diff(
     )
 }
 
+/// Asserts that two backward passes gave every one of `vars` gradients within `tol` (tests).
+#[cfg(test)]
+pub(crate) fn assert_grads_close(
+    g1: &candle_core::backprop::GradStore,
+    g2: &candle_core::backprop::GradStore,
+    vars: &[&candle_core::Var],
+    tol: f32,
+    what: &str,
+) {
+    for (i, v) in vars.iter().enumerate() {
+        let d = grad_diff(g1, g2, v);
+        assert!(d < tol, "{what}, variable {i}: gradients differ by {d}");
+    }
+}
+
 /// The gradients of `vars` after `loss().backward()` run on a pool of `threads` threads, as
 /// flat vectors (tests: the CPU ops must give the same bits for any thread count).
 #[cfg(test)]

@@ -174,6 +174,16 @@ impl Geometry {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
 
+    /// The output columns `x0..x1` whose tap `j` reads inside the row: `0 ≤ s·x + j − p < W`.
+    #[inline(always)]
+    fn columns_in_range(&self, j: usize) -> (usize, usize) {
+        let (_, wo) = self.out_hw();
+        let (s, p) = (self.stride, self.pad);
+        let x0 = p.saturating_sub(j).div_ceil(s).min(wo);
+        let x1 = ((self.w + p).saturating_sub(j).div_ceil(s)).clamp(x0, wo);
+        (x0, x1)
+    }
+
     /// Calls `f(column_index, input_index, len)` for every run of in-range taps of one sample:
     /// row `c·k² + i·k + j`, column `y·W' + x` reads pixel `(s·y + i − p, s·x + j − p)` of
     /// channel `c`; a run is the `len` columns from `x0` on one output row (input step `s`).
@@ -185,10 +195,8 @@ impl Geometry {
             for i in 0..k {
                 for j in 0..k {
                     let row = (ch * k + i) * k + j;
-                    // Output columns x with 0 ≤ s·x + j − p < W.
-                    let x0 = p.saturating_sub(j).div_ceil(s);
-                    let x1 = ((self.w + p - j).div_ceil(s)).min(wo);
-                    if x1 <= x0 {
+                    let (x0, x1) = self.columns_in_range(j);
+                    if x1 == x0 {
                         continue;
                     }
                     for y in 0..ho {
@@ -213,8 +221,7 @@ impl Geometry {
             for i in 0..k {
                 for j in 0..k {
                     let row = (ch * k + i) * k + j;
-                    let x0 = p.saturating_sub(j).div_ceil(s).min(wo);
-                    let x1 = ((self.w + p).saturating_sub(j).div_ceil(s)).clamp(x0, wo);
+                    let (x0, x1) = self.columns_in_range(j);
                     for y in 0..ho {
                         let dst = &mut cols[(row * ho + y) * wo..][..wo];
                         let iy = (y * s + i) as isize - p as isize;
@@ -392,12 +399,9 @@ impl CustomOp3 for ConvOp {
                     for (row, &bv) in yb.chunks_exact_mut(l).zip(bias) {
                         row.fill(bv);
                     }
-                    match path {
-                        Path::Direct => return padded::forward_direct(&g, o, xb, ws, yb, scratch),
-                        Path::Padded => {
-                            return padded::forward_unfolded(&g, o, xb, ws, yb, scratch)
-                        }
-                        Path::Pointwise | Path::Strided => {}
+                    if matches!(path, Path::Direct | Path::Padded) {
+                        let taps = path == Path::Direct;
+                        return padded::forward(&g, o, taps, (xb, ws), yb, scratch);
                     }
                     let cols: &[f32] = if path == Path::Pointwise {
                         xb
@@ -515,17 +519,10 @@ impl CustomOp3 for ConvGrad {
                     } else {
                         (&mut dw[..], &mut dbc[..])
                     };
-                    let s = &mut scratch;
-                    match path {
-                        Path::Direct => {
-                            padded::backward_direct(&g, o, xb, ws, dyb, dxb, (dw, db), s);
-                            continue;
-                        }
-                        Path::Padded => {
-                            padded::backward_unfolded(&g, o, xb, ws, dyb, dxb, (dw, db), s);
-                            continue;
-                        }
-                        Path::Pointwise | Path::Strided => {}
+                    if matches!(path, Path::Direct | Path::Padded) {
+                        let (taps, s) = (path == Path::Direct, &mut scratch);
+                        padded::backward(&g, o, taps, (xb, ws, dyb), (dxb, dw, db), s);
+                        continue;
                     }
                     let colsb: &[f32] = if path == Path::Pointwise {
                         xb
@@ -619,10 +616,8 @@ mod tests {
                 let d = crate::max_abs_diff(&ours, &theirs);
                 assert!(d < 1e-4, "{path} forward k{k} s{s}: {d}");
                 let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-                for v in [&x, &w, &bias] {
-                    let d = crate::grad_diff(&g1, &g2, v);
-                    assert!(d < 1e-3, "{path} grad k{k} s{s} p{p} hw{hw}: {d}");
-                }
+                let what = format!("{path} o{o} k{k} s{s} p{p} hw{hw}");
+                crate::assert_grads_close(&g1, &g2, &[&x, &w, &bias], 1e-3, &what);
             }
         }
     }
@@ -665,10 +660,8 @@ mod tests {
             );
             let loss = |y: &Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let (g1, g2) = (loss(&fused), loss(&plain));
-            for v in [&x, &w, &bias, &shift] {
-                let d = crate::grad_diff(&g1, &g2, v);
-                assert!(d < 1e-3, "o{o} k{k} s{s}: {d}");
-            }
+            let what = format!("o{o} k{k} s{s}");
+            crate::assert_grads_close(&g1, &g2, &[&x, &w, &bias, &shift], 1e-3, &what);
         }
     }
 
@@ -705,10 +698,7 @@ mod tests {
             let ours = loss(conv.forward_cpu(&x, &conv.bias).unwrap());
             let theirs = loss(conv.forward_ops(&x, &conv.bias).unwrap());
             assert!(ours.get(&x).is_none(), "o{o}: no dx for a plain input");
-            for v in [&w, &bias] {
-                let d = crate::grad_diff(&ours, &theirs, v);
-                assert!(d < 1e-3, "o{o}: {d}");
-            }
+            crate::assert_grads_close(&ours, &theirs, &[&w, &bias], 1e-3, &format!("o{o}"));
         }
     }
 

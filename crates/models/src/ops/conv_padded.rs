@@ -95,30 +95,57 @@ fn widen(p: &Padded, o: usize, dy: &[f32], dst: &mut Vec<f32>, db: &mut [f32]) {
     }
 }
 
-/// One sample's forward by unfolding: `y` (`O × H' × W'`, holding the bias) `+= W · cols`.
-pub(crate) fn forward_unfolded(
+/// One sample's forward on the padded layout: `y` (`O × H' × W'`, holding the bias) `+=`
+/// the conv, tap by tap (`taps`) or as one gemm on the unfolded sample.
+pub(crate) fn forward(
     g: &Geometry,
     o: usize,
-    x: &[f32],
-    w: &[f32],
+    taps: bool,
+    (x, w): (&[f32], &[f32]),
     y: &mut [f32],
     s: &mut Scratch,
 ) {
     let p = Padded::of(g);
-    unfold(g, &p, x, s);
-    let (rows, span) = (g.rows(), p.span());
-    s.y.resize(o * span, 0.0);
-    matmul(
-        (o, span, rows),
-        &mut s.y,
-        false,
-        w,
-        (rows, 1),
-        &s.cols,
-        (span, 1),
-        1,
-    );
+    if taps {
+        pad_into(g, &p, x, &mut s.x);
+        forward_taps(g, &p, o, w, s);
+    } else {
+        unfold(g, &p, x, s);
+        let (rows, span) = (g.rows(), p.span());
+        s.y.resize(o * span, 0.0);
+        matmul(
+            (o, span, rows),
+            &mut s.y,
+            false,
+            w,
+            (rows, 1),
+            &s.cols,
+            (span, 1),
+            1,
+        );
+    }
     narrow_add(&p, &s.y, y);
+}
+
+/// One sample's backward on the padded layout: `dw += dy ⋆ x`, `db += Σ dy`, and, when asked,
+/// `dx += Wᵀ ⋆ dy`; tap by tap (`taps`) or by gemms on the unfolded sample.
+pub(crate) fn backward(
+    g: &Geometry,
+    o: usize,
+    taps: bool,
+    (x, w, dy): (&[f32], &[f32], &[f32]),
+    (dx, dw, db): (Option<&mut [f32]>, &mut [f32], &mut [f32]),
+    s: &mut Scratch,
+) {
+    let p = Padded::of(g);
+    widen(&p, o, dy, &mut s.y, db);
+    if taps {
+        pad_into(g, &p, x, &mut s.x);
+        backward_taps(g, &p, w, dw, dx, s);
+    } else {
+        unfold(g, &p, x, s);
+        backward_gemm(g, &p, o, w, dw, dx, s);
+    }
 }
 
 /// `y` (`O × H' × W'`) `+=` the `Wp`-wide `yp` (`O × H'·Wp`) without its scratch columns.
@@ -130,23 +157,17 @@ fn narrow_add(p: &Padded, yp: &[f32], y: &mut [f32]) {
     }
 }
 
-/// One sample's backward by unfolding: `dw += dy · colsᵀ`, `db += Σ dy`, and, when asked,
-/// `dx +=` the fold of `Wᵀ · dy`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_unfolded(
+/// The gemm backward of an unfolded sample (`s.cols`) and a widened gradient (`s.y`).
+fn backward_gemm(
     g: &Geometry,
+    p: &Padded,
     o: usize,
-    x: &[f32],
     w: &[f32],
-    dy: &[f32],
+    dw: &mut [f32],
     dx: Option<&mut [f32]>,
-    (dw, db): (&mut [f32], &mut [f32]),
     s: &mut Scratch,
 ) {
-    let p = Padded::of(g);
     let (k, rows, span) = (g.k, g.rows(), p.span());
-    unfold(g, &p, x, s);
-    widen(&p, o, dy, &mut s.y, db);
     matmul(
         (o, rows, span),
         dw,
@@ -178,7 +199,7 @@ pub(crate) fn backward_unfolded(
             *d += v;
         }
     }
-    crop_interior(g, &p, &s.dx, dx);
+    crop_interior(g, p, &s.dx, dx);
 }
 
 /// `dx += ` the interior of the padded planes `dxp`.
@@ -295,18 +316,9 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
     dot_base(x, y)
 }
 
-/// One sample's forward tap by tap: `y` (`O × H' × W'`, holding the bias) `+= W ⋆ x`.
-pub(crate) fn forward_direct(
-    g: &Geometry,
-    o: usize,
-    x: &[f32],
-    w: &[f32],
-    y: &mut [f32],
-    s: &mut Scratch,
-) {
-    let p = Padded::of(g);
+/// The forward tap by tap, from the padded sample (`s.x`) into `s.y` (`O × H'·Wp`).
+fn forward_taps(g: &Geometry, p: &Padded, o: usize, w: &[f32], s: &mut Scratch) {
     let k = g.k;
-    pad_into(g, &p, x, &mut s.x);
     s.y.clear();
     s.y.resize(o * p.span(), 0.0);
     for (oc, acc) in s.y.chunks_exact_mut(p.span()).enumerate() {
@@ -320,26 +332,18 @@ pub(crate) fn forward_direct(
             }
         }
     }
-    narrow_add(&p, &s.y, y);
 }
 
-/// One sample's backward tap by tap: `dw += dy ⋆ x`, `db += Σ dy`, and `dx += Wᵀ ⋆ dy` when
-/// asked.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_direct(
+/// The backward tap by tap, from the padded sample (`s.x`) and the widened gradient (`s.y`).
+fn backward_taps(
     g: &Geometry,
-    o: usize,
-    x: &[f32],
+    p: &Padded,
     w: &[f32],
-    dy: &[f32],
+    dw: &mut [f32],
     dx: Option<&mut [f32]>,
-    (dw, db): (&mut [f32], &mut [f32]),
     s: &mut Scratch,
 ) {
-    let p = Padded::of(g);
     let k = g.k;
-    pad_into(g, &p, x, &mut s.x);
-    widen(&p, o, dy, &mut s.y, db);
     for (oc, gy) in s.y.chunks_exact(p.span()).enumerate() {
         for ch in 0..g.c {
             for i in 0..k {
@@ -364,7 +368,7 @@ pub(crate) fn backward_direct(
             }
         }
     }
-    crop_interior(g, &p, &s.dx, dx);
+    crop_interior(g, p, &s.dx, dx);
 }
 
 #[cfg(test)]
