@@ -5,7 +5,8 @@
 //! - [`activation`]: GELU / SiLU (rational `erf` with fused multiply-adds).
 //! - [`linear`]: `Linear`, and `Linear` + activation as one op.
 //! - [`dense`]: an MLP's layers chained in register tiles, for sampling (no gradient).
-//! - [`conv`]: the U-Nets' convolutions (unfold + gemm, backward by col2im).
+//! - [`conv`]: the U-Nets' convolutions (unfold + gemm, backward by col2im); stride 1 on the
+//!   padded layout, and tap by tap for a few outputs (`conv_padded`).
 //! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (gemm + col2im).
 //! - [`norm`]: GroupNorm + SiLU.
 //! - `cpu`: shared helpers (slices of CPU storage, parallel batches).
