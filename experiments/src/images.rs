@@ -66,6 +66,12 @@ pub struct ImageScores {
     pub fid_real: Option<f64>,
 }
 
+/// The classifier's penultimate features of digits `(n, 784)` (any device), row by row.
+fn embed(clf: &Classifier, x: &Tensor) -> Result<Vec<f32>> {
+    let x = x.to_device(&Device::Cpu)?.flatten_from(1)?;
+    Ok(clf.features(&x)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
 /// Scores generated digits against a fixed real sample.
 pub struct FidScorer {
     clf: Classifier,
@@ -80,14 +86,8 @@ impl FidScorer {
     pub fn new(path: &Path, real: &Tensor, other_real: &Tensor) -> Result<Self> {
         let clf = Classifier::load(path, flowmatch_data::mnist::PIXELS, 10, &Device::Cpu)
             .map_err(|e| anyhow!("eval.classifier: {e}"))?;
-        let features = |x: &Tensor| -> Result<Vec<f32>> {
-            Ok(clf
-                .features(&x.to_device(&Device::Cpu)?.flatten_from(1)?)?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
-        };
-        let real = features(real)?;
-        let fid_real = frechet_distance(&features(other_real)?, &real, Classifier::FEATURES)?;
+        let real = embed(&clf, real)?;
+        let fid_real = frechet_distance(&embed(&clf, other_real)?, &real, Classifier::FEATURES)?;
         Ok(Self {
             clf,
             real,
@@ -98,8 +98,7 @@ impl FidScorer {
     /// The score of `gen` (`(n, 784)`, any device).
     pub fn score(&self, gen: &Tensor) -> Result<ImageScores> {
         let gen = gen.to_device(&Device::Cpu)?.flatten_from(1)?;
-        let f = self.clf.features(&gen)?.flatten_all()?.to_vec1::<f32>()?;
-        let fid = frechet_distance(&f, &self.real, Classifier::FEATURES)?;
+        let fid = frechet_distance(&embed(&self.clf, &gen)?, &self.real, Classifier::FEATURES)?;
         let pred = self
             .clf
             .logits(&gen)?

@@ -10,7 +10,7 @@ use crate::report::{Evaluation, ProgressRow, Summary};
 use crate::signals::{self, Stopped, RESUMABLE_EXIT};
 use anyhow::{anyhow, Context, Result};
 use flowmatch_data::rng_from_seed;
-use flowmatch_losses::{Coupling, LossError, LrDecay, LrSchedule, OptimConfig, Trainer};
+use flowmatch_losses::{Coupling, LossError, LrSchedule, OptimConfig, Trainer};
 use flowmatch_models::Model;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -273,6 +273,11 @@ pub fn train_stage(
         weight_decay: cfg.train.weight_decay,
         ..Default::default()
     };
+    let schedule = LrSchedule {
+        decay: cfg.train.lr_decay,
+        warmup: cfg.train.warmup,
+        total: cfg.train.steps,
+    };
     let mut trainer = Trainer::new(
         model,
         Box::new(checked.path),
@@ -282,11 +287,7 @@ pub fn train_stage(
         optim,
     )?
     .with_objective(checked.objective)?
-    .with_lr_schedule(LrSchedule {
-        decay: cfg.train.lr_decay,
-        warmup: cfg.train.warmup,
-        total: cfg.train.steps,
-    })?
+    .with_lr_schedule(schedule)?
     .with_ema(cfg.train.ema)?
     .with_prefetch(cfg.train.prefetch);
     let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));
@@ -340,7 +341,7 @@ pub fn train_stage(
         };
         recent.push(loss);
         if step % cfg.logging.every == 0 || step == cfg.train.steps {
-            if cfg.train.lr_decay == LrDecay::Constant && cfg.train.warmup == 0 {
+            if schedule.is_constant() {
                 log.record(&json!({"step": step, "loss": loss}))?;
             } else {
                 let lr = trainer.lr();

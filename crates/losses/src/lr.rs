@@ -31,6 +31,11 @@ impl LrSchedule {
         total: 0,
     };
 
+    /// Whether the rate stays the base rate throughout (no warm-up, no decay).
+    pub fn is_constant(&self) -> bool {
+        self.decay == LrDecay::Constant && self.warmup == 0
+    }
+
     /// Checks that the warm-up fits in the training.
     pub fn validate(&self) -> Result<(), LossError> {
         if self.decay != LrDecay::Constant && self.total == 0 {

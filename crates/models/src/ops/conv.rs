@@ -8,7 +8,7 @@
 //! `pad` / `narrow` / `stack` and one batched matmul.
 
 use super::conv_padded::{self as padded, Scratch};
-use crate::cpu::{f32_slice, matmul, unpack_grads};
+use crate::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -326,10 +326,6 @@ impl Path {
         }
     }
 }
-
-/// Samples per work item in the backward: the weight gradient is summed per chunk, then the
-/// chunks in order, so the result does not depend on the number of threads.
-pub(crate) const CHUNK: usize = 4;
 
 /// The whole CPU convolution `(x, W, b) → y` as one custom op: per sample, unfold into a
 /// reused buffer and one gemm; samples in parallel (rayon). Memory: one unfolded sample per

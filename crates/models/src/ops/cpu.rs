@@ -3,6 +3,11 @@
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
+/// Samples per work item of a backward that sums parameter gradients over the batch: each
+/// chunk sums its own, then the chunks are added in order, so the result does not depend on
+/// the number of threads (convs, transposed convs, GroupNorm).
+pub(crate) const CHUNK: usize = 4;
+
 /// The contiguous f32 data of a custom op's input.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match s {

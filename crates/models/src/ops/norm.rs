@@ -6,8 +6,7 @@
 //! 64 × 16 × 28 × 28 on one core, against ~2 ms here. Other devices use candle's ops.
 
 use crate::activation::{forward, has_avx2, silu_derivative, Kind};
-use crate::conv::CHUNK;
-use crate::cpu::{f32_slices3, unpack_grads};
+use crate::cpu::{f32_slices3, unpack_grads, CHUNK};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
