@@ -176,7 +176,14 @@ impl DataConfig {
 impl ModelConfig {
     /// The model for `dim`-dimensional data.
     pub fn check(&self, dim: usize) -> Result<ModelSpec, Bad> {
-        let model = ModelSpec::of(self.kind, self.hidden, self.layers, self.activation);
+        let model = ModelSpec::of(
+            self.kind,
+            self.hidden,
+            self.layers,
+            self.mults,
+            self.attention,
+            self.activation,
+        );
         if model.is_image() {
             flowmatch_models::image_shape(dim).map_err(|e| ("model.kind", e.to_string()))?;
         }

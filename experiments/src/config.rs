@@ -68,6 +68,10 @@ pub struct ModelConfig {
     pub hidden: usize,
     /// Hidden layers (velocity-mlp only).
     pub layers: usize,
+    /// Channels at the three resolutions in multiples of `hidden` (unet only).
+    pub mults: [usize; 3],
+    /// Self-attention at the lowest resolution (unet only).
+    pub attention: bool,
     /// `gelu`, `silu` or `relu` (default: the seed's choice for the kind).
     pub activation: Option<Activation>,
 }
@@ -247,6 +251,8 @@ impl Default for Config {
                 kind: ModelKind::VelocityMlp,
                 hidden: 128,
                 layers: 3,
+                mults: flowmatch_models::UNET_MULTS,
+                attention: false,
                 activation: None,
             },
             loss: LossConfig {
@@ -780,6 +786,23 @@ mod tests {
             .unwrap()
             .0;
         assert!(e.starts_with("loss.time_warp_s:"), "{e}");
+        let unet = ["data.target=mnist", "model.kind=unet", "model.hidden=16"];
+        let e = load("", &[&unet[..], &["model.mults=[1, 0, 2]"]].concat())
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.starts_with("model:") && e.contains("model.mults"), "{e}");
+        let e = load("", &[&unet[..], &["model.mults=[1, 2]"]].concat())
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.contains("model.mults"), "{e}");
+        let (c, _) = load(
+            "",
+            &[&unet[..], &["model.mults=[1,2,4]", "model.attention=true"]].concat(),
+        )
+        .unwrap();
+        assert_eq!((c.model.mults, c.model.attention), ([1, 2, 4], true));
     }
 
     #[test]

@@ -35,7 +35,11 @@ fn parameters(model: &ModelSpec, dim: f64) -> f64 {
             (dim + 1.0) * h + layers as f64 * h * h + h * dim
         }
         // Convolutions: a few hundred 3×3 kernels of width up to 4·hidden.
-        ModelSpec::UNet { hidden, .. } | ModelSpec::UNetLesson { hidden, .. } => {
+        ModelSpec::UNet { hidden, mults, .. } => {
+            let h = (hidden * mults.iter().max().unwrap_or(&2)) as f64 / 2.0;
+            200.0 * h * h + 1000.0
+        }
+        ModelSpec::UNetLesson { hidden, .. } => {
             let h = hidden as f64;
             200.0 * h * h + 1000.0
         }

@@ -21,6 +21,8 @@ fn unets(c: &mut Criterion) {
             "unet_h16",
             ModelSpec::UNet {
                 hidden: 16,
+                mults: flowmatch_models::UNET_MULTS,
+                attention: false,
                 span: false,
             },
         ),

@@ -33,6 +33,12 @@ pub enum ModelSpec {
     #[serde(rename = "unet")]
     UNet {
         hidden: usize,
+        /// Channels at the three resolutions, in multiples of `hidden`.
+        #[serde(default = "unet_mults", skip_serializing_if = "is_unet_mults")]
+        mults: [usize; 3],
+        /// Self-attention at the lowest resolution.
+        #[serde(default, skip_serializing_if = "is_false")]
+        attention: bool,
         #[serde(default, skip_serializing_if = "is_false")]
         span: bool,
     },
@@ -47,6 +53,16 @@ pub enum ModelSpec {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// The U-Net's channel multipliers at its three resolutions unless a config says otherwise.
+pub const UNET_MULTS: [usize; 3] = [1, 2, 2];
+
+fn unet_mults() -> [usize; 3] {
+    UNET_MULTS
+}
+fn is_unet_mults(m: &[usize; 3]) -> bool {
+    *m == UNET_MULTS
 }
 
 fn gelu() -> Activation {
@@ -86,12 +102,14 @@ impl ModelKind {
 
 impl ModelSpec {
     /// The spec of `kind` with a config's settings: `layers` is read by the lesson MLP only,
-    /// and an absent `activation` is the seed's choice for the kind (GELU for the blog's
-    /// net, SiLU for the lesson's MLP).
+    /// `mults` and `attention` by the U-Net only, and an absent `activation` is the seed's choice for the
+    /// kind (GELU for the blog's net, SiLU for the lesson's MLP).
     pub fn of(
         kind: ModelKind,
         hidden: usize,
         layers: usize,
+        mults: [usize; 3],
+        attention: bool,
         activation: Option<Activation>,
     ) -> ModelSpec {
         match kind {
@@ -108,6 +126,8 @@ impl ModelSpec {
             },
             ModelKind::UNet => Self::UNet {
                 hidden,
+                mults,
+                attention,
                 span: false,
             },
             ModelKind::UNetLesson => Self::UNetLesson {
@@ -160,6 +180,13 @@ impl ModelSpec {
                 "layers must be in 1..=64, got {l}"
             )));
         }
+        if let Self::UNet { mults, .. } = self {
+            if mults.iter().any(|&m| m == 0 || m > 16) {
+                return Err(ModelError::Invalid(format!(
+                    "unet channel multipliers (model.mults) must be in 1..=16, got {mults:?}"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -197,9 +224,19 @@ impl ModelSpec {
                 activation,
                 span,
             )?),
-            Self::UNet { hidden, span } => {
-                Box::new(crate::VelocityUNet::new(&mut params, dim, hidden, span)?)
-            }
+            Self::UNet {
+                hidden,
+                mults,
+                attention,
+                span,
+            } => Box::new(crate::VelocityUNet::new(
+                &mut params,
+                dim,
+                hidden,
+                mults,
+                attention,
+                span,
+            )?),
             Self::UNetLesson { hidden, span } => Box::new(crate::VelocityUNetLesson::new(
                 &mut params,
                 dim,
@@ -345,6 +382,24 @@ mod tests {
         let (x, t) = input(5);
         assert_eq!(net.velocity(&x, &t).unwrap().dims(), &[5, 2]);
         assert_eq!(mlp.velocity(&x, &t).unwrap().dims(), &[5, 2]);
+    }
+
+    #[test]
+    fn default_unet_settings_are_left_out_of_the_spec_and_bad_ones_refused() {
+        let json = |s: &ModelSpec| serde_json::to_string(s).unwrap();
+        let plain = ModelSpec::of(ModelKind::UNet, 16, 1, UNET_MULTS, false, None);
+        // Specs written before these settings existed read back as the same model.
+        assert_eq!(json(&plain), r#"{"kind":"unet","hidden":16}"#);
+        let back: ModelSpec = serde_json::from_str(r#"{"kind":"unet","hidden":16}"#).unwrap();
+        assert_eq!(back, plain);
+        let wide = ModelSpec::of(ModelKind::UNet, 16, 1, [1, 2, 4], true, None);
+        assert_eq!(
+            json(&wide),
+            r#"{"kind":"unet","hidden":16,"mults":[1,2,4],"attention":true}"#
+        );
+        let bad = ModelSpec::of(ModelKind::UNet, 16, 1, [1, 0, 2], false, None);
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("model.mults") && e.contains("[1, 0, 2]"), "{e}");
     }
 
     #[test]

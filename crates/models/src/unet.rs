@@ -188,6 +188,52 @@ impl ResBlock {
     }
 }
 
+/// Self-attention over the pixels of a feature map `(B, C, S, S)`: `x + proj(attn)`, the
+/// tokens layer-normalised (no affine: the projections absorb it) before one `qkv` layer,
+/// `C / 32` heads (at least one), softmax(q·kᵀ/√d)·v. At the U-Net's lowest resolution
+/// (7 × 7 on MNIST) it joins every pixel to every other for little compute.
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(p: &mut Params, name: &str, c: usize) -> std::result::Result<Self, ModelError> {
+        Ok(Self {
+            qkv: p.linear(&format!("{name}.qkv"), c, 3 * c)?,
+            proj: p.linear(&format!("{name}.proj"), c, c)?,
+            heads: (c / 32).max(1),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, s1, s2) = x.dims4()?;
+        let (n, heads) = (s1 * s2, self.heads);
+        let d = c / heads;
+        let tokens = x.flatten_from(2)?.transpose(1, 2)?.reshape((b * n, c))?;
+        let centred = tokens.broadcast_sub(&tokens.mean_keepdim(1)?)?;
+        let spread = (centred.sqr()?.mean_keepdim(1)? + 1e-5)?.sqrt()?;
+        let qkv = self
+            .qkv
+            .forward(&centred.broadcast_div(&spread)?)?
+            .reshape((b, n, 3, heads, d))?
+            .permute((2, 0, 3, 1, 4))?;
+        let part = |i: usize| qkv.get(i)?.contiguous();
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let att = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+        let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?;
+        let out = att.matmul(&v)?.permute((0, 2, 1, 3))?.reshape((b * n, c))?;
+        let out = self
+            .proj
+            .forward(&out)?
+            .reshape((b, n, c))?
+            .transpose(1, 2)?
+            .reshape((b, c, s1, s2))?;
+        x + out
+    }
+}
+
 /// flowmatch's default image field: residual blocks with GroupNorm at three resolutions
 /// (S, S/2, S/4), the time embedding injected into every block, skips across the U;
 /// stride-2 convs down, nearest ×2 + conv up; every conv is unfold + matmul ([`Conv`]).
@@ -200,6 +246,7 @@ pub struct VelocityUNet {
     enc2: ResBlock,
     down2: Conv,
     mid: ResBlock,
+    mid_attn: Option<Attention>,
     up2: Conv,
     dec2: ResBlock,
     up1: Conv,
@@ -213,12 +260,15 @@ pub struct VelocityUNet {
 }
 
 impl VelocityUNet {
-    /// Builds it with `hidden` base channels (a multiple of 8: GroupNorm uses 8 groups), and a
-    /// span input with `span`.
+    /// Builds it with `hidden` base channels (a multiple of 8: GroupNorm uses 8 groups) times
+    /// `mults` at the three resolutions (`[1, 2, 2]`: hidden, 2·hidden, 2·hidden), and a span
+    /// input with `span`; with `attention`, self-attention after the lowest block.
     pub fn new(
         p: &mut Params,
         dim: usize,
         hidden: usize,
+        mults: [usize; 3],
+        attention: bool,
         span: bool,
     ) -> std::result::Result<Self, ModelError> {
         let (c, side) = image_shape(dim)?;
@@ -227,22 +277,28 @@ impl VelocityUNet {
                 "unet hidden channels must be a multiple of 8 (GroupNorm groups), got {hidden}"
             )));
         }
-        let (h, g, td) = (hidden, 8, 4 * hidden);
+        let (g, td) = (8, 4 * hidden);
+        let [c1, c2, c3] = mults.map(|m| m * hidden);
         Ok(Self {
             time1: p.linear("time.0", 64 * (1 + span as usize), td)?,
             time2: p.linear("time.2", td, td)?,
-            conv_in: p.conv("conv_in", c, h, 3, 1, 1)?,
-            enc1: ResBlock::new(p, "enc1", h, h, td, g)?,
-            down1: p.conv("down1", h, 2 * h, 3, 2, 1)?,
-            enc2: ResBlock::new(p, "enc2", 2 * h, 2 * h, td, g)?,
-            down2: p.conv("down2", 2 * h, 2 * h, 3, 2, 1)?,
-            mid: ResBlock::new(p, "mid", 2 * h, 2 * h, td, g)?,
-            up2: p.conv("up2", 2 * h, 2 * h, 3, 1, 1)?,
-            dec2: ResBlock::new(p, "dec2", 4 * h, 2 * h, td, g)?,
-            up1: p.conv("up1", 2 * h, h, 3, 1, 1)?,
-            dec1: ResBlock::new(p, "dec1", 2 * h, h, td, g)?,
-            norm_out: p.group_norm_silu("norm_out", g, h)?,
-            conv_out: p.conv("conv_out", h, c, 3, 1, 1)?,
+            conv_in: p.conv("conv_in", c, c1, 3, 1, 1)?,
+            enc1: ResBlock::new(p, "enc1", c1, c1, td, g)?,
+            down1: p.conv("down1", c1, c2, 3, 2, 1)?,
+            enc2: ResBlock::new(p, "enc2", c2, c2, td, g)?,
+            down2: p.conv("down2", c2, c3, 3, 2, 1)?,
+            mid: ResBlock::new(p, "mid", c3, c3, td, g)?,
+            mid_attn: if attention {
+                Some(Attention::new(p, "mid.attn", c3)?)
+            } else {
+                None
+            },
+            up2: p.conv("up2", c3, c2, 3, 1, 1)?,
+            dec2: ResBlock::new(p, "dec2", 2 * c2, c2, td, g)?,
+            up1: p.conv("up1", c2, c1, 3, 1, 1)?,
+            dec1: ResBlock::new(p, "dec1", 2 * c1, c1, td, g)?,
+            norm_out: p.group_norm_silu("norm_out", g, c1)?,
+            conv_out: p.conv("conv_out", c1, c, 3, 1, 1)?,
             act: Activation::Silu,
             channels: c,
             side,
@@ -258,7 +314,10 @@ impl VelocityUNet {
         let h0 = self.conv_in.forward(&xi)?;
         let h1 = self.enc1.forward(&h0, &temb)?;
         let h2 = self.enc2.forward(&self.down1.forward(&h1)?, &temb)?;
-        let m = self.mid.forward(&self.down2.forward(&h2)?, &temb)?;
+        let mut m = self.mid.forward(&self.down2.forward(&h2)?, &temb)?;
+        if let Some(attn) = &self.mid_attn {
+            m = attn.forward(&m)?;
+        }
         let d2 = self.dec2.forward(
             &Tensor::cat(&[&self.up2.forward(&upsample2(&m)?)?, &h2], 1)?,
             &temb,
@@ -293,7 +352,7 @@ mod tests {
         if lesson {
             Box::new(VelocityUNetLesson::new(p, 64, 8, span).unwrap())
         } else {
-            Box::new(VelocityUNet::new(p, 64, 8, span).unwrap())
+            Box::new(VelocityUNet::new(p, 64, 8, [1, 2, 2], true, span).unwrap())
         }
     }
 
@@ -334,6 +393,26 @@ mod tests {
             let last = loss(net.as_ref()).to_scalar::<f32>().unwrap();
             assert!(last < 0.2 * first, "lesson={lesson}: {first} -> {last}");
         }
+    }
+
+    #[test]
+    fn channel_multipliers_and_attention_add_the_expected_parameters() {
+        let count = |mults: [usize; 3], attention: bool| {
+            let mut p = Params::new(0, &Device::Cpu);
+            VelocityUNet::new(&mut p, 64, 8, mults, attention, false).unwrap();
+            p.count()
+        };
+        // Self-attention on c channels: qkv c·3c + 3c, proj c·c + c.
+        let attn = |c: usize| 3 * c * c + 3 * c + c * c + c;
+        assert_eq!(count([1, 2, 2], true) - count([1, 2, 2], false), attn(16));
+        assert_eq!(count([1, 2, 4], true) - count([1, 2, 4], false), attn(32));
+        // The lowest level widens from 16 to 32 channels: every weight there grows.
+        assert!(count([1, 2, 4], false) > count([1, 2, 2], false) + 2 * 9 * 16 * 16);
+        let mut p = Params::new(0, &Device::Cpu);
+        let net = VelocityUNet::new(&mut p, 64, 8, [2, 2, 4], true, false).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();
+        let t = Tensor::new(&[0.1f32, 0.5, 0.9], &Device::Cpu).unwrap();
+        assert_eq!(net.velocity(&x, &t).unwrap().dims(), &[3, 64]);
     }
 
     #[test]
