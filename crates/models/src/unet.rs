@@ -2,7 +2,7 @@
 //! (what the samplers, couplings and solvers pass around) and answer in the same shape.
 
 use crate::activation::Activation;
-use crate::conv::{upsample2, Conv};
+use crate::conv::Conv;
 use crate::conv_transpose::ConvTranspose;
 use crate::mlp::time_embedding;
 use crate::norm::GroupNormSilu;
@@ -236,7 +236,8 @@ impl Attention {
 
 /// flowmatch's default image field: residual blocks with GroupNorm at three resolutions
 /// (S, S/2, S/4), the time embedding injected into every block, skips across the U;
-/// stride-2 convs down, nearest ×2 + conv up; every conv is unfold + matmul ([`Conv`]).
+/// stride-2 convs down, nearest ×2 + conv up (computed at the low resolution,
+/// [`Conv::forward_upsampled`]); every conv is unfold + matmul ([`Conv`]).
 pub struct VelocityUNet {
     time1: Linear,
     time2: Linear,
@@ -319,11 +320,11 @@ impl VelocityUNet {
             m = attn.forward(&m)?;
         }
         let d2 = self.dec2.forward(
-            &Tensor::cat(&[&self.up2.forward(&upsample2(&m)?)?, &h2], 1)?,
+            &Tensor::cat(&[&self.up2.forward_upsampled(&m)?, &h2], 1)?,
             &temb,
         )?;
         let d1 = self.dec1.forward(
-            &Tensor::cat(&[&self.up1.forward(&upsample2(&d2)?)?, &h1], 1)?,
+            &Tensor::cat(&[&self.up1.forward_upsampled(&d2)?, &h1], 1)?,
             &temb,
         )?;
         let out = self.conv_out.forward(&self.norm_out.forward(&d1)?)?;

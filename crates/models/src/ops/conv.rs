@@ -55,6 +55,18 @@ impl Conv {
         }
     }
 
+    /// `self.forward(&upsample2(x))`, the same numbers up to rounding: a 3×3, stride 1,
+    /// padding 1 conv runs at the low resolution on CPU (four 2×2 kernels, see
+    /// `upconv.rs`); any other conv, or device, upsamples first.
+    pub fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        let cpu = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32;
+        if cpu && self.k == 3 && self.stride == 1 && self.pad == 1 {
+            super::upconv::forward(&self.weight, &self.bias, x)
+        } else {
+            self.forward(&upsample2(x)?)
+        }
+    }
+
     /// `bias` is `(O,)` or per sample `(B, O)`.
     fn forward_cpu(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;

@@ -8,6 +8,7 @@
 //! - [`conv`]: the U-Nets' convolutions (unfold + gemm, backward by col2im); stride 1 on the
 //!   padded layout, and tap by tap for a few outputs (`conv_padded`).
 //! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (gemm + col2im).
+//! - `upconv`: a 3×3 conv of a ×2-upsampled map, at the low resolution (`Conv::forward_upsampled`).
 //! - [`norm`]: GroupNorm + SiLU.
 //! - `cpu`: shared helpers (slices of CPU storage, parallel batches).
 
@@ -19,3 +20,4 @@ pub(crate) mod cpu;
 pub(crate) mod dense;
 pub mod linear;
 pub mod norm;
+mod upconv;
