@@ -128,7 +128,8 @@ if ceiling:
     peak = 2 * 512 ** 3 / (ceiling / 1e3) / 1e9
     print(f"\n**The U-Nets' arithmetic.** A matrix product of 512³ runs at {peak:.0f} GFLOP/s on one core "
           f"here (the `gemm` crate the convolutions use). In GFLOP/s of each step (3× the forward's "
-          f"multiply-adds ×2):\n")
+          f"multiply-adds ×2, counted as PyTorch runs the model; flowmatch's `unet` computes its up path "
+          f"at the low resolution with fewer, so its figure is an effective rate):\n")
     print("| U-Net step | flops | flowmatch | PyTorch | the goal (0.67× PyTorch's time) needs |")
     print("|---|---:|---:|---:|---:|")
     for fm, (py, g) in unet_gflop.items():
