@@ -23,6 +23,19 @@ pub struct Need {
     pub what: String,
 }
 
+/// A U-Net's `hidden`, scaled by how much wider its widest level is than the default
+/// `[1, 2, 2]` (`model.mults`); the estimates below were sized on the default.
+fn unet_width(model: &ModelSpec) -> f64 {
+    match *model {
+        ModelSpec::UNet { hidden, mults, .. } => {
+            let widest = |m: [usize; 3]| m.into_iter().max().unwrap_or(1) as f64;
+            hidden as f64 * widest(mults) / widest(flowmatch_models::UNET_MULTS)
+        }
+        ModelSpec::UNetLesson { hidden, .. } => hidden as f64,
+        _ => 0.0,
+    }
+}
+
 /// Scalar parameters of a model on `dim`-dimensional data, roughly.
 fn parameters(model: &ModelSpec, dim: f64) -> f64 {
     match *model {
@@ -35,12 +48,8 @@ fn parameters(model: &ModelSpec, dim: f64) -> f64 {
             (dim + 1.0) * h + layers as f64 * h * h + h * dim
         }
         // Convolutions: a few hundred 3×3 kernels of width up to 4·hidden.
-        ModelSpec::UNet { hidden, mults, .. } => {
-            let h = (hidden * mults.iter().max().unwrap_or(&2)) as f64 / 2.0;
-            200.0 * h * h + 1000.0
-        }
-        ModelSpec::UNetLesson { hidden, .. } => {
-            let h = hidden as f64;
+        ModelSpec::UNet { .. } | ModelSpec::UNetLesson { .. } => {
+            let h = unet_width(model);
             200.0 * h * h + 1000.0
         }
     }
@@ -53,9 +62,7 @@ fn activations_per_sample(model: &ModelSpec, dim: f64) -> f64 {
         ModelSpec::VelocityMlp { hidden, layers, .. } => {
             4.0 * (layers as f64 + 2.0) * (hidden as f64).max(dim)
         }
-        ModelSpec::UNet { hidden, .. } | ModelSpec::UNetLesson { hidden, .. } => {
-            40.0 * dim * hidden as f64
-        }
+        ModelSpec::UNet { .. } | ModelSpec::UNetLesson { .. } => 40.0 * dim * unet_width(model),
     }
 }
 

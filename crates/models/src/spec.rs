@@ -102,8 +102,8 @@ impl ModelKind {
 
 impl ModelSpec {
     /// The spec of `kind` with a config's settings: `layers` is read by the lesson MLP only,
-    /// `mults` and `attention` by the U-Net only, and an absent `activation` is the seed's choice for the
-    /// kind (GELU for the blog's net, SiLU for the lesson's MLP).
+    /// `mults` and `attention` by the U-Net only, and an absent `activation` is the seed's
+    /// choice for the kind (GELU for the blog's net, SiLU for the lesson's MLP).
     pub fn of(
         kind: ModelKind,
         hidden: usize,

@@ -85,12 +85,10 @@ impl CustomOp1 for Interleave {
         ))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.contiguous()?.apply_op1_no_bwd(&Scatter {
-            o: self.o,
-            b: arg.dim(0)?,
-            side: arg.dim(2)? - 1,
-        })?;
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&Scatter { o: self.o })?;
         Ok(Some(g))
     }
 }
@@ -98,8 +96,6 @@ impl CustomOp1 for Interleave {
 /// The backward of [`Interleave`]: `(B, O, 2S, 2S)` → `(B, 4·O, S + 1, S + 1)`.
 struct Scatter {
     o: usize,
-    b: usize,
-    side: usize,
 }
 
 impl CustomOp1 for Scatter {
@@ -108,11 +104,11 @@ impl CustomOp1 for Scatter {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, o, side) = (self.b, self.o, self.side);
-        let n = side + 1;
-        if l.dims() != [b, o, 2 * side, 2 * side] {
+        let (b, o, h, w) = l.shape().dims4()?;
+        if o != self.o || h != w || h % 2 != 0 {
             candle_core::bail!("{}: unexpected gradient shape {:?}", self.name(), l.dims());
         }
+        let (side, n) = (h / 2, h / 2 + 1);
         let g = f32_slice(s, l, self.name())?;
         let mut out = vec![0f32; b * 4 * o * n * n];
         out.par_chunks_mut(n * n)
