@@ -77,7 +77,9 @@ fn run_writes_a_self_describing_folder_and_eval_reevaluates_it() {
     let e = read_json(&dir.join("eval-rk4-8.json"));
     assert_eq!(e["nfe"], 32);
     assert_eq!(std::fs::read(dir.join("summary.json")).unwrap(), before);
-    // A second run of the same name does not overwrite the finished one.
+    // A second run of the same name with other settings does not overwrite the finished
+    // one: it stops with an error naming the key (as the README says), and writes no
+    // `tiny-2`; the same settings again reuse the finished run.
     let o = flowmatch(&[
         "run",
         cfg.to_str().unwrap(),
@@ -86,8 +88,23 @@ fn run_writes_a_self_describing_folder_and_eval_reevaluates_it() {
         "--set",
         "train.steps=5",
     ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("train.steps") && stderr(&o).contains("--redo-changed"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.join("tiny-2").exists());
+    assert_eq!(std::fs::read(dir.join("summary.json")).unwrap(), before);
+    let o = flowmatch(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.seed=3",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(out.join("tiny-2").join("summary.json").is_file());
     assert_eq!(std::fs::read(dir.join("summary.json")).unwrap(), before);
 }
 

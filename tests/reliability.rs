@@ -150,8 +150,10 @@ fn concurrent_runs_of_one_name_never_share_a_folder() {
         .collect();
     let ok = outcomes.iter().filter(|o| o.status.success()).count();
     for o in outcomes.iter().filter(|o| !o.status.success()) {
+        // Refused while the other trains, or after it finished (a run of another config).
         assert!(
-            stderr(o).contains("another flowmatch process"),
+            stderr(o).contains("another flowmatch process")
+                || stderr(o).contains("holds a run of another config"),
             "{}",
             stderr(o)
         );
@@ -645,4 +647,476 @@ fn two_shards_started_together_both_succeed_twenty_times_out_of_twenty() {
         !o.status.success() && e.contains("001_seed-1") && e.contains("3 planned run(s)"),
         "{e}"
     );
+}
+
+// ---- Reliability, round two (issue 27): one test or more per defect. ----
+
+/// Every file under `dir` with its bytes, for "nothing was touched" checks.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = walk(dir)
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap_or_default();
+            (p, b)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn symlinked_run_folders_are_refused_and_nothing_outside_is_touched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir_all(victim.join("deep")).unwrap();
+    std::fs::write(victim.join("precious.txt"), "keep").unwrap();
+    std::fs::write(victim.join("deep").join("also.txt"), "keep").unwrap();
+    let before = snapshot(&victim);
+    // The issue's reproduction: a sweep-run folder replaced by a link, then --redo-changed.
+    let sw = small_sweep(tmp.path());
+    let out = tmp.path().join("o");
+    let o = sweep_into(&sw, &out, &["--set", "train.steps=30"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = out.join("sw").join("000_method-euler");
+    std::fs::remove_dir_all(&run).unwrap();
+    std::os::unix::fs::symlink(&victim, &run).unwrap();
+    let o = sweep_into(&sw, &out, &["--set", "train.steps=33", "--redo-changed"]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "a linked run folder was let in");
+    let last = e.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("000_method-euler") && last.contains("symbolic link"),
+        "{e}"
+    );
+    assert_eq!(snapshot(&victim), before, "files behind the link changed");
+    // A run folder that is a link.
+    let cfg = write(tmp.path(), "t.toml", TINY);
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    std::os::unix::fs::symlink(&victim, runs.join("t")).unwrap();
+    let o = run_into(&cfg, &runs, &["--set", "train.steps=20"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("symbolic link"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(snapshot(&victim), before);
+    // RUN/reflow as a link.
+    std::fs::remove_file(runs.join("t")).unwrap();
+    let o = run_into(&cfg, &runs, &["--set", "train.steps=20"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::os::unix::fs::symlink(&victim, runs.join("t").join("reflow")).unwrap();
+    let o = flowmatch(&[
+        "reflow",
+        runs.join("t").to_str().unwrap(),
+        "--set",
+        "reflow.steps=10",
+        "--redo-changed",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("symbolic link"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(snapshot(&victim), before);
+    // --out itself may be a link.
+    let linked_out = tmp.path().join("linked_out");
+    std::fs::create_dir_all(tmp.path().join("real_out")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("real_out"), &linked_out).unwrap();
+    let o = run_into(&cfg, &linked_out, &["--set", "train.steps=20"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(tmp.path().join("real_out/t/summary.json").is_file());
+}
+
+#[test]
+fn two_sweeps_of_different_plans_into_one_folder_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "base.toml", TINY);
+    let a = write(
+        tmp.path(),
+        "a.toml",
+        "base = \"base.toml\"\nname = \"s\"\n[set]\n\"train.steps\" = 3000\n[axes]\n\"loss.coupling\" = [\"independent\", \"ot\"]\n",
+    );
+    let b = write(
+        tmp.path(),
+        "b.toml",
+        "base = \"base.toml\"\nname = \"s\"\n[set]\n\"train.steps\" = 40\n[axes]\n\"loss.coupling\" = [\"independent\", \"ot\"]\n",
+    );
+    let out = tmp.path().join("o");
+    let mut first = Command::new(BIN)
+        .args(["sweep", a.to_str().unwrap(), "--out", out.to_str().unwrap(), "--jobs", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !out.join("s").join("plan.json").is_file() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let o = sweep_into(&b, &out, &["--jobs", "1"]);
+    let e = stderr(&o);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(!o.status.success(), "a second plan was let into the folder");
+    assert!(
+        e.contains("a.toml") && e.contains("b.toml") && e.contains("another plan"),
+        "{e}"
+    );
+    // Once the first has ended, the folder is free for the other plan (its killed runs are
+    // then runs of another config, redone when asked).
+    let o = sweep_into(&b, &out, &["--jobs", "1", "--redo-changed"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn unfinished_runs_are_refused_by_reflow_eval_and_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "t.toml", TINY);
+    let out = tmp.path().join("o");
+    // Killed after a checkpoint: it has a model, but no summary.
+    let o = run_into(&cfg, &out, &["--halt-after", "60"]);
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    let run = out.join("t");
+    assert!(run.join("model.safetensors").is_file());
+    for args in [
+        vec!["reflow", run.to_str().unwrap(), "--set", "reflow.iterations=1"],
+        vec!["eval", run.to_str().unwrap()],
+        vec!["plot", run.to_str().unwrap()],
+    ] {
+        let o = flowmatch(&args);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?} used a killed run");
+        assert!(e.contains("not a finished run") && e.lines().count() == 1, "{args:?}: {e}");
+    }
+    assert!(!run.join("reflow").exists());
+    // Still training in another process.
+    let mut child = Command::new(BIN)
+        .args(["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args(["--set", "train.steps=5000", "--set", "train.seed=3", "--redo-changed"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let resume = run.join("resume.safetensors");
+    while t0.elapsed() < Duration::from_secs(60) {
+        let fresh = std::fs::read_to_string(run.join("config.toml")).unwrap_or_default();
+        if fresh.contains("seed = 3") && resume.is_file() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let o = flowmatch(&["reflow", run.to_str().unwrap(), "--set", "reflow.iterations=1"]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let e = stderr(&o);
+    assert!(!o.status.success(), "reflow used a run that is still training");
+    assert!(e.contains("not finished") && e.contains("still writing"), "{e}");
+}
+
+#[test]
+fn a_kill_after_the_eval_record_leaves_no_duplicate_on_rerun() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = stateful(tmp.path());
+    let whole = tmp.path().join("whole");
+    assert!(run_into(&cfg, &whole, &[]).status.success());
+    let reference = std::fs::read_to_string(whole.join("state/metrics.jsonl")).unwrap();
+    // Killed after the last checkpoint, with the evaluation's records already in
+    // metrics.jsonl (the state a kill -9 or a full disk leaves between them and summary.json).
+    let out = tmp.path().join("late");
+    let o = run_into(&cfg, &out, &["--halt-after", "150"]);
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    let log = out.join("state/metrics.jsonl");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    let eval_stage: Vec<&str> = reference
+        .lines()
+        .filter(|l| !text.lines().any(|m| m == *l))
+        .collect();
+    assert!(
+        eval_stage.iter().any(|l| l.contains("\"eval\"")),
+        "{eval_stage:?}"
+    );
+    for l in &eval_stage {
+        text.push_str(l);
+        text.push('\n');
+    }
+    std::fs::write(&log, text).unwrap();
+    let o = run_into(&cfg, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), reference);
+    assert_eq!(summary(&out.join("state")), summary(&whole.join("state")));
+}
+
+/// The files of a finished tree that must not depend on kills: every summary.json and
+/// metrics.jsonl, by path relative to `root`.
+fn results_of(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = walk(root)
+        .into_iter()
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n == "summary.json" || n == "metrics.jsonl"
+        })
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p.strip_prefix(root).unwrap().to_path_buf(), b)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Runs `args` (with `--out OUT` appended) to the end, SIGKILLs it at `fractions` of that
+/// duration in fresh folders, reruns each, and checks that every summary.json and
+/// metrics.jsonl equals the uninterrupted run's.
+fn kills_at_any_moment_leave_identical_results(tmp: &Path, label: &str, args: &[&str]) {
+    let reference = tmp.join(format!("{label}-whole"));
+    let t0 = Instant::now();
+    let mut a = args.to_vec();
+    a.extend(["--out", reference.to_str().unwrap()]);
+    let o = flowmatch(&a);
+    assert!(o.status.success(), "{label}: {}", stderr(&o));
+    let whole = t0.elapsed();
+    let expected = results_of(&reference);
+    assert!(!expected.is_empty());
+    for (i, f) in [0.1, 0.3, 0.5, 0.7, 0.85, 0.95].iter().enumerate() {
+        let out = tmp.join(format!("{label}-kill{i}"));
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args(["--out", out.to_str().unwrap()])
+            .env("FLOWMATCH_TRAIN__CHECKPOINT_EVERY", "50")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(whole.mul_f64(*f));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let o = flowmatch(&a.iter().map(|s| {
+            if *s == reference.to_str().unwrap() { out.to_str().unwrap() } else { s }
+        }).collect::<Vec<_>>());
+        assert!(o.status.success(), "{label} killed at {f}: {}", stderr(&o));
+        assert_eq!(
+            results_of(&out),
+            expected,
+            "{label} killed at {f} of its {whole:?}: results differ"
+        );
+    }
+}
+
+#[test]
+fn a_kill_at_any_moment_then_a_rerun_gives_identical_summaries_and_logs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = stateful(tmp.path());
+    let reflow = write(
+        tmp.path(),
+        "rf.toml",
+        &format!("{TINY}\n[reflow]\niterations = 2\nsteps = 60\nteacher_method = \"euler\"\nteacher_steps = 4\nmode = \"offline\"\npairs = 512\n"),
+    );
+    let sw = small_sweep(tmp.path());
+    let (c, r, s) = (
+        cfg.to_str().unwrap().to_string(),
+        reflow.to_str().unwrap().to_string(),
+        sw.to_str().unwrap().to_string(),
+    );
+    kills_at_any_moment_leave_identical_results(tmp.path(), "run", &["run", &c]);
+    kills_at_any_moment_leave_identical_results(tmp.path(), "sweep", &["sweep", &s, "--jobs", "2"]);
+    kills_at_any_moment_leave_identical_results(tmp.path(), "reflow", &["run", &r]);
+}
+
+#[test]
+fn evaluation_plot_and_bench_sizes_are_bounded_before_anything_is_allocated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "t.toml", TINY);
+    let out = tmp.path().join("o");
+    for (sets, key) in [
+        (vec!["eval.nll_steps=100000000000"], "eval.nll_steps"),
+        (
+            vec!["eval.sde_steps=100000000000", "eval.sde_gammas=[0.5]"],
+            "eval.sde_steps",
+        ),
+        (vec!["eval.steps=[1, 100000000000]"], "eval.steps"),
+    ] {
+        let mut args = vec![];
+        for s in &sets {
+            args.extend(["--set", s]);
+        }
+        let o = run_into(&cfg, &out, &args);
+        let e = stderr(&o);
+        assert!(
+            !o.status.success() && e.starts_with(&format!("error: {key}:")) && e.contains("limits.memory_gb"),
+            "{sets:?}: {e}"
+        );
+    }
+    assert_eq!(files_under(&out), 0);
+    let o = flowmatch(&["bench", "--device", "cpu", "--batch", "100000000000"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("--batch") && e.lines().count() == 1, "{e}");
+    // A sweep folder's samples figure with an absurd step count.
+    let sw = small_sweep(tmp.path());
+    let o = sweep_into(&sw, &out, &["--set", "train.steps=20"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = flowmatch(&["plot", out.join("sw").to_str().unwrap(), "--what", "samples:99999999999"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("samples:99999999999") && e.contains("memory"), "{e}");
+}
+
+#[test]
+fn sigterm_during_the_evaluation_exits_75_and_the_rerun_matches() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A short training and a long evaluation (many table rows on many samples).
+    let cfg = write(
+        tmp.path(),
+        "t.toml",
+        &TINY
+            .replace("steps = 150", "steps = 20")
+            .replace("samples = 200", "samples = 1500")
+            .replace("steps = [1, 10]", "steps = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]"),
+    );
+    let whole = tmp.path().join("whole");
+    let t0 = Instant::now();
+    assert!(run_into(&cfg, &whole, &[]).status.success());
+    let took = t0.elapsed();
+    let out = tmp.path().join("o");
+    let child = Command::new(BIN)
+        .args(["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .env("FLOWMATCH_TRAIN__CHECKPOINT_EVERY", "50")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The training is over when its last loss record (step 20) is in metrics.jsonl.
+    let log = out.join("t").join("metrics.jsonl");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("\"step\":20")
+        && t0.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let sent = Instant::now();
+    unsafe_sigterm(child.id());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(
+        sent.elapsed() < took / 2 + Duration::from_secs(1),
+        "stopping took {:?} of a {took:?} run",
+        sent.elapsed()
+    );
+    assert!(stderr(&o).contains("stopped on request"), "{}", stderr(&o));
+    assert!(!out.join("t/summary.json").exists());
+    let o = run_into(&cfg, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(summary(&out.join("t")), summary(&whole.join("t")));
+    assert_eq!(
+        std::fs::read(out.join("t/metrics.jsonl")).unwrap(),
+        std::fs::read(whole.join("t/metrics.jsonl")).unwrap()
+    );
+}
+
+/// Sends SIGTERM to a child process.
+fn unsafe_sigterm(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM {pid}");
+}
+
+#[test]
+fn a_resume_file_of_another_config_or_model_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "t.toml", TINY);
+    let halted = |out: &str, sets: &[&str]| {
+        let mut args = vec!["--halt-after", "60"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let o = run_into(&cfg, &tmp.path().join(out), &args);
+        assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+        tmp.path().join(out).join("t").join("resume.safetensors")
+    };
+    let mine = halted("a", &[]);
+    let other_lr = halted("b", &["train.lr=0.01", "train.seed=5"]);
+    let wider = halted("c", &["model.hidden=64"]);
+    std::fs::copy(&other_lr, &mine).unwrap();
+    let o = run_into(&cfg, &tmp.path().join("a"), &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("another config") && e.contains("resume.safetensors"), "{e}");
+    std::fs::copy(&wider, &mine).unwrap();
+    let o = run_into(&cfg, &tmp.path().join("a"), &[]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("shape") && !e.contains("invalid loss setting"),
+        "{e}"
+    );
+}
+
+#[test]
+fn merge_checks_the_plan_and_never_writes_an_empty_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sw = small_sweep(tmp.path());
+    let out = tmp.path().join("o");
+    let o = sweep_into(&sw, &out, &["--set", "train.steps=20"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = out.join("sw");
+    let table = std::fs::read(dir.join("summary.csv")).unwrap();
+    let plan = std::fs::read(dir.join("plan.json")).unwrap();
+    for (json, needle) in [
+        (r#"["../o1/lesson_moons"]"#.to_string(), "not a usable name"),
+        (r#"["000_method-euler", "000_method-euler"]"#.to_string(), "listed twice"),
+        (r#"{"runs": []}"#.to_string(), "no runs"),
+        (
+            format!("[{}]", (0..800_000).map(|i| format!("\"r{i}\"")).collect::<Vec<_>>().join(",")),
+            "--max-runs",
+        ),
+    ] {
+        std::fs::write(dir.join("plan.json"), &json).unwrap();
+        let t0 = Instant::now();
+        let o = flowmatch(&["merge", dir.to_str().unwrap()]);
+        let e = stderr(&o);
+        assert!(!o.status.success() && e.contains(needle) && e.lines().count() == 1, "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "slow to refuse");
+        assert_eq!(std::fs::read(dir.join("summary.csv")).unwrap(), table);
+    }
+    std::fs::write(dir.join("plan.json"), &plan).unwrap();
+    let o = flowmatch(&["merge", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn weights_of_another_dtype_and_reflow_of_zero_iterations_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "t.toml", TINY);
+    let out = tmp.path().join("o");
+    assert!(run_into(&cfg, &out, &["--set", "train.steps=20"]).status.success());
+    let run = out.join("t");
+    let o = flowmatch(&["reflow", run.to_str().unwrap(), "--set", "reflow.iterations=0"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("reflow.iterations") && e.lines().count() == 1, "{e}");
+    assert!(!run.join("reflow").join("summary.json").exists());
+    // model.safetensors rewritten with the same names and shapes as all-zero U8.
+    let model = run.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let zeros: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let n_el: usize = v.shape().iter().product();
+            (n, v.shape().to_vec(), vec![0u8; n_el])
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = zeros
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::U8, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&model, safetensors::serialize(views, None).unwrap()).unwrap();
+    let o = flowmatch(&["eval", run.to_str().unwrap()]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("U8") && e.contains("F32"), "{e}");
 }

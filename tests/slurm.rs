@@ -218,3 +218,50 @@ fn a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run() {
         "the requeued run's summary differs from an uninterrupted run's"
     );
 }
+
+#[test]
+fn scancel_signal_term_without_full_reaches_flowmatch() {
+    let Some(conf) =
+        cluster_or_skip("slurm::scancel_signal_term_without_full_reaches_flowmatch")
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let sw = sweep_files(
+        tmp.path(),
+        "cancel",
+        "\"train.steps\" = 12000\n\"train.checkpoint_every\" = 500",
+        "\"train.seed\" = [5]",
+    );
+    let out = tmp.path().join("cluster");
+    let jobs = submit(&conf, &sw, 1, &out);
+    let task = format!("{}_0", jobs[0]);
+    let run = out.join("cancel").join("000_seed-5");
+    let t0 = Instant::now();
+    while !run.join("resume.safetensors").is_file() && t0.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(run.join("resume.safetensors").is_file(), "no checkpoint: {}", logs(&out));
+    // `scancel --signal=TERM` signals the job's steps only (not the batch shell): flowmatch
+    // must be one of them to checkpoint and exit 75, after which the task requeues itself.
+    slurm(&conf, &["scancel", "--signal=TERM", &task]);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(120) {
+        let state = slurm(&conf, &["squeue", "-h", "-j", &task, "-o", "%T"]);
+        if state.trim() == "PENDING" && logs(&out).contains("requeueing") {
+            slurm(
+                &conf,
+                &["scontrol", "update", &format!("JobId={task}"), "StartTime=now"],
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for(&conf, &jobs, Duration::from_secs(400));
+    let log = logs(&out);
+    assert!(
+        log.contains("stopped on request") && log.contains("resuming after step"),
+        "SIGTERM did not reach flowmatch: {log}"
+    );
+    assert!(run.join("summary.json").is_file(), "{log}");
+}

@@ -19,6 +19,35 @@ pub struct BenchSpec {
     pub sample_steps: usize,
 }
 
+impl BenchSpec {
+    /// Refuses sizes whose memory is over a run's default `limits.memory_gb`, naming the flag
+    /// behind the largest term (as a run's config is checked).
+    pub fn check_memory(&self, model: &ModelSpec) -> Result<()> {
+        use crate::limits::{activations_per_sample, grid_bytes, human};
+        let limit = crate::config::Config::default().limits.memory_gb * 1e9;
+        let terms = [
+            (
+                self.batch as f64 * (activations_per_sample(model, 2.0) + 16.0) * 4.0,
+                "--batch",
+            ),
+            (self.points as f64 * 2.0 * 4.0 * 4.0, "--points"),
+            (grid_bytes(self.sample_steps), "--sample-steps"),
+        ];
+        let need: f64 = terms.iter().map(|t| t.0).sum();
+        if need > limit {
+            let (_, flag) = terms
+                .iter()
+                .fold((0.0, "--batch"), |b, t| if t.0 > b.0 { *t } else { b });
+            return Err(anyhow!(
+                "{flag}: this benchmark would need about {} of memory, over the {} a run may use (limits.memory_gb); lower it",
+                human(need),
+                human(limit)
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What was measured.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
@@ -66,6 +95,7 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
         activation: Activation::Gelu,
         span: false,
     };
+    spec.check_memory(&model)?;
     let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian")?);
     let t: Arc<dyn Sampler> = Arc::new(Distribution::from_name("spiral")?);
     let mut trainer = Trainer::new(

@@ -115,6 +115,9 @@ fn check_count(key: &'static str, n: usize) -> Result<(), Bad> {
     }
 }
 
+/// The most entries a list of the eval table may have (each entry is one more solve).
+pub const MAX_LIST: usize = 64;
+
 /// The first value that appears twice in `items`.
 fn first_repeat<T: PartialEq>(items: &[T]) -> Option<&T> {
     items
@@ -176,6 +179,21 @@ impl DataConfig {
 impl ModelConfig {
     /// The model for `dim`-dimensional data.
     pub fn check(&self, dim: usize) -> Result<ModelSpec, Bad> {
+        // The U-Net's own settings are refused on the models that would ignore them.
+        if self.kind != flowmatch_models::ModelKind::UNet {
+            if self.mults != flowmatch_models::UNET_MULTS {
+                return Err((
+                    "model.mults",
+                    format!("applies to model.kind = \"unet\" only, not {:?}", self.kind.name()),
+                ));
+            }
+            if self.attention {
+                return Err((
+                    "model.attention",
+                    format!("applies to model.kind = \"unet\" only, not {:?}", self.kind.name()),
+                ));
+            }
+        }
         let model = ModelSpec::of(
             self.kind,
             self.hidden,
@@ -284,6 +302,15 @@ impl EvalConfig {
         if let Some(d) = first_repeat(&self.steps) {
             return Err(("eval.steps", format!("{d} is listed twice")));
         }
+        if self.steps.len() > MAX_LIST {
+            return Err((
+                "eval.steps",
+                format!(
+                    "{} step counts; at most {MAX_LIST} (each is a solve per method)",
+                    self.steps.len()
+                ),
+            ));
+        }
         check_warp("eval.warp_s", self.warp_s)?;
         if self.methods.is_empty() {
             return Err((
@@ -382,6 +409,15 @@ impl EvalConfig {
             return Err((
                 "eval.sde_gammas",
                 "the stochastic sampler's score needs a Gaussian source (data.source = gaussian or gaussian-nd)".into(),
+            ));
+        }
+        if self.sde_gammas.len() > MAX_LIST {
+            return Err((
+                "eval.sde_gammas",
+                format!(
+                    "{} noise scales; at most {MAX_LIST} (each is a stochastic solve)",
+                    self.sde_gammas.len()
+                ),
             ));
         }
         if let Some(g) = first_repeat(&self.sde_gammas) {
@@ -514,15 +550,7 @@ impl Config {
             sde_steps: self.eval.sde_steps,
             source_std,
         };
-        let offline = plan.reflow.is_reflow() && plan.reflow.mode == ReflowMode::Offline;
-        let need = crate::limits::estimate(
-            self,
-            &plan.model,
-            plan.source.dim(),
-            plan.images(),
-            plan.coupling.is_ot(),
-            offline,
-        );
+        let need = crate::limits::estimate(self, &plan);
         if need.bytes > lim.memory_gb * 1e9 {
             return Err((
                 need.key,

@@ -63,6 +63,10 @@ impl RngState {
 /// exactly the numbers of an uninterrupted one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResumeInfo {
+    /// The fingerprint of the config that wrote it ([`crate::config::Config::fingerprint`]):
+    /// a resume file copied from another run is refused.
+    #[serde(default)]
+    pub config: Option<String>,
     /// Training steps done.
     pub step: usize,
     /// The optimiser's step count.
@@ -85,8 +89,9 @@ struct ProgressBits {
 }
 
 impl ResumeInfo {
-    /// The state after `step`.
+    /// The state after `step` of the run whose config has `fingerprint`.
     pub fn new(
+        fingerprint: String,
         step: usize,
         adam_step: usize,
         rng: RngState,
@@ -94,6 +99,7 @@ impl ResumeInfo {
         progress: &[ProgressRow],
     ) -> Self {
         Self {
+            config: Some(fingerprint),
             step,
             adam_step,
             rng,
@@ -239,6 +245,7 @@ mod tests {
             fid: Some(std::f64::consts::PI),
         }];
         let info = ResumeInfo::new(
+            "0123".into(),
             7,
             7,
             RngState::of(&flowmatch_data::rng_from_seed(1)),

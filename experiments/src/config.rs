@@ -587,6 +587,26 @@ impl Config {
     }
 }
 
+impl Config {
+    /// A stable hash (FNV-1a, hex) of every key that can change a run's numbers (all but
+    /// [`NEUTRAL_KEYS`]): ties a resume file to the config that wrote it.
+    pub fn fingerprint(&self) -> String {
+        let text: String = flatten(self)
+            .into_iter()
+            .filter(|(k, _)| !NEUTRAL_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect();
+        format!("{:016x}", fnv1a(&text))
+    }
+}
+
+/// FNV-1a, a stable 64-bit hash (folder-name suffixes, fingerprints).
+pub fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Keys whose value never changes a run's numbers, so a resumed or reused run may differ in
 /// them: the prefetch thread, the figures, TensorBoard and the size limits.
 pub const NEUTRAL_KEYS: [&str; 5] = [
@@ -631,8 +651,13 @@ pub fn describe_differences(diffs: &[String]) -> String {
 }
 
 /// The environment variable of a dotted key: `train.steps` → `FLOWMATCH_TRAIN__STEPS`.
+/// A list element's index (`eval.sde_gammas.1`) is not part of the variable's name.
 fn env_var(key: &str) -> String {
-    format!("FLOWMATCH_{}", key.replace('.', "__").to_ascii_uppercase())
+    let parts: Vec<&str> = key
+        .split('.')
+        .take_while(|p| !p.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    format!("FLOWMATCH_{}", parts.join("__").to_ascii_uppercase())
 }
 
 /// Flattens figment's error into one line: what is wrong, at which key, from which source.
@@ -682,6 +707,37 @@ mod tests {
             file: Some(&p),
             sets: &sets,
         })
+    }
+
+    #[test]
+    fn unet_settings_on_other_models_and_huge_inputs_are_refused() {
+        for (set, key) in [
+            ("model.attention=true", "model.attention"),
+            ("model.mults=[1, 2, 4]", "model.mults"),
+        ] {
+            let e = load("", &[set]).err().unwrap().0;
+            assert!(e.starts_with(key) && e.contains("unet"), "{e}");
+            let e = load("", &[set, "model.kind=unet-lesson", "data.target=gaussian-nd", "data.dim=784"])
+                .err()
+                .unwrap()
+                .0;
+            assert!(e.starts_with(key), "{e}");
+        }
+        let e = load("", &["data.target_scale=1e308"]).err().unwrap().0;
+        assert!(e.starts_with("data.target_scale:") && e.contains("at most"), "{e}");
+        let many: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
+        let e = load("", &[&format!("eval.steps=[{}]", many.join(","))])
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.starts_with("eval.steps:") && e.contains("at most 64"), "{e}");
+    }
+
+    #[test]
+    fn a_list_element_names_its_variable_without_the_index() {
+        assert_eq!(env_var("eval.sde_gammas.1"), "FLOWMATCH_EVAL__SDE_GAMMAS");
+        assert_eq!(env_var("train.steps"), "FLOWMATCH_TRAIN__STEPS");
+        assert_eq!(env_var("name"), "FLOWMATCH_NAME");
     }
 
     #[test]

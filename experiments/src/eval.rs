@@ -142,6 +142,8 @@ pub fn evaluate_on(
     solver: &SolverSpec,
 ) -> Result<Evaluation> {
     let (x0, real, bw) = (&set.x0, &set.real, set.bandwidth);
+    let stop = || crate::signals::check("evaluation");
+    stop()?;
     let sol = solve(field, x0, solver, true)?;
     let traj: Vec<Tensor> = sol.trajectory.clone().unwrap_or_default();
     let gen = sol.x.to_device(&Device::Cpu)?;
@@ -160,6 +162,7 @@ pub fn evaluate_on(
                 entries.push((spec.label(), steps, sol.nfe, gen.clone()));
                 continue;
             }
+            stop()?;
             let s = solve(field, x0, &spec, false)?;
             entries.push((spec.label(), steps, s.nfe, s.x.to_device(&Device::Cpu)?));
         }
@@ -168,6 +171,7 @@ pub fn evaluate_on(
     if let Some(std) = checked.source_std {
         let mut rng = rng_from_seed(cfg.eval.seed ^ SDE_SEED);
         for g in &checked.sde {
+            stop()?;
             let x = sample_sde(field, x0, checked.sde_steps, *g, std, &mut rng)?;
             let n = checked.sde_steps;
             entries.push((g.label(), n, n, x.to_device(&Device::Cpu)?));
@@ -177,6 +181,7 @@ pub fn evaluate_on(
     // steps is the hardest to pair (a cold solve of the lesson's 1-step sample takes as long
     // as the rest together) and far from the others: it goes alone. The other chain runs
     // from the headline down through the table's step counts to the source sample itself.
+    stop()?;
     let mut order: Vec<usize> = (0..entries.len()).collect();
     order.sort_by_key(|&k| std::cmp::Reverse(entries[k].1));
     let fewest = order.pop();
@@ -278,6 +283,7 @@ fn negative_log_likelihood(
     let mut total = 0.0;
     let mut start = 0;
     while start < spec.samples {
+        crate::signals::check("evaluation (likelihood)")?;
         let n = chunk.min(spec.samples - start);
         let x = x1.narrow(0, start, n)?.to_device(device)?;
         let ll = log_likelihood(

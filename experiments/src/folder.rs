@@ -30,7 +30,8 @@ impl RunPaths {
     pub fn resume(&self) -> PathBuf {
         self.dir.join(RESUME_FILE)
     }
-    /// A run is finished exactly when its summary exists (written last, atomically).
+    /// Whether the summary exists (written last, atomically). A run is finished when it does
+    /// and no process holds the folder's lock ([`open_finished`] checks both).
     pub fn finished(&self) -> bool {
         self.summary().is_file()
     }
@@ -75,6 +76,7 @@ pub fn prepare(dir: &Path, cfg: &Config, on_change: OnChange) -> Result<Prepared
     let paths = RunPaths {
         dir: dir.to_path_buf(),
     };
+    crate::lock::refuse_link(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if paths.config().is_file() {
         let old = Config::read_resolved(&paths.config()).map_err(|e| anyhow!(e.0))?;
@@ -137,26 +139,43 @@ pub fn load_finished(
     Ok((summary, model))
 }
 
-/// Claims a folder for a new run under `out`: `out/name`, or `out/name-2`, … when a finished
-/// run already holds the name. A killed run of the same name is continued; a folder that
-/// another live process is writing is an error.
+/// Claims the folder `out/name` for a run: a finished run of the same config there is reused,
+/// a killed one continued, and one of another config refused (see [`prepare`]); a folder that
+/// another live process is writing, or a symbolic link, is an error.
 pub fn claim_run_dir(out: &Path, name: &str) -> Result<(PathBuf, crate::lock::RunLock)> {
-    let mut k = 1;
-    loop {
-        let dir = if k == 1 {
-            out.join(name)
-        } else {
-            out.join(format!("{name}-{k}"))
-        };
-        k += 1;
-        if (RunPaths { dir: dir.clone() }).finished() {
-            continue;
-        }
-        let lock = crate::lock::RunLock::acquire(&dir)?;
-        // It may have finished while we waited for the lock.
-        if (RunPaths { dir: dir.clone() }).finished() {
-            continue;
-        }
-        return Ok((dir, lock));
+    let dir = out.join(name);
+    let lock = crate::lock::RunLock::acquire(&dir)?;
+    Ok((dir, lock))
+}
+
+/// Opens a finished run folder for reading (`eval`, `plot`, `reflow`): holds its lock, so
+/// that no other process writes it meanwhile, and refuses a folder without `summary.json` (a
+/// run still training elsewhere, or killed) with a one-line error that says so.
+pub fn open_finished(dir: &Path) -> Result<crate::lock::RunLock> {
+    if !dir.is_dir() {
+        return Err(anyhow!("{} is not a run folder (no such folder)", dir.display()));
     }
+    let paths = RunPaths {
+        dir: dir.to_path_buf(),
+    };
+    if !paths.config().is_file() && !paths.model().is_file() {
+        return Err(anyhow!(
+            "{} has no model.safetensors (not a run folder?)",
+            dir.display()
+        ));
+    }
+    let lock = crate::lock::RunLock::acquire(dir).map_err(|e| match e {
+        crate::lock::LockError::Busy { holder, .. } => anyhow!(
+            "{} is not finished: another flowmatch process ({holder}) is still writing it; wait for it to finish",
+            dir.display()
+        ),
+        other => other.into(),
+    })?;
+    if !paths.finished() {
+        return Err(anyhow!(
+            "{} is not a finished run: it has no summary.json (it was killed or failed before the end); rerun its command to finish it",
+            dir.display()
+        ));
+    }
+    Ok(lock)
 }

@@ -4,6 +4,7 @@
 //! The estimate is deliberately rough (within a small factor) and errs high: it is a guard
 //! against typos such as `train.batch_size = 1000000000`, not a planner.
 
+use crate::check::Plan;
 use crate::config::Config;
 use flowmatch_models::ModelSpec;
 
@@ -56,7 +57,7 @@ fn parameters(model: &ModelSpec, dim: f64) -> f64 {
 }
 
 /// Floats kept per sample for one forward and backward pass, roughly.
-fn activations_per_sample(model: &ModelSpec, dim: f64) -> f64 {
+pub(crate) fn activations_per_sample(model: &ModelSpec, dim: f64) -> f64 {
     match *model {
         ModelSpec::VelocityNet { hidden, .. } => 12.0 * (hidden as f64).max(dim),
         ModelSpec::VelocityMlp { hidden, layers, .. } => {
@@ -66,17 +67,19 @@ fn activations_per_sample(model: &ModelSpec, dim: f64) -> f64 {
     }
 }
 
-/// The peak memory of `cfg` (its checked `model` on `dim`-dimensional data; `images` when
-/// MNIST is read, `ot` when batches pair by OT, `offline` with an offline reflow pair set)
-/// and the key behind its largest term.
-pub fn estimate(
-    cfg: &Config,
-    model: &ModelSpec,
-    dim: usize,
-    images: bool,
-    ot: bool,
-    offline: bool,
-) -> Need {
+/// Bytes of the time grid and per-step records of a solve of `steps` steps (times, step
+/// sizes, the solver's bookkeeping).
+pub fn grid_bytes(steps: usize) -> f64 {
+    (steps as f64 + 1.0) * 4.0 * F64
+}
+
+/// The peak memory of `cfg` under its checked `plan` (model, data, coupling, reflow pairs,
+/// the likelihood and stochastic rows of the evaluation) and the key behind its largest term.
+pub fn estimate(cfg: &Config, plan: &Plan) -> Need {
+    let (model, dim, images) = (&plan.model, plan.source.dim(), plan.images());
+    let ot = plan.coupling.is_ot();
+    let offline = plan.reflow.is_reflow()
+        && plan.reflow.mode == flowmatch_reflow::ReflowMode::Offline;
     let d = dim as f64;
     let batch = cfg.train.batch_size as f64;
     let samples = cfg.eval.samples as f64;
@@ -104,6 +107,29 @@ pub fn estimate(
             ),
         ),
     ];
+    // Every solve of the evaluation holds its time grid: the table's longest, the
+    // likelihood's and the stochastic rows'.
+    if let Some(&longest) = cfg.eval.steps.iter().max() {
+        terms.push((
+            grid_bytes(longest),
+            "eval.steps",
+            format!("the time grid of {longest} steps"),
+        ));
+    }
+    if let Some(nll) = &plan.nll {
+        terms.push((
+            grid_bytes(nll.solver.steps) + 4.0 * nll.samples as f64 * d * F64,
+            "eval.nll_steps",
+            format!("the likelihood's time grid of {} steps", nll.solver.steps),
+        ));
+    }
+    if !plan.sde.is_empty() {
+        terms.push((
+            grid_bytes(plan.sde_steps),
+            "eval.sde_steps",
+            format!("the stochastic sampler's grid of {} steps", plan.sde_steps),
+        ));
+    }
     if ot {
         terms.push((
             2.0 * batch * batch * F64,
@@ -138,7 +164,8 @@ pub fn estimate(
                 }
             });
     // A huge `data.dim` inflates every term that holds points: blame the dimension.
-    let key = if d > 1e4 && !images && key != "model.hidden" {
+    let grids = ["eval.steps", "eval.nll_steps", "eval.sde_steps"];
+    let key = if d > 1e4 && !images && key != "model.hidden" && !grids.contains(&key) {
         "data.dim"
     } else {
         key
@@ -167,14 +194,7 @@ mod tests {
         let mut unlimited = cfg.clone();
         unlimited.limits.memory_gb = 1e30;
         let p = unlimited.check().unwrap();
-        estimate(
-            cfg,
-            &p.model,
-            p.source.dim(),
-            p.images(),
-            p.coupling.is_ot(),
-            false,
-        )
+        estimate(cfg, &p)
     }
 
     #[test]
@@ -207,6 +227,20 @@ mod tests {
         img.train.batch_size = 128;
         let n = need(&img);
         assert!(n.bytes < 8e9, "{n:?}");
+        // The evaluation's long solves: the likelihood, the stochastic rows, the table.
+        let mut nll = cfg.clone();
+        nll.eval.nll_steps = 100_000_000_000;
+        let n = need(&nll);
+        assert!(n.bytes > 1e12 && n.key == "eval.nll_steps", "{n:?}");
+        let mut sde = cfg.clone();
+        sde.eval.sde_gammas = vec![0.5];
+        sde.eval.sde_steps = 100_000_000_000;
+        let n = need(&sde);
+        assert!(n.bytes > 1e12 && n.key == "eval.sde_steps", "{n:?}");
+        let mut table = cfg.clone();
+        table.eval.steps = vec![1, 100_000_000_000];
+        let n = need(&table);
+        assert!(n.bytes > 1e12 && n.key == "eval.steps", "{n:?}");
         assert_eq!(human(2.5e12), "2.5 TB");
         assert_eq!(human(3.21e9), "3.2 GB");
     }

@@ -5,6 +5,7 @@
 use anyhow::{anyhow, Context, Result};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The lock file's name inside a run folder.
@@ -26,6 +27,23 @@ pub enum LockError {
     /// The lock file could not be opened or locked.
     #[error("cannot lock {dir}: {msg}")]
     Io { dir: String, msg: String },
+    /// The folder is a symbolic link that flowmatch did not create.
+    #[error("{0}")]
+    Link(#[from] LinkError),
+}
+
+/// A path flowmatch would write or delete through is a symbolic link it did not create.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is a symbolic link; flowmatch never writes or deletes through a link it did not create: remove the link, or choose another name or --out")]
+pub struct LinkError(pub String);
+
+/// Refuses `path` when it is a symbolic link (a missing path is fine: it will be created as
+/// a real folder). Only the folders flowmatch makes are checked: `--out` itself may be a link.
+pub fn refuse_link(path: &Path) -> Result<(), LinkError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(LinkError(path.display().to_string())),
+        _ => Ok(()),
+    }
 }
 
 impl RunLock {
@@ -35,13 +53,18 @@ impl RunLock {
             dir: dir.display().to_string(),
             msg: e.to_string(),
         };
+        refuse_link(dir)?;
         std::fs::create_dir_all(dir).map_err(io)?;
+        let lock_path = dir.join(LOCK_FILE);
+        refuse_link(&lock_path)?;
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(dir.join(LOCK_FILE))
+            // Never through a link planted after the check above.
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&lock_path)
             .map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
@@ -85,9 +108,79 @@ impl RunLock {
     }
 }
 
+/// A sweep folder shared by the processes (shards) that run one plan: each holds a shared
+/// lock on `.sweep-FINGERPRINT.lock` while it runs, so that a sweep of another plan started
+/// into the same folder meanwhile is refused instead of mixing its runs in.
+#[derive(Debug)]
+pub struct SweepClaim {
+    _file: File,
+}
+
+impl SweepClaim {
+    /// Joins the sweep folder `dir` for the plan `fingerprint` (described as `who`, e.g. the
+    /// sweep file): an error names the other plan when a live process runs one there.
+    pub fn join(dir: &Path, fingerprint: &str, who: &str) -> Result<Self> {
+        refuse_link(dir)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let open = |p: &Path| -> Result<File> {
+            refuse_link(p)?;
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p)
+                .with_context(|| format!("cannot lock {}", p.display()))
+        };
+        // Checking the others and joining is one step: a short exclusive lock on the folder.
+        let gate = open(&dir.join(".sweep.lock"))?;
+        gate.lock()
+            .with_context(|| format!("cannot lock {}", dir.display()))?;
+        let mine_name = format!(".sweep-{fingerprint}.lock");
+        for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.starts_with(".sweep-") || !name.ends_with(".lock") || name == mine_name {
+                continue;
+            }
+            let mut other = open(&e.path())?;
+            match other.try_lock() {
+                Ok(()) => {
+                    // Left by a process that has ended.
+                    drop(other);
+                    let _ = std::fs::remove_file(e.path());
+                }
+                Err(TryLockError::WouldBlock) => {
+                    let mut held = String::new();
+                    let _ = other.read_to_string(&mut held);
+                    return Err(anyhow!(
+                        "{} is in use by a sweep of another plan ({}); this one ({who}) differs from it: wait for it to finish, or give one of them another name or --out",
+                        dir.display(),
+                        if held.trim().is_empty() { "a process that is starting" } else { held.trim() }
+                    ));
+                }
+                Err(TryLockError::Error(err)) => {
+                    return Err(anyhow!("cannot lock {}: {err}", e.path().display()))
+                }
+            }
+        }
+        let mut file = open(&dir.join(&mine_name))?;
+        file.lock_shared()
+            .with_context(|| format!("cannot lock {}", dir.display()))?;
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(format!("{who}, pid {}", std::process::id()).as_bytes()));
+        drop(gate);
+        Ok(Self { _file: file })
+    }
+}
+
 /// Empties a run folder (one this process holds, or a folder inside one), but for its lock
 /// file: for a run that is redone.
 pub fn clear(dir: &Path) -> Result<()> {
+    refuse_link(dir)?;
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
         if e.file_name() == LOCK_FILE {

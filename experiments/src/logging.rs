@@ -98,15 +98,31 @@ impl RunLog {
     /// Opens `metrics.jsonl` (and a TensorBoard event file) in `dir`, empty.
     pub fn create(dir: &Path, tensorboard: bool) -> std::io::Result<Self> {
         let path = dir.join("metrics.jsonl");
-        let jsonl = BufWriter::new(File::create(&path).map_err(|e| at(&path, e))?);
+        // A new file, never through a link left in its place.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(at(&path, e)),
+            _ => {}
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| at(&path, e))?;
+        let jsonl = BufWriter::new(file);
         let tb = tensorboard.then(|| SummaryWriter::new(dir));
         Ok(Self { jsonl, tb })
     }
 
-    /// Reopens the logs of a run resumed after `step`: `metrics.jsonl` keeps its records up
-    /// to `step` (later ones came from the interrupted attempt), and a fresh TensorBoard file
-    /// gets their scalars again, so that neither holds a step twice.
-    pub fn resume(dir: &Path, tensorboard: bool, step: usize) -> std::io::Result<Self> {
+    /// Reopens the logs of a run resumed after `step` of `last`: `metrics.jsonl` keeps its
+    /// training records up to `step` (later ones came from the interrupted attempt, and so do
+    /// the eval stage's: the evaluation record and the progress row of step `last`), and a
+    /// fresh TensorBoard file gets their scalars again, so that neither holds a step twice.
+    pub fn resume(
+        dir: &Path,
+        tensorboard: bool,
+        step: usize,
+        last: usize,
+    ) -> std::io::Result<Self> {
         let path = dir.join("metrics.jsonl");
         let old = std::fs::read_to_string(&path).unwrap_or_default();
         // The lines are kept as they were written (a JSON round trip may move a float's last
@@ -115,9 +131,10 @@ impl RunLog {
             .lines()
             .filter_map(|l| Some((l, serde_json::from_str::<serde_json::Value>(l).ok()?)))
             .filter(|(_, v)| {
-                v.get("step")
-                    .and_then(|s| s.as_u64())
-                    .is_some_and(|s| s <= step as u64)
+                let at = v.get("step").and_then(|s| s.as_u64());
+                let from_eval_stage = v.get("eval").is_some()
+                    || (v.get("progress").is_some() && at == Some(last as u64));
+                !from_eval_stage && at.is_some_and(|s| s <= step as u64)
             })
             .collect();
         remove_event_files(dir);
@@ -242,7 +259,7 @@ mod tests {
                 .unwrap();
         }
         log.close().unwrap();
-        let mut log = RunLog::resume(tmp.path(), false, 20).unwrap();
+        let mut log = RunLog::resume(tmp.path(), false, 20, 30).unwrap();
         log.record(&serde_json::json!({"step": 30, "loss": 0.5}))
             .unwrap();
         log.close().unwrap();
@@ -257,5 +274,31 @@ mod tests {
             .collect();
         assert_eq!(steps, vec![10, 20, 30]);
         assert!(text.lines().last().unwrap().contains("0.5"));
+    }
+
+    #[test]
+    fn a_resume_at_the_last_step_drops_the_eval_stage_records() {
+        // Killed after the evaluation reached metrics.jsonl, before summary.json: the rerun
+        // evaluates again, so the first attempt's eval records must go.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = RunLog::create(tmp.path(), false).unwrap();
+        log.record(&serde_json::json!({"step": 20, "loss": 1.0})).unwrap();
+        log.record(&serde_json::json!({"step": 20, "progress": {"w2": 1.0}}))
+            .unwrap();
+        log.record(&serde_json::json!({"step": 30, "loss": 0.5})).unwrap();
+        log.record(&serde_json::json!({"step": 30, "progress": {"w2": 0.5}}))
+            .unwrap();
+        log.record(&serde_json::json!({"step": 30, "eval": {"w2": 0.5}}))
+            .unwrap();
+        log.close().unwrap();
+        RunLog::resume(tmp.path(), false, 30, 30)
+            .unwrap()
+            .close()
+            .unwrap();
+        let text = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(
+            text,
+            "{\"loss\":1.0,\"step\":20}\n{\"progress\":{\"w2\":1.0},\"step\":20}\n{\"loss\":0.5,\"step\":30}\n"
+        );
     }
 }

@@ -4,7 +4,9 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use flowmatch_experiments::config::{parse_set, Config, ConfigSource, Override};
 use flowmatch_experiments::experiment::{with_reflow_eval, Experiment};
-use flowmatch_experiments::folder::{claim_run_dir, OnChange, RunOptions, RunPaths};
+use flowmatch_experiments::folder::{
+    claim_run_dir, open_finished, OnChange, RunOptions, RunPaths,
+};
 use flowmatch_experiments::lock::RunLock;
 use flowmatch_experiments::logging::write_json;
 use flowmatch_experiments::report::{Evaluation, TableRow};
@@ -79,9 +81,9 @@ enum Cmd {
     Sweep {
         /// Sweep file (TOML: base, [set], [axes]).
         sweep: PathBuf,
-        /// Runs at a time.
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
+        /// Runs at a time (default: the number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
         /// Run only share I of N (0-based), e.g. from a Slurm array.
         #[arg(long, value_name = "I/N")]
         shard: Option<String>,
@@ -173,6 +175,9 @@ enum Cmd {
     Merge {
         /// A sweep folder.
         sweep_dir: PathBuf,
+        /// Refuse plans of more runs than this (as `sweep --max-runs`).
+        #[arg(long, default_value_t = sweep::DEFAULT_MAX_RUNS)]
+        max_runs: usize,
     },
 }
 
@@ -190,12 +195,14 @@ fn on_change(redo: bool) -> OnChange {
     }
 }
 
-/// A run folder's model and config (with `--set` overrides), loaded and checked: an error
+/// A finished run folder's model and config (with `--set` overrides), loaded and checked,
+/// with the folder's lock held: an error when the run is not finished (see [`open_finished`]),
 /// when the folder holds no model, or a model with non-finite weights.
 fn open_run(
     dir: &std::path::Path,
     sets: &[Override],
-) -> Result<(flowmatch_models::Model, Config, Experiment)> {
+) -> Result<(RunLock, flowmatch_models::Model, Config, Experiment)> {
+    let lock = open_finished(dir)?;
     let model_path = RunPaths {
         dir: dir.to_path_buf(),
     }
@@ -228,7 +235,7 @@ fn open_run(
             ));
         }
     }
-    Ok((model, cfg, exp))
+    Ok((lock, model, cfg, exp))
 }
 
 /// mimalloc's `mi_option_purge_delay` (`mimalloc.h` of mimalloc v3; libmimalloc-sys 0.1.49
@@ -284,7 +291,7 @@ fn main() -> ExitCode {
                     return ExitCode::SUCCESS;
                 }
             }
-            if e.downcast_ref::<signals::Stopped>().is_some() {
+            if signals::is_stop(&e) {
                 note!("{e}");
                 return ExitCode::from(signals::RESUMABLE_EXIT as u8);
             }
@@ -353,8 +360,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             points,
             sample_steps,
         } => cmd_bench(device, batch, steps, points, sample_steps),
-        Cmd::Merge { sweep_dir } => {
-            let m = flowmatch_experiments::sweep_report::merge(&sweep_dir)?;
+        Cmd::Merge {
+            sweep_dir,
+            max_runs,
+        } => {
+            let m = flowmatch_experiments::sweep_report::merge(&sweep_dir, max_runs)?;
             let planned = m.finished + m.missing.len();
             say!(
                 "merged {} of {planned} runs into {}/summary.csv and summary.md",
@@ -437,12 +447,26 @@ fn cmd_run(
 }
 
 fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Result<ExitCode> {
-    let sets = sets_of(&sets)?;
-    let (model, mut cfg, mut exp) = open_run(&run_dir, &sets)?;
+    let mut sets = sets_of(&sets)?;
+    // A run that asked for no reflow gets one iteration unless --set says how many; the
+    // value goes through the config's checks like any other.
+    let stored = Config::read_resolved(&RunPaths { dir: run_dir.clone() }.config()).ok();
+    let asked = sets.iter().any(|o| o.key == "reflow.iterations");
+    if !asked && stored.is_some_and(|c| c.reflow.iterations == 0 && c.reflow.distill_k == 0) {
+        sets.insert(
+            0,
+            Override::new(
+                "reflow.iterations",
+                toml::Value::Integer(1),
+                "flowmatch reflow (one iteration unless --set reflow.iterations=K)",
+            ),
+        );
+    }
+    let (_run_lock, model, cfg, exp) = open_run(&run_dir, &sets)?;
     if !exp.reflow.is_reflow() {
-        // A run that asked for no reflow gets one iteration (in range of any limit).
-        cfg.reflow.iterations = 1;
-        exp.plan.reflow.iterations = 1;
+        return Err(anyhow!(
+            "reflow.iterations: flowmatch reflow needs at least 1 iteration (or reflow.distill_k), got 0"
+        ));
     }
     let (cfg, checked) = with_reflow_eval(&cfg, &exp);
     let dev = checked.device.clone();
@@ -482,7 +506,7 @@ fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Re
 
 fn cmd_sweep(
     file: PathBuf,
-    jobs: usize,
+    jobs: Option<usize>,
     shard: Option<String>,
     sets: Vec<String>,
     out: PathBuf,
@@ -494,10 +518,19 @@ fn cmd_sweep(
         Some(s) => sweep::parse_shard(&s).map_err(|e| anyhow!(e))?,
         None => (0, 1),
     };
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if jobs == 0 {
         return Err(anyhow!("--jobs must be at least 1"));
     }
-    let plan = sweep::plan(&file, &sets, max_runs).map_err(|e| anyhow!(e.0))?;
+    let plan = sweep::plan(&file, &sets, max_runs).map_err(|e| {
+        if signals::stop_requested() {
+            anyhow::Error::new(signals::Interrupted {
+                what: format!("planning sweep {}", file.display()),
+            })
+        } else {
+            anyhow!(e.0)
+        }
+    })?;
     note!(
         "sweep {}: {} runs, shard {}/{}, up to {} at a time",
         plan.name,
@@ -562,8 +595,7 @@ struct EvalFile<'a> {
 
 fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode> {
     let sets = sets_of(&sets)?;
-    let _lock = RunLock::acquire(&run_dir)?;
-    let (model, cfg, checked) = open_run(&run_dir, &sets)?;
+    let (_lock, model, cfg, checked) = open_run(&run_dir, &sets)?;
     let dev = checked.device.clone();
     let out = run_dir.join(format!(
         "eval-{}-{}.json",
@@ -632,7 +664,17 @@ fn sweep_samples(dir: &std::path::Path, what: &[String]) -> Result<PathBuf> {
             .ok_or_else(|| anyhow!("--what {w}: expected samples or samples:K with K ≥ 1"))?,
         None => unreachable!("called for samples"),
     };
-    let plan = flowmatch_experiments::sweep_report::PlanFile::read(dir)?;
+    // K Euler steps hold a time grid of K + 1 steps per panel: bounded like a run's solves.
+    let limit = Config::default().limits.memory_gb;
+    let need = flowmatch_experiments::limits::grid_bytes(k);
+    if need > limit * 1e9 {
+        return Err(anyhow!(
+            "--what {w}: {k} Euler steps would need about {} of memory for the time grid, over limits.memory_gb = {limit}",
+            flowmatch_experiments::limits::human(need)
+        ));
+    }
+    let plan =
+        flowmatch_experiments::sweep_report::PlanFile::read(dir, sweep::DEFAULT_MAX_RUNS)?;
     let n_axes = plan.axes.len();
     let first_replicate = plan
         .runs
@@ -671,7 +713,7 @@ fn sweep_samples(dir: &std::path::Path, what: &[String]) -> Result<PathBuf> {
                 Err(_) => vec![(setting, run_dir.clone())],
             };
         for (title, d) in flows {
-            let (model, cfg, checked) = open_run(&d, &[])?;
+            let (_lock, model, cfg, checked) = open_run(&d, &[])?;
             let (x0, r) =
                 flowmatch_experiments::eval::EvalSet::samples(&cfg, &checked, &checked.device)?;
             real.get_or_insert(r);
@@ -714,8 +756,13 @@ fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<Ex
             .map(|w| plot::Figure::parse(w))
             .collect::<Result<_>>()?
     };
-    let _lock = RunLock::acquire(&run_dir)?;
     let reflow_rows = run_dir.join("reflow.json");
+    // A reflow parent is finished when its own summary is there (written after the chain).
+    let _parent_lock = if reflow_rows.is_file() {
+        Some(open_finished(&run_dir)?)
+    } else {
+        None
+    };
     let (cfg_dir, rows): (
         PathBuf,
         Option<Vec<flowmatch_experiments::report::IterationRow>>,
@@ -728,7 +775,7 @@ fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<Ex
     } else {
         (run_dir.clone(), None)
     };
-    let (model, cfg, checked) = open_run(&cfg_dir, &sets)?;
+    let (_lock, model, cfg, checked) = open_run(&cfg_dir, &sets)?;
     let (dim, dev) = (checked.dim(), checked.device.clone());
     let mut written = plot::plot_run(&model, &cfg, &checked, &cfg_dir, &dev, &figures)?;
     if let Some(rows) = rows {

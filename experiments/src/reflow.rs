@@ -201,6 +201,7 @@ fn train_student(
             .build(checked.source.dim(), c.train.seed, &device)?
     };
     let as_field: Arc<dyn VelocityField> = teacher.clone();
+    crate::signals::check(&format!("{} {flow}: setup", cfg.name))?;
     let (coupling, label): (Box<dyn Coupling>, String) = if r.mode == ReflowMode::Offline {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -219,6 +220,7 @@ fn train_student(
                 &device,
             )
         })?;
+        crate::signals::check(&format!("{} {flow}: reflow pairs", cfg.name))?;
         (
             Box::new(set),
             format!(

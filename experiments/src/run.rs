@@ -77,7 +77,9 @@ pub fn run_with(
     }
     // Everything the evaluation needs (samples, the classifier) is loaded before step 1, so a
     // bad file fails now rather than after the training.
+    signals::check(&format!("{}: setup", cfg.name))?;
     let set = EvalSet::draw(cfg, checked, &checked.device)?;
+    signals::check(&format!("{}: setup", cfg.name))?;
     let trained = train_stage(cfg, checked, dir, pb, setup, opts, &set, prepared)?;
     finish_run(cfg, checked, dir, pb, &set, trained, None)
 }
@@ -133,6 +135,7 @@ fn finish_run(
         reflow: None,
         progress,
     };
+    signals::check(&format!("{}: evaluation", cfg.name))?;
     log_evaluation(&mut log, &ev, cfg.train.steps)?;
     if cfg.logging.plots {
         pb.set_message("plotting");
@@ -147,6 +150,7 @@ fn finish_run(
         ) {
             eprintln!("warning: {}: figures not drawn: {e:#}", cfg.name);
         }
+        signals::check(&format!("{}: figures", cfg.name))?;
     }
     log.close()?;
     write_json(
@@ -202,7 +206,12 @@ pub fn evaluate_trained(
         .map(|l| format!("{l}\n"))
         .collect();
     write_atomic(&dir.join("metrics.jsonl"), mine.as_bytes())?;
-    let log = RunLog::resume(dir, cfg.logging.tensorboard, cfg.train.steps)?;
+    let log = RunLog::resume(
+        dir,
+        cfg.logging.tensorboard,
+        cfg.train.steps,
+        cfg.train.steps,
+    )?;
     let trained = Trained {
         model,
         coupling_label: base.coupling,
@@ -304,15 +313,31 @@ pub fn train_stage(
                 cfg.train.steps
             ));
         }
-        trainer
-            .restore(&state)
-            .map_err(|e| anyhow!("{}: {e}", paths.resume().display()))?;
+        trainer.restore(&state).map_err(|e| {
+            let msg = match e {
+                LossError::Invalid(m) => format!("it holds the training state of another model: {m}"),
+                other => other.to_string(),
+            };
+            anyhow!(
+                "{}: {msg}; remove it to start the run afresh",
+                paths.resume().display()
+            )
+        })?;
+        // After the shapes (a file of another model says which tensor differs).
+        let fingerprint = cfg.fingerprint();
+        if info.config.as_deref() != Some(fingerprint.as_str()) {
+            return Err(anyhow!(
+                "{} was written by a run of another config (fingerprint {}, this config's {fingerprint}); remove it to start the run afresh",
+                paths.resume().display(),
+                info.config.as_deref().unwrap_or("none")
+            ));
+        }
         rng = info.rng.to_rng()?;
         recent = info.recent_losses();
         progress = info.progress();
         start = info.step;
         eprintln!("{}: resuming after step {start}", cfg.name);
-        RunLog::resume(dir, cfg.logging.tensorboard, start)?
+        RunLog::resume(dir, cfg.logging.tensorboard, start, cfg.train.steps)?
     } else {
         write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
         RunLog::create(dir, cfg.logging.tensorboard)?
@@ -368,6 +393,7 @@ pub fn train_stage(
             let state = trainer.state()?;
             let keep = recent.len().min(100);
             let info = ResumeInfo::new(
+                cfg.fingerprint(),
                 step,
                 state.adam_step,
                 RngState::of(&trainer.rng_to_save(&rng)),

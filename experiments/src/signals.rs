@@ -38,3 +38,29 @@ pub struct Stopped {
     pub run: String,
     pub step: usize,
 }
+
+/// A phase other than training (setup, planning, evaluation, figures, merging) stopped on
+/// request: what was finished is kept, and the same command run again continues.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: stopped on request (SIGTERM or Ctrl-C); what was finished is kept, so the same command run again continues from there")]
+pub struct Interrupted {
+    pub what: String,
+}
+
+/// Ends `what` at this point when a stop was asked for (long phases call it between their
+/// pieces, so that Slurm's grace period is enough).
+pub fn check(what: &str) -> Result<(), Interrupted> {
+    if stop_requested() {
+        Err(Interrupted {
+            what: what.to_string(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether an error (anywhere in its chain) is a stop on request.
+pub fn is_stop(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<Stopped>().is_some() || c.downcast_ref::<Interrupted>().is_some())
+}

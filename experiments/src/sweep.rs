@@ -3,15 +3,15 @@
 
 use crate::check::Plan;
 use crate::config::{
-    check_name, describe_differences, resolve_relative, Config, ConfigError, ConfigSource, Override,
+    check_name, describe_differences, fnv1a, resolve_relative, Config, ConfigError, ConfigSource, Override,
 };
 use crate::experiment::Experiment;
 use crate::folder::{OnChange, RunOptions, RunPaths};
-use crate::lock::{LockError, RunLock};
+use crate::lock::{refuse_link, LockError, RunLock, SweepClaim};
 use crate::logging::write_atomic;
 use crate::run::{evaluate_trained, progress_bar};
 use crate::sweep_report::{cell, merge, PlanFile};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,6 +57,8 @@ pub struct PlannedRun {
 /// A parsed, validated sweep.
 pub struct Sweep {
     pub name: String,
+    /// The sweep file it was planned from (errors name it).
+    pub file: PathBuf,
     pub runs: Vec<PlannedRun>,
     /// The swept keys and the replicate keys, in file order.
     pub axes: Vec<String>,
@@ -66,12 +68,6 @@ pub struct Sweep {
 /// The most runs a sweep plans unless `--max-runs` says otherwise.
 pub const DEFAULT_MAX_RUNS: usize = 1000;
 
-/// FNV-1a, a stable 64-bit hash for folder-name suffixes.
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
 
 /// An axis value as a short folder-name part: floats in their shorter form (`1e-300`, not
 /// 300 digits), other characters than `[A-Za-z0-9.-]` as `_`, and at most 32 characters (a
@@ -152,8 +148,25 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
                     path.display()
                 )));
             }
+            if what == "replicate key" && !k.ends_with(".seed") {
+                return Err(ConfigError(format!(
+                    "{}: [replicates] '{k}' is not a seed; replicates repeat a setting over seeds (train.seed, eval.seed): put other keys in [axes]",
+                    path.display()
+                )));
+            }
             match v {
                 toml::Value::Array(vals) if !vals.is_empty() => {
+                    if let Some(d) = vals
+                        .iter()
+                        .enumerate()
+                        .find(|(i, x)| vals[..*i].contains(x))
+                        .map(|(_, x)| x)
+                    {
+                        return Err(ConfigError(format!(
+                            "{}: {what} '{k}' lists {d} twice (each value is one run, so it would count twice)",
+                            path.display()
+                        )));
+                    }
                     axes.push((k.clone(), vals.clone()))
                 }
                 _ => {
@@ -162,6 +175,20 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
                         path.display()
                     )))
                 }
+            }
+        }
+    }
+    // A variant that sets a swept key would silently override the axis (or the reverse).
+    for (name, v) in &file.variants {
+        if let toml::Value::Table(t) = v {
+            if let Some(k) = t
+                .keys()
+                .find(|k| file.axes.contains_key(*k) || file.replicates.contains_key(*k))
+            {
+                return Err(ConfigError(format!(
+                    "{}: '{k}' is set by [variants.{name}] and is also swept in [axes] or [replicates]; set it in one place",
+                    path.display()
+                )));
             }
         }
     }
@@ -180,6 +207,7 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
     }
     let set_origin = format!("{} [set]", path.display());
     let axis_origin = format!("{} [axes]", path.display());
+    let replicate_origin = format!("{} [replicates]", path.display());
     let mut combos: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
     for (k, vals) in &axes {
         combos = combos
@@ -195,6 +223,8 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
     }
     let mut runs = vec![];
     for (i, combo) in combos.into_iter().enumerate() {
+        crate::signals::check(&format!("planning sweep {}", path.display()))
+            .map_err(|e| ConfigError(e.to_string()))?;
         let label: Vec<String> = combo
             .iter()
             .map(|(k, v)| format!("{}-{}", k.rsplit('.').next().unwrap_or(k), value_label(v)))
@@ -217,6 +247,9 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
                     if let Some(toml::Value::Table(t)) = file.variants.get(name) {
                         sets.extend(t.iter().map(|(k, v)| Override::new(k, v.clone(), &origin)));
                     }
+                }
+                _ if file.replicates.contains_key(&k) => {
+                    sets.push(Override::new(&k, v, &replicate_origin))
                 }
                 _ => sets.push(Override::new(&k, v, &axis_origin)),
             }
@@ -241,6 +274,7 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
     }
     Ok(Sweep {
         name,
+        file: path.to_path_buf(),
         runs,
         axes: (!file.variants.is_empty())
             .then(|| VARIANT.to_string())
@@ -334,7 +368,22 @@ pub fn execute(
     opts: RunOptions,
 ) -> Result<SweepReport> {
     let dir = out.join(&sweep.name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Shards of this plan work together; a sweep of another plan is refused while it runs.
+    let fingerprint = format!(
+        "{:016x}",
+        fnv1a(
+            &sweep
+                .runs
+                .iter()
+                .map(|r| format!("{} {}\n", r.name, r.config.fingerprint()))
+                .collect::<String>()
+        )
+    );
+    let _claim = SweepClaim::join(
+        &dir,
+        &fingerprint,
+        &format!("sweep {}", sweep.file.display()),
+    )?;
     let plan = PlanFile {
         runs: sweep.runs.iter().map(|r| r.name.clone()).collect(),
         axes: sweep.axes.clone(),
@@ -371,6 +420,10 @@ pub fn execute(
             .expect("every run is in a group");
         &sweep.runs[g[0]]
     };
+    // Never through a link left in place of a run folder: refused before anything runs.
+    for r in &mine {
+        refuse_link(&dir.join(&r.name))?;
+    }
     let changed = changed_runs(&dir, &mine)?;
     if let (Some((first, diffs)), OnChange::Refuse) = (changed.first(), opts.on_change) {
         return Err(anyhow!(
@@ -438,9 +491,7 @@ pub fn execute(
                 });
                 match ran {
                     Ok(_) => Outcome::Ran,
-                    Err(e) if e.downcast_ref::<crate::signals::Stopped>().is_some() => {
-                        Outcome::Stopped
-                    }
+                    Err(e) if crate::signals::is_stop(&e) => Outcome::Stopped,
                     Err(e) => Outcome::Failed(format!("{e:#}")),
                 }
             }
@@ -475,7 +526,7 @@ pub fn execute(
         }
     }
     if shard.1 == 1 && report.busy.is_empty() && report.stopped.is_empty() {
-        merge(&report.dir)?;
+        merge(&report.dir, sweep.runs.len().max(DEFAULT_MAX_RUNS))?;
     }
     Ok(report)
 }
@@ -564,5 +615,30 @@ mod tests {
         let l = value_label(&long);
         assert!(l.len() <= 32 && l.starts_with("xxxx"), "{l}");
         assert_ne!(l, value_label(&toml::Value::String("x".repeat(301))));
+    }
+
+    #[test]
+    fn silent_conflicts_in_a_sweep_file_are_errors_naming_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.toml"), "[train]\nsteps = 5\n").unwrap();
+        let sw = dir.path().join("sw.toml");
+        let err = |text: &str| {
+            std::fs::write(&sw, format!("base = \"base.toml\"\n{text}")).unwrap();
+            plan(&sw, &[], DEFAULT_MAX_RUNS).err().unwrap().0
+        };
+        // A variant that sets a swept key.
+        let e = err("[axes]\n\"loss.coupling\" = [\"independent\"]\n[variants.ot]\n\"loss.coupling\" = \"ot\"\n");
+        assert!(e.contains("loss.coupling") && e.contains("[variants.ot]"), "{e}");
+        // Repeated values would count one run twice.
+        let e = err("[replicates]\n\"train.seed\" = [1, 1]\n");
+        assert!(e.contains("train.seed") && e.contains("twice"), "{e}");
+        let e = err("[axes]\n\"solver.steps\" = [5, 5]\n");
+        assert!(e.contains("solver.steps") && e.contains("twice"), "{e}");
+        // Replicates repeat over seeds only.
+        let e = err("[replicates]\n\"train.lr\" = [0.1, 0.2]\n");
+        assert!(e.contains("train.lr") && e.contains("not a seed"), "{e}");
+        // A bad replicate value is blamed on [replicates], not [axes].
+        let e = err("[replicates]\n\"train.seed\" = [1, \"x\"]\n");
+        assert!(e.contains("[replicates]") && !e.contains("[axes]"), "{e}");
     }
 }

@@ -41,20 +41,57 @@ enum AnyPlan {
 }
 
 impl PlanFile {
-    /// Reads `DIR/plan.json`.
-    pub fn read(dir: &Path) -> Result<PlanFile> {
+    /// Reads `DIR/plan.json` and checks it as a sweep file is checked (see [`Self::check`]).
+    pub fn read(dir: &Path, max_runs: usize) -> Result<PlanFile> {
         let p = dir.join("plan.json");
         let text = std::fs::read_to_string(&p)
             .map_err(|_| anyhow!("{} is not a sweep folder (no plan.json)", dir.display()))?;
-        Ok(
-            match serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))? {
-                AnyPlan::Names(runs) => PlanFile {
-                    runs,
-                    ..PlanFile::default()
-                },
-                AnyPlan::Plan(plan) => plan,
+        let plan = match serde_json::from_str(&text)
+            .with_context(|| format!("reading {}", p.display()))?
+        {
+            AnyPlan::Names(runs) => PlanFile {
+                runs,
+                ..PlanFile::default()
             },
-        )
+            AnyPlan::Plan(plan) => plan,
+        };
+        plan.check(max_runs)
+            .map_err(|m| anyhow!("{}: {m}", p.display()))?;
+        Ok(plan)
+    }
+
+    /// Run names that are folder names inside the sweep folder, each once; at least one run
+    /// and at most `max_runs`; per run, one value per swept key.
+    pub fn check(&self, max_runs: usize) -> Result<(), String> {
+        if self.runs.is_empty() {
+            return Err("runs: the plan lists no runs".into());
+        }
+        if self.runs.len() > max_runs {
+            return Err(format!(
+                "runs: {} runs, over --max-runs {max_runs}; raise --max-runs if the sweep is that large",
+                self.runs.len()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.runs {
+            crate::config::check_name(r).map_err(|m| format!("runs: {m}"))?;
+            if !seen.insert(r.as_str()) {
+                return Err(format!("runs: '{r}' is listed twice"));
+            }
+        }
+        let n = self.axes.len() + self.replicates.len();
+        for (run, vals) in &self.values {
+            if !seen.contains(run.as_str()) {
+                return Err(format!("values: '{run}' is not a planned run"));
+            }
+            if vals.len() != n {
+                return Err(format!(
+                    "values: '{run}' has {} values for {n} swept keys",
+                    vals.len()
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -186,12 +223,13 @@ struct Gathered {
     reflow: bool,
 }
 
-fn gather(dir: &Path) -> Result<Gathered> {
-    let plan = PlanFile::read(dir)?;
+fn gather(dir: &Path, max_runs: usize) -> Result<Gathered> {
+    let plan = PlanFile::read(dir, max_runs)?;
     let mut rows = vec![];
     let mut missing = vec![];
     let mut finished = 0;
     for run in &plan.runs {
+        crate::signals::check(&format!("merging {}", dir.display()))?;
         let p = dir.join(run).join("summary.json");
         if !p.is_file() {
             missing.push(run.clone());
@@ -213,8 +251,8 @@ fn gather(dir: &Path) -> Result<Gathered> {
 
 /// Writes the sweep folder's tables, `sweep.png` and the HParams sessions from its finished
 /// runs (also merging the results of shards run elsewhere into the same folder).
-pub fn merge(dir: &Path) -> Result<Merged> {
-    let g = gather(dir)?;
+pub fn merge(dir: &Path, max_runs: usize) -> Result<Merged> {
+    let g = gather(dir, max_runs)?;
     let (plan, rows, reflow) = (&g.plan, &g.rows, g.reflow);
     let keys: Vec<&String> = plan.axes.iter().chain(&plan.replicates).collect();
     let mut head: Vec<String> = vec!["run".into()];
@@ -267,7 +305,7 @@ pub fn merge(dir: &Path) -> Result<Merged> {
 /// Draws `sweep.png` again from the finished runs, with `metrics` (default: straightness,
 /// W2 @1, W2 @100); returns its path.
 pub fn redraw(dir: &Path, metrics: &[String]) -> Result<PathBuf> {
-    let g = gather(dir)?;
+    let g = gather(dir, crate::sweep::DEFAULT_MAX_RUNS)?;
     if g.rows.is_empty() {
         return Err(anyhow!(
             "nothing to draw: no run of {} has finished",
@@ -658,12 +696,36 @@ mod tests {
     fn plan_files_of_earlier_versions_still_read() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("plan.json"), r#"["000_a", "001_b"]"#).unwrap();
-        let p = PlanFile::read(tmp.path()).unwrap();
+        let p = PlanFile::read(tmp.path(), 1000).unwrap();
         assert_eq!(p.runs, ["000_a", "001_b"]);
         assert!(p.axes.is_empty() && p.values.is_empty());
-        let e = PlanFile::read(&tmp.path().join("nope"))
+        let e = PlanFile::read(&tmp.path().join("nope"), 1000)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a sweep folder"), "{e}");
+    }
+
+    #[test]
+    fn crafted_plans_are_refused_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bad = |json: &str, max: usize| {
+            std::fs::write(tmp.path().join("plan.json"), json).unwrap();
+            PlanFile::read(tmp.path(), max).unwrap_err().to_string()
+        };
+        let e = bad(r#"["../o1/lesson_moons"]"#, 1000);
+        assert!(e.contains("plan.json") && e.contains("not a usable name"), "{e}");
+        let e = bad(r#"["000_a", "000_a"]"#, 1000);
+        assert!(e.contains("'000_a' is listed twice"), "{e}");
+        let e = bad(r#"{"runs": []}"#, 1000);
+        assert!(e.contains("no runs"), "{e}");
+        let e = bad(r#"["a", "b", "c"]"#, 2);
+        assert!(e.contains("3 runs") && e.contains("--max-runs 2"), "{e}");
+        let e = bad(
+            r#"{"runs": ["a"], "axes": ["k"], "values": {"a": ["1", "2"]}}"#,
+            1000,
+        );
+        assert!(e.contains("2 values for 1 swept keys"), "{e}");
+        let e = bad(r#"{"runs": ["a"], "axes": ["k"], "values": {"b": ["1"]}}"#, 1000);
+        assert!(e.contains("'b' is not a planned run"), "{e}");
     }
 }

@@ -6,6 +6,9 @@ use rand::Rng as _;
 use rand_distr::StandardNormal;
 use std::f64::consts::PI;
 
+/// The largest `with_scale` accepted: the training loss squares distances in f32.
+pub const MAX_SCALE: f64 = 1e6;
+
 /// Names accepted by [`Distribution::from_name`].
 pub const DISTRIBUTION_NAMES: &[&str] = &[
     "gaussian",
@@ -91,6 +94,14 @@ impl Distribution {
             return Err(DataError::InvalidParameter {
                 dist: self.name(),
                 msg: format!("scale must be a positive number, got {value}"),
+            });
+        }
+        if value > MAX_SCALE {
+            return Err(DataError::InvalidParameter {
+                dist: self.name(),
+                msg: format!(
+                    "scale must be at most {MAX_SCALE:e} (squared distances of larger points overflow f32), got {value}"
+                ),
             });
         }
         Ok(match self {
@@ -435,6 +446,12 @@ mod tests {
             .unwrap()
             .with_scale(-1.0)
             .is_err());
+        let e = Distribution::from_name("moons")
+            .unwrap()
+            .with_scale(1e308)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 1e6"), "{e}");
         assert!(Distribution::from_name("moons")
             .unwrap()
             .with_dim(3)

@@ -194,7 +194,15 @@ impl Params {
                     var.dims()
                 )));
             }
-            var.set(&t.to_dtype(DType::F32)?)?;
+            // Weights are saved as f32; another dtype is another program's file, and casting
+            // it (bytes to floats, f64 rounded) would evaluate something else without a word.
+            if t.dtype() != DType::F32 {
+                return Err(err(format!(
+                    "tensor '{name}' is {:?}, the model's weights are F32",
+                    t.dtype()
+                )));
+            }
+            var.set(t)?;
         }
         Ok(())
     }

@@ -318,6 +318,7 @@ impl VelocityField for Model {
 mod tests {
     use super::*;
     use crate::sinusoidal_embedding;
+    use candle_core::DType;
 
     fn input(n: usize) -> (Tensor, Tensor) {
         let x = Tensor::arange(0f32, (2 * n) as f32, &Device::Cpu)
@@ -469,6 +470,22 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(va, vd);
+        // The same names and shapes in another dtype: refused, naming the tensor and dtype.
+        for dtype in [DType::U8, DType::I64, DType::BF16, DType::F16, DType::F64] {
+            let cast: std::collections::HashMap<String, Tensor> = a
+                .params
+                .named_vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().to_dtype(dtype).unwrap()))
+                .collect();
+            let p = dir.join("cast.safetensors");
+            candle_core::safetensors::save(&cast, &p).unwrap();
+            let e = spec.load(2, &p, &Device::Cpu).err().unwrap().to_string();
+            assert!(
+                e.contains(&format!("{dtype:?}")) && e.contains("F32") && e.contains("cast"),
+                "{dtype:?}: {e}"
+            );
+        }
         std::fs::remove_dir_all(dir).ok();
     }
 
