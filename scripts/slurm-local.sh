@@ -9,8 +9,10 @@
 # Everything lives in $FM_SLURM_DIR (default /tmp/flowmatch-slurm): slurm.conf (with this
 # machine's real CPUs and memory), state, spool, logs and pid files. No system file is
 # touched except munge's own (its key is created by the munge package if missing, and its
-# socket folder /run/munge). Run as root (apt-get, and slurmd runs jobs as their user).
-# Commands that talk to this cluster need `export SLURM_CONF=$FM_SLURM_DIR/slurm.conf`.
+# socket folder /run/munge) and, where the machine has no Slurm config of its own, a link
+# /etc/slurm/slurm.conf -> $FM_SLURM_DIR/slurm.conf, so that sbatch, squeue, scancel and
+# scontrol find this cluster without `export SLURM_CONF=…` (`down` removes the link).
+# Run as root (apt-get, and slurmd runs jobs as their user).
 set -euo pipefail
 DIR=${FM_SLURM_DIR:-/tmp/flowmatch-slurm}
 CONF=$DIR/slurm.conf
@@ -92,6 +94,10 @@ up() {
   write_conf
   slurmctld
   slurmd
+  # The default config path, where the machine has none of its own.
+  if [ ! -e /etc/slurm/slurm.conf ] && [ -w /etc ]; then
+    mkdir -p /etc/slurm && ln -s "$CONF" /etc/slurm/slurm.conf && touch "$DIR/linked-etc"
+  fi
   for _ in $(seq 100); do
     if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
       say "up: $(sinfo -h -o '%D node(s), %c CPUs, %m MB, %T')"
@@ -117,6 +123,9 @@ down() {
   sleep 1
   if [ -f "$DIR/started-munged" ] && [ -f /run/munge/munged.pid ]; then
     kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
+  fi
+  if [ -f "$DIR/linked-etc" ] && [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$CONF" ]; then
+    rm -f /etc/slurm/slurm.conf
   fi
   rm -rf "$DIR"
   say "down"

@@ -31,6 +31,15 @@ signal_secs=${FM_SIGNAL_SECS:-120}
 [ -f "$sweep" ] || { echo "error: sweep file $sweep not found" >&2; exit 1; }
 case $shards in ''|*[!0-9]*|0) echo "error: N_SHARDS must be a positive integer" >&2; exit 2;; esac
 command -v sbatch >/dev/null || { echo "error: sbatch not found (is Slurm installed? scripts/slurm-local.sh up starts a local one)" >&2; exit 1; }
+# The one-node cluster of scripts/slurm-local.sh, when it is the one running and no other is
+# named: its slurm.conf is found without an export.
+if [ -z "${SLURM_CONF:-}" ]; then
+  local_conf=${FM_SLURM_DIR:-/tmp/flowmatch-slurm}/slurm.conf
+  if [ -f "$local_conf" ] && [ ! -e /etc/slurm/slurm.conf ]; then
+    export SLURM_CONF=$local_conf
+    echo "using the local cluster of scripts/slurm-local.sh: SLURM_CONF=$SLURM_CONF"
+  fi
+fi
 # Absolute paths: the jobs may start in another folder.
 bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 sweep=$(cd "$(dirname "$sweep")" && pwd)/$(basename "$sweep")
@@ -45,14 +54,15 @@ array_id=$(sbatch --parsable --job-name="fm-$name" --array=0-$((shards - 1)) \
   --requeue --signal=B:TERM@"$signal_secs" \
   --output="$out/slurm-logs/$name-%A_%a.out" --open-mode=append "$@" <<EOF
 #!/bin/bash
-# One shard of the sweep; SIGTERM is passed on to flowmatch, which checkpoints its runs.
+# One shard of the sweep, as a job step (srun), so that \`scancel --signal=TERM\` (which signals
+# the steps) reaches flowmatch; SIGTERM to the batch shell (--signal=B:TERM) is passed on too.
 jobs=\${SLURM_CPUS_PER_TASK:-1}
 device=()
 if [ -n "\${SLURM_JOB_GPUS:-}\${SLURM_GPUS_ON_NODE:-}" ] && [ "\${SLURM_GPUS_ON_NODE:-1}" != 0 ]; then
   device=(--set device=cuda)
 fi
 echo "== \$(date -Is) task \$SLURM_ARRAY_TASK_ID/$shards on \$(hostname), \$jobs run(s) at a time \${device[*]} (restart \${SLURM_RESTART_COUNT:-0})"
-$(q "$bin") sweep $(q "$sweep") --shard "\$SLURM_ARRAY_TASK_ID/$shards" --jobs "\$jobs" --out $(q "$out") --quiet "\${device[@]}" &
+srun --ntasks=1 --cpus-per-task="\$jobs" --kill-on-bad-exit=0 $(q "$bin") sweep $(q "$sweep") --shard "\$SLURM_ARRAY_TASK_ID/$shards" --jobs "\$jobs" --out $(q "$out") --quiet "\${device[@]}" &
 pid=\$!
 trap 'kill -TERM \$pid 2>/dev/null' TERM
 wait \$pid; rc=\$?
