@@ -2,7 +2,7 @@
 //! `(a, da) ↦ (f(a), f'(a)·da)`, in the input's dtype (f64 in the tests). candle has no
 //! forward mode; these are the few layers the MLPs are made of.
 
-use crate::activation::{Activation, FastGrad};
+use crate::ops::activation::{Activation, FastGrad};
 use crate::Linear;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
@@ -91,7 +91,7 @@ pub(crate) fn sinusoidal_embedding(t: &Tensor, dt: f64, dims: usize) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use crate::activation::Activation;
+    use crate::ops::activation::Activation;
     use crate::{finite_difference_jvp, ModelSpec, VelocityField};
     use candle_core::{DType, Device, Tensor};
 

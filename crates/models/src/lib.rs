@@ -17,7 +17,6 @@ mod spec;
 mod unet;
 
 pub use ops::{activation, conv, conv_transpose, norm};
-pub(crate) use ops::{cpu, dense};
 
 pub use classifier::Classifier;
 pub use error::ModelError;

@@ -1,4 +1,4 @@
-use crate::activation::Activation;
+use crate::ops::activation::Activation;
 use crate::{jvp, Linear};
 use crate::{ModelError, Params, VelocityField};
 use candle_core::Module;

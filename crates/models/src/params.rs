@@ -91,7 +91,7 @@ impl Params {
         Ok((w, b))
     }
 
-    /// A `k×k` convolution as unfold + matmul ([`crate::conv::Conv`]), PyTorch layout and init.
+    /// A `k×k` convolution as unfold + matmul ([`crate::ops::conv::Conv`]), PyTorch layout and init.
     pub fn conv(
         &mut self,
         name: &str,
@@ -100,14 +100,14 @@ impl Params {
         k: usize,
         stride: usize,
         pad: usize,
-    ) -> Result<crate::conv::Conv, ModelError> {
+    ) -> Result<crate::ops::conv::Conv, ModelError> {
         let (w, b) = self.conv_weights(name, c_in, c_out, k)?;
-        Ok(crate::conv::Conv::new(w, b, stride, pad)?)
+        Ok(crate::ops::conv::Conv::new(w, b, stride, pad)?)
     }
 
     /// A `ConvTranspose2d(in, out, k, stride, padding)` named `name` (PyTorch's weight layout
     /// `(in, out, k, k)` and initialisation, uniform in ±1/sqrt(out·k²)), as gemm + col2im
-    /// ([`crate::conv_transpose::ConvTranspose`]).
+    /// ([`crate::ops::conv_transpose::ConvTranspose`]).
     pub fn conv_transpose(
         &mut self,
         name: &str,
@@ -116,26 +116,26 @@ impl Params {
         k: usize,
         stride: usize,
         pad: usize,
-    ) -> Result<crate::conv_transpose::ConvTranspose, ModelError> {
+    ) -> Result<crate::ops::conv_transpose::ConvTranspose, ModelError> {
         let bound = 1.0 / ((c_out * k * k) as f64).sqrt();
         let w = self.uniform(&format!("{name}.weight"), &[c_in, c_out, k, k], bound)?;
         let b = self.uniform(&format!("{name}.bias"), &[c_out], bound)?;
-        Ok(crate::conv_transpose::ConvTranspose::new(
+        Ok(crate::ops::conv_transpose::ConvTranspose::new(
             w, b, stride, pad,
         )?)
     }
 
     /// A `GroupNorm(groups, channels)` named `name` (weight 1, bias 0, eps 1e-5) followed by
-    /// SiLU, fused on CPU ([`crate::norm::GroupNormSilu`]).
+    /// SiLU, fused on CPU ([`crate::ops::norm::GroupNormSilu`]).
     pub fn group_norm_silu(
         &mut self,
         name: &str,
         groups: usize,
         channels: usize,
-    ) -> Result<crate::norm::GroupNormSilu, ModelError> {
+    ) -> Result<crate::ops::norm::GroupNormSilu, ModelError> {
         let w = self.constant(&format!("{name}.weight"), &[channels], 1.0)?;
         let b = self.constant(&format!("{name}.bias"), &[channels], 0.0)?;
-        Ok(crate::norm::GroupNormSilu::new(w, b, groups, 1e-5)?)
+        Ok(crate::ops::norm::GroupNormSilu::new(w, b, groups, 1e-5)?)
     }
 
     /// Makes `t` a trainable variable named `name` and returns its tensor.

@@ -1,4 +1,4 @@
-use crate::activation::Activation;
+use crate::ops::activation::Activation;
 use crate::{ModelError, Params, VelocityField, VelocityMlp, VelocityNet};
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};

@@ -1,11 +1,11 @@
 //! U-Net velocity fields for images. Both take `x` as `(B, C, H, W)` or flattened `(B, C·H·W)`
 //! (what the samplers, couplings and solvers pass around) and answer in the same shape.
 
-use crate::activation::Activation;
-use crate::conv::Conv;
-use crate::conv_transpose::ConvTranspose;
+use crate::ops::activation::Activation;
+use crate::ops::conv::Conv;
+use crate::ops::conv_transpose::ConvTranspose;
 use crate::mlp::time_embedding;
-use crate::norm::GroupNormSilu;
+use crate::ops::norm::GroupNormSilu;
 use crate::Linear;
 use crate::{ModelError, Params, VelocityField};
 use candle_core::{Module, Result, Tensor};

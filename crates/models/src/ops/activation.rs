@@ -5,7 +5,7 @@
 //! use a Cephes-style polynomial `exp` (relative error < 2e-7) and a rational `erf` (absolute
 //! error < 4e-7 in f32). Other devices and dtypes fall back to candle's kernels.
 
-use crate::cpu::{f32_slice, f32_slices3};
+use super::cpu::{f32_slice, f32_slices3};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
 /// Which activation a network uses between its linear layers.

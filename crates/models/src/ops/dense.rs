@@ -15,8 +15,8 @@
 //! No gradient: this is for ODE solvers' evaluations (`velocity_at`); the result is a fresh
 //! tensor outside the autograd graph.
 
-use crate::activation::{forward, has_avx2, has_avx512, Activation, Kind};
-use crate::cpu::f32_slice;
+use super::activation::{forward, has_avx2, has_avx512, Activation, Kind};
+use super::cpu::f32_slice;
 use candle_core::{DType, Device, Result, Storage, Tensor, D};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;

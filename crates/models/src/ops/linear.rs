@@ -6,8 +6,8 @@
 //! op: the gemm writes onto the broadcast bias, and the backward is two gemms and a row sum,
 //! packed in one output. Other devices use `[x, 1]·[W, b]ᵀ`.
 
-use crate::activation::{map_kind, Activation, FastGrad, Kind};
-use crate::cpu::{f32_slices3, matmul, unpack_grads};
+use super::activation::{map_kind, Activation, FastGrad, Kind};
+use super::cpu::{f32_slices3, matmul, unpack_grads};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use std::sync::Mutex;
 
@@ -81,7 +81,7 @@ impl Linear {
     /// gradient), elsewhere layer by layer.
     pub fn forward_chain(x: &Tensor, layers: &[&Linear], act: Activation) -> Result<Tensor> {
         let pairs: Vec<(&Tensor, &Tensor)> = layers.iter().map(|l| (&l.weight, &l.bias)).collect();
-        if let Some(y) = crate::dense::chain(x, &pairs, act)? {
+        if let Some(y) = super::dense::chain(x, &pairs, act)? {
             return Ok(y);
         }
         let mut h = x.clone();

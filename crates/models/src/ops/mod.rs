@@ -10,6 +10,7 @@
 //! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (gemm + col2im).
 //! - `upconv`: a 3×3 conv of a ×2-upsampled map, at the low resolution (`Conv::forward_upsampled`).
 //! - [`norm`]: GroupNorm + SiLU.
+//! - `geometry`: a convolution's shape, unfold (im2col) and fold (col2im).
 //! - `cpu`: shared helpers (slices of CPU storage, parallel batches).
 
 pub mod activation;
@@ -18,6 +19,7 @@ mod conv_padded;
 pub mod conv_transpose;
 pub(crate) mod cpu;
 pub(crate) mod dense;
+mod geometry;
 pub mod linear;
 pub mod norm;
 mod upconv;

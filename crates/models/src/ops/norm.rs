@@ -5,8 +5,8 @@
 //! sqrt, divide, scale, shift), each allocating and each with its own backward: 26 ms for
 //! 64 × 16 × 28 × 28 on one core, against ~2 ms here. Other devices use candle's ops.
 
-use crate::activation::{forward, has_avx2, silu_derivative, Kind};
-use crate::cpu::{f32_slices3, unpack_grads, CHUNK};
+use super::activation::{forward, has_avx2, silu_derivative, Kind};
+use super::cpu::{f32_slices3, unpack_grads, CHUNK};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -36,7 +36,7 @@ impl GroupNormSilu {
         if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 {
             x.contiguous()?.apply_op3(&self.weight, &self.bias, self.op)
         } else {
-            crate::activation::Activation::Silu.apply(&self.fallback.forward(x)?)
+            super::activation::Activation::Silu.apply(&self.fallback.forward(x)?)
         }
     }
 }

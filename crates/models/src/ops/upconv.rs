@@ -8,14 +8,28 @@
 //! input padded by 1, and an interleave. Per output pixel that is 4·C products instead of
 //! 9·C, and neither the upsampled map nor its gradient (a strided sum) is ever built.
 
-use super::conv::Conv;
-use crate::cpu::f32_slice;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use super::conv::{upsample2, Conv};
+use super::cpu::f32_slice;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Tap sums of the two parities: row `(p, a)` gives the weight of low-resolution offset `a`
 /// for output parity `p` as a sum of the 3 taps.
 const TAPS: [f32; 12] = [1., 0., 0., 0., 1., 1., 1., 1., 0., 0., 0., 1.];
+
+impl Conv {
+    /// `self.forward(&upsample2(x))`, the same numbers up to rounding: a 3×3, stride 1,
+    /// padding 1 conv runs at the low resolution on CPU (four 2×2 kernels, [`forward`]); any
+    /// other conv, or device, upsamples first.
+    pub fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        let cpu = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32;
+        if cpu && self.k == 3 && self.stride == 1 && self.pad == 1 {
+            forward(&self.weight, &self.bias, x)
+        } else {
+            self.forward(&upsample2(x)?)
+        }
+    }
+}
 
 /// `conv(upsample2(x))` for a 3×3, stride 1, padding 1 `weight (O, C, 3, 3)` and `bias (O,)`.
 pub(crate) fn forward(weight: &Tensor, bias: &Tensor, x: &Tensor) -> Result<Tensor> {
@@ -132,7 +146,6 @@ impl CustomOp1 for Scatter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conv::upsample2;
     use candle_core::{Device, Var};
 
     #[test]
