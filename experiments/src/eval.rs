@@ -6,7 +6,7 @@ use crate::config::{Config, TableMethod};
 use crate::experiment::Experiment;
 use crate::logging::RunLog;
 use crate::report::{Evaluation, Nll, ProgressRow, TableRow};
-use anyhow::Result;
+use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 use flowmatch_data::rng_from_seed;
 use flowmatch_metrics as metrics;
@@ -261,6 +261,60 @@ pub fn evaluate_on(
             _ => None,
         },
     })
+}
+
+/// An eval file: the evaluation and the resolved config it was made with.
+#[derive(serde::Serialize)]
+struct EvalFile<'a> {
+    #[serde(flatten)]
+    eval: &'a Evaluation,
+    /// The resolved config (TOML), to tell whether a later eval of the same name differs.
+    config: String,
+}
+
+/// `flowmatch eval RUN_DIR`: evaluates a finished run (its lock held meanwhile) with its
+/// config and `sets` into `RUN_DIR/eval-SOLVER-STEPS.json`; a file of that name made with
+/// other settings is kept unless `redo`. Returns the evaluation and the file.
+pub fn eval_file(
+    run_dir: &std::path::Path,
+    sets: &[crate::config::Override],
+    redo: bool,
+) -> Result<(Evaluation, std::path::PathBuf)> {
+    let run = crate::folder::open_run(run_dir, sets)?;
+    let (_lock, model, cfg, checked) = (run.lock, run.model, run.cfg, run.exp);
+    let dev = checked.device.clone();
+    let out = run_dir.join(format!(
+        "eval-{}-{}.json",
+        checked.solver.label(),
+        checked.solver.steps
+    ));
+    if out.is_file() && !redo {
+        // The same name made with other settings is kept unless asked.
+        let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)
+            .with_context(|| format!("reading {}", out.display()))?;
+        let diffs = match old.get("config").and_then(|c| c.as_str()) {
+            Some(text) => Config::from_resolved_toml(text)
+                .map_err(|e| anyhow!("{}: {}", out.display(), e.0))?
+                .differences(&cfg),
+            None => vec!["(its settings were not recorded)".to_string()],
+        };
+        if !diffs.is_empty() {
+            return Err(anyhow!(
+                "{} was made with other settings: {}; rerun with --redo-changed to overwrite it",
+                out.display(),
+                crate::config::describe_differences(&diffs)
+            ));
+        }
+    }
+    let ev = evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
+    crate::logging::write_json(
+        &out,
+        &EvalFile {
+            eval: &ev,
+            config: cfg.to_toml(),
+        },
+    )?;
+    Ok((ev, out))
 }
 
 /// Seeds of the stochastic rows' noise and the Hutchinson probes (with `eval.seed`).

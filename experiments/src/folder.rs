@@ -5,19 +5,35 @@ use crate::checkpoint::RESUME_FILE;
 use crate::config::{describe_differences, Config};
 use crate::experiment::Experiment;
 use crate::logging::{is_temp_name, remove_event_files};
-use crate::report::Summary;
+use crate::report::{IterationRow, Summary};
 use anyhow::{anyhow, Context, Result};
 use candle_core::Device;
 use flowmatch_data::Sampler;
 use flowmatch_models::Model;
 use std::path::{Path, PathBuf};
 
-/// Where a run's files go.
+/// Where a run's files go, and the reads of a run folder's records.
 pub struct RunPaths {
     pub dir: PathBuf,
 }
 
 impl RunPaths {
+    /// The files of the run folder `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    /// `summary.json`, read.
+    pub fn read_summary(&self) -> Result<Summary> {
+        read_json(&self.summary())
+    }
+    /// `reflow.json` (a reflow parent's table), read; `None` when the folder has none.
+    pub fn read_reflow_rows(&self) -> Result<Option<Vec<IterationRow>>> {
+        let p = self.dir.join("reflow.json");
+        if !p.is_file() {
+            return Ok(None);
+        }
+        read_json(&p).map(Some)
+    }
     pub fn model(&self) -> PathBuf {
         self.dir.join("model.safetensors")
     }
@@ -35,6 +51,12 @@ impl RunPaths {
     pub fn finished(&self) -> bool {
         self.summary().is_file()
     }
+}
+
+/// A JSON file of a run folder, read; the error names it.
+fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))
 }
 
 /// What to do with a folder that holds a run of another config.
@@ -73,9 +95,7 @@ pub enum Prepared {
 /// error naming the key (or, with [`OnChange::Redo`], is removed); leftovers of a run that
 /// cannot be resumed are removed. The caller holds the folder's lock.
 pub fn prepare(dir: &Path, cfg: &Config, on_change: OnChange) -> Result<Prepared> {
-    let paths = RunPaths {
-        dir: dir.to_path_buf(),
-    };
+    let paths = RunPaths::new(dir);
     crate::lock::refuse_link(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if paths.config().is_file() {
@@ -126,13 +146,8 @@ pub fn load_finished(
     checked: &Experiment,
     device: &Device,
 ) -> Result<(Summary, Model)> {
-    let paths = RunPaths {
-        dir: dir.to_path_buf(),
-    };
-    let text = std::fs::read_to_string(paths.summary())
-        .with_context(|| format!("reading {}", paths.summary().display()))?;
-    let summary: Summary = serde_json::from_str(&text)
-        .with_context(|| format!("reading {}", paths.summary().display()))?;
+    let paths = RunPaths::new(dir);
+    let summary = paths.read_summary()?;
     let model = checked
         .model
         .load(checked.source.dim(), &paths.model(), device)?;
@@ -155,9 +170,7 @@ pub fn open_finished(dir: &Path) -> Result<crate::lock::RunLock> {
     if !dir.is_dir() {
         return Err(anyhow!("{} is not a run folder (no such folder)", dir.display()));
     }
-    let paths = RunPaths {
-        dir: dir.to_path_buf(),
-    };
+    let paths = RunPaths::new(dir);
     if !paths.config().is_file() && !paths.model().is_file() {
         return Err(anyhow!(
             "{} has no model.safetensors (not a run folder?)",
@@ -178,4 +191,58 @@ pub fn open_finished(dir: &Path) -> Result<crate::lock::RunLock> {
         ));
     }
     Ok(lock)
+}
+
+/// A finished run folder opened for reading: its lock (held while the value lives), model,
+/// config (with the caller's overrides) and experiment.
+pub struct OpenRun {
+    pub lock: crate::lock::RunLock,
+    pub model: Model,
+    pub cfg: Config,
+    pub exp: Experiment,
+}
+
+/// A finished run folder's model and config (with `--set` overrides), loaded and checked,
+/// with the folder's lock held: an error when the run is not finished (see [`open_finished`]),
+/// when the folder holds no model, or a model with non-finite weights.
+pub fn open_run(
+    dir: &Path,
+    sets: &[crate::config::Override],
+) -> Result<OpenRun> {
+    let lock = open_finished(dir)?;
+    let model_path = RunPaths::new(dir).model();
+    if !model_path.is_file() {
+        return Err(anyhow!(
+            "{} has no model.safetensors (not a run folder?)",
+            dir.display()
+        ));
+    }
+    let (cfg, plan) = Config::load(&crate::config::ConfigSource {
+        file: Some(&dir.join("config.toml")),
+        sets,
+    })
+    .map_err(|e| anyhow!(e.0))?;
+    let exp = Experiment::build(&cfg, &plan)?;
+    let model = exp.model.load(exp.dim(), &model_path, &exp.device)?;
+    for (name, var) in model.params.named_vars() {
+        let finite = var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?
+            .iter()
+            .all(|x| x.is_finite());
+        if !finite {
+            return Err(anyhow!(
+                "{}: weight '{name}' is not finite (NaN or infinity): the run diverged; nothing to draw or evaluate",
+                model_path.display()
+            ));
+        }
+    }
+    Ok(OpenRun {
+        lock,
+        model,
+        cfg,
+        exp,
+    })
 }

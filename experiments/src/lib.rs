@@ -21,6 +21,7 @@
 //! - [`limits`]: the memory a config asks for, estimated before anything is allocated.
 //! - [`logging`]: metrics.jsonl, TensorBoard events, atomic writes.
 //! - [`device`]: CPU / CUDA selection at run time.
+//! - [`runtime`]: process-wide policy (allocator, threads).
 //! - [`images`]: the MNIST classifier and the FID-like score.
 
 pub mod bench;
@@ -40,6 +41,7 @@ pub mod plot;
 pub mod reflow;
 pub mod report;
 pub mod run;
+pub mod runtime;
 pub mod signals;
 pub mod stats;
 pub mod sweep;

@@ -3,14 +3,13 @@
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use flowmatch_experiments::config::{parse_set, Config, ConfigSource, Override};
-use flowmatch_experiments::experiment::{with_reflow_eval, Experiment};
+use flowmatch_experiments::experiment::Experiment;
 use flowmatch_experiments::folder::{
-    claim_run_dir, open_finished, OnChange, RunOptions, RunPaths,
+    claim_run_dir, OnChange, RunOptions,
 };
-use flowmatch_experiments::lock::RunLock;
 use flowmatch_experiments::logging::write_json;
-use flowmatch_experiments::report::{Evaluation, TableRow};
-use flowmatch_experiments::{bench, checkpoint, device, eval, plot, reflow, signals, sweep};
+use flowmatch_experiments::report::{nll_text, table_lines};
+use flowmatch_experiments::{bench, checkpoint, device, eval, plot, reflow, runtime, signals, sweep};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -195,89 +194,8 @@ fn on_change(redo: bool) -> OnChange {
     }
 }
 
-/// A finished run folder's model and config (with `--set` overrides), loaded and checked,
-/// with the folder's lock held: an error when the run is not finished (see [`open_finished`]),
-/// when the folder holds no model, or a model with non-finite weights.
-fn open_run(
-    dir: &std::path::Path,
-    sets: &[Override],
-) -> Result<(RunLock, flowmatch_models::Model, Config, Experiment)> {
-    let lock = open_finished(dir)?;
-    let model_path = RunPaths {
-        dir: dir.to_path_buf(),
-    }
-    .model();
-    if !model_path.is_file() {
-        return Err(anyhow!(
-            "{} has no model.safetensors (not a run folder?)",
-            dir.display()
-        ));
-    }
-    let (cfg, plan) = Config::load(&ConfigSource {
-        file: Some(&dir.join("config.toml")),
-        sets,
-    })
-    .map_err(|e| anyhow!(e.0))?;
-    let exp = Experiment::build(&cfg, &plan)?;
-    let model = exp.model.load(exp.dim(), &model_path, &exp.device)?;
-    for (name, var) in model.params.named_vars() {
-        let finite = var
-            .as_tensor()
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?
-            .iter()
-            .all(|x| x.is_finite());
-        if !finite {
-            return Err(anyhow!(
-                "{}: weight '{name}' is not finite (NaN or infinity): the run diverged; nothing to draw or evaluate",
-                model_path.display()
-            ));
-        }
-    }
-    Ok((lock, model, cfg, exp))
-}
-
-/// mimalloc's `mi_option_purge_delay` (`mimalloc.h` of mimalloc v3; libmimalloc-sys 0.1.49
-/// names no constant for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Keeps the memory mimalloc frees for reuse instead of handing it back to the OS 10 ms later
-/// (its default). An image model's training step frees and allocates the same large buffers
-/// every step; each hand-back cost a page fault and a cleared page per 4 KiB on reuse (19% of a
-/// U-Net step, 15,000 faults a run of the bench, 370 without). Peak memory is unchanged.
-fn keep_freed_memory() {
-    // SAFETY: sets a process-wide allocator option, which mimalloc allows at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
-}
-
-/// Whether RAYON_NUM_THREADS came from the user (then it is kept as it is).
-static THREADS_SET_BY_USER: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// An image run on its own uses every core: its convolutions split the batch over threads,
-/// with the same bits for any count (the lesson U-Net: 3.5 -> 5.4 steps/s on 2 cores). 2-D runs
-/// stay on one thread, where their small models run fastest, unless RAYON_NUM_THREADS says
-/// otherwise.
-fn threads_for(exp: &Experiment) {
-    if exp.dim() > 2 && !THREADS_SET_BY_USER.load(std::sync::atomic::Ordering::Relaxed) {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // Fails only if the pool already exists; the run then keeps one thread.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
-    }
-}
-
 fn main() -> ExitCode {
-    keep_freed_memory();
-    // Small models run fastest on one candle thread; sweeps parallelise across runs instead
-    // (their rayon pool is sized explicitly, so this only affects candle's matmuls).
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", "1");
-    } else {
-        THREADS_SET_BY_USER.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
+    runtime::init();
     let cli = Cli::parse();
     if let Err(e) = signals::install() {
         note!("warning: cannot catch SIGTERM ({e}): a stopped run keeps only its last checkpoint");
@@ -404,7 +322,7 @@ fn cmd_run(
     })
     .map_err(|e| anyhow!(e.0))?;
     let exp = Experiment::build(&cfg, &plan)?;
-    threads_for(&exp);
+    runtime::threads_for(&exp);
     let (dir, lock) = claim_run_dir(&out, &cfg.name)?;
     note!(
         "run {} on {} -> {}",
@@ -438,7 +356,9 @@ fn cmd_run(
             None => String::new(),
         } + &nll_text(&s.eval)
     );
-    print_table(&s.eval.table)?;
+    for line in table_lines(&s.eval.table) {
+        say!("{line}");
+    }
     if let Some(rows) = &s.reflow {
         say!("{}", reflow::table_markdown(rows).trim_end());
     }
@@ -447,55 +367,13 @@ fn cmd_run(
 }
 
 fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Result<ExitCode> {
-    let mut sets = sets_of(&sets)?;
-    // A run that asked for no reflow gets one iteration unless --set says how many; the
-    // value goes through the config's checks like any other.
-    let stored = Config::read_resolved(&RunPaths { dir: run_dir.clone() }.config()).ok();
-    let asked = sets.iter().any(|o| o.key == "reflow.iterations");
-    if !asked && stored.is_some_and(|c| c.reflow.iterations == 0 && c.reflow.distill_k == 0) {
-        sets.insert(
-            0,
-            Override::new(
-                "reflow.iterations",
-                toml::Value::Integer(1),
-                "flowmatch reflow (one iteration unless --set reflow.iterations=K)",
-            ),
-        );
-    }
-    let (_run_lock, model, cfg, exp) = open_run(&run_dir, &sets)?;
-    if !exp.reflow.is_reflow() {
-        return Err(anyhow!(
-            "reflow.iterations: flowmatch reflow needs at least 1 iteration (or reflow.distill_k), got 0"
-        ));
-    }
-    let (cfg, checked) = with_reflow_eval(&cfg, &exp);
-    let dev = checked.device.clone();
-    let parent = run_dir.join("reflow");
-    let lock = RunLock::acquire(&parent)?;
+    let sets = sets_of(&sets)?;
     let opts = RunOptions {
         show,
         on_change: on_change(redo),
         halt_after: None,
     };
-    let s = match reflow::open_parent(lock.dir(), &cfg, opts)? {
-        Some(done) => {
-            note!(
-                "{} already holds this reflow, finished; showing its table",
-                parent.display()
-            );
-            done
-        }
-        None => {
-            note!(
-                "reflow {}: {} iteration(s) -> {}",
-                cfg.name,
-                cfg.reflow.iterations,
-                parent.display()
-            );
-            let first = eval::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
-            reflow::chain(&cfg, &checked, model, &first, lock.dir(), opts)?
-        }
-    };
+    let (s, parent) = reflow::reflow_finished(&run_dir, sets, opts)?;
     say!(
         "{}",
         reflow::table_markdown(s.reflow.as_deref().unwrap_or(&[])).trim_end()
@@ -584,50 +462,9 @@ fn cmd_sweep(
     })
 }
 
-/// An eval file: the evaluation and the resolved config it was made with.
-#[derive(serde::Serialize)]
-struct EvalFile<'a> {
-    #[serde(flatten)]
-    eval: &'a Evaluation,
-    /// The resolved config (TOML), to tell whether a later eval of the same name differs.
-    config: String,
-}
-
 fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode> {
     let sets = sets_of(&sets)?;
-    let (_lock, model, cfg, checked) = open_run(&run_dir, &sets)?;
-    let dev = checked.device.clone();
-    let out = run_dir.join(format!(
-        "eval-{}-{}.json",
-        checked.solver.label(),
-        checked.solver.steps
-    ));
-    if out.is_file() && !redo {
-        // The same name made with other settings is kept unless asked.
-        let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)
-            .with_context(|| format!("reading {}", out.display()))?;
-        let diffs = match old.get("config").and_then(|c| c.as_str()) {
-            Some(text) => Config::from_resolved_toml(text)
-                .map_err(|e| anyhow!("{}: {}", out.display(), e.0))?
-                .differences(&cfg),
-            None => vec!["(its settings were not recorded)".to_string()],
-        };
-        if !diffs.is_empty() {
-            return Err(anyhow!(
-                "{} was made with other settings: {}; rerun with --redo-changed to overwrite it",
-                out.display(),
-                flowmatch_experiments::config::describe_differences(&diffs)
-            ));
-        }
-    }
-    let ev = eval::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
-    write_json(
-        &out,
-        &EvalFile {
-            eval: &ev,
-            config: cfg.to_toml(),
-        },
-    )?;
+    let (ev, out) = eval::eval_file(&run_dir, &sets, redo)?;
     say!(
         "{} {} steps: W2 {:.4}  MMD {:.3e}  straightness {:.4}  S {:.4}  nfe {}{}",
         ev.solver,
@@ -642,93 +479,11 @@ fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode>
             None => String::new(),
         } + &nll_text(&ev)
     );
-    print_table(&ev.table)?;
+    for line in table_lines(&ev.table) {
+        say!("{line}");
+    }
     say!("wrote {}", out.display());
     Ok(ExitCode::SUCCESS)
-}
-
-/// `plot SWEEP --what samples[:K]`: `samples_nfeK.png` (K = 1 unless given), one panel per
-/// setting and flow of the sweep, each the samples of K Euler steps (a span model's K-step
-/// sampler) from the eval source sample, for the first replicate (seed) of each setting.
-fn sweep_samples(dir: &std::path::Path, what: &[String]) -> Result<PathBuf> {
-    use flowmatch_solvers::{solve, Method, SolverSpec};
-    let [w] = what else {
-        return Err(anyhow!("--what samples draws one figure; give it alone"));
-    };
-    let k: usize = match w.strip_prefix("samples") {
-        Some("") => 1,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|k| k.parse().ok())
-            .filter(|&k| k > 0)
-            .ok_or_else(|| anyhow!("--what {w}: expected samples or samples:K with K ≥ 1"))?,
-        None => unreachable!("called for samples"),
-    };
-    // K Euler steps hold a time grid of K + 1 steps per panel: bounded like a run's solves.
-    let limit = Config::default().limits.memory_gb;
-    let need = flowmatch_experiments::limits::grid_bytes(k);
-    if need > limit * 1e9 {
-        return Err(anyhow!(
-            "--what {w}: {k} Euler steps would need about {} of memory for the time grid, over limits.memory_gb = {limit}",
-            flowmatch_experiments::limits::human(need)
-        ));
-    }
-    let plan =
-        flowmatch_experiments::sweep_report::PlanFile::read(dir, sweep::DEFAULT_MAX_RUNS)?;
-    let n_axes = plan.axes.len();
-    let first_replicate = plan
-        .runs
-        .first()
-        .and_then(|r| plan.values.get(r))
-        .map(|v| v[n_axes.min(v.len())..].to_vec())
-        .unwrap_or_default();
-    let mut panels = vec![];
-    let mut real = None;
-    for run in &plan.runs {
-        let values = plan.values.get(run).cloned().unwrap_or_default();
-        if values[n_axes.min(values.len())..] != first_replicate[..] {
-            continue;
-        }
-        let run_dir = dir.join(run);
-        if !run_dir.join("summary.json").is_file() {
-            continue;
-        }
-        let setting = values[..n_axes.min(values.len())].join(" ");
-        let flows: Vec<(String, PathBuf)> =
-            match std::fs::read_to_string(run_dir.join("reflow.json")) {
-                Ok(text) => {
-                    let rows: Vec<flowmatch_experiments::report::IterationRow> =
-                        serde_json::from_str(&text).with_context(|| {
-                            format!("reading {}/reflow.json", run_dir.display())
-                        })?;
-                    rows.iter()
-                        .map(|r| {
-                            (
-                                format!("{setting} {}", r.flow),
-                                run_dir.join(reflow::folder_of(&r.flow)),
-                            )
-                        })
-                        .collect()
-                }
-                Err(_) => vec![(setting, run_dir.clone())],
-            };
-        for (title, d) in flows {
-            let (_lock, model, cfg, checked) = open_run(&d, &[])?;
-            let (x0, r) =
-                flowmatch_experiments::eval::EvalSet::samples(&cfg, &checked, &checked.device)?;
-            real.get_or_insert(r);
-            let x = solve(&model, &x0, &SolverSpec::new(Method::Euler, k), false)?.x;
-            panels.push((format!("{title} ({k} NFE)"), x));
-        }
-    }
-    let Some(real) = real else {
-        return Err(anyhow!("{}: no finished run to draw", dir.display()));
-    };
-    let path = dir.join(format!("samples_nfe{k}.png"));
-    flowmatch_experiments::logging::atomically(&path, |tmp| {
-        plot::sample_panels(tmp, &real, &panels)
-    })?;
-    Ok(path)
 }
 
 fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<ExitCode> {
@@ -741,7 +496,7 @@ fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<Ex
             ));
         }
         if what.iter().any(|w| w.starts_with("samples")) {
-            let path = sweep_samples(&run_dir, &what)?;
+            let path = flowmatch_experiments::sweep_plot::samples_figure(&run_dir, &what)?;
             say!("wrote {}", path.display());
             return Ok(ExitCode::SUCCESS);
         }
@@ -756,45 +511,7 @@ fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<Ex
             .map(|w| plot::Figure::parse(w))
             .collect::<Result<_>>()?
     };
-    let reflow_rows = run_dir.join("reflow.json");
-    // A reflow parent is finished when its own summary is there (written after the chain).
-    let _parent_lock = if reflow_rows.is_file() {
-        Some(open_finished(&run_dir)?)
-    } else {
-        None
-    };
-    let (cfg_dir, rows): (
-        PathBuf,
-        Option<Vec<flowmatch_experiments::report::IterationRow>>,
-    ) = if reflow_rows.is_file() {
-        let text = std::fs::read_to_string(&reflow_rows)
-            .with_context(|| format!("reading {}", reflow_rows.display()))?;
-        let rows = serde_json::from_str(&text)
-            .with_context(|| format!("reading {}", reflow_rows.display()))?;
-        (run_dir.join("rf1"), Some(rows))
-    } else {
-        (run_dir.clone(), None)
-    };
-    let (_lock, model, cfg, checked) = open_run(&cfg_dir, &sets)?;
-    let (dim, dev) = (checked.dim(), checked.device.clone());
-    let mut written = plot::plot_run(&model, &cfg, &checked, &cfg_dir, &dev, &figures)?;
-    if let Some(rows) = rows {
-        // The last flow of the chain lives in the folder named after its row.
-        let last_dir = rows
-            .last()
-            .map(|r| run_dir.join(reflow::folder_of(&r.flow)));
-        let last = match last_dir {
-            Some(d) if d.join("model.safetensors").is_file() => {
-                checked
-                    .model
-                    .load(dim, &d.join("model.safetensors"), &dev)?
-            }
-            _ => model.duplicate()?,
-        };
-        reflow::reflow_figures(&cfg, &checked, &model, &last, &rows, &run_dir)?;
-        written.push(run_dir.join("reflow.png"));
-        written.push(run_dir.join("fm_vs_reflow.gif"));
-    }
+    let written = plot::redraw_run(&run_dir, &figures, &sets)?;
     if written.is_empty() {
         return Err(anyhow!("nothing to draw: {} is not 2D", run_dir.display()));
     }
@@ -869,45 +586,3 @@ fn cmd_bench(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `  NLL 2.31 nats (1.67 bits/dim)` when the evaluation has one.
-fn nll_text(ev: &flowmatch_experiments::report::Evaluation) -> String {
-    match &ev.nll {
-        Some(n) => format!("  NLL {:.4} nats ({:.4} bits/dim)", n.nats, n.bits_per_dim),
-        None => String::new(),
-    }
-}
-
-fn print_table(rows: &[TableRow]) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let fid = rows.iter().any(|r| r.fid.is_some());
-    say!(
-        "{:<14} {:>6} {:>6} {:>9} {:>10}{}",
-        "solver",
-        "steps",
-        "nfe",
-        "W2",
-        "MMD",
-        if fid {
-            format!(" {:>9}", "FID-like")
-        } else {
-            String::new()
-        }
-    );
-    for r in rows {
-        say!(
-            "{:<14} {:>6} {:>6} {:>9.4} {:>10.3e}{}",
-            r.solver,
-            r.steps,
-            r.nfe,
-            r.w2,
-            r.mmd,
-            match r.fid {
-                Some(f) => format!(" {f:>9.2}"),
-                None => String::new(),
-            }
-        );
-    }
-    Ok(())
-}

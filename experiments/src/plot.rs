@@ -615,3 +615,47 @@ pub fn sample_panels(path: &Path, real: &Tensor, panels: &[(String, Tensor)]) ->
     root.present()?;
     Ok(())
 }
+
+/// Draws `figures` of a finished run folder again (with `sets` applied to its config); a
+/// reflow parent also gets `reflow.png` and `fm_vs_reflow.gif`. Returns the files written.
+pub fn redraw_run(
+    run_dir: &Path,
+    figures: &[Figure],
+    sets: &[crate::config::Override],
+) -> Result<Vec<PathBuf>> {
+    // A reflow parent is finished when its own summary is there (written after the chain).
+    let parent = crate::folder::RunPaths::new(run_dir);
+    let rows = parent.read_reflow_rows()?;
+    let _parent_lock = if rows.is_some() {
+        Some(crate::folder::open_finished(run_dir)?)
+    } else {
+        None
+    };
+    let cfg_dir = if rows.is_some() {
+        run_dir.join("rf1")
+    } else {
+        run_dir.to_path_buf()
+    };
+    let run = crate::folder::open_run(&cfg_dir, sets)?;
+    let (model, cfg, checked) = (run.model, run.cfg, run.exp);
+    let (dim, dev) = (checked.dim(), checked.device.clone());
+    let mut written = plot_run(&model, &cfg, &checked, &cfg_dir, &dev, figures)?;
+    if let Some(rows) = rows {
+        // The last flow of the chain lives in the folder named after its row.
+        let last_dir = rows
+            .last()
+            .map(|r| run_dir.join(crate::reflow::folder_of(&r.flow)));
+        let last = match last_dir {
+            Some(d) if d.join("model.safetensors").is_file() => {
+                checked
+                    .model
+                    .load(dim, &d.join("model.safetensors"), &dev)?
+            }
+            _ => model.duplicate()?,
+        };
+        crate::reflow::reflow_figures(&cfg, &checked, &model, &last, &rows, run_dir)?;
+        written.push(run_dir.join("reflow.png"));
+        written.push(run_dir.join("fm_vs_reflow.gif"));
+    }
+    Ok(written)
+}

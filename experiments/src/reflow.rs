@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::experiment::{with_reflow_eval, Experiment, REFLOW_STEPS};
-use crate::folder::{load_finished, prepare, Prepared, RunOptions, RunPaths};
+use crate::folder::{load_finished, open_run, prepare, Prepared, RunOptions, RunPaths};
 use crate::lock::RunLock;
 use crate::logging::{atomically, write_atomic, write_json, RunLog};
 use crate::report::{Evaluation, IterationRow, StepW2, Summary};
@@ -96,21 +96,66 @@ pub fn run_experiment(
     chain(&cfg1, &checked1, model, &first.eval, dir, opts)
 }
 
+/// `flowmatch reflow RUN_DIR`: reflows a finished run (its lock held meanwhile) into
+/// `RUN_DIR/reflow/`, or reuses the finished reflow of the same settings there; returns the
+/// parent's summary and folder. `sets` apply to the run's config; without a
+/// `reflow.iterations` among them a run that asked for no reflow gets one iteration, through
+/// the config's checks like any other value.
+pub fn reflow_finished(
+    run_dir: &Path,
+    mut sets: Vec<crate::config::Override>,
+    opts: RunOptions,
+) -> Result<(Summary, std::path::PathBuf)> {
+    let stored = Config::read_resolved(&RunPaths::new(run_dir).config()).ok();
+    let asked = sets.iter().any(|o| o.key == "reflow.iterations");
+    if !asked && stored.is_some_and(|c| c.reflow.iterations == 0 && c.reflow.distill_k == 0) {
+        sets.insert(
+            0,
+            crate::config::Override::new(
+                "reflow.iterations",
+                toml::Value::Integer(1),
+                "flowmatch reflow (one iteration unless --set reflow.iterations=K)",
+            ),
+        );
+    }
+    let run = open_run(&run_dir, &sets)?;
+    let (_run_lock, model, cfg, exp) = (run.lock, run.model, run.cfg, run.exp);
+    if !exp.reflow.is_reflow() {
+        return Err(anyhow!(
+            "reflow.iterations: flowmatch reflow needs at least 1 iteration (or reflow.distill_k), got 0"
+        ));
+    }
+    let (cfg, checked) = with_reflow_eval(&cfg, &exp);
+    let dev = checked.device.clone();
+    let parent = run_dir.join("reflow");
+    let lock = RunLock::acquire(&parent)?;
+    let s = match open_parent(lock.dir(), &cfg, opts)? {
+        Some(done) => {
+            eprintln!(
+                "{} already holds this reflow, finished; showing its table",
+                parent.display()
+            );
+            done
+        }
+        None => {
+            eprintln!(
+                "reflow {}: {} iteration(s) -> {}",
+                cfg.name,
+                cfg.reflow.iterations,
+                parent.display()
+            );
+            let first = crate::eval::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
+            chain(&cfg, &checked, model, &first, lock.dir(), opts)?
+        }
+    };
+    Ok((s, parent))
+}
+
 /// Makes a reflow parent folder ready for `cfg` (see [`prepare`]) and records its config;
 /// returns the summary when this config already finished there.
 pub fn open_parent(parent: &Path, cfg: &Config, opts: RunOptions) -> Result<Option<Summary>> {
     match prepare(parent, cfg, opts.on_change)? {
-        Prepared::Finished => {
-            let p = RunPaths {
-                dir: parent.to_path_buf(),
-            }
-            .summary();
-            let text =
-                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-            Ok(Some(
-                serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))?,
-            ))
-        }
+        Prepared::Finished => Ok(Some(RunPaths::new(parent).read_summary()?)),
         Prepared::Fresh | Prepared::Resume => {
             write_atomic(&parent.join("config.toml"), cfg.to_toml().as_bytes())?;
             Ok(None)

@@ -127,6 +127,50 @@ pub struct IterationRow {
     pub w2_euler: Vec<StepW2>,
 }
 
+/// `  NLL 2.31 nats (1.67 bits/dim)` when the evaluation has one (the console's run line).
+pub fn nll_text(ev: &Evaluation) -> String {
+    match &ev.nll {
+        Some(n) => format!("  NLL {:.4} nats ({:.4} bits/dim)", n.nats, n.bits_per_dim),
+        None => String::new(),
+    }
+}
+
+/// The eval table as the console prints it: a header and one line per row (none when empty).
+pub fn table_lines(rows: &[TableRow]) -> Vec<String> {
+    if rows.is_empty() {
+        return vec![];
+    }
+    let fid = rows.iter().any(|r| r.fid.is_some());
+    let mut out = vec![format!(
+        "{:<14} {:>6} {:>6} {:>9} {:>10}{}",
+        "solver",
+        "steps",
+        "nfe",
+        "W2",
+        "MMD",
+        if fid {
+            format!(" {:>9}", "FID-like")
+        } else {
+            String::new()
+        }
+    )];
+    for r in rows {
+        out.push(format!(
+            "{:<14} {:>6} {:>6} {:>9.4} {:>10.3e}{}",
+            r.solver,
+            r.steps,
+            r.nfe,
+            r.w2,
+            r.mmd,
+            match r.fid {
+                Some(f) => format!(" {f:>9.2}"),
+                None => String::new(),
+            }
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     /// Summaries are read back (sweep tables, reused trainings, resumed reflow chains) and

@@ -163,9 +163,7 @@ fn finish_run(
             "trained_in": trained_in,
         }),
     )?;
-    let paths = RunPaths {
-        dir: dir.to_path_buf(),
-    };
+    let paths = RunPaths::new(dir.to_path_buf());
     write_json(&paths.summary(), &summary)?;
     // Finished: the training state is no longer needed.
     let _ = std::fs::remove_file(paths.resume());
@@ -192,9 +190,7 @@ pub fn evaluate_trained(
     }
     let (base, model) = load_finished(trained_dir, checked, &checked.device)?;
     let set = EvalSet::draw(cfg, checked, &checked.device)?;
-    let paths = RunPaths {
-        dir: dir.to_path_buf(),
-    };
+    let paths = RunPaths::new(dir.to_path_buf());
     write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
     checkpoint::save_model(&model, &paths.model())?;
     // The training's records (not its evaluation), then TensorBoard replays them.
@@ -262,9 +258,7 @@ pub fn train_stage(
     prepared: Prepared,
 ) -> Result<Trained> {
     let device = &checked.device;
-    let paths = RunPaths {
-        dir: dir.to_path_buf(),
-    };
+    let paths = RunPaths::new(dir.to_path_buf());
     let model = match setup.model {
         Some(m) => m,
         None => checked.model.build(checked.dim(), cfg.train.seed, device)?,

@@ -342,9 +342,7 @@ pub fn training_groups(runs: &[PlannedRun]) -> Vec<Vec<usize>> {
 fn changed_runs(dir: &Path, runs: &[&PlannedRun]) -> Result<Vec<(String, Vec<String>)>> {
     let mut changed = vec![];
     for r in runs {
-        let stored = RunPaths {
-            dir: dir.join(&r.name),
-        }
+        let stored = RunPaths::new(dir.join(&r.name))
         .config();
         if stored.is_file() {
             let old = Config::read_resolved(&stored).map_err(|e| anyhow!(e.0))?;
@@ -438,9 +436,7 @@ pub fn execute(
         .iter()
         .copied()
         .filter(|r| {
-            !RunPaths {
-                dir: dir.join(&r.name),
-            }
+            !RunPaths::new(dir.join(&r.name))
             .finished()
                 || changed.iter().any(|(n, _)| *n == r.name)
         })
@@ -473,9 +469,7 @@ pub fn execute(
             // A variant whose training did not finish here waits for a later invocation.
             Ok(_)
                 if trainer.name != r.name
-                    && !RunPaths {
-                        dir: trained_dir.clone(),
-                    }
+                    && !RunPaths::new(trained_dir.clone())
                     .finished() =>
             {
                 Outcome::Failed(format!("its training run {} did not finish", trainer.name))

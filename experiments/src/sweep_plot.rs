@@ -5,7 +5,7 @@ use crate::plot::{font_ready, wong, BACKGROUND, INK, PANEL};
 use crate::stats::Interval;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The figure's file in a sweep folder.
 pub const FILE: &str = "sweep.png";
@@ -210,3 +210,83 @@ where
     }
     Ok(())
 }
+
+/// `plot SWEEP --what samples[:K]`: `samples_nfeK.png` (K = 1 unless given), one panel per
+/// setting and flow of the sweep, each the samples of K Euler steps (a span model's K-step
+/// sampler) from the eval source sample, for the first replicate (seed) of each setting.
+pub fn samples_figure(dir: &Path, what: &[String]) -> Result<PathBuf> {
+    use flowmatch_solvers::{solve, Method, SolverSpec};
+    let [w] = what else {
+        return Err(anyhow!("--what samples draws one figure; give it alone"));
+    };
+    let k: usize = match w.strip_prefix("samples") {
+        Some("") => 1,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|k| k.parse().ok())
+            .filter(|&k| k > 0)
+            .ok_or_else(|| anyhow!("--what {w}: expected samples or samples:K with K ≥ 1"))?,
+        None => unreachable!("called for samples"),
+    };
+    // K Euler steps hold a time grid of K + 1 steps per panel: bounded like a run's solves.
+    let limit = crate::config::Config::default().limits.memory_gb;
+    let need = crate::limits::grid_bytes(k);
+    if need > limit * 1e9 {
+        return Err(anyhow!(
+            "--what {w}: {k} Euler steps would need about {} of memory for the time grid, over limits.memory_gb = {limit}",
+            crate::limits::human(need)
+        ));
+    }
+    let plan =
+        crate::sweep_report::PlanFile::read(dir, crate::sweep::DEFAULT_MAX_RUNS)?;
+    let n_axes = plan.axes.len();
+    let first_replicate = plan
+        .runs
+        .first()
+        .and_then(|r| plan.values.get(r))
+        .map(|v| v[n_axes.min(v.len())..].to_vec())
+        .unwrap_or_default();
+    let mut panels = vec![];
+    let mut real = None;
+    for run in &plan.runs {
+        let values = plan.values.get(run).cloned().unwrap_or_default();
+        if values[n_axes.min(values.len())..] != first_replicate[..] {
+            continue;
+        }
+        let paths = crate::folder::RunPaths::new(dir.join(run));
+        if !paths.finished() {
+            continue;
+        }
+        let setting = values[..n_axes.min(values.len())].join(" ");
+        let flows: Vec<(String, PathBuf)> = match paths.read_reflow_rows()? {
+            Some(rows) => rows
+                .iter()
+                .map(|r| {
+                    (
+                        format!("{setting} {}", r.flow),
+                        paths.dir.join(crate::reflow::folder_of(&r.flow)),
+                    )
+                })
+                .collect(),
+            None => vec![(setting, paths.dir.clone())],
+        };
+        for (title, d) in flows {
+            let run = crate::folder::open_run(&d, &[])?;
+            let (model, cfg, checked) = (run.model, run.cfg, run.exp);
+            let (x0, r) =
+                crate::eval::EvalSet::samples(&cfg, &checked, &checked.device)?;
+            real.get_or_insert(r);
+            let x = solve(&model, &x0, &SolverSpec::new(Method::Euler, k), false)?.x;
+            panels.push((format!("{title} ({k} NFE)"), x));
+        }
+    }
+    let Some(real) = real else {
+        return Err(anyhow!("{}: no finished run to draw", dir.display()));
+    };
+    let path = dir.join(format!("samples_nfe{k}.png"));
+    crate::logging::atomically(&path, |tmp| {
+        crate::plot::sample_panels(tmp, &real, &panels)
+    })?;
+    Ok(path)
+}
+

@@ -5,6 +5,7 @@
 //! when one axis compares two values; `sweep.png` (metrics against the first axis or the
 //! reflow iteration); and the runs as sessions of TensorBoard's HParams dashboard.
 
+use crate::folder::RunPaths;
 use crate::hparams;
 use crate::logging::{atomically, write_atomic};
 use crate::reflow::folder_of;
@@ -176,11 +177,6 @@ fn num(x: f64) -> String {
     }
 }
 
-fn read_summary(p: &Path) -> Result<Summary> {
-    let t = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    serde_json::from_str(&t).with_context(|| format!("reading {}", p.display()))
-}
-
 /// The rows of a finished run: itself, or each flow of its reflow chain.
 fn rows_of(dir: &Path, run: &str, values: &[String], s: Summary) -> Result<Vec<Row>> {
     let Some(flows) = &s.reflow else {
@@ -194,12 +190,11 @@ fn rows_of(dir: &Path, run: &str, values: &[String], s: Summary) -> Result<Vec<R
     flows
         .iter()
         .map(|f| {
-            let p = dir.join(run).join(folder_of(&f.flow)).join("summary.json");
             Ok(Row {
                 run: run.to_string(),
                 values: values.to_vec(),
                 iteration: f.flow.clone(),
-                summary: read_summary(&p)?,
+                summary: RunPaths::new(dir.join(run).join(folder_of(&f.flow))).read_summary()?,
             })
         })
         .collect()
@@ -230,14 +225,14 @@ fn gather(dir: &Path, max_runs: usize) -> Result<Gathered> {
     let mut finished = 0;
     for run in &plan.runs {
         crate::signals::check(&format!("merging {}", dir.display()))?;
-        let p = dir.join(run).join("summary.json");
-        if !p.is_file() {
+        let paths = RunPaths::new(dir.join(run));
+        if !paths.finished() {
             missing.push(run.clone());
             continue;
         }
         finished += 1;
         let values = plan.values.get(run).cloned().unwrap_or_default();
-        rows.extend(rows_of(dir, run, &values, read_summary(&p)?)?);
+        rows.extend(rows_of(dir, run, &values, paths.read_summary()?)?);
     }
     let reflow = rows.iter().any(|r| !r.iteration.is_empty());
     Ok(Gathered {
