@@ -5,7 +5,7 @@ use crate::check::NllSpec;
 use crate::config::{Config, TableMethod};
 use crate::experiment::Experiment;
 use crate::logging::RunLog;
-use crate::report::{Evaluation, Nll, ProgressRow, TableRow};
+use crate::report::{Evaluation, Nll, ProgressRow, Solver, TableRow};
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 use flowmatch_data::rng_from_seed;
@@ -159,12 +159,12 @@ pub fn evaluate_on(
             }
             // The headline solver's own entry: its samples are already there.
             if spec == *solver {
-                entries.push((spec.label(), steps, sol.nfe, gen.clone()));
+                entries.push((Solver::from(&spec), steps, sol.nfe, gen.clone()));
                 continue;
             }
             stop()?;
             let s = solve(field, x0, &spec, false)?;
-            entries.push((spec.label(), steps, s.nfe, s.x.to_device(&Device::Cpu)?));
+            entries.push((Solver::from(&spec), steps, s.nfe, s.x.to_device(&Device::Cpu)?));
         }
     }
     // Stochastic rows: Euler–Maruyama from the same source samples, noise from eval.seed.
@@ -174,7 +174,7 @@ pub fn evaluate_on(
             stop()?;
             let x = sample_sde(field, x0, checked.sde_steps, *g, std, &mut rng)?;
             let n = checked.sde_steps;
-            entries.push((g.label(), n, n, x.to_device(&Device::Cpu)?));
+            entries.push((Solver::Sde(*g), n, n, x.to_device(&Device::Cpu)?));
         }
     }
     // Exact W2 on two threads, each a chain of warm-started solves. The sample of the fewest
@@ -225,7 +225,7 @@ pub fn evaluate_on(
     let mut table = vec![];
     for ((label, steps, nfe, g), w2) in entries.iter().zip(w2_table) {
         table.push(TableRow {
-            solver: label.clone(),
+            solver: *label,
             steps: *steps,
             nfe: *nfe,
             w2,
@@ -234,7 +234,7 @@ pub fn evaluate_on(
         });
     }
     Ok(Evaluation {
-        solver: solver.label(),
+        solver: Solver::from(solver),
         solver_steps: solver.steps,
         nfe: sol.nfe,
         w2: w2_gen,
@@ -361,7 +361,7 @@ fn negative_log_likelihood(
             Divergence::Exact => "exact".into(),
             Divergence::Hutchinson { probes } => format!("hutchinson-{probes}"),
         },
-        solver: spec.solver.label(),
+        solver: Solver::from(&spec.solver),
         steps: spec.solver.steps,
     })
 }

@@ -490,7 +490,7 @@ pub fn reflow_curves(path: &Path, rows: &[IterationRow]) -> Result<()> {
             .x_label_formatter(&|x| {
                 let i = x.round() as usize;
                 rows.get(i.wrapping_sub(1))
-                    .map(|r| r.flow.clone())
+                    .map(|r| r.flow.to_string())
                     .unwrap_or_default()
             })
             .draw()
@@ -644,7 +644,7 @@ pub fn redraw_run(
         // The last flow of the chain lives in the folder named after its row.
         let last_dir = rows
             .last()
-            .map(|r| run_dir.join(crate::reflow::folder_of(&r.flow)));
+            .map(|r| run_dir.join(r.flow.folder()));
         let last = match last_dir {
             Some(d) if d.join("model.safetensors").is_file() => {
                 checked

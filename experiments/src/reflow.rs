@@ -6,13 +6,13 @@ use crate::experiment::{with_reflow_eval, Experiment, REFLOW_STEPS};
 use crate::folder::{load_finished, open_run, prepare, Prepared, RunOptions, RunPaths};
 use crate::lock::RunLock;
 use crate::logging::{atomically, write_atomic, write_json, RunLog};
-use crate::report::{Evaluation, IterationRow, StepW2, Summary};
+use crate::report::{Evaluation, IterationRow, Solver, StepW2, Summary};
 use crate::run::{progress_bar, run, run_with, Setup};
 use anyhow::{anyhow, Context, Result};
 use flowmatch_data::Sampler;
 use flowmatch_losses::Coupling;
 use flowmatch_models::{Model, VelocityField};
-use flowmatch_reflow::{PairSet, ReflowInit, ReflowMode, Stage, TeacherCoupling};
+use flowmatch_reflow::{Flow, PairSet, ReflowInit, ReflowMode, Stage, TeacherCoupling};
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 /// steps, learning rate and seed; no reflow of its own).
 fn stage_config(cfg: &Config, stage: &Stage, lr: f64) -> Config {
     let mut c = cfg.clone();
-    c.name = stage.folder.clone();
+    c.name = stage.flow.folder();
     c.train.steps = stage.steps;
     c.train.lr = lr;
     c.train.seed = cfg.train.seed.wrapping_add(stage.index as u64);
@@ -30,27 +30,19 @@ fn stage_config(cfg: &Config, stage: &Stage, lr: f64) -> Config {
     c
 }
 
-/// The folder of a flow in a reflow parent: `2-RF` → `rf2`, `distill-2` → `distill2`.
-pub fn folder_of(flow: &str) -> String {
-    match flow.strip_suffix("-RF") {
-        Some(k) => format!("rf{k}"),
-        None => flow.replace('-', ""),
-    }
-}
-
 /// The reflow-table row of an evaluation made with [`with_reflow_eval`].
-pub fn row_of(flow: &str, ev: &Evaluation) -> IterationRow {
+pub fn row_of(flow: Flow, ev: &Evaluation) -> IterationRow {
     let w2_euler = REFLOW_STEPS
         .iter()
         .filter_map(|&s| {
             ev.table
                 .iter()
-                .find(|r| r.solver == "euler" && r.steps == s)
+                .find(|r| r.solver == Solver::EULER && r.steps == s)
                 .map(|r| StepW2 { steps: s, w2: r.w2 })
         })
         .collect();
     IterationRow {
-        flow: flow.to_string(),
+        flow,
         straightness: ev.straightness,
         rf_straightness: ev.rf_straightness,
         normalized_path_energy: ev.normalized_path_energy,
@@ -178,7 +170,7 @@ pub fn chain(
     let r = checked.reflow;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let mut log = RunLog::create(parent, cfg.logging.tensorboard)?;
-    let mut rows = vec![row_of("1-RF", first)];
+    let mut rows = vec![row_of(Flow::Rectified(1), first)];
     log_row(&mut log, &rows[0], 1)?;
     write_table(parent, &rows)?;
     let mut teacher = Arc::new(teacher);
@@ -186,7 +178,7 @@ pub fn chain(
     let mut last: Option<Summary> = None;
     for stage in checked.stages() {
         let c = stage_config(cfg, &stage, r.lr);
-        let stage_dir = parent.join(&stage.folder);
+        let stage_dir = parent.join(stage.flow.folder());
         // A stage that finished before a kill is reused, not retrained.
         let (summary, model) = match prepare(&stage_dir, &c, opts.on_change)? {
             Prepared::Finished => load_finished(&stage_dir, checked, &checked.device)?,
@@ -194,7 +186,7 @@ pub fn chain(
                 train_student(cfg, &c, checked, &stage, &teacher, &stage_dir, opts)?
             }
         };
-        let row = row_of(&stage.flow, &summary.eval);
+        let row = row_of(stage.flow, &summary.eval);
         log_row(&mut log, &row, rows.len() + 1)?;
         rows.push(row);
         write_table(parent, &rows)?;
@@ -323,9 +315,11 @@ pub fn reflow_figures(
         let euler50 = flowmatch_solvers::SolverSpec::new(flowmatch_solvers::Method::Euler, 50);
         let a = crate::plot::record(first, &x0, &euler50)?;
         let b = crate::plot::record(last, &x0, &euler50)?;
-        let name = rows.last().map(|r| r.flow.as_str()).unwrap_or("reflowed");
+        let name = rows
+            .last()
+            .map_or("reflowed".to_string(), |r| r.flow.to_string());
         atomically(&parent.join("fm_vs_reflow.gif"), |tmp| {
-            crate::plot::animation(tmp, &[("1-RF (flow matching)", &a), (name, &b)], 51)
+            crate::plot::animation(tmp, &[("1-RF (flow matching)", &a), (&name, &b)], 51)
         })?;
     }
     Ok(())

@@ -1,12 +1,80 @@
 //! The results that several modules share: evaluation tables, summaries, progress scores and
 //! the reflow table's rows (what `summary.json`, `eval-*.json` and `reflow.json` hold).
 
+use flowmatch_solvers::{Method, NoiseSchedule, SolverSpec};
 use serde::{Deserialize, Serialize};
+
+/// The sampler behind a result: an ODE solver (its method, on the uniform or the warped
+/// grid) or Euler–Maruyama with its noise schedule. Written as the labels the files have
+/// always held (`euler`, `rk4-warp0.5`, `em-g0.1`, `em-decay-g0.1`), read back exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Solver {
+    Ode { method: Method, warp: Option<f64> },
+    Sde(NoiseSchedule),
+}
+
+impl Solver {
+    /// Plain Euler on the uniform grid (the reflow table's and the sweep's few-step W2).
+    pub const EULER: Solver = Solver::Ode {
+        method: Method::Euler,
+        warp: None,
+    };
+}
+
+impl From<&SolverSpec> for Solver {
+    fn from(s: &SolverSpec) -> Self {
+        Self::Ode {
+            method: s.method,
+            warp: s.warp_s,
+        }
+    }
+}
+
+impl std::fmt::Display for Solver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let label = match self {
+            Self::Ode { method, warp: None } => method.name().to_string(),
+            Self::Ode {
+                method,
+                warp: Some(s),
+            } => format!("{}-warp{s}", method.name()),
+            Self::Sde(g) => g.label(),
+        };
+        f.pad(&label)
+    }
+}
+
+impl From<Solver> for String {
+    fn from(s: Solver) -> String {
+        s.to_string()
+    }
+}
+
+impl TryFrom<String> for Solver {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not a solver label");
+        let gamma = |g: &str| g.parse::<f64>().map_err(|_| bad());
+        if let Some(g) = s.strip_prefix("em-decay-g") {
+            return Ok(Self::Sde(NoiseSchedule::Decaying { gamma: gamma(g)? }));
+        }
+        if let Some(g) = s.strip_prefix("em-g") {
+            return Ok(Self::Sde(NoiseSchedule::Constant { gamma: gamma(g)? }));
+        }
+        let (name, warp) = match s.split_once("-warp") {
+            Some((n, w)) => (n, Some(w.parse::<f64>().map_err(|_| bad())?)),
+            None => (s.as_str(), None),
+        };
+        let method = Method::from_name(name).map_err(|_| bad())?;
+        Ok(Self::Ode { method, warp })
+    }
+}
 
 /// One row of the evaluation table: a solver at a step count.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableRow {
-    pub solver: String,
+    pub solver: Solver,
     pub steps: usize,
     pub nfe: usize,
     pub w2: f64,
@@ -20,7 +88,7 @@ pub struct TableRow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     /// The headline solver, e.g. `euler` at 100 steps.
-    pub solver: String,
+    pub solver: Solver,
     pub solver_steps: usize,
     pub nfe: usize,
     /// Exact W2 between generated and real samples.
@@ -59,7 +127,7 @@ pub struct Nll {
     /// `exact` (2-D) or `hutchinson-P` (P probes per point).
     pub divergence: String,
     /// The backward solver, e.g. `rk4` at 20 steps.
-    pub solver: String,
+    pub solver: Solver,
     pub steps: usize,
 }
 
@@ -117,7 +185,7 @@ pub struct StepW2 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IterationRow {
     /// `1-RF`, `2-RF`, … or `distill-k`.
-    pub flow: String,
+    pub flow: flowmatch_reflow::Flow,
     /// Lesson's straightness (Euler, 100 steps).
     pub straightness: f64,
     /// Liu et al.'s S.
@@ -173,6 +241,40 @@ pub fn table_lines(rows: &[TableRow]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn solver_labels_are_todays_strings_and_read_back_exactly() {
+        let cases = [
+            (Solver::EULER, "euler"),
+            (
+                Solver::Ode {
+                    method: Method::Rk4,
+                    warp: Some(0.5),
+                },
+                "rk4-warp0.5",
+            ),
+            (
+                Solver::Sde(NoiseSchedule::Constant { gamma: 0.1 }),
+                "em-g0.1",
+            ),
+            (
+                Solver::Sde(NoiseSchedule::Decaying { gamma: 1.0 }),
+                "em-decay-g1",
+            ),
+        ];
+        for (solver, label) in cases {
+            assert_eq!(solver.to_string(), label);
+            assert_eq!(
+                serde_json::to_string(&solver).unwrap(),
+                format!("\"{label}\"")
+            );
+            assert_eq!(Solver::try_from(label.to_string()), Ok(solver));
+        }
+        assert_eq!(format!("{:<7}|", Solver::EULER), "euler  |");
+        assert!(Solver::try_from("leapfrog".to_string()).is_err());
+    }
+
     /// Summaries are read back (sweep tables, reused trainings, resumed reflow chains) and
     /// written again: every float must survive the round trip bit for bit.
     #[test]

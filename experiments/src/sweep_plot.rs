@@ -264,7 +264,7 @@ pub fn samples_figure(dir: &Path, what: &[String]) -> Result<PathBuf> {
                 .map(|r| {
                     (
                         format!("{setting} {}", r.flow),
-                        paths.dir.join(crate::reflow::folder_of(&r.flow)),
+                        paths.dir.join(r.flow.folder()),
                     )
                 })
                 .collect(),

@@ -8,8 +8,8 @@
 use crate::folder::RunPaths;
 use crate::hparams;
 use crate::logging::{atomically, write_atomic};
-use crate::reflow::folder_of;
-use crate::report::Summary;
+use flowmatch_reflow::Flow;
+use crate::report::{Solver, Summary};
 use crate::stats::Interval;
 use crate::sweep_plot::{self, Series, SweepFigure, DEFAULT_METRICS};
 use anyhow::{anyhow, Context, Result};
@@ -132,18 +132,24 @@ const METRICS: [&str; 15] = [
 struct Row {
     run: String,
     values: Vec<String>,
-    iteration: String,
+    /// Its flow in a reflow run (none for a run without reflow).
+    flow: Option<Flow>,
     summary: Summary,
 }
 
 impl Row {
+    /// The table's `iteration` cell: the flow's label, or empty.
+    fn iteration(&self) -> String {
+        self.flow.map(|f| f.to_string()).unwrap_or_default()
+    }
+
     fn metrics(&self) -> [f64; 15] {
         let s = &self.summary;
         let euler = |k: usize| {
             s.eval
                 .table
                 .iter()
-                .find(|r| r.solver == "euler" && r.steps == k)
+                .find(|r| r.solver == Solver::EULER && r.steps == k)
         };
         let w2 = |k: usize| euler(k).map_or(f64::NAN, |r| r.w2);
         let mmd = |k: usize| euler(k).map_or(f64::NAN, |r| r.mmd);
@@ -183,7 +189,7 @@ fn rows_of(dir: &Path, run: &str, values: &[String], s: Summary) -> Result<Vec<R
         return Ok(vec![Row {
             run: run.to_string(),
             values: values.to_vec(),
-            iteration: String::new(),
+            flow: None,
             summary: s,
         }]);
     };
@@ -193,8 +199,8 @@ fn rows_of(dir: &Path, run: &str, values: &[String], s: Summary) -> Result<Vec<R
             Ok(Row {
                 run: run.to_string(),
                 values: values.to_vec(),
-                iteration: f.flow.clone(),
-                summary: RunPaths::new(dir.join(run).join(folder_of(&f.flow))).read_summary()?,
+                flow: Some(f.flow),
+                summary: RunPaths::new(dir.join(run).join(f.flow.folder())).read_summary()?,
             })
         })
         .collect()
@@ -234,7 +240,7 @@ fn gather(dir: &Path, max_runs: usize) -> Result<Gathered> {
         let values = plan.values.get(run).cloned().unwrap_or_default();
         rows.extend(rows_of(dir, run, &values, paths.read_summary()?)?);
     }
-    let reflow = rows.iter().any(|r| !r.iteration.is_empty());
+    let reflow = rows.iter().any(|r| r.flow.is_some());
     Ok(Gathered {
         plan,
         rows,
@@ -265,12 +271,12 @@ pub fn merge(dir: &Path, max_runs: usize) -> Result<Merged> {
             let mut v = vec![r.run.clone()];
             v.extend((0..keys.len()).map(|i| r.values.get(i).cloned().unwrap_or_default()));
             if reflow {
-                v.push(r.iteration.clone());
+                v.push(r.iteration());
             }
             v.extend([
                 s.coupling.clone(),
                 s.path.clone(),
-                s.eval.solver.clone(),
+                s.eval.solver.to_string(),
                 s.eval.solver_steps.to_string(),
                 s.train_steps.to_string(),
             ]);
@@ -342,11 +348,7 @@ fn figure(g: &Gathered, metrics: &[String]) -> Result<SweepFigure> {
     // A run without reflow in a reflow sweep is its first flow.
     let x_of = |r: &Row| -> String {
         if g.reflow {
-            if r.iteration.is_empty() {
-                "1-RF".into()
-            } else {
-                r.iteration.clone()
-            }
+            r.flow.unwrap_or(Flow::Rectified(1)).to_string()
         } else {
             r.values
                 .first()
@@ -458,13 +460,9 @@ fn write_hparams(dir: &Path, g: &Gathered) -> Result<()> {
             let mut values = r.values.clone();
             let mut name = r.run.clone();
             if g.reflow {
-                let it = if r.iteration.is_empty() {
-                    "1-RF"
-                } else {
-                    &r.iteration
-                };
-                values.push(it.to_string());
-                name = format!("{}/{}", r.run, folder_of(it));
+                let flow = r.flow.unwrap_or(Flow::Rectified(1));
+                values.push(flow.to_string());
+                name = format!("{}/{}", r.run, flow.folder());
             }
             hparams::Session {
                 name,
@@ -523,7 +521,7 @@ fn aggregate(dir: &Path, plan: &PlanFile, rows: &[Row], reflow: bool) -> Result<
     let setting = |r: &Row| {
         (
             r.values[..na.min(r.values.len())].to_vec(),
-            r.iteration.clone(),
+            r.iteration(),
         )
     };
     // (the setting's values, the iteration) → its replicate rows, in table order.
@@ -606,10 +604,10 @@ fn aggregate(dir: &Path, plan: &PlanFile, rows: &[Row], reflow: bool) -> Result<
     if two.len() != 2 {
         return Ok(());
     }
-    let mut iterations: Vec<&String> = vec![];
+    let mut iterations: Vec<Option<Flow>> = vec![];
     for r in rows {
-        if !iterations.contains(&&r.iteration) {
-            iterations.push(&r.iteration);
+        if !iterations.contains(&r.flow) {
+            iterations.push(r.flow);
         }
     }
     let mut dhead: Vec<String> = vec![];
@@ -631,7 +629,7 @@ fn aggregate(dir: &Path, plan: &PlanFile, rows: &[Row], reflow: bool) -> Result<
     for it in iterations {
         let side = |v: &String| -> BTreeMap<&[String], &Row> {
             rows.iter()
-                .filter(|r| &r.iteration == it && r.values.first() == Some(v))
+                .filter(|r| r.flow == it && r.values.first() == Some(v))
                 .map(|r| (&r.values[na..], r))
                 .collect()
         };
@@ -647,7 +645,7 @@ fn aggregate(dir: &Path, plan: &PlanFile, rows: &[Row], reflow: bool) -> Result<
             }
             let mut row = vec![];
             if reflow {
-                row.push(it.clone());
+                row.push(it.map(|f| f.to_string()).unwrap_or_default());
             }
             row.extend([
                 metric.to_string(),

@@ -14,4 +14,4 @@ mod spec;
 
 pub use coupling::{PairSet, TeacherCoupling};
 pub use error::ReflowError;
-pub use spec::{ReflowInit, ReflowMode, ReflowSpec, Stage};
+pub use spec::{Flow, ReflowInit, ReflowMode, ReflowSpec, Stage};

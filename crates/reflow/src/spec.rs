@@ -44,15 +44,63 @@ pub struct ReflowSpec {
     pub distill_steps: usize,
 }
 
+/// A flow of a reflow chain: the k-rectified flow (`1-RF` is the base run) or the k-step
+/// distillation of the last one. Written as its label (`2-RF`, `distill-2`) in tables and
+/// JSON; its folder in the reflow parent is [`Flow::folder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Flow {
+    /// `k-RF`.
+    Rectified(usize),
+    /// `distill-k`.
+    Distilled(usize),
+}
+
+impl Flow {
+    /// Its folder in a reflow parent: `rf2`, …, `distill2`.
+    pub fn folder(&self) -> String {
+        match self {
+            Self::Rectified(k) => format!("rf{k}"),
+            Self::Distilled(k) => format!("distill{k}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Rectified(k) => write!(f, "{k}-RF"),
+            Self::Distilled(k) => write!(f, "distill-{k}"),
+        }
+    }
+}
+
+impl From<Flow> for String {
+    fn from(f: Flow) -> String {
+        f.to_string()
+    }
+}
+
+impl TryFrom<String> for Flow {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let k = |n: &str| n.parse::<usize>().ok().filter(|&k| k > 0);
+        match (s.strip_suffix("-RF"), s.strip_prefix("distill-")) {
+            (Some(n), _) => k(n).map(Self::Rectified),
+            (_, Some(n)) => k(n).map(Self::Distilled),
+            _ => None,
+        }
+        .ok_or_else(|| format!("'{s}' is not a flow (k-RF or distill-k)"))
+    }
+}
+
 /// One student of the chain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stage {
     /// 1 for the first student, 2 for the next, …
     pub index: usize,
-    /// Its folder in the reflow parent: `rf2`, `rf3`, …, `distill2`.
-    pub folder: String,
-    /// Its row in the reflow table: `2-RF`, `3-RF`, …, `distill-2`.
-    pub flow: String,
+    /// Its row in the reflow table (`2-RF`, …, `distill-2`) and its folder (`flow.folder()`).
+    pub flow: Flow,
     /// Where its training times are drawn.
     pub time: TimeSampler,
     /// Its training steps.
@@ -73,8 +121,7 @@ impl ReflowSpec {
         let mut stages: Vec<Stage> = (2..=self.iterations + 1)
             .map(|k| Stage {
                 index: k - 1,
-                folder: format!("rf{k}"),
-                flow: format!("{k}-RF"),
+                flow: Flow::Rectified(k),
                 time,
                 steps: self.steps,
                 distill: false,
@@ -84,8 +131,7 @@ impl ReflowSpec {
             let k = self.distill_k;
             stages.push(Stage {
                 index: stages.len() + 1,
-                folder: format!("distill{k}"),
-                flow: format!("distill-{k}"),
+                flow: Flow::Distilled(k),
                 time: TimeSampler::Grid { k },
                 steps: self.distill_steps,
                 distill: true,
@@ -114,18 +160,25 @@ mod tests {
             distill_steps: 7,
         };
         let s = spec.stages(TimeSampler::Uniform);
-        let names: Vec<(&str, &str, usize, usize)> = s
+        let names: Vec<(String, String, usize, usize)> = s
             .iter()
-            .map(|s| (s.folder.as_str(), s.flow.as_str(), s.index, s.steps))
+            .map(|s| (s.flow.folder(), s.flow.to_string(), s.index, s.steps))
             .collect();
         assert_eq!(
             names,
             [
-                ("rf2", "2-RF", 1, 30),
-                ("rf3", "3-RF", 2, 30),
-                ("distill2", "distill-2", 3, 7)
+                ("rf2".into(), "2-RF".into(), 1, 30),
+                ("rf3".into(), "3-RF".into(), 2, 30),
+                ("distill2".into(), "distill-2".into(), 3, 7)
             ]
         );
+        // Labels read back as the same flows; anything else is refused.
+        for f in [Flow::Rectified(1), Flow::Rectified(12), Flow::Distilled(2)] {
+            assert_eq!(Flow::try_from(f.to_string()), Ok(f));
+        }
+        for bad in ["RF", "0-RF", "x-RF", "distill-", "rf2"] {
+            assert!(Flow::try_from(bad.to_string()).is_err(), "{bad}");
+        }
         assert_eq!(s[2].time, TimeSampler::Grid { k: 2 });
         assert!(s[2].distill && !s[0].distill);
         assert!(spec.is_reflow());
