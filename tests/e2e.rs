@@ -80,14 +80,11 @@ fn run_writes_a_self_describing_folder_and_eval_reevaluates_it() {
     // A second run of the same name with other settings does not overwrite the finished
     // one: it stops with an error naming the key (as the README says), and writes no
     // `tiny-2`; the same settings again reuse the finished run.
-    let o = flowmatch(&[
-        "run",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--set",
-        "train.steps=5",
-    ]);
+    let again = |set: &str| {
+        let (c, o) = (cfg.to_str().unwrap(), out.to_str().unwrap());
+        flowmatch(&["run", c, "--out", o, "--set", set])
+    };
+    let o = again("train.steps=5");
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("train.steps") && stderr(&o).contains("--redo-changed"),
@@ -96,14 +93,7 @@ fn run_writes_a_self_describing_folder_and_eval_reevaluates_it() {
     );
     assert!(!out.join("tiny-2").exists());
     assert_eq!(std::fs::read(dir.join("summary.json")).unwrap(), before);
-    let o = flowmatch(&[
-        "run",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--set",
-        "train.seed=3",
-    ]);
+    let o = again("train.seed=3");
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(dir.join("summary.json")).unwrap(), before);
 }

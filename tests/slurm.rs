@@ -154,25 +154,27 @@ fn a_sweep_in_four_slurm_shards_equals_a_local_sweep() {
     );
 }
 
-#[test]
-fn a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run() {
-    let Some(conf) =
-        cluster_or_skip("slurm::a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run")
-    else {
-        return;
-    };
-    let tmp = tempfile::tempdir().unwrap();
+/// Submits a one-run sweep of 12,000 steps (`name`, seed `seed`), waits for its first
+/// checkpoint, sends `interrupt` + the task id (a requeue, a signal), releases the requeued
+/// task at once (Slurm holds it for a while, Reason=BeginTime) and waits for the end. Returns
+/// the sweep file, the run folder and the task logs.
+fn interrupted_run(
+    conf: &str,
+    dir: &Path,
+    name: &str,
+    seed: u64,
+    interrupt: &[&str],
+) -> (PathBuf, PathBuf, String) {
     let sw = sweep_files(
-        tmp.path(),
-        "long",
+        dir,
+        name,
         "\"train.steps\" = 12000\n\"train.checkpoint_every\" = 500",
-        "\"train.seed\" = [4]",
+        &format!("\"train.seed\" = [{seed}]"),
     );
-    let out = tmp.path().join("cluster");
-    let jobs = submit(&conf, &sw, 1, &out);
+    let out = dir.join("cluster");
+    let jobs = submit(conf, &sw, 1, &out);
     let task = format!("{}_0", jobs[0]);
-    // Requeue once the run has written a checkpoint and trains on.
-    let run = out.join("long").join("000_seed-4");
+    let run = out.join(name).join(format!("000_seed-{seed}"));
     let t0 = Instant::now();
     while !run.join("resume.safetensors").is_file() && t0.elapsed() < Duration::from_secs(300) {
         std::thread::sleep(Duration::from_millis(100));
@@ -183,27 +185,32 @@ fn a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run() {
         logs(&out)
     );
     std::thread::sleep(Duration::from_millis(300));
-    slurm(&conf, &["scontrol", "requeue", &task]);
-    // Slurm holds a requeued job for a while (Reason=BeginTime); release it at once.
+    let mut args = interrupt.to_vec();
+    args.push(&task);
+    slurm(conf, &args);
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(120) {
-        let state = slurm(&conf, &["squeue", "-h", "-j", &task, "-o", "%T"]);
+        let state = slurm(conf, &["squeue", "-h", "-j", &task, "-o", "%T"]);
         if state.trim() == "PENDING" {
-            slurm(
-                &conf,
-                &[
-                    "scontrol",
-                    "update",
-                    &format!("JobId={task}"),
-                    "StartTime=now",
-                ],
-            );
+            let job = format!("JobId={task}");
+            slurm(conf, &["scontrol", "update", &job, "StartTime=now"]);
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    wait_for(&conf, &jobs, Duration::from_secs(400));
-    let log = logs(&out);
+    wait_for(conf, &jobs, Duration::from_secs(400));
+    (sw, run, logs(&out))
+}
+
+#[test]
+fn a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run() {
+    let Some(conf) =
+        cluster_or_skip("slurm::a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run")
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (sw, run, log) = interrupted_run(&conf, tmp.path(), "long", 4, &["scontrol", "requeue"]);
     assert!(
         log.contains("stopped on request") && log.contains("resuming after step"),
         "the task did not stop and resume: {log}"
@@ -221,44 +228,15 @@ fn a_requeued_slurm_task_resumes_and_ends_as_an_uninterrupted_run() {
 
 #[test]
 fn scancel_signal_term_without_full_reaches_flowmatch() {
-    let Some(conf) =
-        cluster_or_skip("slurm::scancel_signal_term_without_full_reaches_flowmatch")
+    let Some(conf) = cluster_or_skip("slurm::scancel_signal_term_without_full_reaches_flowmatch")
     else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let sw = sweep_files(
-        tmp.path(),
-        "cancel",
-        "\"train.steps\" = 12000\n\"train.checkpoint_every\" = 500",
-        "\"train.seed\" = [5]",
-    );
-    let out = tmp.path().join("cluster");
-    let jobs = submit(&conf, &sw, 1, &out);
-    let task = format!("{}_0", jobs[0]);
-    let run = out.join("cancel").join("000_seed-5");
-    let t0 = Instant::now();
-    while !run.join("resume.safetensors").is_file() && t0.elapsed() < Duration::from_secs(300) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(run.join("resume.safetensors").is_file(), "no checkpoint: {}", logs(&out));
     // `scancel --signal=TERM` signals the job's steps only (not the batch shell): flowmatch
     // must be one of them to checkpoint and exit 75, after which the task requeues itself.
-    slurm(&conf, &["scancel", "--signal=TERM", &task]);
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(120) {
-        let state = slurm(&conf, &["squeue", "-h", "-j", &task, "-o", "%T"]);
-        if state.trim() == "PENDING" && logs(&out).contains("requeueing") {
-            slurm(
-                &conf,
-                &["scontrol", "update", &format!("JobId={task}"), "StartTime=now"],
-            );
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    wait_for(&conf, &jobs, Duration::from_secs(400));
-    let log = logs(&out);
+    let (_, run, log) =
+        interrupted_run(&conf, tmp.path(), "cancel", 5, &["scancel", "--signal=TERM"]);
     assert!(
         log.contains("stopped on request") && log.contains("resuming after step"),
         "SIGTERM did not reach flowmatch: {log}"
