@@ -980,3 +980,53 @@ fn a_sweep_of_method_variants_trains_meanflow_and_shortcut_and_reports_nll_and_s
     );
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
+
+#[test]
+fn a_metric_added_through_the_registry_reaches_summary_table_and_tensorboard() {
+    // 1-NN two-sample accuracy: one entry of experiments/src/metrics.rs, asked for by name.
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), "base.toml", TINY);
+    let sw = write(
+        tmp.path(),
+        "nn.toml",
+        "base = \"base.toml\"\n[set]\n\"train.steps\" = 60\n\"logging.plots\" = false\n\"eval.metrics\" = [\"nn_accuracy\"]\n[axes]\n\"loss.coupling\" = [\"independent\", \"ot\"]\n",
+    );
+    let out = tmp.path().join("out");
+    let o = sweep_into(&sw, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = out.join("nn");
+    let s = read_json(&dir.join("000_coupling-independent/summary.json"));
+    let acc = s["eval"]["extra"]["nn_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{acc}");
+    let rows = csv_rows(&dir.join("summary.csv"));
+    let col = rows[0].iter().position(|h| h == "nn_accuracy").unwrap();
+    assert!(rows[1][col].parse::<f64>().unwrap() == acc);
+    let events: Vec<u8> = std::fs::read_dir(dir.join("000_coupling-independent"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("events.out"))
+        .flat_map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    assert!(events.windows(16).any(|w| w == b"eval/nn_accuracy"));
+    // The figure takes it by name, with its registry title.
+    let o = flowmatch(&["plot", dir.to_str().unwrap(), "--what", "nn_accuracy"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Not asked for: no column (a column no run has is left out), and the summary keeps its
+    // bytes (no `extra`).
+    let plain = write(
+        tmp.path(),
+        "plain.toml",
+        "base = \"base.toml\"\n[set]\n\"train.steps\" = 60\n\"logging.plots\" = false\n[axes]\n\"loss.coupling\" = [\"independent\"]\n",
+    );
+    let o = sweep_into(&plain, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = csv_rows(&out.join("plain/summary.csv"));
+    assert!(!rows[0].iter().any(|h| h == "nn_accuracy"), "{:?}", rows[0]);
+    let text = std::fs::read_to_string(out.join("plain/000_coupling-independent/summary.json")).unwrap();
+    assert!(!text.contains("extra"));
+    // A name the registry cannot measure is a one-line error naming the key.
+    let cfg = write(tmp.path(), "t.toml", TINY);
+    let o = flowmatch(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--set", "eval.metrics=[\"w2\"]"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.starts_with("error: eval.metrics:") && e.contains("nn_accuracy"), "{e}");
+}

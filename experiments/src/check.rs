@@ -54,6 +54,8 @@ pub struct Plan {
     pub objective: Objective,
     /// The likelihood evaluation, when there is one.
     pub nll: Option<NllSpec>,
+    /// The opt-in metrics the evaluation measures (`eval.metrics`).
+    pub metrics: Vec<&'static crate::metrics::Metric>,
     /// The stochastic rows of the eval table, and their step count.
     pub sde: Vec<NoiseSchedule>,
     pub sde_steps: usize,
@@ -363,6 +365,29 @@ impl LossConfig {
 }
 
 impl EvalConfig {
+    /// The opt-in metrics, each a measurable entry of the registry, once.
+    pub fn check_metrics(&self) -> Result<Vec<&'static crate::metrics::Metric>, Bad> {
+        if let Some(d) = first_repeat(&self.metrics) {
+            return Err(("eval.metrics", format!("'{d}' is listed twice")));
+        }
+        self.metrics
+            .iter()
+            .map(|name| {
+                crate::metrics::find(name)
+                    .filter(|m| m.measure.is_some())
+                    .ok_or_else(|| {
+                        (
+                            "eval.metrics",
+                            format!(
+                                "'{name}' is not a metric an evaluation can add; known: {}",
+                                crate::metrics::measurable().join(", ")
+                            ),
+                        )
+                    })
+            })
+            .collect()
+    }
+
     /// The likelihood evaluation: on by default for 2-D data with a Gaussian source.
     pub fn check_nll(
         &self,
@@ -524,6 +549,7 @@ impl Config {
         };
         let nll = self.eval.check_nll(source.dim(), source_std, solver.tol)?;
         let sde = self.eval.check_sde(source_std)?;
+        let metrics = self.eval.check_metrics()?;
         check_count("logging.every", self.logging.every)?;
         let lim = &self.limits;
         if !(lim.memory_gb > 0.0 && lim.memory_gb.is_finite()) {
@@ -546,6 +572,7 @@ impl Config {
             reflow,
             objective,
             nll,
+            metrics,
             sde,
             sde_steps: self.eval.sde_steps,
             source_std,

@@ -177,6 +177,8 @@ pub struct EvalConfig {
     pub sde_schedule: SdeSchedule,
     /// Euler–Maruyama steps of the stochastic rows.
     pub sde_steps: usize,
+    /// Opt-in metrics of the registry measured on the headline samples (`nn_accuracy`).
+    pub metrics: Vec<String>,
 }
 
 /// The shape of the noise scale `g(t)` of stochastic rows (`eval.sde_schedule`).
@@ -307,6 +309,7 @@ impl Default for Config {
                 sde_gammas: vec![],
                 sde_schedule: SdeSchedule::Constant,
                 sde_steps: 100,
+                metrics: vec![],
             },
             logging: LoggingConfig {
                 every: 10,

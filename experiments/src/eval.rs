@@ -112,6 +112,9 @@ pub fn log_evaluation(log: &mut RunLog, ev: &Evaluation, step: usize) -> Result<
             step,
         );
     }
+    for (name, v) in &ev.extra {
+        log.scalar(&format!("eval/{name}"), *v, step);
+    }
     Ok(())
 }
 
@@ -233,7 +236,16 @@ pub fn evaluate_on(
             fid: set.fid(g)?,
         });
     }
+    // The opt-in metrics of the registry, on the headline samples.
+    let mut extra = std::collections::BTreeMap::new();
+    for m in &checked.metrics {
+        if let Some(measure) = m.measure {
+            stop()?;
+            extra.insert(m.name.to_string(), measure(&gen, real)?);
+        }
+    }
     Ok(Evaluation {
+        extra,
         solver: Solver::from(solver),
         solver_steps: solver.steps,
         nfe: sol.nfe,

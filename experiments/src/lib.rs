@@ -5,6 +5,7 @@
 //! - [`experiment`]: a plan built once (data read, device opened) for runs, stages, sweeps.
 //! - [`run`]: config → build → train → checkpoint → evaluate → run folder.
 //! - [`eval`]: the evaluation samples and the metrics of a model (headline and table).
+//! - [`metrics`]: the metric registry (names, titles, better-direction, how to read or measure).
 //! - [`report`]: the result types several modules share (summaries, tables, reflow rows).
 //! - [`folder`]: run folders: paths, finished / killed / changed runs, claiming a name.
 //! - [`reflow`]: k-rectified flows after the base run, the straightness table.
@@ -37,6 +38,7 @@ pub mod images;
 pub mod limits;
 pub mod lock;
 pub mod logging;
+pub mod metrics;
 pub mod plot;
 pub mod reflow;
 pub mod report;

@@ -112,6 +112,9 @@ pub struct Evaluation {
     /// Negative log-likelihood of real samples under the flow (Gaussian sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nll: Option<Nll>,
+    /// The opt-in metrics of the registry (`eval.metrics`), by name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 /// The negative log-likelihood of real samples under the model's flow (its instantaneous

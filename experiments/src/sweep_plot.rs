@@ -29,21 +29,9 @@ pub struct SweepFigure {
     pub panels: Vec<(String, Vec<Series>)>,
 }
 
-/// A metric's panel title.
+/// A metric's panel title (from the registry).
 fn title(metric: &str) -> String {
-    match metric {
-        "straightness" => "straightness (1 = straight)".into(),
-        "rf_straightness" => "Liu's S (0 = straight)".into(),
-        "normalized_path_energy" => "normalized path energy".into(),
-        "w2" => "W2 (headline solver)".into(),
-        "mmd" => "MMD (headline solver)".into(),
-        "final_loss" => "final training loss".into(),
-        m => match m.strip_prefix("w2_euler_") {
-            Some("1") => "W2 @1 Euler step".into(),
-            Some(k) => format!("W2 @{k} Euler steps"),
-            None => m.into(),
-        },
-    }
+    crate::metrics::find(metric).map_or(metric.to_string(), |m| m.title.to_string())
 }
 
 const COLORS: [RGBColor; 7] = [

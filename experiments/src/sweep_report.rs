@@ -7,9 +7,10 @@
 
 use crate::folder::RunPaths;
 use crate::hparams;
+use crate::metrics::{Metric, METRICS};
 use crate::logging::{atomically, write_atomic};
 use flowmatch_reflow::Flow;
-use crate::report::{Solver, Summary};
+use crate::report::Summary;
 use crate::stats::Interval;
 use crate::sweep_plot::{self, Series, SweepFigure, DEFAULT_METRICS};
 use anyhow::{anyhow, Context, Result};
@@ -104,30 +105,6 @@ pub fn cell(v: &toml::Value) -> String {
     }
 }
 
-/// Euler step counts with their own W2 columns (the reflow table's few-step counts).
-const W2_STEPS: [usize; 4] = [1, 2, 5, 100];
-/// Euler step counts of the few-step columns (W2 at 4, MMD at 1, 2, 4).
-const FEW_STEPS: [usize; 3] = [1, 2, 4];
-
-/// The metric columns of a row and of the aggregate.
-const METRICS: [&str; 15] = [
-    "final_loss",
-    "w2",
-    "mmd",
-    "straightness",
-    "rf_straightness",
-    "normalized_path_energy",
-    "w2_euler_1",
-    "w2_euler_2",
-    "w2_euler_5",
-    "w2_euler_100",
-    "w2_euler_4",
-    "mmd_euler_1",
-    "mmd_euler_2",
-    "mmd_euler_4",
-    "nll",
-];
-
 /// One row of the sweep table: a run, or one flow of a reflow run.
 struct Row {
     run: String,
@@ -143,34 +120,19 @@ impl Row {
         self.flow.map(|f| f.to_string()).unwrap_or_default()
     }
 
-    fn metrics(&self) -> [f64; 15] {
-        let s = &self.summary;
-        let euler = |k: usize| {
-            s.eval
-                .table
-                .iter()
-                .find(|r| r.solver == Solver::EULER && r.steps == k)
-        };
-        let w2 = |k: usize| euler(k).map_or(f64::NAN, |r| r.w2);
-        let mmd = |k: usize| euler(k).map_or(f64::NAN, |r| r.mmd);
-        [
-            s.final_loss,
-            s.w2,
-            s.mmd,
-            s.straightness,
-            s.rf_straightness,
-            s.normalized_path_energy,
-            w2(W2_STEPS[0]),
-            w2(W2_STEPS[1]),
-            w2(W2_STEPS[2]),
-            w2(W2_STEPS[3]),
-            w2(FEW_STEPS[2]),
-            mmd(FEW_STEPS[0]),
-            mmd(FEW_STEPS[1]),
-            mmd(FEW_STEPS[2]),
-            s.eval.nll.as_ref().map_or(f64::NAN, |n| n.nats),
-        ]
+    /// Its value of `m` (NaN when the run did not measure it).
+    fn value(&self, m: &Metric) -> f64 {
+        (m.value)(&self.summary)
     }
+}
+
+/// The registry's metrics that at least one row measured, in registry order (a column no
+/// run has is left out).
+fn shown(rows: &[Row]) -> Vec<&'static Metric> {
+    METRICS
+        .iter()
+        .filter(|m| rows.iter().any(|r| !r.value(m).is_nan()))
+        .collect()
 }
 
 fn num(x: f64) -> String {
@@ -262,7 +224,8 @@ pub fn merge(dir: &Path, max_runs: usize) -> Result<Merged> {
         head.push("iteration".into());
     }
     head.extend(["coupling", "path", "solver", "solver_steps", "train_steps"].map(String::from));
-    head.extend(METRICS.iter().map(|m| m.to_string()));
+    let shown = shown(rows);
+    head.extend(shown.iter().map(|m| m.name.to_string()));
     head.push("nfe".into());
     let table: Vec<Vec<String>> = rows
         .iter()
@@ -280,14 +243,14 @@ pub fn merge(dir: &Path, max_runs: usize) -> Result<Merged> {
                 s.eval.solver_steps.to_string(),
                 s.train_steps.to_string(),
             ]);
-            v.extend(r.metrics().iter().map(|&x| num(x)));
+            v.extend(shown.iter().map(|m| num(r.value(m))));
             v.push(s.nfe.to_string());
             v
         })
         .collect();
     write_tables(dir, "summary", &head, &table)?;
     if !plan.replicates.is_empty() {
-        aggregate(dir, plan, rows, reflow)?;
+        aggregate(dir, plan, rows, reflow, &shown)?;
     }
     if !rows.is_empty() {
         let metrics = DEFAULT_METRICS.map(String::from);
@@ -295,7 +258,7 @@ pub fn merge(dir: &Path, max_runs: usize) -> Result<Merged> {
         atomically(&dir.join(sweep_plot::FILE), |tmp| {
             sweep_plot::draw(tmp, &fig)
         })?;
-        write_hparams(dir, &g)?;
+        write_hparams(dir, &g, &shown)?;
     }
     Ok(Merged {
         finished: g.finished,
@@ -332,13 +295,14 @@ fn short(key: &str) -> &str {
 /// What `sweep.png` shows: x is the reflow iteration (a reflow sweep) or the first axis;
 /// each other combination of axis values is a line; replicates give the band.
 fn figure(g: &Gathered, metrics: &[String]) -> Result<SweepFigure> {
-    let cols: Vec<usize> = metrics
+    let cols: Vec<&Metric> = metrics
         .iter()
         .map(|m| {
-            METRICS.iter().position(|k| k == m).ok_or_else(|| {
+            crate::metrics::find(m).ok_or_else(|| {
+                let known: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
                 anyhow!(
                     "unknown sweep metric `{m}`: expected one of {}",
-                    METRICS.join(", ")
+                    known.join(", ")
                 )
             })
         })
@@ -388,7 +352,7 @@ fn figure(g: &Gathered, metrics: &[String]) -> Result<SweepFigure> {
     }
     let panels = cols
         .iter()
-        .map(|&k| {
+        .map(|&m| {
             let lines = labels
                 .iter()
                 .map(|l| Series {
@@ -399,7 +363,7 @@ fn figure(g: &Gathered, metrics: &[String]) -> Result<SweepFigure> {
                             let xs: Vec<f64> = placed
                                 .iter()
                                 .filter(|(px, pl, _)| px == x && pl == l)
-                                .map(|(_, _, r)| r.metrics()[k])
+                                .map(|(_, _, r)| r.value(m))
                                 .collect();
                             let i = Interval::of(&xs);
                             (i.n > 0).then_some(i)
@@ -407,7 +371,7 @@ fn figure(g: &Gathered, metrics: &[String]) -> Result<SweepFigure> {
                         .collect(),
                 })
                 .collect();
-            (METRICS[k].to_string(), lines)
+            (m.name.to_string(), lines)
         })
         .collect();
     Ok(SweepFigure {
@@ -441,7 +405,7 @@ fn has_events(d: &Path) -> bool {
 }
 
 /// The table's rows as HParams sessions, for the runs that logged to TensorBoard.
-fn write_hparams(dir: &Path, g: &Gathered) -> Result<()> {
+fn write_hparams(dir: &Path, g: &Gathered, shown: &[&Metric]) -> Result<()> {
     let mut keys: Vec<String> = g
         .plan
         .axes
@@ -469,10 +433,9 @@ fn write_hparams(dir: &Path, g: &Gathered) -> Result<()> {
                 hparams: keys.iter().cloned().zip(values).collect(),
                 // A metric the run did not measure (W2 at 4 steps without 4 in eval.steps, NLL
                 // without a Gaussian source) is left out rather than logged as NaN.
-                metrics: METRICS
+                metrics: shown
                     .iter()
-                    .map(|m| m.to_string())
-                    .zip(r.metrics())
+                    .map(|m| (m.name.to_string(), r.value(m)))
                     .filter(|(_, v)| !v.is_nan())
                     .collect(),
             }
@@ -481,7 +444,8 @@ fn write_hparams(dir: &Path, g: &Gathered) -> Result<()> {
     if sessions.is_empty() {
         return Ok(());
     }
-    hparams::write(dir, &keys, &METRICS, &sessions)
+    let names: Vec<&str> = shown.iter().map(|m| m.name).collect();
+    hparams::write(dir, &keys, &names, &sessions)
 }
 
 /// Writes `NAME.csv` and `NAME.md`.
@@ -516,7 +480,13 @@ fn csv_text(head: &[String], rows: &[Vec<String>]) -> String {
 /// `summary_agg.*`: replicates grouped by setting (the non-replicate values) and iteration;
 /// with exactly one axis of two values, also `summary_diff.*`: second minus first, paired by
 /// the replicate values.
-fn aggregate(dir: &Path, plan: &PlanFile, rows: &[Row], reflow: bool) -> Result<()> {
+fn aggregate(
+    dir: &Path,
+    plan: &PlanFile,
+    rows: &[Row],
+    reflow: bool,
+    shown: &[&Metric],
+) -> Result<()> {
     let na = plan.axes.len();
     let setting = |r: &Row| {
         (
@@ -540,7 +510,7 @@ fn aggregate(dir: &Path, plan: &PlanFile, rows: &[Row], reflow: bool) -> Result<
     }
     head.push("n".into());
     let mut md_head = head.clone();
-    for m in METRICS {
+    for m in shown.iter().map(|m| m.name) {
         head.extend([
             format!("{m}_mean"),
             format!("{m}_std"),
@@ -557,8 +527,8 @@ fn aggregate(dir: &Path, plan: &PlanFile, rows: &[Row], reflow: bool) -> Result<
         }
         lead.push(g.len().to_string());
         let (mut c, mut m) = (lead.clone(), lead);
-        for k in 0..METRICS.len() {
-            let xs: Vec<f64> = g.iter().map(|r| r.metrics()[k]).collect();
+        for metric in shown {
+            let xs: Vec<f64> = g.iter().map(|r| r.value(metric)).collect();
             let i = Interval::of(&xs);
             c.extend([
                 num(i.mean),
@@ -634,10 +604,11 @@ fn aggregate(dir: &Path, plan: &PlanFile, rows: &[Row], reflow: bool) -> Result<
                 .collect()
         };
         let (a, b) = (side(two[0]), side(two[1]));
-        for (k, metric) in METRICS.iter().enumerate() {
+        for m in shown {
+            let metric = &m.name;
             let ds: Vec<f64> = a
                 .iter()
-                .filter_map(|(seed, ra)| b.get(seed).map(|rb| rb.metrics()[k] - ra.metrics()[k]))
+                .filter_map(|(seed, ra)| b.get(seed).map(|rb| rb.value(m) - ra.value(m)))
                 .collect();
             let i = Interval::of(&ds);
             if i.n == 0 {

@@ -11,7 +11,7 @@ pub mod frechet;
 pub mod ot;
 pub mod trajectory;
 
-pub use distance::{energy_distance, median_bandwidth, mmd_rbf, w2, Reference};
+pub use distance::{energy_distance, median_bandwidth, mmd_rbf, nn_accuracy, w2, Reference};
 pub use error::MetricsError;
 pub use frechet::frechet_distance;
 pub use trajectory::{normalized_path_energy, path_energy, rf_straightness, straightness};
