@@ -76,9 +76,9 @@ pub struct RunOptions {
     pub show: bool,
     /// A folder that holds another config.
     pub on_change: OnChange,
-    /// Test hook: exit abruptly (code [`crate::signals::RESUMABLE_EXIT`]) right after this
-    /// training step, as if killed, to check that a rerun resumes.
-    pub halt_after: Option<usize>,
+    /// Called after every training step with its number, after its checkpoint (the
+    /// binary's hidden `--halt-after` exits there, as if killed, to test resumption).
+    pub after_step: Option<fn(usize)>,
 }
 
 /// What a run folder holds, checked against the config about to run there.

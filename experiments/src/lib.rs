@@ -4,6 +4,7 @@
 //! - [`check`]: each section checked once, without I/O, into a [`check::Plan`].
 //! - [`experiment`]: a plan built once (data read, device opened) for runs, stages, sweeps.
 //! - [`run`]: config → build → train → checkpoint → evaluate → run folder.
+//! - [`train`]: the train stage: trainer, fresh start or checkpoint, the loop and its hooks.
 //! - [`eval`]: the evaluation samples and the metrics of a model (headline and table).
 //! - [`metrics`]: the metric registry (names, titles, better-direction, how to read or measure).
 //! - [`report`]: the result types several modules share (summaries, tables, reflow rows).
@@ -49,3 +50,4 @@ pub mod stats;
 pub mod sweep;
 pub mod sweep_plot;
 pub mod sweep_report;
+pub mod train;

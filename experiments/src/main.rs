@@ -186,6 +186,21 @@ fn sets_of(raw: &[String]) -> Result<Vec<Override>> {
         .collect()
 }
 
+/// The step after which the hidden `--halt-after` test hook exits (0: never).
+static HALT_AFTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The per-step hook of `--halt-after N`: exits abruptly (75) right after step N, as if
+/// killed, so that tests can check that a rerun resumes.
+fn halt_hook(halt_after: Option<usize>) -> Option<fn(usize)> {
+    let n = halt_after?;
+    HALT_AFTER.store(n, std::sync::atomic::Ordering::Relaxed);
+    Some(|step| {
+        if step == HALT_AFTER.load(std::sync::atomic::Ordering::Relaxed) {
+            std::process::exit(signals::RESUMABLE_EXIT);
+        }
+    })
+}
+
 fn on_change(redo: bool) -> OnChange {
     if redo {
         OnChange::Redo
@@ -249,7 +264,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let opts = RunOptions {
                 show,
                 on_change: on_change(redo_changed),
-                halt_after,
+                after_step: halt_hook(halt_after),
             };
             cmd_sweep(file, jobs, shard, sets, out, max_runs, opts)
         }
@@ -333,7 +348,7 @@ fn cmd_run(
     let opts = RunOptions {
         show,
         on_change: on_change(redo_changed),
-        halt_after,
+        after_step: halt_hook(halt_after),
     };
     let s = reflow::run_experiment(&cfg, &exp, &lock, opts)?;
     say!(
@@ -371,7 +386,7 @@ fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Re
     let opts = RunOptions {
         show,
         on_change: on_change(redo),
-        halt_after: None,
+        after_step: None,
     };
     let (s, parent) = reflow::reflow_finished(&run_dir, sets, opts)?;
     say!(

@@ -1,16 +1,15 @@
 //! One run: config → build → train → checkpoint → evaluate → run folder.
 
-use crate::checkpoint::{self, ResumeInfo, RngState};
+use crate::checkpoint;
 use crate::config::Config;
 use crate::eval::{evaluate_on, log_evaluation, log_progress, EvalSet};
 use crate::experiment::Experiment;
 use crate::folder::{load_finished, prepare, Prepared, RunOptions, RunPaths};
 use crate::logging::{write_atomic, write_json, RunLog};
 use crate::report::{Evaluation, ProgressRow, Summary};
-use crate::signals::{self, Stopped, RESUMABLE_EXIT};
-use anyhow::{anyhow, Context, Result};
-use flowmatch_data::rng_from_seed;
-use flowmatch_losses::{Coupling, LossError, LrSchedule, OptimConfig, Trainer};
+use crate::signals;
+use anyhow::{Context, Result};
+use flowmatch_losses::Coupling;
 use flowmatch_models::Model;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -80,7 +79,7 @@ pub fn run_with(
     signals::check(&format!("{}: setup", cfg.name))?;
     let set = EvalSet::draw(cfg, checked, &checked.device)?;
     signals::check(&format!("{}: setup", cfg.name))?;
-    let trained = train_stage(cfg, checked, dir, pb, setup, opts, &set, prepared)?;
+    let trained = crate::train::train_stage(cfg, checked, dir, pb, setup, opts, &set, prepared)?;
     finish_run(cfg, checked, dir, pb, &set, trained, None)
 }
 
@@ -242,192 +241,6 @@ pub struct Trained {
     pub start: usize,
     /// The run's logs, still open.
     pub log: RunLog,
-}
-
-/// Trains `cfg` in `dir` from step 1, or from the checkpoint that `prepared` found: writes the
-/// config, logs, progress scores and checkpoints, and the final `model.safetensors`.
-#[allow(clippy::too_many_arguments)]
-pub fn train_stage(
-    cfg: &Config,
-    checked: &Experiment,
-    dir: &Path,
-    pb: &ProgressBar,
-    setup: Setup,
-    opts: RunOptions,
-    set: &EvalSet,
-    prepared: Prepared,
-) -> Result<Trained> {
-    let device = &checked.device;
-    let paths = RunPaths::new(dir.to_path_buf());
-    let model = match setup.model {
-        Some(m) => m,
-        None => checked.model.build(checked.dim(), cfg.train.seed, device)?,
-    };
-    let coupling_label = setup
-        .coupling_label
-        .unwrap_or_else(|| checked.coupling.label().to_string());
-    let coupling = setup.coupling.unwrap_or_else(|| {
-        checked
-            .coupling
-            .build(checked.source.clone(), checked.target.clone())
-    });
-    let optim = OptimConfig {
-        lr: cfg.train.lr,
-        weight_decay: cfg.train.weight_decay,
-        ..Default::default()
-    };
-    let schedule = LrSchedule {
-        decay: cfg.train.lr_decay,
-        warmup: cfg.train.warmup,
-        total: cfg.train.steps,
-    };
-    let mut trainer = Trainer::new(
-        model,
-        Box::new(checked.path),
-        coupling,
-        setup.time.unwrap_or(checked.time),
-        cfg.train.batch_size,
-        optim,
-    )?
-    .with_objective(checked.objective)?
-    .with_lr_schedule(schedule)?
-    .with_ema(cfg.train.ema)?
-    .with_prefetch(cfg.train.prefetch);
-    let mut rng = rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000));
-    let mut recent: Vec<f32> = Vec::with_capacity(cfg.train.steps.min(1 << 20));
-    let mut progress: Vec<ProgressRow> = vec![];
-    let mut start = 0;
-    let mut log = if let Prepared::Resume = prepared {
-        let (state, info) = checkpoint::load_resume(&paths.resume(), device)?;
-        if info.step > cfg.train.steps {
-            return Err(anyhow!(
-                "{}: the checkpoint is at step {}, past train.steps = {}",
-                paths.resume().display(),
-                info.step,
-                cfg.train.steps
-            ));
-        }
-        trainer.restore(&state).map_err(|e| {
-            let msg = match e {
-                LossError::Invalid(m) => format!("it holds the training state of another model: {m}"),
-                other => other.to_string(),
-            };
-            anyhow!(
-                "{}: {msg}; remove it to start the run afresh",
-                paths.resume().display()
-            )
-        })?;
-        // After the shapes (a file of another model says which tensor differs).
-        let fingerprint = cfg.fingerprint();
-        if info.config.as_deref() != Some(fingerprint.as_str()) {
-            return Err(anyhow!(
-                "{} was written by a run of another config (fingerprint {}, this config's {fingerprint}); remove it to start the run afresh",
-                paths.resume().display(),
-                info.config.as_deref().unwrap_or("none")
-            ));
-        }
-        rng = info.rng.to_rng()?;
-        recent = info.recent_losses();
-        progress = info.progress();
-        start = info.step;
-        eprintln!("{}: resuming after step {start}", cfg.name);
-        RunLog::resume(dir, cfg.logging.tensorboard, start, cfg.train.steps)?
-    } else {
-        write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
-        RunLog::create(dir, cfg.logging.tensorboard)?
-    };
-    let started = Instant::now();
-    let mut last_ckpt: Option<usize> = (start > 0).then_some(start);
-    let mut score_secs = 0.0;
-    pb.set_length(cfg.train.steps as u64);
-    pb.set_position(start as u64);
-    for step in start + 1..=cfg.train.steps {
-        let loss = match trainer.step(&mut rng) {
-            Ok(l) => l,
-            Err(e @ LossError::NonFiniteLoss(..)) => {
-                log.record(&json!({"step": step, "error": e.to_string()}))?;
-                log.close()?;
-                let kept = match last_ckpt {
-                    Some(s) => format!(
-                        "kept the checkpoint of step {s} in {}",
-                        paths.model().display()
-                    ),
-                    None => "no checkpoint had been written yet".to_string(),
-                };
-                return Err(anyhow!("{e}; run stopped, {kept}"));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        recent.push(loss);
-        if step % cfg.logging.every == 0 || step == cfg.train.steps {
-            if schedule.is_constant() {
-                log.record(&json!({"step": step, "loss": loss}))?;
-            } else {
-                let lr = trainer.lr();
-                log.record(&json!({"step": step, "loss": loss, "lr": lr}))?;
-                log.scalar("train/lr", lr, step);
-            }
-            log.scalar("train/loss", loss as f64, step);
-            pb.set_position(step as u64);
-            pb.set_message(format!("loss {loss:.4}"));
-        }
-        if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < cfg.train.steps {
-            pb.set_message("scoring");
-            let t = Instant::now();
-            progress.push(set.progress(trainer.model(), &checked.solver, step)?);
-            log_progress(&mut log, progress.last().expect("just pushed"))?;
-            score_secs += t.elapsed().as_secs_f64();
-        }
-        // Every `checkpoint_every` steps, after the last one (a run killed while it
-        // evaluates then does not train again), and when a stop is asked for.
-        let stop = signals::stop_requested();
-        let every = cfg.train.checkpoint_every;
-        if (every > 0 && (step % every == 0 || step == cfg.train.steps)) || stop {
-            checkpoint::save_model(trainer.model(), &paths.model())?;
-            let state = trainer.state()?;
-            let keep = recent.len().min(100);
-            let info = ResumeInfo::new(
-                cfg.fingerprint(),
-                step,
-                state.adam_step,
-                RngState::of(&trainer.rng_to_save(&rng)),
-                &recent[recent.len() - keep..],
-                &progress,
-            );
-            checkpoint::save_resume(&paths.resume(), &state, &info)?;
-            last_ckpt = Some(step);
-        }
-        if stop {
-            log.close()?;
-            return Err(Stopped {
-                run: cfg.name.clone(),
-                step,
-            }
-            .into());
-        }
-        if opts.halt_after == Some(step) {
-            std::process::exit(RESUMABLE_EXIT);
-        }
-    }
-    let train_secs = started.elapsed().as_secs_f64() - score_secs;
-    let model = trainer.into_model();
-    checkpoint::save_model(&model, &paths.model())?;
-    let k = recent.len().min(100);
-    let final_loss = recent[recent.len() - k..]
-        .iter()
-        .map(|&l| l as f64)
-        .sum::<f64>()
-        / k as f64;
-    Ok(Trained {
-        model,
-        coupling_label,
-        final_loss,
-        progress,
-        train_secs,
-        score_secs,
-        start,
-        log,
-    })
 }
 
 /// Scores a trained model with the headline solver and the eval table on `set`; with

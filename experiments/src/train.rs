@@ -1,0 +1,312 @@
+//! The train stage: the trainer built from the plan (or a reflow student's setup), a fresh
+//! start or a checkpoint's state, and the loop with its hooks (logging, progress scores,
+//! checkpoints, stop requests, the caller's per-step hook).
+
+use crate::checkpoint::{self, ResumeInfo, RngState};
+use crate::config::Config;
+use crate::eval::{log_progress, EvalSet};
+use crate::experiment::Experiment;
+use crate::folder::{Prepared, RunOptions, RunPaths};
+use crate::logging::{write_atomic, RunLog};
+use crate::report::ProgressRow;
+use crate::run::{Setup, Trained};
+use crate::signals::{self, Stopped};
+use anyhow::{anyhow, Result};
+use flowmatch_data::{rng_from_seed, Rng};
+use flowmatch_losses::{LossError, LrSchedule, OptimConfig, Trainer};
+use indicatif::ProgressBar;
+use serde_json::json;
+use std::path::Path;
+use std::time::Instant;
+
+/// The trainer of `cfg` (or of `setup`'s model, coupling and time sampler) and its
+/// learning-rate schedule.
+fn build_trainer(
+    cfg: &Config,
+    checked: &Experiment,
+    setup: Setup,
+) -> Result<(Trainer, LrSchedule)> {
+    let model = match setup.model {
+        Some(m) => m,
+        None => checked
+            .model
+            .build(checked.dim(), cfg.train.seed, &checked.device)?,
+    };
+    let coupling = setup.coupling.unwrap_or_else(|| {
+        checked
+            .coupling
+            .build(checked.source.clone(), checked.target.clone())
+    });
+    let optim = OptimConfig {
+        lr: cfg.train.lr,
+        weight_decay: cfg.train.weight_decay,
+        ..Default::default()
+    };
+    let schedule = LrSchedule {
+        decay: cfg.train.lr_decay,
+        warmup: cfg.train.warmup,
+        total: cfg.train.steps,
+    };
+    let trainer = Trainer::new(
+        model,
+        Box::new(checked.path),
+        coupling,
+        setup.time.unwrap_or(checked.time),
+        cfg.train.batch_size,
+        optim,
+    )?
+    .with_objective(checked.objective)?
+    .with_lr_schedule(schedule)?
+    .with_ema(cfg.train.ema)?
+    .with_prefetch(cfg.train.prefetch);
+    Ok((trainer, schedule))
+}
+
+/// Restores `trainer` from the run's resume file, which must come from this model (shapes)
+/// and this config (fingerprint); returns the counters stored beside the tensors.
+fn restore(
+    cfg: &Config,
+    checked: &Experiment,
+    paths: &RunPaths,
+    trainer: &mut Trainer,
+) -> Result<ResumeInfo> {
+    let (state, info) = checkpoint::load_resume(&paths.resume(), &checked.device)?;
+    if info.step > cfg.train.steps {
+        return Err(anyhow!(
+            "{}: the checkpoint is at step {}, past train.steps = {}",
+            paths.resume().display(),
+            info.step,
+            cfg.train.steps
+        ));
+    }
+    trainer.restore(&state).map_err(|e| {
+        let msg = match e {
+            LossError::Invalid(m) => format!("it holds the training state of another model: {m}"),
+            other => other.to_string(),
+        };
+        anyhow!(
+            "{}: {msg}; remove it to start the run afresh",
+            paths.resume().display()
+        )
+    })?;
+    // After the shapes (a file of another model says which tensor differs).
+    let fingerprint = cfg.fingerprint();
+    if info.config.as_deref() != Some(fingerprint.as_str()) {
+        return Err(anyhow!(
+            "{} was written by a run of another config (fingerprint {}, this config's {fingerprint}); remove it to start the run afresh",
+            paths.resume().display(),
+            info.config.as_deref().unwrap_or("none")
+        ));
+    }
+    Ok(info)
+}
+
+/// The loop's state between steps.
+struct Loop<'a> {
+    cfg: &'a Config,
+    checked: &'a Experiment,
+    paths: RunPaths,
+    pb: &'a ProgressBar,
+    trainer: Trainer,
+    schedule: LrSchedule,
+    rng: Rng,
+    /// The losses so far (the last 100 make `final_loss`).
+    recent: Vec<f32>,
+    progress: Vec<ProgressRow>,
+    log: RunLog,
+    /// The step this process started after.
+    start: usize,
+    last_ckpt: Option<usize>,
+    score_secs: f64,
+}
+
+impl<'a> Loop<'a> {
+    /// A fresh start (the config written, empty logs) or the state of the checkpoint that
+    /// `prepared` found, which must come from this config and model.
+    fn open(
+        cfg: &'a Config,
+        checked: &'a Experiment,
+        dir: &Path,
+        pb: &'a ProgressBar,
+        setup: Setup,
+        prepared: Prepared,
+    ) -> Result<Self> {
+        let paths = RunPaths::new(dir);
+        let (mut trainer, schedule) = build_trainer(cfg, checked, setup)?;
+        let (log, rng, recent, progress, start) = if let Prepared::Resume = prepared {
+            let info = restore(cfg, checked, &paths, &mut trainer)?;
+            let start = info.step;
+            eprintln!("{}: resuming after step {start}", cfg.name);
+            (
+                RunLog::resume(dir, cfg.logging.tensorboard, start, cfg.train.steps)?,
+                info.rng.to_rng()?,
+                info.recent_losses(),
+                info.progress(),
+                start,
+            )
+        } else {
+            write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
+            (
+                RunLog::create(dir, cfg.logging.tensorboard)?,
+                rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000)),
+                Vec::with_capacity(cfg.train.steps.min(1 << 20)),
+                vec![],
+                0,
+            )
+        };
+        Ok(Loop {
+            cfg,
+            checked,
+            paths,
+            pb,
+            trainer,
+            schedule,
+            rng,
+            recent,
+            progress,
+            log,
+            start,
+            last_ckpt: (start > 0).then_some(start),
+            score_secs: 0.0,
+        })
+    }
+
+    /// One optimiser step; a non-finite loss ends the run with the last checkpoint named.
+    fn step(&mut self, step: usize) -> Result<f32> {
+        match self.trainer.step(&mut self.rng) {
+            Ok(l) => Ok(l),
+            Err(e @ LossError::NonFiniteLoss(..)) => {
+                self.log
+                    .record(&json!({"step": step, "error": e.to_string()}))?;
+                let kept = match self.last_ckpt {
+                    Some(s) => format!(
+                        "kept the checkpoint of step {s} in {}",
+                        self.paths.model().display()
+                    ),
+                    None => "no checkpoint had been written yet".to_string(),
+                };
+                Err(anyhow!("{e}; run stopped, {kept}"))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Hook: the loss (and learning rate) every `logging.every` steps and at the last one.
+    fn log_step(&mut self, step: usize, loss: f32) -> Result<()> {
+        let cfg = self.cfg;
+        if step % cfg.logging.every != 0 && step != cfg.train.steps {
+            return Ok(());
+        }
+        if self.schedule.is_constant() {
+            self.log.record(&json!({"step": step, "loss": loss}))?;
+        } else {
+            let lr = self.trainer.lr();
+            self.log
+                .record(&json!({"step": step, "loss": loss, "lr": lr}))?;
+            self.log.scalar("train/lr", lr, step);
+        }
+        self.log.scalar("train/loss", loss as f64, step);
+        self.pb.set_position(step as u64);
+        self.pb.set_message(format!("loss {loss:.4}"));
+        Ok(())
+    }
+
+    /// Hook: the headline solver's scores every `eval.every` steps (the last step's come
+    /// from the eval stage).
+    fn score_progress(&mut self, step: usize, set: &EvalSet) -> Result<()> {
+        let every = self.cfg.eval.every;
+        if every == 0 || step % every != 0 || step >= self.cfg.train.steps {
+            return Ok(());
+        }
+        self.pb.set_message("scoring");
+        let t = Instant::now();
+        let row = set.progress(self.trainer.model(), &self.checked.solver, step)?;
+        log_progress(&mut self.log, &row)?;
+        self.progress.push(row);
+        self.score_secs += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Hook: a checkpoint every `checkpoint_every` steps, after the last one (a run killed
+    /// while it evaluates then does not train again), and when a stop is asked for.
+    fn checkpoint(&mut self, step: usize, stop: bool) -> Result<()> {
+        let every = self.cfg.train.checkpoint_every;
+        if !((every > 0 && (step % every == 0 || step == self.cfg.train.steps)) || stop) {
+            return Ok(());
+        }
+        checkpoint::save_model(self.trainer.model(), &self.paths.model())?;
+        let state = self.trainer.state()?;
+        let keep = self.recent.len().min(100);
+        let info = ResumeInfo::new(
+            self.cfg.fingerprint(),
+            step,
+            state.adam_step,
+            RngState::of(&self.trainer.rng_to_save(&self.rng)),
+            &self.recent[self.recent.len() - keep..],
+            &self.progress,
+        );
+        checkpoint::save_resume(&self.paths.resume(), &state, &info)?;
+        self.last_ckpt = Some(step);
+        Ok(())
+    }
+}
+
+/// Trains `cfg` in `dir` from step 1, or from the checkpoint that `prepared` found: writes the
+/// config, logs, progress scores and checkpoints, and the final `model.safetensors`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_stage(
+    cfg: &Config,
+    checked: &Experiment,
+    dir: &Path,
+    pb: &ProgressBar,
+    setup: Setup,
+    opts: RunOptions,
+    set: &EvalSet,
+    prepared: Prepared,
+) -> Result<Trained> {
+    let coupling_label = setup
+        .coupling_label
+        .clone()
+        .unwrap_or_else(|| checked.coupling.label().to_string());
+    let mut l = Loop::open(cfg, checked, dir, pb, setup, prepared)?;
+    let started = Instant::now();
+    pb.set_length(cfg.train.steps as u64);
+    pb.set_position(l.start as u64);
+    for step in l.start + 1..=cfg.train.steps {
+        let loss = l.step(step)?;
+        l.recent.push(loss);
+        l.log_step(step, loss)?;
+        l.score_progress(step, set)?;
+        let stop = signals::stop_requested();
+        l.checkpoint(step, stop)?;
+        if stop {
+            return Err(Stopped {
+                run: cfg.name.clone(),
+                step,
+            }
+            .into());
+        }
+        if let Some(hook) = opts.after_step {
+            hook(step);
+        }
+    }
+    let train_secs = started.elapsed().as_secs_f64() - l.score_secs;
+    let model = l.trainer.into_model();
+    checkpoint::save_model(&model, &l.paths.model())?;
+    let k = l.recent.len().min(100);
+    let final_loss = l.recent[l.recent.len() - k..]
+        .iter()
+        .map(|&x| x as f64)
+        .sum::<f64>()
+        / k as f64;
+    Ok(Trained {
+        model,
+        coupling_label,
+        final_loss,
+        progress: l.progress,
+        train_secs,
+        score_secs: l.score_secs,
+        start: l.start,
+        log: l.log,
+    })
+}
