@@ -1000,6 +1000,9 @@ fn a_metric_added_through_the_registry_reaches_summary_table_and_tensorboard() {
     assert!((0.0..=1.0).contains(&acc), "{acc}");
     let rows = csv_rows(&dir.join("summary.csv"));
     let col = rows[0].iter().position(|h| h == "nn_accuracy").unwrap();
+    // Each swept key shows once: no `coupling` column beside the `loss.coupling` axis.
+    assert!(rows[0].contains(&"loss.coupling".to_string()));
+    assert!(!rows[0].contains(&"coupling".to_string()), "{:?}", rows[0]);
     assert!(rows[1][col].parse::<f64>().unwrap() == acc);
     let events: Vec<u8> = std::fs::read_dir(dir.join("000_coupling-independent"))
         .unwrap()

@@ -223,7 +223,28 @@ pub fn merge(dir: &Path, max_runs: usize) -> Result<Merged> {
     if reflow {
         head.push("iteration".into());
     }
-    head.extend(["coupling", "path", "solver", "solver_steps", "train_steps"].map(String::from));
+    // The run's settings, each with the key that sets it: a column that only repeats a swept
+    // key's values (`coupling` beside a `loss.coupling` axis) is left out.
+    type Setting = fn(&Summary) -> String;
+    let settings: [(&str, &str, Setting); 5] = [
+        ("coupling", "loss.coupling", |s| s.coupling.clone()),
+        ("path", "loss.path", |s| s.path.clone()),
+        ("solver", "solver.method", |s| s.eval.solver.to_string()),
+        ("solver_steps", "solver.steps", |s| s.eval.solver_steps.to_string()),
+        ("train_steps", "train.steps", |s| s.train_steps.to_string()),
+    ];
+    let repeats = |key: &str, cell: Setting| match keys.iter().position(|k| *k == key) {
+        Some(i) => rows
+            .iter()
+            .all(|r| r.values.get(i).is_some_and(|v| *v == cell(&r.summary))),
+        None => false,
+    };
+    let settings: Vec<(&str, Setting)> = settings
+        .into_iter()
+        .filter(|(_, key, cell)| !repeats(key, *cell))
+        .map(|(name, _, cell)| (name, cell))
+        .collect();
+    head.extend(settings.iter().map(|(name, _)| name.to_string()));
     let shown = shown(rows);
     head.extend(shown.iter().map(|m| m.name.to_string()));
     head.push("nfe".into());
@@ -236,13 +257,7 @@ pub fn merge(dir: &Path, max_runs: usize) -> Result<Merged> {
             if reflow {
                 v.push(r.iteration());
             }
-            v.extend([
-                s.coupling.clone(),
-                s.path.clone(),
-                s.eval.solver.to_string(),
-                s.eval.solver_steps.to_string(),
-                s.train_steps.to_string(),
-            ]);
+            v.extend(settings.iter().map(|(_, cell)| cell(s)));
             v.extend(shown.iter().map(|m| num(r.value(m))));
             v.push(s.nfe.to_string());
             v
