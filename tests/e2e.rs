@@ -1025,11 +1025,22 @@ fn a_metric_added_through_the_registry_reaches_summary_table_and_tensorboard() {
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = csv_rows(&out.join("plain/summary.csv"));
     assert!(!rows[0].iter().any(|h| h == "nn_accuracy"), "{:?}", rows[0]);
-    let text = std::fs::read_to_string(out.join("plain/000_coupling-independent/summary.json")).unwrap();
+    let text =
+        std::fs::read_to_string(out.join("plain/000_coupling-independent/summary.json")).unwrap();
     assert!(!text.contains("extra"));
     // A name the registry cannot measure is a one-line error naming the key.
     let cfg = write(tmp.path(), "t.toml", TINY);
-    let o = flowmatch(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--set", "eval.metrics=[\"w2\"]"]);
+    let o = flowmatch(&[
+        "run",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "eval.metrics=[\"w2\"]",
+    ]);
     let e = stderr(&o);
-    assert!(!o.status.success() && e.starts_with("error: eval.metrics:") && e.contains("nn_accuracy"), "{e}");
+    assert!(
+        !o.status.success() && e.starts_with("error: eval.metrics:") && e.contains("nn_accuracy"),
+        "{e}"
+    );
 }

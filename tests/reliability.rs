@@ -685,7 +685,9 @@ fn symlinked_run_folders_are_refused_and_nothing_outside_is_touched() {
     assert!(!o.status.success(), "a linked run folder was let in");
     let last = e.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("error:") && last.contains("000_method-euler") && last.contains("symbolic link"),
+        last.starts_with("error:")
+            && last.contains("000_method-euler")
+            && last.contains("symbolic link"),
         "{e}"
     );
     assert_eq!(snapshot(&victim), before, "files behind the link changed");
@@ -744,7 +746,14 @@ fn two_sweeps_of_different_plans_into_one_folder_are_refused() {
     );
     let out = tmp.path().join("o");
     let mut first = Command::new(BIN)
-        .args(["sweep", a.to_str().unwrap(), "--out", out.to_str().unwrap(), "--jobs", "1"])
+        .args([
+            "sweep",
+            a.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--jobs",
+            "1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -779,20 +788,34 @@ fn unfinished_runs_are_refused_by_reflow_eval_and_plot() {
     let run = out.join("t");
     assert!(run.join("model.safetensors").is_file());
     for args in [
-        vec!["reflow", run.to_str().unwrap(), "--set", "reflow.iterations=1"],
+        vec![
+            "reflow",
+            run.to_str().unwrap(),
+            "--set",
+            "reflow.iterations=1",
+        ],
         vec!["eval", run.to_str().unwrap()],
         vec!["plot", run.to_str().unwrap()],
     ] {
         let o = flowmatch(&args);
         let e = stderr(&o);
         assert!(!o.status.success(), "{args:?} used a killed run");
-        assert!(e.contains("not a finished run") && e.lines().count() == 1, "{args:?}: {e}");
+        assert!(
+            e.contains("not a finished run") && e.lines().count() == 1,
+            "{args:?}: {e}"
+        );
     }
     assert!(!run.join("reflow").exists());
     // Still training in another process.
     let mut child = Command::new(BIN)
         .args(["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .args(["--set", "train.steps=5000", "--set", "train.seed=3", "--redo-changed"])
+        .args([
+            "--set",
+            "train.steps=5000",
+            "--set",
+            "train.seed=3",
+            "--redo-changed",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -806,12 +829,23 @@ fn unfinished_runs_are_refused_by_reflow_eval_and_plot() {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let o = flowmatch(&["reflow", run.to_str().unwrap(), "--set", "reflow.iterations=1"]);
+    let o = flowmatch(&[
+        "reflow",
+        run.to_str().unwrap(),
+        "--set",
+        "reflow.iterations=1",
+    ]);
     child.kill().unwrap();
     child.wait().unwrap();
     let e = stderr(&o);
-    assert!(!o.status.success(), "reflow used a run that is still training");
-    assert!(e.contains("not finished") && e.contains("still writing"), "{e}");
+    assert!(
+        !o.status.success(),
+        "reflow used a run that is still training"
+    );
+    assert!(
+        e.contains("not finished") && e.contains("still writing"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -891,9 +925,17 @@ fn kills_at_any_moment_leave_identical_results(tmp: &Path, label: &str, args: &[
         std::thread::sleep(whole.mul_f64(*f));
         let _ = child.kill();
         child.wait().unwrap();
-        let o = flowmatch(&a.iter().map(|s| {
-            if *s == reference.to_str().unwrap() { out.to_str().unwrap() } else { s }
-        }).collect::<Vec<_>>());
+        let o = flowmatch(
+            &a.iter()
+                .map(|s| {
+                    if *s == reference.to_str().unwrap() {
+                        out.to_str().unwrap()
+                    } else {
+                        s
+                    }
+                })
+                .collect::<Vec<_>>(),
+        );
         assert!(o.status.success(), "{label} killed at {f}: {}", stderr(&o));
         assert_eq!(
             results_of(&out),
@@ -943,21 +985,34 @@ fn evaluation_plot_and_bench_sizes_are_bounded_before_anything_is_allocated() {
         let o = run_into(&cfg, &out, &args);
         let e = stderr(&o);
         assert!(
-            !o.status.success() && e.starts_with(&format!("error: {key}:")) && e.contains("limits.memory_gb"),
+            !o.status.success()
+                && e.starts_with(&format!("error: {key}:"))
+                && e.contains("limits.memory_gb"),
             "{sets:?}: {e}"
         );
     }
     assert_eq!(files_under(&out), 0);
     let o = flowmatch(&["bench", "--device", "cpu", "--batch", "100000000000"]);
     let e = stderr(&o);
-    assert!(!o.status.success() && e.contains("--batch") && e.lines().count() == 1, "{e}");
+    assert!(
+        !o.status.success() && e.contains("--batch") && e.lines().count() == 1,
+        "{e}"
+    );
     // A sweep folder's samples figure with an absurd step count.
     let sw = small_sweep(tmp.path());
     let o = sweep_into(&sw, &out, &["--set", "train.steps=20"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = flowmatch(&["plot", out.join("sw").to_str().unwrap(), "--what", "samples:99999999999"]);
+    let o = flowmatch(&[
+        "plot",
+        out.join("sw").to_str().unwrap(),
+        "--what",
+        "samples:99999999999",
+    ]);
     let e = stderr(&o);
-    assert!(!o.status.success() && e.contains("samples:99999999999") && e.contains("memory"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("samples:99999999999") && e.contains("memory"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -970,7 +1025,10 @@ fn sigterm_during_the_evaluation_exits_75_and_the_rerun_matches() {
         &TINY
             .replace("steps = 150", "steps = 20")
             .replace("samples = 200", "samples = 1500")
-            .replace("steps = [1, 10]", "steps = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]"),
+            .replace(
+                "steps = [1, 10]",
+                "steps = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]",
+            ),
     );
     let whole = tmp.path().join("whole");
     let t0 = Instant::now();
@@ -987,7 +1045,9 @@ fn sigterm_during_the_evaluation_exits_75_and_the_rerun_matches() {
     // The training is over when its last loss record (step 20) is in metrics.jsonl.
     let log = out.join("t").join("metrics.jsonl");
     let t0 = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("\"step\":20")
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("\"step\":20")
         && t0.elapsed() < Duration::from_secs(60)
     {
         std::thread::sleep(Duration::from_millis(2));
@@ -1041,7 +1101,10 @@ fn a_resume_file_of_another_config_or_model_is_refused() {
     std::fs::copy(&other_lr, &mine).unwrap();
     let o = run_into(&cfg, &tmp.path().join("a"), &[]);
     let e = stderr(&o);
-    assert!(!o.status.success() && e.contains("another config") && e.contains("resume.safetensors"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("another config") && e.contains("resume.safetensors"),
+        "{e}"
+    );
     std::fs::copy(&wider, &mine).unwrap();
     let o = run_into(&cfg, &tmp.path().join("a"), &[]);
     let e = stderr(&o);
@@ -1063,10 +1126,19 @@ fn merge_checks_the_plan_and_never_writes_an_empty_table() {
     let plan = std::fs::read(dir.join("plan.json")).unwrap();
     for (json, needle) in [
         (r#"["../o1/lesson_moons"]"#.to_string(), "not a usable name"),
-        (r#"["000_method-euler", "000_method-euler"]"#.to_string(), "listed twice"),
+        (
+            r#"["000_method-euler", "000_method-euler"]"#.to_string(),
+            "listed twice",
+        ),
         (r#"{"runs": []}"#.to_string(), "no runs"),
         (
-            format!("[{}]", (0..800_000).map(|i| format!("\"r{i}\"")).collect::<Vec<_>>().join(",")),
+            format!(
+                "[{}]",
+                (0..800_000)
+                    .map(|i| format!("\"r{i}\""))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             "--max-runs",
         ),
     ] {
@@ -1074,7 +1146,10 @@ fn merge_checks_the_plan_and_never_writes_an_empty_table() {
         let t0 = Instant::now();
         let o = flowmatch(&["merge", dir.to_str().unwrap()]);
         let e = stderr(&o);
-        assert!(!o.status.success() && e.contains(needle) && e.lines().count() == 1, "{e}");
+        assert!(
+            !o.status.success() && e.contains(needle) && e.lines().count() == 1,
+            "{e}"
+        );
         assert!(t0.elapsed() < Duration::from_secs(20), "slow to refuse");
         assert_eq!(std::fs::read(dir.join("summary.csv")).unwrap(), table);
     }
@@ -1088,11 +1163,21 @@ fn weights_of_another_dtype_and_reflow_of_zero_iterations_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write(tmp.path(), "t.toml", TINY);
     let out = tmp.path().join("o");
-    assert!(run_into(&cfg, &out, &["--set", "train.steps=20"]).status.success());
+    assert!(run_into(&cfg, &out, &["--set", "train.steps=20"])
+        .status
+        .success());
     let run = out.join("t");
-    let o = flowmatch(&["reflow", run.to_str().unwrap(), "--set", "reflow.iterations=0"]);
+    let o = flowmatch(&[
+        "reflow",
+        run.to_str().unwrap(),
+        "--set",
+        "reflow.iterations=0",
+    ]);
     let e = stderr(&o);
-    assert!(!o.status.success() && e.contains("reflow.iterations") && e.lines().count() == 1, "{e}");
+    assert!(
+        !o.status.success() && e.contains("reflow.iterations") && e.lines().count() == 1,
+        "{e}"
+    );
     assert!(!run.join("reflow").join("summary.json").exists());
     // model.safetensors rewritten with the same names and shapes as all-zero U8.
     let model = run.join("model.safetensors");
@@ -1118,5 +1203,8 @@ fn weights_of_another_dtype_and_reflow_of_zero_iterations_are_errors() {
     std::fs::write(&model, safetensors::serialize(views, None).unwrap()).unwrap();
     let o = flowmatch(&["eval", run.to_str().unwrap()]);
     let e = stderr(&o);
-    assert!(!o.status.success() && e.contains("U8") && e.contains("F32"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("U8") && e.contains("F32"),
+        "{e}"
+    );
 }

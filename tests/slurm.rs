@@ -235,8 +235,13 @@ fn scancel_signal_term_without_full_reaches_flowmatch() {
     let tmp = tempfile::tempdir().unwrap();
     // `scancel --signal=TERM` signals the job's steps only (not the batch shell): flowmatch
     // must be one of them to checkpoint and exit 75, after which the task requeues itself.
-    let (_, run, log) =
-        interrupted_run(&conf, tmp.path(), "cancel", 5, &["scancel", "--signal=TERM"]);
+    let (_, run, log) = interrupted_run(
+        &conf,
+        tmp.path(),
+        "cancel",
+        5,
+        &["scancel", "--signal=TERM"],
+    );
     assert!(
         log.contains("stopped on request") && log.contains("resuming after step"),
         "SIGTERM did not reach flowmatch: {log}"

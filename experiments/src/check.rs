@@ -186,13 +186,19 @@ impl ModelConfig {
             if self.mults != flowmatch_models::UNET_MULTS {
                 return Err((
                     "model.mults",
-                    format!("applies to model.kind = \"unet\" only, not {:?}", self.kind.name()),
+                    format!(
+                        "applies to model.kind = \"unet\" only, not {:?}",
+                        self.kind.name()
+                    ),
                 ));
             }
             if self.attention {
                 return Err((
                     "model.attention",
-                    format!("applies to model.kind = \"unet\" only, not {:?}", self.kind.name()),
+                    format!(
+                        "applies to model.kind = \"unet\" only, not {:?}",
+                        self.kind.name()
+                    ),
                 ));
             }
         }

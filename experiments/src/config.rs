@@ -720,20 +720,34 @@ mod tests {
         ] {
             let e = load("", &[set]).err().unwrap().0;
             assert!(e.starts_with(key) && e.contains("unet"), "{e}");
-            let e = load("", &[set, "model.kind=unet-lesson", "data.target=gaussian-nd", "data.dim=784"])
-                .err()
-                .unwrap()
-                .0;
+            let e = load(
+                "",
+                &[
+                    set,
+                    "model.kind=unet-lesson",
+                    "data.target=gaussian-nd",
+                    "data.dim=784",
+                ],
+            )
+            .err()
+            .unwrap()
+            .0;
             assert!(e.starts_with(key), "{e}");
         }
         let e = load("", &["data.target_scale=1e308"]).err().unwrap().0;
-        assert!(e.starts_with("data.target_scale:") && e.contains("at most"), "{e}");
+        assert!(
+            e.starts_with("data.target_scale:") && e.contains("at most"),
+            "{e}"
+        );
         let many: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
         let e = load("", &[&format!("eval.steps=[{}]", many.join(","))])
             .err()
             .unwrap()
             .0;
-        assert!(e.starts_with("eval.steps:") && e.contains("at most 64"), "{e}");
+        assert!(
+            e.starts_with("eval.steps:") && e.contains("at most 64"),
+            "{e}"
+        );
     }
 
     #[test]

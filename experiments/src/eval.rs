@@ -167,7 +167,12 @@ pub fn evaluate_on(
             }
             stop()?;
             let s = solve(field, x0, &spec, false)?;
-            entries.push((Solver::from(&spec), steps, s.nfe, s.x.to_device(&Device::Cpu)?));
+            entries.push((
+                Solver::from(&spec),
+                steps,
+                s.nfe,
+                s.x.to_device(&Device::Cpu)?,
+            ));
         }
     }
     // Stochastic rows: Euler–Maruyama from the same source samples, noise from eval.seed.

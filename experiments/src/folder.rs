@@ -168,7 +168,10 @@ pub fn claim_run_dir(out: &Path, name: &str) -> Result<(PathBuf, crate::lock::Ru
 /// run still training elsewhere, or killed) with a one-line error that says so.
 pub fn open_finished(dir: &Path) -> Result<crate::lock::RunLock> {
     if !dir.is_dir() {
-        return Err(anyhow!("{} is not a run folder (no such folder)", dir.display()));
+        return Err(anyhow!(
+            "{} is not a run folder (no such folder)",
+            dir.display()
+        ));
     }
     let paths = RunPaths::new(dir);
     if !paths.config().is_file() && !paths.model().is_file() {
@@ -205,10 +208,7 @@ pub struct OpenRun {
 /// A finished run folder's model and config (with `--set` overrides), loaded and checked,
 /// with the folder's lock held: an error when the run is not finished (see [`open_finished`]),
 /// when the folder holds no model, or a model with non-finite weights.
-pub fn open_run(
-    dir: &Path,
-    sets: &[crate::config::Override],
-) -> Result<OpenRun> {
+pub fn open_run(dir: &Path, sets: &[crate::config::Override]) -> Result<OpenRun> {
     let lock = open_finished(dir)?;
     let model_path = RunPaths::new(dir).model();
     if !model_path.is_file() {

@@ -78,8 +78,8 @@ pub fn grid_bytes(steps: usize) -> f64 {
 pub fn estimate(cfg: &Config, plan: &Plan) -> Need {
     let (model, dim, images) = (&plan.model, plan.source.dim(), plan.images());
     let ot = plan.coupling.is_ot();
-    let offline = plan.reflow.is_reflow()
-        && plan.reflow.mode == flowmatch_reflow::ReflowMode::Offline;
+    let offline =
+        plan.reflow.is_reflow() && plan.reflow.mode == flowmatch_reflow::ReflowMode::Offline;
     let d = dim as f64;
     let batch = cfg.train.batch_size as f64;
     let samples = cfg.eval.samples as f64;

@@ -282,10 +282,12 @@ mod tests {
         // evaluates again, so the first attempt's eval records must go.
         let tmp = tempfile::tempdir().unwrap();
         let mut log = RunLog::create(tmp.path(), false).unwrap();
-        log.record(&serde_json::json!({"step": 20, "loss": 1.0})).unwrap();
+        log.record(&serde_json::json!({"step": 20, "loss": 1.0}))
+            .unwrap();
         log.record(&serde_json::json!({"step": 20, "progress": {"w2": 1.0}}))
             .unwrap();
-        log.record(&serde_json::json!({"step": 30, "loss": 0.5})).unwrap();
+        log.record(&serde_json::json!({"step": 30, "loss": 0.5}))
+            .unwrap();
         log.record(&serde_json::json!({"step": 30, "progress": {"w2": 0.5}}))
             .unwrap();
         log.record(&serde_json::json!({"step": 30, "eval": {"w2": 0.5}}))

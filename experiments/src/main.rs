@@ -4,12 +4,12 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use flowmatch_experiments::config::{parse_set, Config, ConfigSource, Override};
 use flowmatch_experiments::experiment::Experiment;
-use flowmatch_experiments::folder::{
-    claim_run_dir, OnChange, RunOptions,
-};
+use flowmatch_experiments::folder::{claim_run_dir, OnChange, RunOptions};
 use flowmatch_experiments::logging::write_json;
 use flowmatch_experiments::report::{nll_text, table_lines};
-use flowmatch_experiments::{bench, checkpoint, device, eval, plot, reflow, runtime, signals, sweep};
+use flowmatch_experiments::{
+    bench, checkpoint, device, eval, plot, reflow, runtime, signals, sweep,
+};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -600,4 +600,3 @@ fn cmd_bench(
     }
     Ok(ExitCode::SUCCESS)
 }
-

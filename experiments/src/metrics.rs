@@ -64,22 +64,53 @@ const fn of(
 
 /// Every metric, in the order of the tables' columns.
 pub static METRICS: [Metric; 16] = [
-    of("final_loss", "final training loss", Better::Lower, |s| s.final_loss),
+    of("final_loss", "final training loss", Better::Lower, |s| {
+        s.final_loss
+    }),
     of("w2", "W2 (headline solver)", Better::Lower, |s| s.w2),
     of("mmd", "MMD (headline solver)", Better::Lower, |s| s.mmd),
-    of("straightness", "straightness (1 = straight)", Better::Higher, |s| s.straightness),
-    of("rf_straightness", "Liu's S (0 = straight)", Better::Lower, |s| s.rf_straightness),
-    of("normalized_path_energy", "normalized path energy", Better::Lower, |s| {
-        s.normalized_path_energy
+    of(
+        "straightness",
+        "straightness (1 = straight)",
+        Better::Higher,
+        |s| s.straightness,
+    ),
+    of(
+        "rf_straightness",
+        "Liu's S (0 = straight)",
+        Better::Lower,
+        |s| s.rf_straightness,
+    ),
+    of(
+        "normalized_path_energy",
+        "normalized path energy",
+        Better::Lower,
+        |s| s.normalized_path_energy,
+    ),
+    of("w2_euler_1", "W2 @1 Euler step", Better::Lower, |s| {
+        euler(s, 1, |r| r.w2)
     }),
-    of("w2_euler_1", "W2 @1 Euler step", Better::Lower, |s| euler(s, 1, |r| r.w2)),
-    of("w2_euler_2", "W2 @2 Euler steps", Better::Lower, |s| euler(s, 2, |r| r.w2)),
-    of("w2_euler_5", "W2 @5 Euler steps", Better::Lower, |s| euler(s, 5, |r| r.w2)),
-    of("w2_euler_100", "W2 @100 Euler steps", Better::Lower, |s| euler(s, 100, |r| r.w2)),
-    of("w2_euler_4", "W2 @4 Euler steps", Better::Lower, |s| euler(s, 4, |r| r.w2)),
-    of("mmd_euler_1", "MMD @1 Euler step", Better::Lower, |s| euler(s, 1, |r| r.mmd)),
-    of("mmd_euler_2", "MMD @2 Euler steps", Better::Lower, |s| euler(s, 2, |r| r.mmd)),
-    of("mmd_euler_4", "MMD @4 Euler steps", Better::Lower, |s| euler(s, 4, |r| r.mmd)),
+    of("w2_euler_2", "W2 @2 Euler steps", Better::Lower, |s| {
+        euler(s, 2, |r| r.w2)
+    }),
+    of("w2_euler_5", "W2 @5 Euler steps", Better::Lower, |s| {
+        euler(s, 5, |r| r.w2)
+    }),
+    of("w2_euler_100", "W2 @100 Euler steps", Better::Lower, |s| {
+        euler(s, 100, |r| r.w2)
+    }),
+    of("w2_euler_4", "W2 @4 Euler steps", Better::Lower, |s| {
+        euler(s, 4, |r| r.w2)
+    }),
+    of("mmd_euler_1", "MMD @1 Euler step", Better::Lower, |s| {
+        euler(s, 1, |r| r.mmd)
+    }),
+    of("mmd_euler_2", "MMD @2 Euler steps", Better::Lower, |s| {
+        euler(s, 2, |r| r.mmd)
+    }),
+    of("mmd_euler_4", "MMD @4 Euler steps", Better::Lower, |s| {
+        euler(s, 4, |r| r.mmd)
+    }),
     of("nll", "NLL of real samples (nats)", Better::Lower, |s| {
         s.eval.nll.as_ref().map_or(f64::NAN, |n| n.nats)
     }),

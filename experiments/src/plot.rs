@@ -642,9 +642,7 @@ pub fn redraw_run(
     let mut written = plot_run(&model, &cfg, &checked, &cfg_dir, &dev, figures)?;
     if let Some(rows) = rows {
         // The last flow of the chain lives in the folder named after its row.
-        let last_dir = rows
-            .last()
-            .map(|r| run_dir.join(r.flow.folder()));
+        let last_dir = rows.last().map(|r| run_dir.join(r.flow.folder()));
         let last = match last_dir {
             Some(d) if d.join("model.safetensors").is_file() => {
                 checked

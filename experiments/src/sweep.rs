@@ -3,7 +3,8 @@
 
 use crate::check::Plan;
 use crate::config::{
-    check_name, describe_differences, fnv1a, resolve_relative, Config, ConfigError, ConfigSource, Override,
+    check_name, describe_differences, fnv1a, resolve_relative, Config, ConfigError, ConfigSource,
+    Override,
 };
 use crate::experiment::Experiment;
 use crate::folder::{OnChange, RunOptions, RunPaths};
@@ -68,7 +69,6 @@ pub struct Sweep {
 /// The most runs a sweep plans unless `--max-runs` says otherwise.
 pub const DEFAULT_MAX_RUNS: usize = 1000;
 
-
 /// An axis value as a short folder-name part: floats in their shorter form (`1e-300`, not
 /// 300 digits), other characters than `[A-Za-z0-9.-]` as `_`, and at most 32 characters (a
 /// longer one keeps 23 and adds a hash of the whole value, so that names stay distinct).
@@ -102,25 +102,11 @@ fn value_label(v: &toml::Value) -> String {
     }
 }
 
-/// Reads a sweep file and validates every run's config before anything runs; a sweep of more
-/// than `max_runs` runs is refused with its count before any is planned.
-pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Sweep, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-    let file: SweepFile = toml::from_str(&text).map_err(|e| {
-        ConfigError(format!(
-            "{}: {}",
-            path.display(),
-            e.message().trim().replace('\n', " ")
-        ))
-    })?;
-    let base = resolve_relative(&file.base, path);
-    let name = file.name.clone().unwrap_or_else(|| {
-        path.file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or("sweep".into())
-    });
-    check_name(&name).map_err(|m| ConfigError(format!("{}: name: {m}", path.display())))?;
+/// The swept keys of a sweep file with their values, in file order: `variant` (the names of
+/// `[variants]`) first, then `[axes]`, then `[replicates]`. Each list is non-empty and
+/// without repeats, replicate keys are seeds, and no key is swept twice or also set by a
+/// variant.
+fn axes_of(file: &SweepFile, path: &Path) -> Result<Vec<(String, Vec<toml::Value>)>, ConfigError> {
     let mut axes: Vec<(String, Vec<toml::Value>)> = vec![];
     for (name, v) in &file.variants {
         if !matches!(v, toml::Value::Table(_)) {
@@ -192,6 +178,29 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
             }
         }
     }
+    Ok(axes)
+}
+
+/// Reads a sweep file and validates every run's config before anything runs; a sweep of more
+/// than `max_runs` runs is refused with its count before any is planned.
+pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Sweep, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    let file: SweepFile = toml::from_str(&text).map_err(|e| {
+        ConfigError(format!(
+            "{}: {}",
+            path.display(),
+            e.message().trim().replace('\n', " ")
+        ))
+    })?;
+    let base = resolve_relative(&file.base, path);
+    let name = file.name.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or("sweep".into())
+    });
+    check_name(&name).map_err(|m| ConfigError(format!("{}: name: {m}", path.display())))?;
+    let axes = axes_of(&file, path)?;
     let count = axes
         .iter()
         .try_fold(1usize, |n, (_, vals)| n.checked_mul(vals.len()));
@@ -342,8 +351,7 @@ pub fn training_groups(runs: &[PlannedRun]) -> Vec<Vec<usize>> {
 fn changed_runs(dir: &Path, runs: &[&PlannedRun]) -> Result<Vec<(String, Vec<String>)>> {
     let mut changed = vec![];
     for r in runs {
-        let stored = RunPaths::new(dir.join(&r.name))
-        .config();
+        let stored = RunPaths::new(dir.join(&r.name)).config();
         if stored.is_file() {
             let old = Config::read_resolved(&stored).map_err(|e| anyhow!(e.0))?;
             let diffs = old.differences(&r.config);
@@ -355,17 +363,72 @@ fn changed_runs(dir: &Path, runs: &[&PlannedRun]) -> Result<Vec<(String, Vec<Str
     Ok(changed)
 }
 
-/// Runs this shard's share of the sweep with `jobs` runs at a time (at most one per run);
-/// finished runs are skipped, killed ones continue. Runs whose folder holds another config
-/// stop the sweep before anything runs, unless `opts.on_change` redoes them.
-pub fn execute(
-    sweep: &Sweep,
-    out: &Path,
-    jobs: usize,
-    shard: (usize, usize),
-    opts: RunOptions,
-) -> Result<SweepReport> {
-    let dir = out.join(&sweep.name);
+/// How one run of a sweep went.
+enum Outcome {
+    Ran,
+    Busy,
+    Stopped,
+    Failed(String),
+}
+
+/// Runs `r` in `dir` (training, or evaluating the model its `trainer` run trained), unless
+/// another process holds its folder, a stop was asked for, or its training did not finish.
+fn run_one(r: &PlannedRun, trainer: &PlannedRun, dir: &Path, run_opts: RunOptions) -> Outcome {
+    let trained_dir = dir.join(&trainer.name);
+    match RunLock::acquire(&dir.join(&r.name)) {
+        // After a stop request, no new run starts.
+        _ if crate::signals::stop_requested() => Outcome::Stopped,
+        Err(LockError::Busy { .. }) => Outcome::Busy,
+        Err(e) => Outcome::Failed(e.to_string()),
+        // A variant whose training did not finish here waits for a later invocation.
+        Ok(_) if trainer.name != r.name && !RunPaths::new(trained_dir.clone()).finished() => {
+            Outcome::Failed(format!("its training run {} did not finish", trainer.name))
+        }
+        Ok(lock) => {
+            let ran = Experiment::build(&r.config, &r.plan).and_then(|exp| {
+                if trainer.name == r.name {
+                    crate::reflow::run_experiment(&r.config, &exp, &lock, run_opts)
+                } else {
+                    let pb = indicatif::ProgressBar::hidden();
+                    evaluate_trained(&r.config, &exp, lock.dir(), &trained_dir, &pb, run_opts)
+                }
+            });
+            match ran {
+                Ok(_) => Outcome::Ran,
+                Err(e) if crate::signals::is_stop(&e) => Outcome::Stopped,
+                Err(e) => Outcome::Failed(format!("{e:#}")),
+            }
+        }
+    }
+}
+
+impl SweepReport {
+    /// The tally of a sweep invocation's outcomes.
+    fn of(dir: PathBuf, skipped: usize, results: Vec<(String, Outcome)>) -> Self {
+        let mut report = SweepReport {
+            dir,
+            ran: 0,
+            skipped,
+            busy: vec![],
+            stopped: vec![],
+            failed: vec![],
+        };
+        for (name, outcome) in results {
+            match outcome {
+                Outcome::Ran => report.ran += 1,
+                Outcome::Busy => report.busy.push(name),
+                Outcome::Stopped => report.stopped.push(name),
+                Outcome::Failed(e) => report.failed.push((name, e)),
+            }
+        }
+        report
+    }
+}
+
+/// Joins the sweep folder `dir` for this plan (shards of it work together; a sweep of
+/// another plan is refused while it runs) and writes `plan.json`; the claim is held while
+/// the value lives.
+fn open_sweep_dir(sweep: &Sweep, dir: &Path) -> Result<SweepClaim> {
     // Shards of this plan work together; a sweep of another plan is refused while it runs.
     let fingerprint = format!(
         "{:016x}",
@@ -377,8 +440,8 @@ pub fn execute(
                 .collect::<String>()
         )
     );
-    let _claim = SweepClaim::join(
-        &dir,
+    let claim = SweepClaim::join(
+        dir,
         &fingerprint,
         &format!("sweep {}", sweep.file.display()),
     )?;
@@ -402,6 +465,21 @@ pub fn execute(
         &dir.join("plan.json"),
         serde_json::to_string_pretty(&plan)?.as_bytes(),
     )?;
+    Ok(claim)
+}
+
+/// Runs this shard's share of the sweep with `jobs` runs at a time (at most one per run);
+/// finished runs are skipped, killed ones continue. Runs whose folder holds another config
+/// stop the sweep before anything runs, unless `opts.on_change` redoes them.
+pub fn execute(
+    sweep: &Sweep,
+    out: &Path,
+    jobs: usize,
+    shard: (usize, usize),
+    opts: RunOptions,
+) -> Result<SweepReport> {
+    let dir = out.join(&sweep.name);
+    let _claim = open_sweep_dir(sweep, &dir)?;
     // Shards take whole training groups, so that a group trains once, in one shard.
     let groups = training_groups(&sweep.runs);
     let mine: Vec<&PlannedRun> = groups
@@ -436,8 +514,7 @@ pub fn execute(
         .iter()
         .copied()
         .filter(|r| {
-            !RunPaths::new(dir.join(&r.name))
-            .finished()
+            !RunPaths::new(dir.join(&r.name)).finished()
                 || changed.iter().any(|(n, _)| *n == r.name)
         })
         .collect();
@@ -451,45 +528,9 @@ pub fn execute(
         show: false,
         ..opts
     };
-    /// How one run went.
-    enum Outcome {
-        Ran,
-        Busy,
-        Stopped,
-        Failed(String),
-    }
     let one = |r: &PlannedRun| -> (String, Outcome) {
         let trainer = trainer_of(r);
-        let trained_dir = dir.join(&trainer.name);
-        let outcome = match RunLock::acquire(&dir.join(&r.name)) {
-            // After a stop request, no new run starts.
-            _ if crate::signals::stop_requested() => Outcome::Stopped,
-            Err(LockError::Busy { .. }) => Outcome::Busy,
-            Err(e) => Outcome::Failed(e.to_string()),
-            // A variant whose training did not finish here waits for a later invocation.
-            Ok(_)
-                if trainer.name != r.name
-                    && !RunPaths::new(trained_dir.clone())
-                    .finished() =>
-            {
-                Outcome::Failed(format!("its training run {} did not finish", trainer.name))
-            }
-            Ok(lock) => {
-                let ran = Experiment::build(&r.config, &r.plan).and_then(|exp| {
-                    if trainer.name == r.name {
-                        crate::reflow::run_experiment(&r.config, &exp, &lock, run_opts)
-                    } else {
-                        let pb = indicatif::ProgressBar::hidden();
-                        evaluate_trained(&r.config, &exp, lock.dir(), &trained_dir, &pb, run_opts)
-                    }
-                });
-                match ran {
-                    Ok(_) => Outcome::Ran,
-                    Err(e) if crate::signals::is_stop(&e) => Outcome::Stopped,
-                    Err(e) => Outcome::Failed(format!("{e:#}")),
-                }
-            }
-        };
+        let outcome = run_one(r, trainer, &dir, run_opts);
         pb.set_position(done.fetch_add(1, Ordering::SeqCst) as u64 + 1);
         (r.name.clone(), outcome)
     };
@@ -503,22 +544,7 @@ pub fn execute(
         all
     });
     pb.finish_and_clear();
-    let mut report = SweepReport {
-        dir,
-        ran: 0,
-        skipped,
-        busy: vec![],
-        stopped: vec![],
-        failed: vec![],
-    };
-    for (name, outcome) in results {
-        match outcome {
-            Outcome::Ran => report.ran += 1,
-            Outcome::Busy => report.busy.push(name),
-            Outcome::Stopped => report.stopped.push(name),
-            Outcome::Failed(e) => report.failed.push((name, e)),
-        }
-    }
+    let report = SweepReport::of(dir, skipped, results);
     if shard.1 == 1 && report.busy.is_empty() && report.stopped.is_empty() {
         merge(&report.dir, sweep.runs.len().max(DEFAULT_MAX_RUNS))?;
     }
@@ -622,7 +648,10 @@ mod tests {
         };
         // A variant that sets a swept key.
         let e = err("[axes]\n\"loss.coupling\" = [\"independent\"]\n[variants.ot]\n\"loss.coupling\" = \"ot\"\n");
-        assert!(e.contains("loss.coupling") && e.contains("[variants.ot]"), "{e}");
+        assert!(
+            e.contains("loss.coupling") && e.contains("[variants.ot]"),
+            "{e}"
+        );
         // Repeated values would count one run twice.
         let e = err("[replicates]\n\"train.seed\" = [1, 1]\n");
         assert!(e.contains("train.seed") && e.contains("twice"), "{e}");

@@ -225,8 +225,7 @@ pub fn samples_figure(dir: &Path, what: &[String]) -> Result<PathBuf> {
             crate::limits::human(need)
         ));
     }
-    let plan =
-        crate::sweep_report::PlanFile::read(dir, crate::sweep::DEFAULT_MAX_RUNS)?;
+    let plan = crate::sweep_report::PlanFile::read(dir, crate::sweep::DEFAULT_MAX_RUNS)?;
     let n_axes = plan.axes.len();
     let first_replicate = plan
         .runs
@@ -261,8 +260,7 @@ pub fn samples_figure(dir: &Path, what: &[String]) -> Result<PathBuf> {
         for (title, d) in flows {
             let run = crate::folder::open_run(&d, &[])?;
             let (model, cfg, checked) = (run.model, run.cfg, run.exp);
-            let (x0, r) =
-                crate::eval::EvalSet::samples(&cfg, &checked, &checked.device)?;
+            let (x0, r) = crate::eval::EvalSet::samples(&cfg, &checked, &checked.device)?;
             real.get_or_insert(r);
             let x = solve(&model, &x0, &SolverSpec::new(Method::Euler, k), false)?.x;
             panels.push((format!("{title} ({k} NFE)"), x));
@@ -272,9 +270,6 @@ pub fn samples_figure(dir: &Path, what: &[String]) -> Result<PathBuf> {
         return Err(anyhow!("{}: no finished run to draw", dir.display()));
     };
     let path = dir.join(format!("samples_nfe{k}.png"));
-    crate::logging::atomically(&path, |tmp| {
-        crate::plot::sample_panels(tmp, &real, &panels)
-    })?;
+    crate::logging::atomically(&path, |tmp| crate::plot::sample_panels(tmp, &real, &panels))?;
     Ok(path)
 }
-

@@ -7,13 +7,13 @@
 
 use crate::folder::RunPaths;
 use crate::hparams;
-use crate::metrics::{Metric, METRICS};
 use crate::logging::{atomically, write_atomic};
-use flowmatch_reflow::Flow;
+use crate::metrics::{Metric, METRICS};
 use crate::report::Summary;
 use crate::stats::Interval;
 use crate::sweep_plot::{self, Series, SweepFigure, DEFAULT_METRICS};
 use anyhow::{anyhow, Context, Result};
+use flowmatch_reflow::Flow;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -230,7 +230,9 @@ pub fn merge(dir: &Path, max_runs: usize) -> Result<Merged> {
         ("coupling", "loss.coupling", |s| s.coupling.clone()),
         ("path", "loss.path", |s| s.path.clone()),
         ("solver", "solver.method", |s| s.eval.solver.to_string()),
-        ("solver_steps", "solver.steps", |s| s.eval.solver_steps.to_string()),
+        ("solver_steps", "solver.steps", |s| {
+            s.eval.solver_steps.to_string()
+        }),
         ("train_steps", "train.steps", |s| s.train_steps.to_string()),
     ];
     let repeats = |key: &str, cell: Setting| match keys.iter().position(|k| *k == key) {
@@ -503,12 +505,7 @@ fn aggregate(
     shown: &[&Metric],
 ) -> Result<()> {
     let na = plan.axes.len();
-    let setting = |r: &Row| {
-        (
-            r.values[..na.min(r.values.len())].to_vec(),
-            r.iteration(),
-        )
-    };
+    let setting = |r: &Row| (r.values[..na.min(r.values.len())].to_vec(), r.iteration());
     // (the setting's values, the iteration) → its replicate rows, in table order.
     type Group<'a> = ((Vec<String>, String), Vec<&'a Row>);
     let mut groups: Vec<Group> = vec![];
@@ -692,7 +689,10 @@ mod tests {
             PlanFile::read(tmp.path(), max).unwrap_err().to_string()
         };
         let e = bad(r#"["../o1/lesson_moons"]"#, 1000);
-        assert!(e.contains("plan.json") && e.contains("not a usable name"), "{e}");
+        assert!(
+            e.contains("plan.json") && e.contains("not a usable name"),
+            "{e}"
+        );
         let e = bad(r#"["000_a", "000_a"]"#, 1000);
         assert!(e.contains("'000_a' is listed twice"), "{e}");
         let e = bad(r#"{"runs": []}"#, 1000);
@@ -704,7 +704,10 @@ mod tests {
             1000,
         );
         assert!(e.contains("2 values for 1 swept keys"), "{e}");
-        let e = bad(r#"{"runs": ["a"], "axes": ["k"], "values": {"b": ["1"]}}"#, 1000);
+        let e = bad(
+            r#"{"runs": ["a"], "axes": ["k"], "values": {"b": ["1"]}}"#,
+            1000,
+        );
         assert!(e.contains("'b' is not a planned run"), "{e}");
     }
 }

@@ -1,10 +1,10 @@
 //! U-Net velocity fields for images. Both take `x` as `(B, C, H, W)` or flattened `(B, C·H·W)`
 //! (what the samplers, couplings and solvers pass around) and answer in the same shape.
 
+use crate::mlp::time_embedding;
 use crate::ops::activation::Activation;
 use crate::ops::conv::Conv;
 use crate::ops::conv_transpose::ConvTranspose;
-use crate::mlp::time_embedding;
 use crate::ops::norm::GroupNormSilu;
 use crate::Linear;
 use crate::{ModelError, Params, VelocityField};

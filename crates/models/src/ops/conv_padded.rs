@@ -9,8 +9,8 @@
 //! - Otherwise, unfolding is one copy of `H'·Wp` values per row (no short runs, no padding
 //!   tests) for a gemm `Wp / W'` wider, and folding back one contiguous add per row.
 
-use super::geometry::Geometry;
 use super::cpu::matmul;
+use super::geometry::Geometry;
 
 /// Output channels up to which a stride-1 conv runs tap by tap instead of im2col + gemm.
 pub(crate) const MAX_DIRECT_OUT: usize = 4;

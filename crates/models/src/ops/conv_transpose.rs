@@ -5,8 +5,8 @@
 //! samples in parallel with the weight gradient summed in fixed chunks (the same bits for
 //! any thread count). Other devices run candle's `conv_transpose2d`.
 
-use super::geometry::Geometry;
 use super::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
+use super::geometry::Geometry;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
