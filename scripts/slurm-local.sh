@@ -95,8 +95,11 @@ up() {
   slurmctld
   slurmd
   # The default config path, where the machine has none of its own.
-  if [ ! -e /etc/slurm/slurm.conf ] && [ -w /etc ]; then
-    mkdir -p /etc/slurm && ln -s "$CONF" /etc/slurm/slurm.conf && touch "$DIR/linked-etc"
+  # (A link left by an earlier cluster of this script, even a dangling one, is replaced; a
+  # real config of the machine is never touched.)
+  etc=/etc/slurm/slurm.conf
+  if [ -w /etc ] && { [ ! -e "$etc" ] || { [ -L "$etc" ] && grep -q "Written by scripts/slurm-local.sh" "$etc" 2>/dev/null; }; }; then
+    { mkdir -p /etc/slurm && ln -sfn "$CONF" "$etc" && touch "$DIR/linked-etc"; } || true
   fi
   for _ in $(seq 100); do
     if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then

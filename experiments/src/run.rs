@@ -59,7 +59,8 @@ pub fn run(
 /// A folder that holds this config finished is reused, a killed one continues from its
 /// checkpoint (see [`prepare`]). The caller holds the folder's lock.
 ///
-/// The flow is train stage → checkpoint → eval stage → run folder: [`train_stage`] leaves a
+/// The flow is train stage → checkpoint → eval stage → run folder:
+/// [`train_stage`](crate::train::train_stage) leaves a
 /// trained model, [`eval_stage`] scores it, and `summary.json` is written last.
 pub fn run_with(
     cfg: &Config,
