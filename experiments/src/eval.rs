@@ -152,7 +152,7 @@ pub fn evaluate_on(
     let gen = sol.x.to_device(&Device::Cpu)?;
     // Every table entry's samples first; then their exact W2, each solve warm-started from
     // the last one against the same real sample (metrics::Reference).
-    let mut entries = vec![];
+    let mut entries: Vec<Entry> = vec![];
     for TableMethod { method, warped } in &checked.table {
         for &steps in &cfg.eval.steps {
             let mut spec = SolverSpec::new(*method, steps);
@@ -185,50 +185,8 @@ pub fn evaluate_on(
             entries.push((Solver::Sde(*g), n, n, x.to_device(&Device::Cpu)?));
         }
     }
-    // Exact W2 on two threads, each a chain of warm-started solves. The sample of the fewest
-    // steps is the hardest to pair (a cold solve of the lesson's 1-step sample takes as long
-    // as the rest together) and far from the others: it goes alone. The other chain runs
-    // from the headline down through the table's step counts to the source sample itself.
     stop()?;
-    let mut order: Vec<usize> = (0..entries.len()).collect();
-    order.sort_by_key(|&k| std::cmp::Reverse(entries[k].1));
-    let fewest = order.pop();
-    let x0_cpu = x0.to_device(&Device::Cpu)?;
-    let reference = metrics::Reference::new(real)?;
-    let chain = |samples: Vec<&Tensor>| -> Result<Vec<f64>> {
-        let mut r = reference.clone();
-        samples.into_iter().map(|g| Ok(r.w2(g)?)).collect()
-    };
-    let down: Vec<&Tensor> = std::iter::once(&gen)
-        .chain(order.iter().map(|&k| &entries[k].3))
-        .chain(std::iter::once(&x0_cpu))
-        .collect();
-    let up: Vec<&Tensor> = fewest.iter().map(|&k| &entries[k].3).collect();
-    // A second thread where the run has the machine to itself (a sweep's worker leaves the
-    // other cores to the other runs); the values do not depend on it.
-    let spare = std::thread::available_parallelism().map_or(1, |n| n.get()) > 1
-        && rayon::current_thread_index().is_none();
-    let (a, b) = if spare {
-        std::thread::scope(|s| {
-            let other = s.spawn(|| chain(up));
-            let a = chain(down);
-            (
-                a,
-                other
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("W2 thread panicked"))),
-            )
-        })
-    } else {
-        (chain(down), chain(up))
-    };
-    let (mut a, b) = (a?, b?);
-    let w2_st = a.pop().unwrap_or(f64::NAN);
-    let mut w2_table = vec![f64::NAN; entries.len()];
-    for (&k, &w) in order.iter().chain(&fewest).zip(a[1..].iter().chain(&b)) {
-        w2_table[k] = w;
-    }
-    let w2_gen = a[0];
+    let (w2_gen, w2_st, w2_table, reference) = exact_w2(&entries, &gen, x0, real)?;
     let mut mmd = reference;
     let mut table = vec![];
     for ((label, steps, nfe, g), w2) in entries.iter().zip(w2_table) {
@@ -332,6 +290,62 @@ pub fn eval_file(
         },
     )?;
     Ok((ev, out))
+}
+
+/// An evaluation's sample: its sampler, steps, NFE and the points (on the CPU).
+type Entry = (Solver, usize, usize, Tensor);
+
+/// The exact W2 of the headline samples `gen`, of the source sample `x0` (the source-target
+/// distance) and of every table entry against `real`, and the reference (for the MMDs).
+fn exact_w2(
+    entries: &[Entry],
+    gen: &Tensor,
+    x0: &Tensor,
+    real: &Tensor,
+) -> Result<(f64, f64, Vec<f64>, metrics::Reference)> {
+    // Exact W2 on two threads, each a chain of warm-started solves. The sample of the fewest
+    // steps is the hardest to pair (a cold solve of the lesson's 1-step sample takes as long
+    // as the rest together) and far from the others: it goes alone. The other chain runs
+    // from the headline down through the table's step counts to the source sample itself.
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(entries[k].1));
+    let fewest = order.pop();
+    let x0_cpu = x0.to_device(&Device::Cpu)?;
+    let reference = metrics::Reference::new(real)?;
+    let chain = |samples: Vec<&Tensor>| -> Result<Vec<f64>> {
+        let mut r = reference.clone();
+        samples.into_iter().map(|g| Ok(r.w2(g)?)).collect()
+    };
+    let down: Vec<&Tensor> = std::iter::once(gen)
+        .chain(order.iter().map(|&k| &entries[k].3))
+        .chain(std::iter::once(&x0_cpu))
+        .collect();
+    let up: Vec<&Tensor> = fewest.iter().map(|&k| &entries[k].3).collect();
+    // A second thread where the run has the machine to itself (a sweep's worker leaves the
+    // other cores to the other runs); the values do not depend on it.
+    let spare = std::thread::available_parallelism().map_or(1, |n| n.get()) > 1
+        && rayon::current_thread_index().is_none();
+    let (a, b) = if spare {
+        std::thread::scope(|s| {
+            let other = s.spawn(|| chain(up));
+            let a = chain(down);
+            (
+                a,
+                other
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("W2 thread panicked"))),
+            )
+        })
+    } else {
+        (chain(down), chain(up))
+    };
+    let (mut a, b) = (a?, b?);
+    let w2_st = a.pop().unwrap_or(f64::NAN);
+    let mut w2_table = vec![f64::NAN; entries.len()];
+    for (&k, &w) in order.iter().chain(&fewest).zip(a[1..].iter().chain(&b)) {
+        w2_table[k] = w;
+    }
+    Ok((a[0], w2_st, w2_table, reference))
 }
 
 /// Seeds of the stochastic rows' noise and the Hutchinson probes (with `eval.seed`).
