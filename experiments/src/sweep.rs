@@ -181,6 +181,24 @@ fn axes_of(file: &SweepFile, path: &Path) -> Result<Vec<(String, Vec<toml::Value
     Ok(axes)
 }
 
+/// The cartesian product of the axes' values, the last axis varying fastest.
+fn combinations(axes: &[(String, Vec<toml::Value>)]) -> Vec<Vec<(String, toml::Value)>> {
+    let mut combos: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
+    for (k, vals) in axes {
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                vals.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.push((k.clone(), v.clone()));
+                    c
+                })
+            })
+            .collect();
+    }
+    combos
+}
+
 /// Reads a sweep file and validates every run's config before anything runs; a sweep of more
 /// than `max_runs` runs is refused with its count before any is planned.
 pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Sweep, ConfigError> {
@@ -217,19 +235,7 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
     let set_origin = format!("{} [set]", path.display());
     let axis_origin = format!("{} [axes]", path.display());
     let replicate_origin = format!("{} [replicates]", path.display());
-    let mut combos: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
-    for (k, vals) in &axes {
-        combos = combos
-            .into_iter()
-            .flat_map(|c| {
-                vals.iter().map(move |v| {
-                    let mut c = c.clone();
-                    c.push((k.clone(), v.clone()));
-                    c
-                })
-            })
-            .collect();
-    }
+    let combos = combinations(&axes);
     let mut runs = vec![];
     for (i, combo) in combos.into_iter().enumerate() {
         crate::signals::check(&format!("planning sweep {}", path.display()))

@@ -44,6 +44,27 @@ const COLORS: [RGBColor; 7] = [
     wong::NAVY,
 ];
 
+/// The y range of a panel's lines (means ± half-widths), and whether any point is measured
+/// (`(0, 1)` otherwise).
+fn y_range(lines: &[Series]) -> (f64, f64, bool) {
+    let ends: Vec<f64> = lines
+        .iter()
+        .flat_map(|l| l.points.iter().flatten())
+        .flat_map(|i| {
+            let h = if i.half.is_finite() { i.half } else { 0.0 };
+            [i.mean - h, i.mean + h]
+        })
+        .filter(|v| v.is_finite())
+        .collect();
+    let (lo, hi) = if ends.is_empty() {
+        (0.0, 1.0)
+    } else {
+        ends.iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)))
+    };
+    (lo, hi, !ends.is_empty())
+}
+
 /// Draws `fig` to `path` (one panel per metric, side by side).
 pub fn draw(path: &Path, fig: &SweepFigure) -> Result<()> {
     font_ready();
@@ -58,23 +79,9 @@ pub fn draw(path: &Path, fig: &SweepFigure) -> Result<()> {
     legend(&strip, fig)?;
     let areas = body.split_evenly((1, fig.panels.len()));
     for (area, (metric, lines)) in areas.iter().zip(&fig.panels) {
-        let ends: Vec<f64> = lines
-            .iter()
-            .flat_map(|l| l.points.iter().flatten())
-            .flat_map(|i| {
-                let h = if i.half.is_finite() { i.half } else { 0.0 };
-                [i.mean - h, i.mean + h]
-            })
-            .filter(|v| v.is_finite())
-            .collect();
-        let (lo, hi) = if ends.is_empty() {
-            (0.0, 1.0)
-        } else {
-            ends.iter()
-                .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)))
-        };
+        let (lo, hi, measured) = y_range(lines);
         let pad = ((hi - lo) * 0.1).max(1e-3);
-        let caption = if ends.is_empty() {
+        let caption = if !measured {
             format!("{} (not measured)", title(metric))
         } else {
             title(metric)

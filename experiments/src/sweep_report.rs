@@ -569,7 +569,30 @@ fn aggregate(
     );
     write_atomic(&dir.join("summary_agg.md"), md.as_bytes())?;
     // The paired difference, where one axis compares two values.
-    let two: Vec<&String> = match (plan.axes.as_slice(), rows.first()) {
+    let two = compared_values(plan, rows);
+    if two.len() != 2 {
+        return Ok(());
+    }
+    let (dhead, drows) = paired_differences(rows, na, reflow, shown, [two[0], two[1]]);
+    write_tables(dir, "summary_diff", &dhead, &drows)?;
+    // summary_agg.md also names the comparison and holds the difference table.
+    md.push_str(&format!(
+        "\nDifference {} = {} minus {} = {}, paired by {}: mean and 95% t-interval of the paired differences; \"beyond_noise\" where the interval leaves out 0.\n\n{}",
+        plan.axes[0],
+        two[1],
+        plan.axes[0],
+        two[0],
+        plan.replicates.join(", "),
+        md_table(&dhead, &drows)
+    ));
+    write_atomic(&dir.join("summary_agg.md"), md.as_bytes())?;
+    Ok(())
+}
+
+/// The values of the one axis, in table order, when the sweep has exactly one (the paired
+/// difference compares them when there are two).
+fn compared_values<'a>(plan: &PlanFile, rows: &'a [Row]) -> Vec<&'a String> {
+    match (plan.axes.as_slice(), rows.first()) {
         ([_], Some(_)) => {
             let mut vals: Vec<&String> = vec![];
             for r in rows {
@@ -582,10 +605,19 @@ fn aggregate(
             vals
         }
         _ => vec![],
-    };
-    if two.len() != 2 {
-        return Ok(());
     }
+}
+
+/// `summary_diff`'s header and rows: per flow and metric, the mean and 95% t-interval of
+/// the differences `two[1] − two[0]` of the one axis, paired by the replicate values (the
+/// values after the first `na`).
+fn paired_differences(
+    rows: &[Row],
+    na: usize,
+    reflow: bool,
+    shown: &[&Metric],
+    two: [&String; 2],
+) -> (Vec<String>, Vec<Vec<String>>) {
     let mut iterations: Vec<Option<Flow>> = vec![];
     for r in rows {
         if !iterations.contains(&r.flow) {
@@ -641,19 +673,7 @@ fn aggregate(
             drows.push(row);
         }
     }
-    write_tables(dir, "summary_diff", &dhead, &drows)?;
-    // summary_agg.md also names the comparison and holds the difference table.
-    md.push_str(&format!(
-        "\nDifference {} = {} minus {} = {}, paired by {}: mean and 95% t-interval of the paired differences; \"beyond_noise\" where the interval leaves out 0.\n\n{}",
-        plan.axes[0],
-        two[1],
-        plan.axes[0],
-        two[0],
-        plan.replicates.join(", "),
-        md_table(&dhead, &drows)
-    ));
-    write_atomic(&dir.join("summary_agg.md"), md.as_bytes())?;
-    Ok(())
+    (dhead, drows)
 }
 
 fn md_table(head: &[String], rows: &[Vec<String>]) -> String {
