@@ -9,7 +9,7 @@ use anyhow::{anyhow, Result};
 use candle_core::Device;
 use flowmatch_data::{Mnist, MnistSampler, Sampler};
 use flowmatch_reflow::Stage;
-use flowmatch_solvers::{Method, SolverSpec};
+use flowmatch_solvers::Method;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -91,8 +91,9 @@ pub const REFLOW_STEPS: [usize; 5] = [1, 2, 5, 10, 100];
 
 /// The config and experiment with the evaluation the reflow table needs: headline Euler 100,
 /// Euler rows at 1, 2, 5, 10, 100 steps (added to whatever the config already evaluates).
-/// What it changes is valid by construction, so nothing is checked again.
-pub fn with_reflow_eval(cfg: &Config, exp: &Experiment) -> (Config, Experiment) {
+/// The changed config goes through the same check as any other, and its plan replaces the
+/// experiment's (the data and device stay as they were built).
+pub fn with_reflow_eval(cfg: &Config, exp: &Experiment) -> Result<(Config, Experiment)> {
     let euler = TableMethod {
         method: Method::Euler,
         warped: false,
@@ -110,13 +111,10 @@ pub fn with_reflow_eval(cfg: &Config, exp: &Experiment) -> (Config, Experiment) 
         }
     }
     c.eval.steps.sort_unstable();
+    let plan = c
+        .check()
+        .map_err(|(key, msg)| anyhow::anyhow!("{key}: {msg} (with the reflow table's evaluation)"))?;
     let mut e = exp.clone();
-    e.plan.solver = SolverSpec {
-        method: Method::Euler,
-        steps: 100,
-        warp_s: None,
-        ..exp.solver
-    };
-    e.plan.table = c.eval.methods.clone();
-    (c, e)
+    e.plan = plan;
+    Ok((c, e))
 }

@@ -71,7 +71,7 @@ pub fn run_experiment(
     if let Some(done) = open_parent(dir, cfg, opts)? {
         return Ok(done);
     }
-    let (cfg1, checked1) = with_reflow_eval(cfg, checked);
+    let (cfg1, checked1) = with_reflow_eval(cfg, checked)?;
     let pb = progress_bar(
         cfg.train.steps as u64,
         opts.show,
@@ -117,7 +117,7 @@ pub fn reflow_finished(
             "reflow.iterations: flowmatch reflow needs at least 1 iteration (or reflow.distill_k), got 0"
         ));
     }
-    let (cfg, checked) = with_reflow_eval(&cfg, &exp);
+    let (cfg, checked) = with_reflow_eval(&cfg, &exp)?;
     let dev = checked.device.clone();
     let parent = run_dir.join("reflow");
     let lock = RunLock::acquire(&parent)?;
