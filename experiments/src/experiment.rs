@@ -111,9 +111,9 @@ pub fn with_reflow_eval(cfg: &Config, exp: &Experiment) -> Result<(Config, Exper
         }
     }
     c.eval.steps.sort_unstable();
-    let plan = c
-        .check()
-        .map_err(|(key, msg)| anyhow::anyhow!("{key}: {msg} (with the reflow table's evaluation)"))?;
+    let plan = c.check().map_err(|(key, msg)| {
+        anyhow::anyhow!("{key}: {msg} (with the reflow table's evaluation)")
+    })?;
     let mut e = exp.clone();
     e.plan = plan;
     Ok((c, e))

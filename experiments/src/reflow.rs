@@ -6,7 +6,7 @@ use crate::experiment::{with_reflow_eval, Experiment, REFLOW_STEPS};
 use crate::folder::{load_finished, open_run, prepare, Prepared, RunOptions, RunPaths};
 use crate::lock::RunLock;
 use crate::logging::{atomically, write_atomic, write_json, RunLog};
-use crate::report::{Evaluation, IterationRow, Solver, StepW2, Summary};
+use crate::report::{Evaluation, IterationRow, RunCoupling, Solver, StepW2, Summary};
 use crate::run::{progress_bar, run, run_with, Setup};
 use anyhow::{anyhow, Context, Result};
 use flowmatch_data::Sampler;
@@ -239,7 +239,7 @@ fn train_student(
     };
     let as_field: Arc<dyn VelocityField> = teacher.clone();
     crate::signals::check(&format!("{} {flow}: setup", cfg.name))?;
-    let (coupling, label): (Box<dyn Coupling>, String) = if r.mode == ReflowMode::Offline {
+    let (coupling, label): (Box<dyn Coupling>, RunCoupling) = if r.mode == ReflowMode::Offline {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -260,22 +260,20 @@ fn train_student(
         crate::signals::check(&format!("{} {flow}: reflow pairs", cfg.name))?;
         (
             Box::new(set),
-            format!(
-                "reflow-offline({} pairs, {} {} steps)",
-                r.pairs,
-                r.teacher.label(),
-                r.teacher.steps
-            ),
+            RunCoupling::ReflowOffline {
+                pairs: r.pairs,
+                teacher: Solver::from(&r.teacher),
+                steps: r.teacher.steps,
+            },
         )
     } else {
         let tc = TeacherCoupling::new(source.clone(), as_field, r.teacher)?;
         (
             Box::new(tc),
-            format!(
-                "reflow-online({} {} steps)",
-                r.teacher.label(),
-                r.teacher.steps
-            ),
+            RunCoupling::ReflowOnline {
+                teacher: Solver::from(&r.teacher),
+                steps: r.teacher.steps,
+            },
         )
     };
     write_json(

@@ -1,6 +1,7 @@
 //! The results that several modules share: evaluation tables, summaries, progress scores and
 //! the reflow table's rows (what `summary.json`, `eval-*.json` and `reflow.json` hold).
 
+use flowmatch_losses::{CouplingSpec, OtSolver};
 use flowmatch_solvers::{Method, NoiseSchedule, SolverSpec};
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +69,97 @@ impl TryFrom<String> for Solver {
         };
         let method = Method::from_name(name).map_err(|_| bad())?;
         Ok(Self::Ode { method, warp })
+    }
+}
+
+/// The coupling a run trained with: a batch coupling of `loss.coupling`, or a reflow
+/// student's teacher (its pairs made once, offline, or every step, online). Written as the
+/// labels the files have always held (`ot`, `reflow-offline(12800 pairs, euler 50 steps)`,
+/// `reflow-online(rk4-warp0.5 20 steps)`), read back exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum RunCoupling {
+    Batch(CouplingSpec),
+    ReflowOffline {
+        pairs: usize,
+        teacher: Solver,
+        steps: usize,
+    },
+    ReflowOnline {
+        teacher: Solver,
+        steps: usize,
+    },
+}
+
+impl std::fmt::Display for RunCoupling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let label = match self {
+            Self::Batch(c) => c.label().to_string(),
+            Self::ReflowOffline {
+                pairs,
+                teacher,
+                steps,
+            } => format!("reflow-offline({pairs} pairs, {teacher} {steps} steps)"),
+            Self::ReflowOnline { teacher, steps } => {
+                format!("reflow-online({teacher} {steps} steps)")
+            }
+        };
+        f.pad(&label)
+    }
+}
+
+impl From<RunCoupling> for String {
+    fn from(c: RunCoupling) -> String {
+        c.to_string()
+    }
+}
+
+impl TryFrom<String> for RunCoupling {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not a coupling label");
+        // "SOLVER STEPS steps", the teacher of a reflow coupling.
+        let teacher = |t: &str| -> Result<(Solver, usize), String> {
+            let t = t.strip_suffix(" steps").ok_or_else(bad)?;
+            let (solver, steps) = t.rsplit_once(' ').ok_or_else(bad)?;
+            Ok((
+                Solver::try_from(solver.to_string())?,
+                steps.parse().map_err(|_| bad())?,
+            ))
+        };
+        if let Some(rest) = s
+            .strip_prefix("reflow-offline(")
+            .and_then(|r| r.strip_suffix(')'))
+        {
+            let (pairs, t) = rest.split_once(" pairs, ").ok_or_else(bad)?;
+            let (teacher, steps) = teacher(t)?;
+            let pairs = pairs.parse().map_err(|_| bad())?;
+            return Ok(Self::ReflowOffline {
+                pairs,
+                teacher,
+                steps,
+            });
+        }
+        if let Some(t) = s
+            .strip_prefix("reflow-online(")
+            .and_then(|r| r.strip_suffix(')'))
+        {
+            let (teacher, steps) = teacher(t)?;
+            return Ok(Self::ReflowOnline { teacher, steps });
+        }
+        [
+            CouplingSpec::Independent,
+            CouplingSpec::Ot {
+                solver: OtSolver::Jv,
+            },
+            CouplingSpec::Ot {
+                solver: OtSolver::Pathfinding,
+            },
+        ]
+        .into_iter()
+        .find(|c| c.label() == s)
+        .map(Self::Batch)
+        .ok_or_else(bad)
     }
 }
 
@@ -152,7 +244,7 @@ pub struct Summary {
     pub target: String,
     pub model: String,
     pub path: String,
-    pub coupling: String,
+    pub coupling: RunCoupling,
     /// The training objective, when not plain CFM (`meanflow`, `shortcut`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub objective: Option<String>,
@@ -245,6 +337,39 @@ pub fn table_lines(rows: &[TableRow]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coupling_labels_are_todays_strings_and_read_back_exactly() {
+        let teacher = Solver::Ode {
+            method: Method::Rk4,
+            warp: Some(0.5),
+        };
+        for (c, label) in [
+            (RunCoupling::Batch(CouplingSpec::Independent), "independent"),
+            (
+                RunCoupling::Batch(CouplingSpec::Ot {
+                    solver: OtSolver::Pathfinding,
+                }),
+                "ot-pathfinding",
+            ),
+            (
+                RunCoupling::ReflowOffline {
+                    pairs: 12800,
+                    teacher: Solver::EULER,
+                    steps: 50,
+                },
+                "reflow-offline(12800 pairs, euler 50 steps)",
+            ),
+            (
+                RunCoupling::ReflowOnline { teacher, steps: 20 },
+                "reflow-online(rk4-warp0.5 20 steps)",
+            ),
+        ] {
+            assert_eq!(c.to_string(), label);
+            assert_eq!(RunCoupling::try_from(label.to_string()), Ok(c));
+        }
+        assert!(RunCoupling::try_from("sinkhorn".to_string()).is_err());
+    }
 
     #[test]
     fn solver_labels_are_todays_strings_and_read_back_exactly() {

@@ -6,7 +6,7 @@ use crate::eval::{evaluate_on, log_evaluation, log_progress, EvalSet};
 use crate::experiment::Experiment;
 use crate::folder::{load_finished, prepare, Prepared, RunOptions, RunPaths};
 use crate::logging::{write_atomic, write_json, RunLog};
-use crate::report::{Evaluation, ProgressRow, Summary};
+use crate::report::{Evaluation, ProgressRow, RunCoupling, Summary};
 use crate::signals;
 use anyhow::{Context, Result};
 use flowmatch_losses::Coupling;
@@ -24,7 +24,7 @@ pub struct Setup {
     /// Coupling (default: `loss.coupling`).
     pub coupling: Option<Box<dyn Coupling>>,
     /// Label of the coupling in the summary.
-    pub coupling_label: Option<String>,
+    pub coupling_label: Option<RunCoupling>,
     /// Time sampler (default: `loss.time`).
     pub time: Option<flowmatch_losses::TimeSampler>,
 }
@@ -230,7 +230,7 @@ pub struct Trained {
     /// The trained model (its weight average, with EMA), saved as `model.safetensors`.
     pub model: Model,
     /// The coupling's name in the summary.
-    pub coupling_label: String,
+    pub coupling_label: RunCoupling,
     /// Mean training loss over the last 100 steps.
     pub final_loss: f64,
     /// The progress scores (`eval.every`).

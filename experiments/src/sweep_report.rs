@@ -227,7 +227,7 @@ pub fn merge(dir: &Path, max_runs: usize) -> Result<Merged> {
     // key's values (`coupling` beside a `loss.coupling` axis) is left out.
     type Setting = fn(&Summary) -> String;
     let settings: [(&str, &str, Setting); 5] = [
-        ("coupling", "loss.coupling", |s| s.coupling.clone()),
+        ("coupling", "loss.coupling", |s| s.coupling.to_string()),
         ("path", "loss.path", |s| s.path.clone()),
         ("solver", "solver.method", |s| s.eval.solver.to_string()),
         ("solver_steps", "solver.steps", |s| {

@@ -8,7 +8,7 @@ use crate::eval::{log_progress, EvalSet};
 use crate::experiment::Experiment;
 use crate::folder::{Prepared, RunOptions, RunPaths};
 use crate::logging::{write_atomic, RunLog};
-use crate::report::ProgressRow;
+use crate::report::{ProgressRow, RunCoupling};
 use crate::run::{Setup, Trained};
 use crate::signals::{self, Stopped};
 use anyhow::{anyhow, Result};
@@ -266,8 +266,7 @@ pub fn train_stage(
 ) -> Result<Trained> {
     let coupling_label = setup
         .coupling_label
-        .clone()
-        .unwrap_or_else(|| checked.coupling.label().to_string());
+        .unwrap_or(RunCoupling::Batch(checked.coupling));
     let mut l = Loop::open(cfg, checked, dir, pb, setup, prepared)?;
     let started = Instant::now();
     pb.set_length(cfg.train.steps as u64);
