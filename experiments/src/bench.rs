@@ -23,8 +23,7 @@ impl BenchSpec {
     /// Refuses sizes whose memory is over a run's default `limits.memory_gb`, naming the flag
     /// behind the largest term (as a run's config is checked).
     pub fn check_memory(&self, model: &ModelSpec) -> Result<()> {
-        use crate::limits::{activations_per_sample, grid_bytes, human};
-        let limit = crate::config::Config::default().limits.memory_gb * 1e9;
+        use crate::limits::{activations_per_sample, grid_bytes, human, over_default_limit};
         let terms = [
             (
                 self.batch as f64 * (activations_per_sample(model, 2.0) + 16.0) * 4.0,
@@ -33,18 +32,14 @@ impl BenchSpec {
             (self.points as f64 * 2.0 * 4.0 * 4.0, "--points"),
             (grid_bytes(self.sample_steps), "--sample-steps"),
         ];
-        let need: f64 = terms.iter().map(|t| t.0).sum();
-        if need > limit {
-            let (_, flag) = terms
-                .iter()
-                .fold((0.0, "--batch"), |b, t| if t.0 > b.0 { *t } else { b });
-            return Err(anyhow!(
+        match over_default_limit(&terms) {
+            Some((flag, need, limit)) => Err(anyhow!(
                 "{flag}: this benchmark would need about {} of memory, over the {} a run may use (limits.memory_gb); lower it",
                 human(need),
                 human(limit)
-            ));
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

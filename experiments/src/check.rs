@@ -120,8 +120,19 @@ fn check_count(key: &'static str, n: usize) -> Result<(), Bad> {
 /// The most entries a list of the eval table may have (each entry is one more solve).
 pub const MAX_LIST: usize = 64;
 
+/// A list of the eval table of at most [`MAX_LIST`] entries.
+fn check_list_len(key: &'static str, n: usize, what: &str) -> Result<(), Bad> {
+    if n > MAX_LIST {
+        return Err((
+            key,
+            format!("{n} {what}; at most {MAX_LIST} (each entry is one more solve)"),
+        ));
+    }
+    Ok(())
+}
+
 /// The first value that appears twice in `items`.
-fn first_repeat<T: PartialEq>(items: &[T]) -> Option<&T> {
+pub(crate) fn first_repeat<T: PartialEq>(items: &[T]) -> Option<&T> {
     items
         .iter()
         .enumerate()
@@ -183,22 +194,15 @@ impl ModelConfig {
     pub fn check(&self, dim: usize) -> Result<ModelSpec, Bad> {
         // The U-Net's own settings are refused on the models that would ignore them.
         if self.kind != flowmatch_models::ModelKind::UNet {
-            if self.mults != flowmatch_models::UNET_MULTS {
+            let set = [
+                ("model.mults", self.mults != flowmatch_models::UNET_MULTS),
+                ("model.attention", self.attention),
+            ];
+            if let Some((key, _)) = set.into_iter().find(|(_, on)| *on) {
+                let kind = self.kind.name();
                 return Err((
-                    "model.mults",
-                    format!(
-                        "applies to model.kind = \"unet\" only, not {:?}",
-                        self.kind.name()
-                    ),
-                ));
-            }
-            if self.attention {
-                return Err((
-                    "model.attention",
-                    format!(
-                        "applies to model.kind = \"unet\" only, not {:?}",
-                        self.kind.name()
-                    ),
+                    key,
+                    format!("applies to model.kind = \"unet\" only, not {kind:?}"),
                 ));
             }
         }
@@ -310,15 +314,7 @@ impl EvalConfig {
         if let Some(d) = first_repeat(&self.steps) {
             return Err(("eval.steps", format!("{d} is listed twice")));
         }
-        if self.steps.len() > MAX_LIST {
-            return Err((
-                "eval.steps",
-                format!(
-                    "{} step counts; at most {MAX_LIST} (each is a solve per method)",
-                    self.steps.len()
-                ),
-            ));
-        }
+        check_list_len("eval.steps", self.steps.len(), "step counts")?;
         check_warp("eval.warp_s", self.warp_s)?;
         if self.methods.is_empty() {
             return Err((
@@ -442,15 +438,7 @@ impl EvalConfig {
                 "the stochastic sampler's score needs a Gaussian source (data.source = gaussian or gaussian-nd)".into(),
             ));
         }
-        if self.sde_gammas.len() > MAX_LIST {
-            return Err((
-                "eval.sde_gammas",
-                format!(
-                    "{} noise scales; at most {MAX_LIST} (each is a stochastic solve)",
-                    self.sde_gammas.len()
-                ),
-            ));
-        }
+        check_list_len("eval.sde_gammas", self.sde_gammas.len(), "noise scales")?;
         if let Some(g) = first_repeat(&self.sde_gammas) {
             return Err(("eval.sde_gammas", format!("{g} is listed twice")));
         }

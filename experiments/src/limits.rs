@@ -173,6 +173,18 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Need {
     Need { bytes, key, what }
 }
 
+/// For sizes that no config bounds (`bench`, `plot SWEEP --what samples:K`): when the sum of
+/// `terms` (bytes, and the flag behind them) is over a run's default `limits.memory_gb`,
+/// the flag of the largest term, the sum and the limit, in bytes.
+pub fn over_default_limit(terms: &[(f64, &'static str)]) -> Option<(&'static str, f64, f64)> {
+    let limit = Config::default().limits.memory_gb * 1e9;
+    let need: f64 = terms.iter().map(|t| t.0).sum();
+    let largest = terms
+        .iter()
+        .fold((0.0, ""), |b, t| if t.0 > b.0 { *t } else { b });
+    (need > limit).then_some((largest.1, need, limit))
+}
+
 /// Bytes as `12.3 GB`.
 pub fn human(bytes: f64) -> String {
     if bytes >= 1e12 {

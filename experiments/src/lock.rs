@@ -46,6 +46,39 @@ pub fn refuse_link(path: &Path) -> Result<(), LinkError> {
     }
 }
 
+/// Opens (creating it) the lock file `path`, never through a symbolic link.
+fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    if let Err(e) = refuse_link(path) {
+        return Err(std::io::Error::other(e));
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        // Never through a link planted after the check above.
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Who holds a lock file, as written in it ("a process that is starting" when empty).
+fn holder_of(file: &mut File) -> String {
+    let mut holder = String::new();
+    let _ = file.read_to_string(&mut holder);
+    match holder.trim() {
+        "" => "a process that is starting".into(),
+        h => h.to_string(),
+    }
+}
+
+/// Writes who holds a lock file, for the error another process prints.
+fn write_holder(file: &mut File, who: &str) {
+    let _ = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(who.as_bytes()));
+}
+
 impl RunLock {
     /// Creates `dir` if needed and takes its lock, or says who holds it.
     pub fn acquire(dir: &Path) -> Result<Self, LockError> {
@@ -57,28 +90,13 @@ impl RunLock {
         std::fs::create_dir_all(dir).map_err(io)?;
         let lock_path = dir.join(LOCK_FILE);
         refuse_link(&lock_path)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            // Never through a link planted after the check above.
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&lock_path)
-            .map_err(io)?;
+        let mut file = open_lock_file(&lock_path).map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
                 return Err(LockError::Busy {
                     dir: dir.display().to_string(),
-                    holder: if holder.is_empty() {
-                        "a process that is starting".into()
-                    } else {
-                        holder.to_string()
-                    },
+                    holder: holder_of(&mut file),
                 });
             }
             Err(TryLockError::Error(e)) => return Err(io(e)),
@@ -92,10 +110,7 @@ impl RunLock {
         } else {
             format!("pid {} on {host}", std::process::id())
         };
-        let _ = file
-            .set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| file.write_all(me.as_bytes()));
+        write_holder(&mut file, &me);
         Ok(Self {
             _file: file,
             dir: dir.to_path_buf(),
@@ -123,15 +138,7 @@ impl SweepClaim {
         refuse_link(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let open = |p: &Path| -> Result<File> {
-            refuse_link(p)?;
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(p)
-                .with_context(|| format!("cannot lock {}", p.display()))
+            open_lock_file(p).with_context(|| format!("cannot lock {}", p.display()))
         };
         // Checking the others and joining is one step: a short exclusive lock on the folder.
         let gate = open(&dir.join(".sweep.lock"))?;
@@ -152,12 +159,10 @@ impl SweepClaim {
                     let _ = std::fs::remove_file(e.path());
                 }
                 Err(TryLockError::WouldBlock) => {
-                    let mut held = String::new();
-                    let _ = other.read_to_string(&mut held);
                     return Err(anyhow!(
                         "{} is in use by a sweep of another plan ({}); this one ({who}) differs from it: wait for it to finish, or give one of them another name or --out",
                         dir.display(),
-                        if held.trim().is_empty() { "a process that is starting" } else { held.trim() }
+                        holder_of(&mut other)
                     ));
                 }
                 Err(TryLockError::Error(err)) => {
@@ -168,10 +173,7 @@ impl SweepClaim {
         let mut file = open(&dir.join(&mine_name))?;
         file.lock_shared()
             .with_context(|| format!("cannot lock {}", dir.display()))?;
-        let _ = file
-            .set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| file.write_all(format!("{who}, pid {}", std::process::id()).as_bytes()));
+        write_holder(&mut file, &format!("{who}, pid {}", std::process::id()));
         drop(gate);
         Ok(Self { _file: file })
     }

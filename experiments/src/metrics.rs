@@ -7,7 +7,7 @@
 //! logged to TensorBoard as `eval/NAME`. Adding a metric is one entry here (and its function,
 //! in `flowmatch-metrics` when it is a new distance).
 
-use crate::report::{Solver, Summary};
+use crate::report::Summary;
 use candle_core::Tensor;
 
 /// Which way a metric improves.
@@ -35,11 +35,7 @@ pub struct Metric {
 
 /// W2 / MMD of plain Euler at `k` steps from the eval table.
 fn euler(s: &Summary, k: usize, pick: fn(&crate::report::TableRow) -> f64) -> f64 {
-    s.eval
-        .table
-        .iter()
-        .find(|r| r.solver == Solver::EULER && r.steps == k)
-        .map_or(f64::NAN, pick)
+    s.eval.euler(k).map_or(f64::NAN, pick)
 }
 
 /// An opt-in metric's value, by name.

@@ -34,12 +34,7 @@ fn stage_config(cfg: &Config, stage: &Stage, lr: f64) -> Config {
 pub fn row_of(flow: Flow, ev: &Evaluation) -> IterationRow {
     let w2_euler = REFLOW_STEPS
         .iter()
-        .filter_map(|&s| {
-            ev.table
-                .iter()
-                .find(|r| r.solver == Solver::EULER && r.steps == s)
-                .map(|r| StepW2 { steps: s, w2: r.w2 })
-        })
+        .filter_map(|&s| ev.euler(s).map(|r| StepW2 { steps: s, w2: r.w2 }))
         .collect();
     IterationRow {
         flow,

@@ -209,6 +209,15 @@ pub struct Evaluation {
     pub extra: std::collections::BTreeMap<String, f64>,
 }
 
+impl Evaluation {
+    /// The eval table's row of plain Euler at `steps` steps, when the table has one.
+    pub fn euler(&self, steps: usize) -> Option<&TableRow> {
+        self.table
+            .iter()
+            .find(|r| r.solver == Solver::EULER && r.steps == steps)
+    }
+}
+
 /// The negative log-likelihood of real samples under the model's flow (its instantaneous
 /// velocity), by the instantaneous change of variables.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -142,12 +142,7 @@ fn axes_of(file: &SweepFile, path: &Path) -> Result<Vec<(String, Vec<toml::Value
             }
             match v {
                 toml::Value::Array(vals) if !vals.is_empty() => {
-                    if let Some(d) = vals
-                        .iter()
-                        .enumerate()
-                        .find(|(i, x)| vals[..*i].contains(x))
-                        .map(|(_, x)| x)
-                    {
+                    if let Some(d) = crate::check::first_repeat(vals) {
                         return Err(ConfigError(format!(
                             "{}: {what} '{k}' lists {d} twice (each value is one run, so it would count twice)",
                             path.display()

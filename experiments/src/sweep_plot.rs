@@ -224,12 +224,13 @@ pub fn samples_figure(dir: &Path, what: &[String]) -> Result<PathBuf> {
         None => unreachable!("called for samples"),
     };
     // K Euler steps hold a time grid of K + 1 steps per panel: bounded like a run's solves.
-    let limit = crate::config::Config::default().limits.memory_gb;
-    let need = crate::limits::grid_bytes(k);
-    if need > limit * 1e9 {
+    if let Some((_, need, limit)) =
+        crate::limits::over_default_limit(&[(crate::limits::grid_bytes(k), "--what")])
+    {
         return Err(anyhow!(
-            "--what {w}: {k} Euler steps would need about {} of memory for the time grid, over limits.memory_gb = {limit}",
-            crate::limits::human(need)
+            "--what {w}: {k} Euler steps would need about {} of memory for the time grid, over limits.memory_gb = {}",
+            crate::limits::human(need),
+            limit / 1e9
         ));
     }
     let plan = crate::sweep_report::PlanFile::read(dir, crate::sweep::DEFAULT_MAX_RUNS)?;
