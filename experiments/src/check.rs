@@ -5,14 +5,18 @@
 
 use crate::config::{
     check_name, Config, ConfigError, ConfigSource, DataConfig, EvalConfig, LimitsConfig,
-    LossConfig, ModelConfig, ReflowConfig, SolverConfig, TableMethod, TrainConfig,
+    LoggingConfig, LossConfig, ModelConfig, ReflowConfig, SolverConfig, TableMethod, TrainConfig,
 };
+use crate::device::DeviceRequest;
 use flowmatch_data::Distribution;
-use flowmatch_losses::{AffinePath, CouplingSpec, Objective, TimeKind, TimeSampler};
+use flowmatch_losses::{
+    AffinePath, CouplingSpec, LrSchedule, Objective, OptimConfig, TimeKind, TimeSampler,
+};
 use flowmatch_models::ModelSpec;
 use flowmatch_reflow::{ReflowMode, ReflowSpec};
 use flowmatch_solvers::{Divergence, NoiseSchedule, SolverSpec, Tolerances};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// A failed check: the key and what is wrong with its value.
 pub type Bad = (&'static str, String);
@@ -34,9 +38,21 @@ impl DataSpec {
     }
 }
 
-/// Everything a run needs from its config, checked; built into an experiment once.
+/// Everything a run needs from its config, checked; built into an experiment once. Nothing
+/// downstream reads the config: the plan carries every setting, and the config it was checked
+/// from stays inside as the run's record ([`Plan::config_toml`], [`Plan::fingerprint`]) and
+/// as the base of derived plans ([`Plan::derive`]).
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// The run's name (its folder's name).
+    pub name: String,
+    /// The device asked for (opened when the plan is built).
+    pub device: DeviceRequest,
+    /// The MNIST folder (read when the plan is built, for MNIST sides only).
+    pub data_dir: PathBuf,
+    /// The data sides' names as the summary records them.
+    pub source_name: String,
+    pub target_name: String,
     pub source: DataSpec,
     pub target: DataSpec,
     pub model: ModelSpec,
@@ -62,6 +78,46 @@ pub struct Plan {
     /// The source's standard deviation when it is an isotropic Gaussian (the likelihood and
     /// the stochastic sampler's score need its density).
     pub source_std: Option<f64>,
+    pub train: TrainPlan,
+    pub eval: EvalPlan,
+    pub logging: LogPlan,
+    /// The config this plan was checked from: written as the run's `config.toml` and compared
+    /// on resume, never read for a setting.
+    config: Arc<Config>,
+}
+
+/// The training settings, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainPlan {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub optim: OptimConfig,
+    pub schedule: LrSchedule,
+    /// The weight average's decay (0: none).
+    pub ema: f64,
+    pub prefetch: bool,
+    /// Checkpoint every this many steps (0: only when stopped).
+    pub checkpoint_every: usize,
+}
+
+/// What every evaluation of a run draws and solves: `samples` from `seed`, the table's step
+/// counts and warp, and the progress cadence (`every` steps, 0 = none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalPlan {
+    pub samples: usize,
+    pub steps: Vec<usize>,
+    pub warp_s: f64,
+    pub seed: u64,
+    pub every: usize,
+}
+
+/// How a run logs: the loss every `every` steps, TensorBoard events, figures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogPlan {
+    pub every: usize,
+    pub tensorboard: bool,
+    pub plots: bool,
 }
 
 /// The negative log-likelihood evaluation, checked.
@@ -78,6 +134,85 @@ impl Plan {
     /// Whether MNIST is the source or the target.
     pub fn images(&self) -> bool {
         self.source == DataSpec::Mnist || self.target == DataSpec::Mnist
+    }
+
+    /// The config this plan was checked from (compared with a folder's `config.toml`).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The resolved config, as the run's `config.toml` holds it.
+    pub fn config_toml(&self) -> String {
+        self.config.to_toml()
+    }
+
+    /// The config's fingerprint (stored in checkpoints, compared on resume).
+    pub fn fingerprint(&self) -> String {
+        self.config.fingerprint()
+    }
+
+    /// What a sweep's runs that train the same model share: the config without the name and
+    /// the keys only the evaluation reads (`solver.*`, `eval.*`). None for a run that must
+    /// train alone (a reflow chain, progress scores during training).
+    pub fn training_key(&self) -> Option<String> {
+        if self.reflow.is_reflow() || self.eval.every > 0 {
+            return None;
+        }
+        let defaults = Config::default();
+        let mut c = (*self.config).clone();
+        c.name = String::new();
+        c.solver = defaults.solver;
+        c.eval = defaults.eval;
+        Some(c.to_toml())
+    }
+
+    /// The plan with the evaluation the reflow table needs: headline Euler 100, Euler rows at
+    /// `steps` (added to whatever the config already evaluates).
+    pub fn with_reflow_eval(&self, steps: &[usize]) -> anyhow::Result<Plan> {
+        let euler = TableMethod {
+            method: flowmatch_solvers::Method::Euler,
+            warped: false,
+        };
+        self.derive("with the reflow table's evaluation", |c| {
+            c.solver.method = euler.method;
+            c.solver.steps = 100;
+            c.solver.warp_s = None;
+            if !c.eval.methods.contains(&euler) {
+                c.eval.methods.insert(0, euler);
+            }
+            for &s in steps {
+                if !c.eval.steps.contains(&s) {
+                    c.eval.steps.push(s);
+                }
+            }
+            c.eval.steps.sort_unstable();
+        })
+    }
+
+    /// The plan of one reflow student: this plan as that student trains it (its folder's
+    /// name, steps, learning rate and seed; no reflow of its own).
+    pub fn stage(&self, stage: &flowmatch_reflow::Stage) -> anyhow::Result<Plan> {
+        let (lr, seed) = (
+            self.reflow.lr,
+            self.train.seed.wrapping_add(stage.index as u64),
+        );
+        self.derive(&format!("the reflow stage {}", stage.flow), |c| {
+            c.name = stage.flow.folder();
+            c.train.steps = stage.steps;
+            c.train.lr = lr;
+            c.train.seed = seed;
+            c.reflow.iterations = 0;
+            c.reflow.distill_k = 0;
+        })
+    }
+
+    /// The plan of this config changed by `edit`, through the same check as any config; an
+    /// error names the key and `what` the change was.
+    fn derive(&self, what: &str, edit: impl FnOnce(&mut Config)) -> anyhow::Result<Plan> {
+        let mut c = (*self.config).clone();
+        edit(&mut c);
+        c.check()
+            .map_err(|(key, msg)| anyhow::anyhow!("{key}: {msg} ({what})"))
     }
 }
 
@@ -252,7 +387,7 @@ impl LossConfig {
 
 impl TrainConfig {
     /// Steps, batch, learning rate, weight average and decay in range.
-    pub fn check(&self) -> Result<(), Bad> {
+    pub fn check(&self) -> Result<TrainPlan, Bad> {
         check_count("train.steps", self.steps)?;
         check_count("train.batch_size", self.batch_size)?;
         check_lr("train.lr", self.lr)?;
@@ -269,7 +404,36 @@ impl TrainConfig {
                 format!("must be ≥ 0, got {}", self.weight_decay),
             ));
         }
-        Ok(())
+        Ok(TrainPlan {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            seed: self.seed,
+            optim: OptimConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
+            schedule: LrSchedule {
+                decay: self.lr_decay,
+                warmup: self.warmup,
+                total: self.steps,
+            },
+            ema: self.ema,
+            prefetch: self.prefetch,
+            checkpoint_every: self.checkpoint_every,
+        })
+    }
+}
+
+impl LoggingConfig {
+    /// The logging cadence (at least every step).
+    pub fn check(&self) -> Result<LogPlan, Bad> {
+        check_count("logging.every", self.every)?;
+        Ok(LogPlan {
+            every: self.every,
+            tensorboard: self.tensorboard,
+            plots: self.plots,
+        })
     }
 }
 
@@ -301,7 +465,7 @@ impl SolverConfig {
 impl EvalConfig {
     /// The table's methods and the classifier file (its contents are read when the plan is
     /// built, before training).
-    pub fn check(&self) -> Result<(Vec<TableMethod>, Option<PathBuf>), Bad> {
+    pub fn check(&self) -> Result<(Vec<TableMethod>, Option<PathBuf>, EvalPlan), Bad> {
         if self.samples < 2 {
             return Err(("eval.samples", "must be at least 2".into()));
         }
@@ -326,7 +490,14 @@ impl EvalConfig {
             return Err(("eval.methods", format!("'{d}' is listed twice")));
         }
         let classifier = (!self.classifier.is_empty()).then(|| PathBuf::from(&self.classifier));
-        Ok((self.methods.clone(), classifier))
+        let plan = EvalPlan {
+            samples: self.samples,
+            steps: self.steps.clone(),
+            warp_s: self.warp_s,
+            seed: self.seed,
+            every: self.every,
+        };
+        Ok((self.methods.clone(), classifier, plan))
     }
 }
 
@@ -518,12 +689,10 @@ impl ReflowConfig {
 impl Config {
     /// Layers a config ([`Config::layered`]) and checks it once; an error is one line that
     /// names the key and where its value came from.
-    pub fn load(src: &ConfigSource) -> Result<(Config, Plan), ConfigError> {
+    pub fn load(src: &ConfigSource) -> Result<Plan, ConfigError> {
         let (cfg, origins) = Config::layered(src)?;
-        let plan = cfg
-            .check()
-            .map_err(|(key, msg)| ConfigError(format!("{key}: {msg}{}", origins.of(key))))?;
-        Ok((cfg, plan))
+        cfg.check()
+            .map_err(|(key, msg)| ConfigError(format!("{key}: {msg}{}", origins.of(key))))
     }
 
     /// Checks every section once and assembles the plan; the error names the offending key.
@@ -534,9 +703,9 @@ impl Config {
         let (path, coupling, time) = self.loss.check()?;
         let objective = self.loss.check_objective()?;
         let model = model.with_span(objective.needs_span());
-        self.train.check()?;
+        let train = self.train.check()?;
         let solver = self.solver.check()?;
-        let (table, classifier) = self.eval.check()?;
+        let (table, classifier, eval) = self.eval.check()?;
         let source_std = match &source {
             DataSpec::Shape(d) => d.gaussian_std(),
             DataSpec::Mnist => None,
@@ -544,7 +713,7 @@ impl Config {
         let nll = self.eval.check_nll(source.dim(), source_std, solver.tol)?;
         let sde = self.eval.check_sde(source_std)?;
         let metrics = self.eval.check_metrics()?;
-        check_count("logging.every", self.logging.every)?;
+        let logging = self.logging.check()?;
         let lim = &self.limits;
         if !(lim.memory_gb > 0.0 && lim.memory_gb.is_finite()) {
             return Err((
@@ -554,6 +723,11 @@ impl Config {
         }
         let reflow = self.reflow.check(&self.train, solver.tol, lim)?;
         let plan = Plan {
+            name: self.name.clone(),
+            device: self.device,
+            data_dir: PathBuf::from(&self.data.dir),
+            source_name: self.data.source.clone(),
+            target_name: self.data.target.clone(),
             source,
             target,
             model,
@@ -570,8 +744,12 @@ impl Config {
             sde,
             sde_steps: self.eval.sde_steps,
             source_std,
+            train,
+            eval,
+            logging,
+            config: Arc::new(self.clone()),
         };
-        let need = crate::limits::estimate(self, &plan);
+        let need = crate::limits::estimate(&plan);
         if need.bytes > lim.memory_gb * 1e9 {
             return Err((
                 need.key,

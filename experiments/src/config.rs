@@ -330,12 +330,15 @@ impl Default for Config {
                 distill_steps: 1000,
             },
             limits: LimitsConfig {
-                memory_gb: 16.0,
+                memory_gb: DEFAULT_MEMORY_GB,
                 reflow_iterations: 100,
             },
         }
     }
 }
+
+/// `limits.memory_gb` unless a config says otherwise.
+pub const DEFAULT_MEMORY_GB: f64 = 16.0;
 
 /// A config error: one line naming the key and where its value came from.
 #[derive(Debug, thiserror::Error)]
@@ -706,10 +709,11 @@ mod tests {
         let p = dir.path().join("exp.toml");
         std::fs::write(&p, text).unwrap();
         let sets: Vec<_> = sets.iter().map(|s| parse_set(s).unwrap()).collect();
-        Config::load(&ConfigSource {
+        let plan = Config::load(&ConfigSource {
             file: Some(&p),
             sets: &sets,
-        })
+        })?;
+        Ok((plan.config().clone(), plan))
     }
 
     #[test]

@@ -28,30 +28,25 @@ impl EvalSet {
     /// The evaluation's source samples (on `device`) and real samples (on the CPU), drawn in
     /// that order from `eval.seed`: the same for every evaluation of a run (and for the
     /// samples figure of `flowmatch plot SWEEP --what samples`).
-    pub fn samples(
-        cfg: &Config,
-        checked: &Experiment,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let mut rng = rng_from_seed(cfg.eval.seed);
-        let x0 = checked.source.sample(cfg.eval.samples, &mut rng, device)?;
-        let real = checked
-            .target
-            .sample(cfg.eval.samples, &mut rng, &Device::Cpu)?;
+    pub fn samples(checked: &Experiment, device: &Device) -> Result<(Tensor, Tensor)> {
+        let (n, seed) = (checked.eval.samples, checked.eval.seed);
+        let mut rng = rng_from_seed(seed);
+        let x0 = checked.source.sample(n, &mut rng, device)?;
+        let real = checked.target.sample(n, &mut rng, &Device::Cpu)?;
         Ok((x0, real))
     }
 
     /// Draws the samples ([`Self::samples`]) and loads the scorer.
-    pub fn draw(cfg: &Config, checked: &Experiment, device: &Device) -> Result<Self> {
-        let (x0, real) = Self::samples(cfg, checked, device)?;
+    pub fn draw(checked: &Experiment, device: &Device) -> Result<Self> {
+        let (x0, real) = Self::samples(checked, device)?;
         let scorer = match &checked.classifier {
             Some(p) => {
                 // A second real sample of the same size, from its own seed (the draws above
                 // stay as they were).
-                let mut rng = rng_from_seed(cfg.eval.seed ^ 0xf1d_4ea1);
+                let mut rng = rng_from_seed(checked.eval.seed ^ 0xf1d_4ea1);
                 let other = checked
                     .target
-                    .sample(cfg.eval.samples, &mut rng, &Device::Cpu)?;
+                    .sample(checked.eval.samples, &mut rng, &Device::Cpu)?;
                 Some(crate::images::FidScorer::new(p, &real, &other)?)
             }
             None => None,
@@ -122,28 +117,21 @@ pub fn log_evaluation(log: &mut RunLog, ev: &Evaluation, step: usize) -> Result<
 /// from `eval.seed` (the same samples for every run of a sweep).
 pub fn evaluate(
     field: &dyn VelocityField,
-    cfg: &Config,
     checked: &Experiment,
     solver: &SolverSpec,
     device: &Device,
 ) -> Result<Evaluation> {
-    evaluate_on(
-        &EvalSet::draw(cfg, checked, device)?,
-        field,
-        cfg,
-        checked,
-        solver,
-    )
+    evaluate_on(&EvalSet::draw(checked, device)?, field, checked, solver)
 }
 
 /// [`evaluate`] on samples already drawn.
 pub fn evaluate_on(
     set: &EvalSet,
     field: &dyn VelocityField,
-    cfg: &Config,
     checked: &Experiment,
     solver: &SolverSpec,
 ) -> Result<Evaluation> {
+    let ev = &checked.eval;
     let (x0, real, bw) = (&set.x0, &set.real, set.bandwidth);
     let stop = || crate::signals::check("evaluation");
     stop()?;
@@ -154,11 +142,11 @@ pub fn evaluate_on(
     // the last one against the same real sample (metrics::Reference).
     let mut entries: Vec<Entry> = vec![];
     for TableMethod { method, warped } in &checked.table {
-        for &steps in &cfg.eval.steps {
+        for &steps in &ev.steps {
             let mut spec = SolverSpec::new(*method, steps);
             spec.tol = solver.tol;
             if *warped {
-                spec = spec.warped(cfg.eval.warp_s);
+                spec = spec.warped(ev.warp_s);
             }
             // The headline solver's own entry: its samples are already there.
             if spec == *solver {
@@ -177,7 +165,7 @@ pub fn evaluate_on(
     }
     // Stochastic rows: Euler–Maruyama from the same source samples, noise from eval.seed.
     if let Some(std) = checked.source_std {
-        let mut rng = rng_from_seed(cfg.eval.seed ^ SDE_SEED);
+        let mut rng = rng_from_seed(ev.seed ^ SDE_SEED);
         for g in &checked.sde {
             stop()?;
             let x = sample_sde(field, x0, checked.sde_steps, *g, std, &mut rng)?;
@@ -231,7 +219,7 @@ pub fn evaluate_on(
                 x0.device(),
                 spec,
                 std,
-                cfg,
+                ev.seed,
             )?),
             _ => None,
         },
@@ -256,7 +244,7 @@ pub fn eval_file(
     redo: bool,
 ) -> Result<(Evaluation, std::path::PathBuf)> {
     let run = crate::folder::open_run(run_dir, sets)?;
-    let (_lock, model, cfg, checked) = (run.lock, run.model, run.cfg, run.exp);
+    let (_lock, model, checked) = (run.lock, run.model, run.exp);
     let dev = checked.device.clone();
     let out = run_dir.join(format!(
         "eval-{}-{}.json",
@@ -270,7 +258,7 @@ pub fn eval_file(
         let diffs = match old.get("config").and_then(|c| c.as_str()) {
             Some(text) => Config::from_resolved_toml(text)
                 .map_err(|e| anyhow!("{}: {}", out.display(), e.0))?
-                .differences(&cfg),
+                .differences(checked.config()),
             None => vec!["(its settings were not recorded)".to_string()],
         };
         if !diffs.is_empty() {
@@ -281,12 +269,12 @@ pub fn eval_file(
             ));
         }
     }
-    let ev = evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
+    let ev = evaluate(&model, &checked, &checked.solver, &dev)?;
     crate::logging::write_json(
         &out,
         &EvalFile {
             eval: &ev,
-            config: cfg.to_toml(),
+            config: checked.config_toml(),
         },
     )?;
     Ok((ev, out))
@@ -359,10 +347,10 @@ fn negative_log_likelihood(
     device: &Device,
     spec: &NllSpec,
     source_std: f64,
-    cfg: &Config,
+    seed: u64,
 ) -> Result<Nll> {
     let x1 = real.narrow(0, 0, spec.samples)?;
-    let mut rng = rng_from_seed(cfg.eval.seed ^ NLL_SEED);
+    let mut rng = rng_from_seed(seed ^ NLL_SEED);
     // Chunks bound the memory of the backward passes (images); the probes are drawn in order.
     let chunk = if x1.dim(1)? <= 16 { spec.samples } else { 64 };
     let mut total = 0.0;

@@ -3,14 +3,13 @@
 //! reflow stages and sweep runs read it; nothing in it is checked or loaded again.
 
 use crate::check::{DataSpec, Plan};
-use crate::config::{Config, TableMethod};
 use crate::device;
 use anyhow::{anyhow, Result};
 use candle_core::Device;
 use flowmatch_data::{Mnist, MnistSampler, Sampler};
 use flowmatch_reflow::Stage;
-use flowmatch_solvers::Method;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// What a run trains and evaluates, ready to use: the checked plan (its model, path,
@@ -35,8 +34,8 @@ impl std::ops::Deref for Experiment {
 }
 
 /// The MNIST folders read so far in this process (a sweep reads each once).
-fn mnist(dir: &str) -> Result<Arc<Mnist>> {
-    static READ: OnceLock<Mutex<HashMap<String, Arc<Mnist>>>> = OnceLock::new();
+fn mnist(dir: &Path) -> Result<Arc<Mnist>> {
+    static READ: OnceLock<Mutex<HashMap<PathBuf, Arc<Mnist>>>> = OnceLock::new();
     let mut read = READ
         .get_or_init(Default::default)
         .lock()
@@ -44,17 +43,17 @@ fn mnist(dir: &str) -> Result<Arc<Mnist>> {
     if let Some(m) = read.get(dir) {
         return Ok(m.clone());
     }
-    let m = Arc::new(Mnist::load(dir).map_err(|e| anyhow!("data.dir: {e}"))?);
-    read.insert(dir.to_string(), m.clone());
+    let m = Arc::new(Mnist::load(&dir.to_string_lossy()).map_err(|e| anyhow!("data.dir: {e}"))?);
+    read.insert(dir.to_path_buf(), m.clone());
     Ok(m)
 }
 
 impl Experiment {
-    /// Reads the data and opens the device of a checked `plan` of `cfg`.
-    pub fn build(cfg: &Config, plan: &Plan) -> Result<Experiment> {
-        let (device, device_label) = device::open(cfg.device).map_err(|e| anyhow!(e))?;
+    /// Reads the data and opens the device of a checked `plan`.
+    pub fn build(plan: &Plan) -> Result<Experiment> {
+        let (device, device_label) = device::open(plan.device).map_err(|e| anyhow!(e))?;
         let mnist = if plan.images() {
-            Some(mnist(&cfg.data.dir)?)
+            Some(mnist(&plan.data_dir)?)
         } else {
             None
         };
@@ -75,6 +74,15 @@ impl Experiment {
         })
     }
 
+    /// This experiment's data and device under a plan derived from its own (a reflow stage,
+    /// the reflow table's evaluation).
+    pub fn with_plan(&self, plan: Plan) -> Experiment {
+        Experiment {
+            plan,
+            ..self.clone()
+        }
+    }
+
     /// The data dimension.
     pub fn dim(&self) -> usize {
         self.source.dim()
@@ -89,32 +97,8 @@ impl Experiment {
 /// Euler step counts of the reflow table.
 pub const REFLOW_STEPS: [usize; 5] = [1, 2, 5, 10, 100];
 
-/// The config and experiment with the evaluation the reflow table needs: headline Euler 100,
-/// Euler rows at 1, 2, 5, 10, 100 steps (added to whatever the config already evaluates).
-/// The changed config goes through the same check as any other, and its plan replaces the
-/// experiment's (the data and device stay as they were built).
-pub fn with_reflow_eval(cfg: &Config, exp: &Experiment) -> Result<(Config, Experiment)> {
-    let euler = TableMethod {
-        method: Method::Euler,
-        warped: false,
-    };
-    let mut c = cfg.clone();
-    c.solver.method = Method::Euler;
-    c.solver.steps = 100;
-    c.solver.warp_s = None;
-    if !c.eval.methods.contains(&euler) {
-        c.eval.methods.insert(0, euler);
-    }
-    for s in REFLOW_STEPS {
-        if !c.eval.steps.contains(&s) {
-            c.eval.steps.push(s);
-        }
-    }
-    c.eval.steps.sort_unstable();
-    let plan = c.check().map_err(|(key, msg)| {
-        anyhow::anyhow!("{key}: {msg} (with the reflow table's evaluation)")
-    })?;
-    let mut e = exp.clone();
-    e.plan = plan;
-    Ok((c, e))
+/// The experiment with the evaluation the reflow table needs ([`Plan::with_reflow_eval`]);
+/// the data and device stay as they were built.
+pub fn with_reflow_eval(exp: &Experiment) -> Result<Experiment> {
+    Ok(exp.with_plan(exp.plan.with_reflow_eval(&REFLOW_STEPS)?))
 }

@@ -1,6 +1,7 @@
 //! Run folders: where a run's files go, who owns the folder, and what an existing folder holds
 //! (a finished run to reuse, a killed one to continue, another config to refuse or redo).
 
+use crate::check::Plan;
 use crate::checkpoint::RESUME_FILE;
 use crate::config::{describe_differences, Config};
 use crate::experiment::Experiment;
@@ -91,16 +92,16 @@ pub enum Prepared {
     Finished,
 }
 
-/// Checks what `dir` holds against `cfg` and makes it ready: a run of another config is an
+/// Checks what `dir` holds against `plan`'s config and makes it ready: a run of another config is an
 /// error naming the key (or, with [`OnChange::Redo`], is removed); leftovers of a run that
 /// cannot be resumed are removed. The caller holds the folder's lock.
-pub fn prepare(dir: &Path, cfg: &Config, on_change: OnChange) -> Result<Prepared> {
+pub fn prepare(dir: &Path, plan: &Plan, on_change: OnChange) -> Result<Prepared> {
     let paths = RunPaths::new(dir);
     crate::lock::refuse_link(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if paths.config().is_file() {
         let old = Config::read_resolved(&paths.config()).map_err(|e| anyhow!(e.0))?;
-        let diffs = old.differences(cfg);
+        let diffs = old.differences(plan.config());
         if diffs.is_empty() {
             if paths.finished() {
                 return Ok(Prepared::Finished);
@@ -201,7 +202,6 @@ pub fn open_finished(dir: &Path) -> Result<crate::lock::RunLock> {
 pub struct OpenRun {
     pub lock: crate::lock::RunLock,
     pub model: Model,
-    pub cfg: Config,
     pub exp: Experiment,
 }
 
@@ -217,12 +217,12 @@ pub fn open_run(dir: &Path, sets: &[crate::config::Override]) -> Result<OpenRun>
             dir.display()
         ));
     }
-    let (cfg, plan) = Config::load(&crate::config::ConfigSource {
+    let plan = Config::load(&crate::config::ConfigSource {
         file: Some(&dir.join("config.toml")),
         sets,
     })
     .map_err(|e| anyhow!(e.0))?;
-    let exp = Experiment::build(&cfg, &plan)?;
+    let exp = Experiment::build(&plan)?;
     let model = exp.model.load(exp.dim(), &model_path, &exp.device)?;
     for (name, var) in model.params.named_vars() {
         let finite = var
@@ -239,10 +239,5 @@ pub fn open_run(dir: &Path, sets: &[crate::config::Override]) -> Result<OpenRun>
             ));
         }
     }
-    Ok(OpenRun {
-        lock,
-        model,
-        cfg,
-        exp,
-    })
+    Ok(OpenRun { lock, model, exp })
 }

@@ -5,7 +5,6 @@
 //! against typos such as `train.batch_size = 1000000000`, not a planner.
 
 use crate::check::Plan;
-use crate::config::Config;
 use flowmatch_models::ModelSpec;
 
 /// Bytes of an f32.
@@ -73,16 +72,16 @@ pub fn grid_bytes(steps: usize) -> f64 {
     (steps as f64 + 1.0) * 4.0 * F64
 }
 
-/// The peak memory of `cfg` under its checked `plan` (model, data, coupling, reflow pairs,
+/// The peak memory of a checked `plan` (model, data, coupling, reflow pairs,
 /// the likelihood and stochastic rows of the evaluation) and the key behind its largest term.
-pub fn estimate(cfg: &Config, plan: &Plan) -> Need {
+pub fn estimate(plan: &Plan) -> Need {
     let (model, dim, images) = (&plan.model, plan.source.dim(), plan.images());
     let ot = plan.coupling.is_ot();
     let offline =
         plan.reflow.is_reflow() && plan.reflow.mode == flowmatch_reflow::ReflowMode::Offline;
     let d = dim as f64;
-    let batch = cfg.train.batch_size as f64;
-    let samples = cfg.eval.samples as f64;
+    let batch = plan.train.batch_size as f64;
+    let samples = plan.eval.samples as f64;
     let p = parameters(model, d);
     let mut terms: Vec<(f64, &'static str, String)> = vec![
         // Weights, gradients, two moments, a weight average, a checkpoint copy.
@@ -99,17 +98,17 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Need {
             format!("{samples}² distances for the exact W2"),
         ),
         (
-            (cfg.solver.steps as f64 + 1.0) * samples * d * F32,
+            (plan.solver.steps as f64 + 1.0) * samples * d * F32,
             "solver.steps",
             format!(
                 "a trajectory of {} steps × {samples} samples",
-                cfg.solver.steps
+                plan.solver.steps
             ),
         ),
     ];
     // Every solve of the evaluation holds its time grid: the table's longest, the
     // likelihood's and the stochastic rows'.
-    if let Some(&longest) = cfg.eval.steps.iter().max() {
+    if let Some(&longest) = plan.eval.steps.iter().max() {
         terms.push((
             grid_bytes(longest),
             "eval.steps",
@@ -139,9 +138,9 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Need {
     }
     if offline {
         terms.push((
-            2.0 * cfg.reflow.pairs as f64 * d * F32,
+            2.0 * plan.reflow.pairs as f64 * d * F32,
             "reflow.pairs",
-            format!("{} reflow pairs × {dim} values", cfg.reflow.pairs),
+            format!("{} reflow pairs × {dim} values", plan.reflow.pairs),
         ));
     }
     if images {
@@ -177,7 +176,7 @@ pub fn estimate(cfg: &Config, plan: &Plan) -> Need {
 /// `terms` (bytes, and the flag behind them) is over a run's default `limits.memory_gb`,
 /// the flag of the largest term, the sum and the limit, in bytes.
 pub fn over_default_limit(terms: &[(f64, &'static str)]) -> Option<(&'static str, f64, f64)> {
-    let limit = Config::default().limits.memory_gb * 1e9;
+    let limit = crate::config::DEFAULT_MEMORY_GB * 1e9;
     let need: f64 = terms.iter().map(|t| t.0).sum();
     let largest = terms
         .iter()
@@ -199,14 +198,14 @@ pub fn human(bytes: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use flowmatch_models::ModelKind;
 
     fn need(cfg: &Config) -> Need {
         // The estimate of a config whose checks pass except, perhaps, the memory limit.
         let mut unlimited = cfg.clone();
         unlimited.limits.memory_gb = 1e30;
-        let p = unlimited.check().unwrap();
-        estimate(cfg, &p)
+        estimate(&unlimited.check().unwrap())
     }
 
     #[test]

@@ -331,17 +331,17 @@ fn cmd_run(
     if let Some(d) = device {
         sets.push(Override::new("device", toml::Value::String(d), "--device"));
     }
-    let (cfg, plan) = Config::load(&ConfigSource {
+    let plan = Config::load(&ConfigSource {
         file: Some(&config),
         sets: &sets,
     })
     .map_err(|e| anyhow!(e.0))?;
-    let exp = Experiment::build(&cfg, &plan)?;
+    let exp = Experiment::build(&plan)?;
     runtime::threads_for(&exp);
-    let (dir, lock) = claim_run_dir(&out, &cfg.name)?;
+    let (dir, lock) = claim_run_dir(&out, &plan.name)?;
     note!(
         "run {} on {} -> {}",
-        cfg.name,
+        plan.name,
         exp.device_label,
         dir.display()
     );
@@ -350,7 +350,7 @@ fn cmd_run(
         on_change: on_change(redo_changed),
         after_step: halt_hook(halt_after),
     };
-    let s = reflow::run_experiment(&cfg, &exp, &lock, opts)?;
+    let s = reflow::run_experiment(&exp, &lock, opts)?;
     say!(
         "{}: final_loss {:.4}  W2 {:.4} ({} {} steps, nfe {})  straightness {:.4}  S {:.4}{}",
         s.name,

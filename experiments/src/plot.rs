@@ -4,7 +4,6 @@
 //! Everything plotted comes from recorded trajectories: one solve per figure, never one per
 //! animation frame.
 
-use crate::config::Config;
 use crate::experiment::Experiment;
 use crate::logging::atomically;
 use crate::report::IterationRow;
@@ -198,7 +197,6 @@ fn transpose(states: &[Pts], n: usize) -> Vec<Pts> {
 /// Draws the requested per-run figures of a 2D model into `dir`.
 pub fn plot_run(
     field: &dyn VelocityField,
-    cfg: &Config,
     checked: &Experiment,
     dir: &Path,
     device: &Device,
@@ -207,7 +205,7 @@ pub fn plot_run(
     if checked.mnist.is_some() {
         // Images: one figure, digits at 1, 2, 5 and 20 Euler steps, then the headline
         // solver's when it is not Euler (real digits last).
-        let mut rng = rng_from_seed(cfg.eval.seed ^ 0x9107);
+        let mut rng = rng_from_seed(checked.eval.seed ^ 0x9107);
         let x0 = checked.source.sample(16, &mut rng, device)?;
         let mut rows = vec![];
         for steps in [1usize, 2, 5, 20] {
@@ -234,8 +232,8 @@ pub fn plot_run(
         return Ok(vec![]);
     }
     font_ready();
-    let n = cfg.eval.samples.min(1000);
-    let mut rng = rng_from_seed(cfg.eval.seed ^ 0x9107);
+    let n = checked.eval.samples.min(1000);
+    let mut rng = rng_from_seed(checked.eval.seed ^ 0x9107);
     let x0t = checked.source.sample(n, &mut rng, device)?;
     let real = checked.target.sample(n, &mut rng, device)?;
     let traj = record(field, &x0t, &SolverSpec::new(Method::Euler, 100))?;
@@ -637,9 +635,9 @@ pub fn redraw_run(
         run_dir.to_path_buf()
     };
     let run = crate::folder::open_run(&cfg_dir, sets)?;
-    let (model, cfg, checked) = (run.model, run.cfg, run.exp);
+    let (model, checked) = (run.model, run.exp);
     let (dim, dev) = (checked.dim(), checked.device.clone());
-    let mut written = plot_run(&model, &cfg, &checked, &cfg_dir, &dev, figures)?;
+    let mut written = plot_run(&model, &checked, &cfg_dir, &dev, figures)?;
     if let Some(rows) = rows {
         // The last flow of the chain lives in the folder named after its row.
         let last_dir = rows.last().map(|r| run_dir.join(r.flow.folder()));
@@ -651,7 +649,7 @@ pub fn redraw_run(
             }
             _ => model.duplicate()?,
         };
-        crate::reflow::reflow_figures(&cfg, &checked, &model, &last, &rows, run_dir)?;
+        crate::reflow::reflow_figures(&checked, &model, &last, &rows, run_dir)?;
         written.push(run_dir.join("reflow.png"));
         written.push(run_dir.join("fm_vs_reflow.gif"));
     }

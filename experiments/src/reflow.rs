@@ -1,6 +1,7 @@
 //! k-rectified flows: the base run (1-RF) teaches a student (2-RF), which teaches the next, …
 //! Each iteration is a run folder of its own; the parent gets the straightness table.
 
+use crate::check::Plan;
 use crate::config::Config;
 use crate::experiment::{with_reflow_eval, Experiment, REFLOW_STEPS};
 use crate::folder::{load_finished, open_run, prepare, Prepared, RunOptions, RunPaths};
@@ -16,19 +17,6 @@ use flowmatch_reflow::{Flow, PairSet, ReflowInit, ReflowMode, Stage, TeacherCoup
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
-
-/// The config a stage's folder records: the base config as that student trains it (its name,
-/// steps, learning rate and seed; no reflow of its own).
-fn stage_config(cfg: &Config, stage: &Stage, lr: f64) -> Config {
-    let mut c = cfg.clone();
-    c.name = stage.flow.folder();
-    c.train.steps = stage.steps;
-    c.train.lr = lr;
-    c.train.seed = cfg.train.seed.wrapping_add(stage.index as u64);
-    c.reflow.iterations = 0;
-    c.reflow.distill_k = 0;
-    c
-}
 
 /// The reflow-table row of an evaluation made with [`with_reflow_eval`].
 pub fn row_of(flow: Flow, ev: &Evaluation) -> IterationRow {
@@ -47,40 +35,19 @@ pub fn row_of(flow: Flow, ev: &Evaluation) -> IterationRow {
 
 /// Runs a config in the folder `lock` holds: a plain run, or the base run plus the reflow
 /// chain when `[reflow]` asks for it. A killed experiment continues where it stopped.
-pub fn run_experiment(
-    cfg: &Config,
-    checked: &Experiment,
-    lock: &RunLock,
-    opts: RunOptions,
-) -> Result<Summary> {
-    let dir = lock.dir();
+pub fn run_experiment(checked: &Experiment, lock: &RunLock, opts: RunOptions) -> Result<Summary> {
+    let (dir, steps) = (lock.dir(), checked.train.steps as u64);
     if !checked.reflow.is_reflow() {
-        return run(
-            cfg,
-            checked,
-            dir,
-            &progress_bar(cfg.train.steps as u64, opts.show, &cfg.name),
-            opts,
-        );
+        let pb = progress_bar(steps, opts.show, &checked.name);
+        return run(checked, dir, &pb, opts);
     }
-    if let Some(done) = open_parent(dir, cfg, opts)? {
+    if let Some(done) = open_parent(dir, checked, opts)? {
         return Ok(done);
     }
-    let (cfg1, checked1) = with_reflow_eval(cfg, checked)?;
-    let pb = progress_bar(
-        cfg.train.steps as u64,
-        opts.show,
-        &format!("{} 1-RF", cfg.name),
-    );
-    let (first, model) = run_with(
-        &cfg1,
-        &checked1,
-        &dir.join("rf1"),
-        &pb,
-        Setup::default(),
-        opts,
-    )?;
-    chain(&cfg1, &checked1, model, &first.eval, dir, opts)
+    let first_exp = with_reflow_eval(checked)?;
+    let pb = progress_bar(steps, opts.show, &format!("{} 1-RF", checked.name));
+    let (first, model) = run_with(&first_exp, &dir.join("rf1"), &pb, Setup::default(), opts)?;
+    chain(&first_exp, model, &first.eval, dir, opts)
 }
 
 /// `flowmatch reflow RUN_DIR`: reflows a finished run (its lock held meanwhile) into
@@ -93,9 +60,13 @@ pub fn reflow_finished(
     mut sets: Vec<crate::config::Override>,
     opts: RunOptions,
 ) -> Result<(Summary, std::path::PathBuf)> {
-    let stored = Config::read_resolved(&RunPaths::new(run_dir).config()).ok();
+    let stored = Config::load(&crate::config::ConfigSource {
+        file: Some(&RunPaths::new(run_dir).config()),
+        sets: &[],
+    })
+    .ok();
     let asked = sets.iter().any(|o| o.key == "reflow.iterations");
-    if !asked && stored.is_some_and(|c| c.reflow.iterations == 0 && c.reflow.distill_k == 0) {
+    if !asked && stored.is_some_and(|p| !p.reflow.is_reflow()) {
         sets.insert(
             0,
             crate::config::Override::new(
@@ -106,17 +77,17 @@ pub fn reflow_finished(
         );
     }
     let run = open_run(&run_dir, &sets)?;
-    let (_run_lock, model, cfg, exp) = (run.lock, run.model, run.cfg, run.exp);
+    let (_run_lock, model, exp) = (run.lock, run.model, run.exp);
     if !exp.reflow.is_reflow() {
         return Err(anyhow!(
             "reflow.iterations: flowmatch reflow needs at least 1 iteration (or reflow.distill_k), got 0"
         ));
     }
-    let (cfg, checked) = with_reflow_eval(&cfg, &exp)?;
+    let checked = with_reflow_eval(&exp)?;
     let dev = checked.device.clone();
     let parent = run_dir.join("reflow");
     let lock = RunLock::acquire(&parent)?;
-    let s = match open_parent(lock.dir(), &cfg, opts)? {
+    let s = match open_parent(lock.dir(), &checked, opts)? {
         Some(done) => {
             eprintln!(
                 "{} already holds this reflow, finished; showing its table",
@@ -127,24 +98,24 @@ pub fn reflow_finished(
         None => {
             eprintln!(
                 "reflow {}: {} iteration(s) -> {}",
-                cfg.name,
-                cfg.reflow.iterations,
+                checked.name,
+                checked.reflow.iterations,
                 parent.display()
             );
-            let first = crate::eval::evaluate(&model, &cfg, &checked, &checked.solver, &dev)?;
-            chain(&cfg, &checked, model, &first, lock.dir(), opts)?
+            let first = crate::eval::evaluate(&model, &checked, &checked.solver, &dev)?;
+            chain(&checked, model, &first, lock.dir(), opts)?
         }
     };
     Ok((s, parent))
 }
 
-/// Makes a reflow parent folder ready for `cfg` (see [`prepare`]) and records its config;
+/// Makes a reflow parent folder ready for `plan` (see [`prepare`]) and records its config;
 /// returns the summary when this config already finished there.
-pub fn open_parent(parent: &Path, cfg: &Config, opts: RunOptions) -> Result<Option<Summary>> {
-    match prepare(parent, cfg, opts.on_change)? {
+pub fn open_parent(parent: &Path, plan: &Plan, opts: RunOptions) -> Result<Option<Summary>> {
+    match prepare(parent, plan, opts.on_change)? {
         Prepared::Finished => Ok(Some(RunPaths::new(parent).read_summary()?)),
         Prepared::Fresh | Prepared::Resume => {
-            write_atomic(&parent.join("config.toml"), cfg.to_toml().as_bytes())?;
+            write_atomic(&parent.join("config.toml"), plan.config_toml().as_bytes())?;
             Ok(None)
         }
     }
@@ -155,16 +126,14 @@ pub fn open_parent(parent: &Path, cfg: &Config, opts: RunOptions) -> Result<Opti
 /// table (`reflow.md`, `reflow.json`, TensorBoard curves over iterations) and
 /// `parent/summary.json` (the last student's summary with the table).
 pub fn chain(
-    cfg: &Config,
     checked: &Experiment,
     teacher: Model,
     first: &Evaluation,
     parent: &Path,
     opts: RunOptions,
 ) -> Result<Summary> {
-    let r = checked.reflow;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let mut log = RunLog::create(parent, cfg.logging.tensorboard)?;
+    let mut log = RunLog::create(parent, checked.logging.tensorboard)?;
     let mut rows = vec![row_of(Flow::Rectified(1), first)];
     log_row(&mut log, &rows[0], 1)?;
     write_table(parent, &rows)?;
@@ -172,13 +141,13 @@ pub fn chain(
     let first_model = teacher.clone();
     let mut last: Option<Summary> = None;
     for stage in checked.stages() {
-        let c = stage_config(cfg, &stage, r.lr);
+        let student = checked.with_plan(checked.stage(&stage)?);
         let stage_dir = parent.join(stage.flow.folder());
         // A stage that finished before a kill is reused, not retrained.
-        let (summary, model) = match prepare(&stage_dir, &c, opts.on_change)? {
-            Prepared::Finished => load_finished(&stage_dir, checked, &checked.device)?,
+        let (summary, model) = match prepare(&stage_dir, &student, opts.on_change)? {
+            Prepared::Finished => load_finished(&stage_dir, &student, &student.device)?,
             Prepared::Fresh | Prepared::Resume => {
-                train_student(cfg, &c, checked, &stage, &teacher, &stage_dir, opts)?
+                train_student(checked, &student, &stage, &teacher, &stage_dir, opts)?
             }
         };
         let row = row_of(stage.flow, &summary.eval);
@@ -189,26 +158,26 @@ pub fn chain(
         last = Some(summary);
     }
     log.close()?;
-    if cfg.logging.plots {
-        if let Err(e) = reflow_figures(cfg, checked, &first_model, &teacher, &rows, parent) {
-            eprintln!("warning: {}: reflow figures not drawn: {e:#}", cfg.name);
+    if checked.logging.plots {
+        if let Err(e) = reflow_figures(checked, &first_model, &teacher, &rows, parent) {
+            eprintln!("warning: {}: reflow figures not drawn: {e:#}", checked.name);
         }
     }
     let mut s = last.ok_or_else(|| {
         anyhow!("reflow: nothing to do (reflow.iterations = 0 and no distillation)")
     })?;
-    s.name = cfg.name.clone();
+    s.name = checked.name.clone();
     s.reflow = Some(rows);
     write_json(&parent.join("summary.json"), &s)?;
     Ok(s)
 }
 
-/// Trains one student of the chain in `stage_dir` (its config `c`): from its teacher's
-/// weights or from scratch, on pairs from `teacher` (online, or an offline set made here).
+/// Trains one student of the chain of `checked` in `stage_dir` (its own experiment `c`): from
+/// its teacher's weights or from scratch, on pairs from `teacher` (online, or an offline set
+/// made here).
 fn train_student(
-    cfg: &Config,
-    c: &Config,
     checked: &Experiment,
+    c: &Experiment,
     stage: &Stage,
     teacher: &Arc<Model>,
     stage_dir: &Path,
@@ -233,7 +202,7 @@ fn train_student(
             .build(checked.source.dim(), c.train.seed, &device)?
     };
     let as_field: Arc<dyn VelocityField> = teacher.clone();
-    crate::signals::check(&format!("{} {flow}: setup", cfg.name))?;
+    crate::signals::check(&format!("{} {flow}: setup", checked.name))?;
     let (coupling, label): (Box<dyn Coupling>, RunCoupling) = if r.mode == ReflowMode::Offline {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -252,7 +221,7 @@ fn train_student(
                 &device,
             )
         })?;
-        crate::signals::check(&format!("{} {flow}: reflow pairs", cfg.name))?;
+        crate::signals::check(&format!("{} {flow}: reflow pairs", checked.name))?;
         (
             Box::new(set),
             RunCoupling::ReflowOffline {
@@ -276,20 +245,19 @@ fn train_student(
         &json!({"flow": flow, "teacher": if i == 0 { "rf1".to_string() } else { format!("stage {i}") }, "coupling": label}),
     )
     .ok();
-    let pb = progress_bar(steps as u64, opts.show, &format!("{} {flow}", cfg.name));
+    let pb = progress_bar(steps as u64, opts.show, &format!("{} {flow}", checked.name));
     let setup = Setup {
         model: Some(student),
         coupling: Some(coupling),
         coupling_label: Some(label),
         time: Some(time),
     };
-    run_with(c, checked, stage_dir, &pb, setup, opts)
+    run_with(c, stage_dir, &pb, setup, opts)
 }
 
 /// `reflow.png` (straightness and W2 across iterations) and `fm_vs_reflow.gif` (1-RF next to
 /// the last flow, same starting points).
 pub fn reflow_figures(
-    cfg: &Config,
     checked: &Experiment,
     first: &Model,
     last: &Model,
@@ -301,10 +269,10 @@ pub fn reflow_figures(
     })?;
     if checked.source.dim() == 2 {
         let device = first.params.device().clone();
-        let mut rng = flowmatch_data::rng_from_seed(cfg.eval.seed ^ 0xf10e);
+        let mut rng = flowmatch_data::rng_from_seed(checked.eval.seed ^ 0xf10e);
         let x0 = checked
             .source
-            .sample(cfg.eval.samples.min(1000), &mut rng, &device)?;
+            .sample(checked.eval.samples.min(1000), &mut rng, &device)?;
         let euler50 = flowmatch_solvers::SolverSpec::new(flowmatch_solvers::Method::Euler, 50);
         let a = crate::plot::record(first, &x0, &euler50)?;
         let b = crate::plot::record(last, &x0, &euler50)?;

@@ -1,7 +1,6 @@
 //! One run: config → build → train → checkpoint → evaluate → run folder.
 
 use crate::checkpoint;
-use crate::config::Config;
 use crate::eval::{evaluate_on, log_evaluation, log_progress, EvalSet};
 use crate::experiment::Experiment;
 use crate::folder::{load_finished, prepare, Prepared, RunOptions, RunPaths};
@@ -44,15 +43,14 @@ pub fn progress_bar(n: u64, show: bool, prefix: &str) -> ProgressBar {
     pb
 }
 
-/// Trains and evaluates one config into `dir`, returning its summary.
+/// Trains and evaluates one plan into `dir`, returning its summary.
 pub fn run(
-    cfg: &Config,
     checked: &Experiment,
     dir: &Path,
     pb: &ProgressBar,
     opts: RunOptions,
 ) -> Result<Summary> {
-    Ok(run_with(cfg, checked, dir, pb, Setup::default(), opts)?.0)
+    Ok(run_with(checked, dir, pb, Setup::default(), opts)?.0)
 }
 
 /// [`run`] with an explicit initial model / coupling / time sampler; also returns the model.
@@ -63,31 +61,29 @@ pub fn run(
 /// [`train_stage`](crate::train::train_stage) leaves a
 /// trained model, [`eval_stage`] scores it, and `summary.json` is written last.
 pub fn run_with(
-    cfg: &Config,
     checked: &Experiment,
     dir: &Path,
     pb: &ProgressBar,
     setup: Setup,
     opts: RunOptions,
 ) -> Result<(Summary, Model)> {
-    let prepared = prepare(dir, cfg, opts.on_change)?;
+    let prepared = prepare(dir, checked, opts.on_change)?;
     if let Prepared::Finished = prepared {
         pb.finish_and_clear();
         return load_finished(dir, checked, &checked.device);
     }
     // Everything the evaluation needs (samples, the classifier) is loaded before step 1, so a
     // bad file fails now rather than after the training.
-    signals::check(&format!("{}: setup", cfg.name))?;
-    let set = EvalSet::draw(cfg, checked, &checked.device)?;
-    signals::check(&format!("{}: setup", cfg.name))?;
-    let trained = crate::train::train_stage(cfg, checked, dir, pb, setup, opts, &set, prepared)?;
-    finish_run(cfg, checked, dir, pb, &set, trained, None)
+    signals::check(&format!("{}: setup", checked.name))?;
+    let set = EvalSet::draw(checked, &checked.device)?;
+    signals::check(&format!("{}: setup", checked.name))?;
+    let trained = crate::train::train_stage(checked, dir, pb, setup, opts, &set, prepared)?;
+    finish_run(checked, dir, pb, &set, trained, None)
 }
 
 /// The eval stage and the run folder's last files: the evaluation on `set`, the summary,
 /// the figures and `timing.json` (`trained_in`: the folder whose training this run reuses).
 fn finish_run(
-    cfg: &Config,
     checked: &Experiment,
     dir: &Path,
     pb: &ProgressBar,
@@ -97,7 +93,7 @@ fn finish_run(
 ) -> Result<(Summary, Model)> {
     pb.set_message("evaluating");
     let started = Instant::now();
-    let ev = eval_stage(set, &mut trained, cfg, checked)?;
+    let ev = eval_stage(set, &mut trained, checked)?;
     let eval_secs = trained.score_secs + started.elapsed().as_secs_f64();
     let Trained {
         model,
@@ -109,21 +105,22 @@ fn finish_run(
         mut log,
         ..
     } = trained;
+    let (p, t) = (&checked.plan, &checked.train);
     let summary = Summary {
-        name: cfg.name.clone(),
-        source: cfg.data.source.clone(),
-        target: cfg.data.target.clone(),
-        model: cfg.model.kind.name().to_string(),
-        path: cfg.loss.path.name().to_string(),
+        name: p.name.clone(),
+        source: p.source_name.clone(),
+        target: p.target_name.clone(),
+        model: p.model.kind().name().to_string(),
+        path: p.path.schedule.name().to_string(),
         coupling: coupling_label,
         objective: checked
             .objective
             .needs_span()
             .then(|| checked.objective.name().to_string()),
-        train_steps: cfg.train.steps,
-        batch_size: cfg.train.batch_size,
-        lr: cfg.train.lr,
-        seed: cfg.train.seed,
+        train_steps: t.steps,
+        batch_size: t.batch_size,
+        lr: t.optim.lr,
+        seed: t.seed,
         final_loss,
         w2: ev.w2,
         mmd: ev.mmd,
@@ -135,29 +132,28 @@ fn finish_run(
         reflow: None,
         progress,
     };
-    signals::check(&format!("{}: evaluation", cfg.name))?;
-    log_evaluation(&mut log, &ev, cfg.train.steps)?;
-    if cfg.logging.plots {
+    signals::check(&format!("{}: evaluation", p.name))?;
+    log_evaluation(&mut log, &ev, t.steps)?;
+    if p.logging.plots {
         pb.set_message("plotting");
         // A figure that fails to draw costs a warning, never the run.
         if let Err(e) = crate::plot::plot_run(
             &model,
-            cfg,
             checked,
             dir,
             &checked.device,
             &crate::plot::Figure::ALL,
         ) {
-            eprintln!("warning: {}: figures not drawn: {e:#}", cfg.name);
+            eprintln!("warning: {}: figures not drawn: {e:#}", p.name);
         }
-        signals::check(&format!("{}: figures", cfg.name))?;
+        signals::check(&format!("{}: figures", p.name))?;
     }
     log.close()?;
     write_json(
         &dir.join("timing.json"),
         &json!({
             "train_seconds": train_secs,
-            "train_steps_per_second": (cfg.train.steps - start) as f64 / train_secs,
+            "train_steps_per_second": (t.steps - start) as f64 / train_secs,
             "eval_seconds": eval_secs,
             "resumed_after_step": start,
             "trained_in": trained_in,
@@ -177,21 +173,20 @@ fn finish_run(
 /// records and weights. The summary is the one training again would give (tested). The
 /// caller holds `dir`'s lock; `eval.every` must be 0 (progress scores need the training).
 pub fn evaluate_trained(
-    cfg: &Config,
     checked: &Experiment,
     dir: &Path,
     trained_dir: &Path,
     pb: &ProgressBar,
     opts: RunOptions,
 ) -> Result<Summary> {
-    if let Prepared::Finished = prepare(dir, cfg, opts.on_change)? {
+    if let Prepared::Finished = prepare(dir, checked, opts.on_change)? {
         pb.finish_and_clear();
         return Ok(load_finished(dir, checked, &checked.device)?.0);
     }
     let (base, model) = load_finished(trained_dir, checked, &checked.device)?;
-    let set = EvalSet::draw(cfg, checked, &checked.device)?;
+    let set = EvalSet::draw(checked, &checked.device)?;
     let paths = RunPaths::new(dir.to_path_buf());
-    write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
+    write_atomic(&paths.config(), checked.config_toml().as_bytes())?;
     checkpoint::save_model(&model, &paths.model())?;
     // The training's records (not its evaluation), then TensorBoard replays them.
     let theirs = std::fs::read_to_string(trained_dir.join("metrics.jsonl"))
@@ -202,12 +197,8 @@ pub fn evaluate_trained(
         .map(|l| format!("{l}\n"))
         .collect();
     write_atomic(&dir.join("metrics.jsonl"), mine.as_bytes())?;
-    let log = RunLog::resume(
-        dir,
-        cfg.logging.tensorboard,
-        cfg.train.steps,
-        cfg.train.steps,
-    )?;
+    let steps = checked.train.steps;
+    let log = RunLog::resume(dir, checked.logging.tensorboard, steps, steps)?;
     let trained = Trained {
         model,
         coupling_label: base.coupling,
@@ -215,14 +206,14 @@ pub fn evaluate_trained(
         progress: vec![],
         train_secs: 0.0,
         score_secs: 0.0,
-        start: cfg.train.steps,
+        start: steps,
         log,
     };
     let name = trained_dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    Ok(finish_run(cfg, checked, dir, pb, &set, trained, Some(&name))?.0)
+    Ok(finish_run(checked, dir, pb, &set, trained, Some(&name))?.0)
 }
 
 /// What the train stage leaves for the eval stage and the run folder.
@@ -249,14 +240,13 @@ pub struct Trained {
 pub fn eval_stage(
     set: &EvalSet,
     trained: &mut Trained,
-    cfg: &Config,
     checked: &Experiment,
 ) -> Result<Evaluation> {
-    let ev = evaluate_on(set, &trained.model, cfg, checked, &checked.solver)?;
-    if cfg.eval.every > 0 {
+    let ev = evaluate_on(set, &trained.model, checked, &checked.solver)?;
+    if checked.eval.every > 0 {
         // The final evaluation used the same samples and solver: its scores close the curve.
         trained.progress.push(ProgressRow {
-            step: cfg.train.steps,
+            step: checked.train.steps,
             w2: ev.w2,
             mmd: ev.mmd,
             fid: ev.image.as_ref().map(|i| i.fid),

@@ -50,7 +50,6 @@ pub struct PlannedRun {
     pub name: String,
     /// Its values of the swept keys (axes, then replicates).
     pub values: Vec<(String, toml::Value)>,
-    pub config: Config,
     /// The checked config; built into an experiment when the run starts.
     pub plan: Plan,
 }
@@ -270,7 +269,7 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
             toml::Value::String(run_name.clone()),
             format!("sweep {}", path.display()),
         ));
-        let (config, plan) = Config::load(&ConfigSource {
+        let plan = Config::load(&ConfigSource {
             file: Some(&base),
             sets: &sets,
         })
@@ -278,7 +277,6 @@ pub fn plan(path: &Path, extra_sets: &[Override], max_runs: usize) -> Result<Swe
         runs.push(PlannedRun {
             name: run_name,
             values,
-            config,
             plan,
         });
     }
@@ -326,20 +324,9 @@ pub struct SweepReport {
 /// a reflow run or one with progress scores (`eval.every`) trains alone. Indices in plan
 /// order, groups in the order of their first run.
 pub fn training_groups(runs: &[PlannedRun]) -> Vec<Vec<usize>> {
-    let key = |r: &PlannedRun| -> Option<String> {
-        if r.plan.reflow.is_reflow() || r.config.eval.every > 0 {
-            return None;
-        }
-        let defaults = Config::default();
-        let mut c = r.config.clone();
-        c.name = String::new();
-        c.solver = defaults.solver;
-        c.eval = defaults.eval;
-        Some(c.to_toml())
-    };
     let mut groups: Vec<(Option<String>, Vec<usize>)> = vec![];
     for (i, r) in runs.iter().enumerate() {
-        let k = key(r);
+        let k = r.plan.training_key();
         match groups.iter_mut().find(|(g, _)| k.is_some() && *g == k) {
             Some((_, members)) => members.push(i),
             None => groups.push((k, vec![i])),
@@ -355,7 +342,7 @@ fn changed_runs(dir: &Path, runs: &[&PlannedRun]) -> Result<Vec<(String, Vec<Str
         let stored = RunPaths::new(dir.join(&r.name)).config();
         if stored.is_file() {
             let old = Config::read_resolved(&stored).map_err(|e| anyhow!(e.0))?;
-            let diffs = old.differences(&r.config);
+            let diffs = old.differences(r.plan.config());
             if !diffs.is_empty() {
                 changed.push((r.name.clone(), diffs));
             }
@@ -386,12 +373,12 @@ fn run_one(r: &PlannedRun, trainer: &PlannedRun, dir: &Path, run_opts: RunOption
             Outcome::Failed(format!("its training run {} did not finish", trainer.name))
         }
         Ok(lock) => {
-            let ran = Experiment::build(&r.config, &r.plan).and_then(|exp| {
+            let ran = Experiment::build(&r.plan).and_then(|exp| {
                 if trainer.name == r.name {
-                    crate::reflow::run_experiment(&r.config, &exp, &lock, run_opts)
+                    crate::reflow::run_experiment(&exp, &lock, run_opts)
                 } else {
                     let pb = indicatif::ProgressBar::hidden();
-                    evaluate_trained(&r.config, &exp, lock.dir(), &trained_dir, &pb, run_opts)
+                    evaluate_trained(&exp, lock.dir(), &trained_dir, &pb, run_opts)
                 }
             });
             match ran {
@@ -437,7 +424,7 @@ fn open_sweep_dir(sweep: &Sweep, dir: &Path) -> Result<SweepClaim> {
             &sweep
                 .runs
                 .iter()
-                .map(|r| format!("{} {}\n", r.name, r.config.fingerprint()))
+                .map(|r| format!("{} {}\n", r.name, r.plan.fingerprint()))
                 .collect::<String>()
         )
     );
@@ -581,7 +568,7 @@ mod tests {
         assert!(s
             .runs
             .iter()
-            .all(|r| r.config.train.batch_size == 8 && r.config.train.steps == 5));
+            .all(|r| r.plan.train.batch_size == 8 && r.plan.train.steps == 5));
         std::fs::write(
             &sw,
             "base = \"base.toml\"\n[axes]\n\"solver.method\" = [\"euler\", \"leapfrog\"]\n",

@@ -267,8 +267,8 @@ pub fn samples_figure(dir: &Path, what: &[String]) -> Result<PathBuf> {
         };
         for (title, d) in flows {
             let run = crate::folder::open_run(&d, &[])?;
-            let (model, cfg, checked) = (run.model, run.cfg, run.exp);
-            let (x0, r) = crate::eval::EvalSet::samples(&cfg, &checked, &checked.device)?;
+            let (model, checked) = (run.model, run.exp);
+            let (x0, r) = crate::eval::EvalSet::samples(&checked, &checked.device)?;
             real.get_or_insert(r);
             let x = solve(&model, &x0, &SolverSpec::new(Method::Euler, k), false)?.x;
             panels.push((format!("{title} ({k} NFE)"), x));

@@ -3,7 +3,6 @@
 //! checkpoints, stop requests, the caller's per-step hook).
 
 use crate::checkpoint::{self, ResumeInfo, RngState};
-use crate::config::Config;
 use crate::eval::{log_progress, EvalSet};
 use crate::experiment::Experiment;
 use crate::folder::{Prepared, RunOptions, RunPaths};
@@ -13,70 +12,52 @@ use crate::run::{Setup, Trained};
 use crate::signals::{self, Stopped};
 use anyhow::{anyhow, Result};
 use flowmatch_data::{rng_from_seed, Rng};
-use flowmatch_losses::{LossError, LrSchedule, OptimConfig, Trainer};
+use flowmatch_losses::{LossError, LrSchedule, Trainer};
 use indicatif::ProgressBar;
 use serde_json::json;
 use std::path::Path;
 use std::time::Instant;
 
-/// The trainer of `cfg` (or of `setup`'s model, coupling and time sampler) and its
+/// The trainer of the plan (or of `setup`'s model, coupling and time sampler) and its
 /// learning-rate schedule.
-fn build_trainer(
-    cfg: &Config,
-    checked: &Experiment,
-    setup: Setup,
-) -> Result<(Trainer, LrSchedule)> {
+fn build_trainer(checked: &Experiment, setup: Setup) -> Result<(Trainer, LrSchedule)> {
+    let t = &checked.train;
     let model = match setup.model {
         Some(m) => m,
         None => checked
             .model
-            .build(checked.dim(), cfg.train.seed, &checked.device)?,
+            .build(checked.dim(), t.seed, &checked.device)?,
     };
     let coupling = setup.coupling.unwrap_or_else(|| {
         checked
             .coupling
             .build(checked.source.clone(), checked.target.clone())
     });
-    let optim = OptimConfig {
-        lr: cfg.train.lr,
-        weight_decay: cfg.train.weight_decay,
-        ..Default::default()
-    };
-    let schedule = LrSchedule {
-        decay: cfg.train.lr_decay,
-        warmup: cfg.train.warmup,
-        total: cfg.train.steps,
-    };
     let trainer = Trainer::new(
         model,
         Box::new(checked.path),
         coupling,
         setup.time.unwrap_or(checked.time),
-        cfg.train.batch_size,
-        optim,
+        t.batch_size,
+        t.optim,
     )?
     .with_objective(checked.objective)?
-    .with_lr_schedule(schedule)?
-    .with_ema(cfg.train.ema)?
-    .with_prefetch(cfg.train.prefetch);
-    Ok((trainer, schedule))
+    .with_lr_schedule(t.schedule)?
+    .with_ema(t.ema)?
+    .with_prefetch(t.prefetch);
+    Ok((trainer, t.schedule))
 }
 
 /// Restores `trainer` from the run's resume file, which must come from this model (shapes)
 /// and this config (fingerprint); returns the counters stored beside the tensors.
-fn restore(
-    cfg: &Config,
-    checked: &Experiment,
-    paths: &RunPaths,
-    trainer: &mut Trainer,
-) -> Result<ResumeInfo> {
+fn restore(checked: &Experiment, paths: &RunPaths, trainer: &mut Trainer) -> Result<ResumeInfo> {
     let (state, info) = checkpoint::load_resume(&paths.resume(), &checked.device)?;
-    if info.step > cfg.train.steps {
+    if info.step > checked.train.steps {
         return Err(anyhow!(
             "{}: the checkpoint is at step {}, past train.steps = {}",
             paths.resume().display(),
             info.step,
-            cfg.train.steps
+            checked.train.steps
         ));
     }
     trainer.restore(&state).map_err(|e| {
@@ -90,7 +71,7 @@ fn restore(
         )
     })?;
     // After the shapes (a file of another model says which tensor differs).
-    let fingerprint = cfg.fingerprint();
+    let fingerprint = checked.fingerprint();
     if info.config.as_deref() != Some(fingerprint.as_str()) {
         return Err(anyhow!(
             "{} was written by a run of another config (fingerprint {}, this config's {fingerprint}); remove it to start the run afresh",
@@ -103,7 +84,6 @@ fn restore(
 
 /// The loop's state between steps.
 struct Loop<'a> {
-    cfg: &'a Config,
     checked: &'a Experiment,
     paths: RunPaths,
     pb: &'a ProgressBar,
@@ -124,7 +104,6 @@ impl<'a> Loop<'a> {
     /// A fresh start (the config written, empty logs) or the state of the checkpoint that
     /// `prepared` found, which must come from this config and model.
     fn open(
-        cfg: &'a Config,
         checked: &'a Experiment,
         dir: &Path,
         pb: &'a ProgressBar,
@@ -132,30 +111,30 @@ impl<'a> Loop<'a> {
         prepared: Prepared,
     ) -> Result<Self> {
         let paths = RunPaths::new(dir);
-        let (mut trainer, schedule) = build_trainer(cfg, checked, setup)?;
+        let (mut trainer, schedule) = build_trainer(checked, setup)?;
+        let (t, tensorboard) = (&checked.train, checked.logging.tensorboard);
         let (log, rng, recent, progress, start) = if let Prepared::Resume = prepared {
-            let info = restore(cfg, checked, &paths, &mut trainer)?;
+            let info = restore(checked, &paths, &mut trainer)?;
             let start = info.step;
-            eprintln!("{}: resuming after step {start}", cfg.name);
+            eprintln!("{}: resuming after step {start}", checked.name);
             (
-                RunLog::resume(dir, cfg.logging.tensorboard, start, cfg.train.steps)?,
+                RunLog::resume(dir, tensorboard, start, t.steps)?,
                 info.rng.to_rng()?,
                 info.recent_losses(),
                 info.progress(),
                 start,
             )
         } else {
-            write_atomic(&paths.config(), cfg.to_toml().as_bytes())?;
+            write_atomic(&paths.config(), checked.config_toml().as_bytes())?;
             (
-                RunLog::create(dir, cfg.logging.tensorboard)?,
-                rng_from_seed(cfg.train.seed.wrapping_add(0x5eed_0000_0000)),
-                Vec::with_capacity(cfg.train.steps.min(1 << 20)),
+                RunLog::create(dir, tensorboard)?,
+                rng_from_seed(t.seed.wrapping_add(0x5eed_0000_0000)),
+                Vec::with_capacity(t.steps.min(1 << 20)),
                 vec![],
                 0,
             )
         };
         Ok(Loop {
-            cfg,
             checked,
             paths,
             pb,
@@ -193,8 +172,8 @@ impl<'a> Loop<'a> {
 
     /// Hook: the loss (and learning rate) every `logging.every` steps and at the last one.
     fn log_step(&mut self, step: usize, loss: f32) -> Result<()> {
-        let cfg = self.cfg;
-        if step % cfg.logging.every != 0 && step != cfg.train.steps {
+        let last = self.checked.train.steps;
+        if step % self.checked.logging.every != 0 && step != last {
             return Ok(());
         }
         if self.schedule.is_constant() {
@@ -214,8 +193,8 @@ impl<'a> Loop<'a> {
     /// Hook: the headline solver's scores every `eval.every` steps (the last step's come
     /// from the eval stage).
     fn score_progress(&mut self, step: usize, set: &EvalSet) -> Result<()> {
-        let every = self.cfg.eval.every;
-        if every == 0 || step % every != 0 || step >= self.cfg.train.steps {
+        let every = self.checked.eval.every;
+        if every == 0 || step % every != 0 || step >= self.checked.train.steps {
             return Ok(());
         }
         self.pb.set_message("scoring");
@@ -230,15 +209,18 @@ impl<'a> Loop<'a> {
     /// Hook: a checkpoint every `checkpoint_every` steps, after the last one (a run killed
     /// while it evaluates then does not train again), and when a stop is asked for.
     fn checkpoint(&mut self, step: usize, stop: bool) -> Result<()> {
-        let every = self.cfg.train.checkpoint_every;
-        if !((every > 0 && (step % every == 0 || step == self.cfg.train.steps)) || stop) {
+        let (every, last) = (
+            self.checked.train.checkpoint_every,
+            self.checked.train.steps,
+        );
+        if !((every > 0 && (step % every == 0 || step == last)) || stop) {
             return Ok(());
         }
         checkpoint::save_model(self.trainer.model(), &self.paths.model())?;
         let state = self.trainer.state()?;
         let keep = self.recent.len().min(100);
         let info = ResumeInfo::new(
-            self.cfg.fingerprint(),
+            self.checked.fingerprint(),
             step,
             state.adam_step,
             RngState::of(&self.trainer.rng_to_save(&self.rng)),
@@ -251,11 +233,9 @@ impl<'a> Loop<'a> {
     }
 }
 
-/// Trains `cfg` in `dir` from step 1, or from the checkpoint that `prepared` found: writes the
+/// Trains the plan in `dir` from step 1, or from the checkpoint that `prepared` found: writes the
 /// config, logs, progress scores and checkpoints, and the final `model.safetensors`.
-#[allow(clippy::too_many_arguments)]
 pub fn train_stage(
-    cfg: &Config,
     checked: &Experiment,
     dir: &Path,
     pb: &ProgressBar,
@@ -267,11 +247,11 @@ pub fn train_stage(
     let coupling_label = setup
         .coupling_label
         .unwrap_or(RunCoupling::Batch(checked.coupling));
-    let mut l = Loop::open(cfg, checked, dir, pb, setup, prepared)?;
+    let mut l = Loop::open(checked, dir, pb, setup, prepared)?;
     let started = Instant::now();
-    pb.set_length(cfg.train.steps as u64);
+    pb.set_length(checked.train.steps as u64);
     pb.set_position(l.start as u64);
-    for step in l.start + 1..=cfg.train.steps {
+    for step in l.start + 1..=checked.train.steps {
         let loss = l.step(step)?;
         l.recent.push(loss);
         l.log_step(step, loss)?;
@@ -280,7 +260,7 @@ pub fn train_stage(
         l.checkpoint(step, stop)?;
         if stop {
             return Err(Stopped {
-                run: cfg.name.clone(),
+                run: checked.name.clone(),
                 step,
             }
             .into());

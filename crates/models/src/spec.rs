@@ -101,6 +101,16 @@ impl ModelKind {
 }
 
 impl ModelSpec {
+    /// The kind of model this spec builds.
+    pub fn kind(&self) -> ModelKind {
+        match self {
+            Self::VelocityNet { .. } => ModelKind::VelocityNet,
+            Self::VelocityMlp { .. } => ModelKind::VelocityMlp,
+            Self::UNet { .. } => ModelKind::UNet,
+            Self::UNetLesson { .. } => ModelKind::UNetLesson,
+        }
+    }
+
     /// The spec of `kind` with a config's settings: `layers` is read by the lesson MLP only,
     /// `mults` and `attention` by the U-Net only, and an absent `activation` is the seed's
     /// choice for the kind (GELU for the blog's net, SiLU for the lesson's MLP).
