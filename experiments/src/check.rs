@@ -6,15 +6,17 @@
 use crate::config::{
     check_name, Config, ConfigError, ConfigSource, DataConfig, EvalConfig, LimitsConfig,
     LoggingConfig, LossConfig, ModelConfig, ReflowConfig, SolverConfig, TableMethod, TrainConfig,
+    COUPLING_KEYS,
 };
 use crate::device::DeviceRequest;
 use flowmatch_data::Distribution;
 use flowmatch_losses::{
-    AffinePath, CouplingSpec, LrSchedule, Objective, OptimConfig, TimeKind, TimeSampler,
+    validate_ema, AffinePath, CouplingSpec, LossError, LrSchedule, Objective, ObjectiveOptions,
+    OptimConfig, TimeOptions, TimeSampler,
 };
-use flowmatch_models::ModelSpec;
+use flowmatch_models::{ModelError, ModelOptions, ModelSpec};
 use flowmatch_reflow::{ReflowMode, ReflowSpec};
-use flowmatch_solvers::{Divergence, NoiseSchedule, SolverSpec, Tolerances};
+use flowmatch_solvers::{Divergence, NoiseSchedule, SolverError, SolverSpec, Tolerances};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -221,26 +223,49 @@ fn check_warp(key: &'static str, s: f64) -> Result<(), Bad> {
     flowmatch_solvers::grid_check_warp(s).map_err(|e| (key, e.to_string()))
 }
 
-/// The learning-rate warm-up must end before the `steps` of the training it starts.
-fn check_warmup(steps_key: &str, steps: usize, warmup: usize) -> Result<(), Bad> {
-    if warmup > 0 && warmup >= steps {
-        return Err((
-            "train.warmup",
-            format!(
-                "{warmup} warm-up steps leave nothing of {steps_key} = {steps}; it must be shorter"
-            ),
-        ));
-    }
-    Ok(())
+/// A library's out-of-range field as the key it comes from: `keys` maps the spec's field
+/// names to config keys (the rule stays in the library; `other` takes any other error).
+fn key_of(keys: &[(&str, &'static str)], other: &'static str, field: &str, msg: String) -> Bad {
+    let key = keys
+        .iter()
+        .find(|(f, _)| *f == field)
+        .map_or(other, |k| k.1);
+    (key, msg)
 }
 
-/// A learning rate: positive and finite.
-fn check_lr(key: &'static str, lr: f64) -> Result<(), Bad> {
-    if lr > 0.0 && lr.is_finite() {
-        Ok(())
-    } else {
-        Err((key, format!("must be a positive number, got {lr}")))
+/// [`key_of`] for the losses crate's errors.
+fn loss_key(keys: &[(&str, &'static str)], other: &'static str, e: LossError) -> Bad {
+    match e {
+        LossError::Setting { field, msg } => key_of(keys, other, field, msg),
+        e => (other, e.to_string()),
     }
+}
+
+/// The learning-rate schedule of a training of `steps` steps (`steps_key`): its warm-up must
+/// end before the training does.
+fn check_schedule(t: &TrainConfig, steps_key: &str, steps: usize) -> Result<LrSchedule, Bad> {
+    let schedule = LrSchedule {
+        decay: t.lr_decay,
+        warmup: t.warmup,
+        total: steps,
+    };
+    schedule.validate().map_err(|e| {
+        let (key, msg) = loss_key(&[("warmup", "train.warmup")], "train.lr_decay", e);
+        (key, format!("{msg}, set by {steps_key}"))
+    })?;
+    Ok(schedule)
+}
+
+/// The optimiser of a training at learning rate `lr` (`lr_key`).
+fn check_optim(t: &TrainConfig, lr_key: &'static str, lr: f64) -> Result<OptimConfig, Bad> {
+    let optim = OptimConfig {
+        lr,
+        weight_decay: t.weight_decay,
+        ..Default::default()
+    };
+    let keys = [("lr", lr_key), ("weight_decay", "train.weight_decay")];
+    optim.validate().map_err(|e| loss_key(&keys, lr_key, e))?;
+    Ok(optim)
 }
 
 /// A count of at least one.
@@ -343,16 +368,28 @@ impl ModelConfig {
         }
         let model = ModelSpec::of(
             self.kind,
-            self.hidden,
-            self.layers,
-            self.mults,
-            self.attention,
-            self.activation,
+            ModelOptions {
+                hidden: self.hidden,
+                layers: self.layers,
+                mults: self.mults,
+                attention: self.attention,
+                activation: self.activation,
+            },
         );
         if model.is_image() {
             flowmatch_models::image_shape(dim).map_err(|e| ("model.kind", e.to_string()))?;
         }
-        model.validate().map_err(|e| ("model", e.to_string()))?;
+        model.validate().map_err(|e| match e {
+            ModelError::Setting { field, msg } => {
+                let keys = [
+                    ("hidden", "model.hidden"),
+                    ("layers", "model.layers"),
+                    ("mults", "model.mults"),
+                ];
+                key_of(&keys, "model.kind", field, msg)
+            }
+            e => ("model.kind", e.to_string()),
+        })?;
         Ok(model)
     }
 }
@@ -361,27 +398,25 @@ impl LossConfig {
     /// The path, the coupling and the time sampler.
     pub fn check(&self) -> Result<(AffinePath, CouplingSpec, TimeSampler), Bad> {
         let path = AffinePath::new(self.path, self.sigma_min)
-            .map_err(|e| ("loss.sigma_min", e.to_string()))?;
-        match self.time {
-            TimeKind::Uniform => {}
-            TimeKind::Warped => check_warp("loss.time_warp_s", self.time_warp_s)?,
-            TimeKind::LogitNormal => {
-                if !self.logit_mean.is_finite() {
-                    return Err((
-                        "loss.logit_mean",
-                        format!("must be a finite number, got {}", self.logit_mean),
-                    ));
-                }
-                if !(self.logit_std > 0.0 && self.logit_std.is_finite()) {
-                    return Err((
-                        "loss.logit_std",
-                        format!("must be a positive number, got {}", self.logit_std),
-                    ));
-                }
-            }
-        }
-        let time = TimeSampler::of(self.time, self.time_warp_s, self.logit_mean, self.logit_std);
-        Ok((path, CouplingSpec::new(self.coupling, self.ot_solver), time))
+            .map_err(|e| loss_key(&[], "loss.sigma_min", e))?;
+        let options = TimeOptions {
+            s: self.time_warp_s,
+            mean: self.logit_mean,
+            std: self.logit_std,
+        };
+        let time = TimeSampler::of(self.time, options);
+        let keys = [
+            ("s", "loss.time_warp_s"),
+            ("mean", "loss.logit_mean"),
+            ("std", "loss.logit_std"),
+        ];
+        time.validate()
+            .map_err(|e| loss_key(&keys, "loss.time", e))?;
+        let coupling = CouplingSpec::of(self.coupling, self.coupling_options());
+        coupling
+            .validate()
+            .map_err(|e| loss_key(COUPLING_KEYS, "loss.coupling", e))?;
+        Ok((path, coupling, time))
     }
 }
 
@@ -390,34 +425,15 @@ impl TrainConfig {
     pub fn check(&self) -> Result<TrainPlan, Bad> {
         check_count("train.steps", self.steps)?;
         check_count("train.batch_size", self.batch_size)?;
-        check_lr("train.lr", self.lr)?;
-        check_warmup("train.steps", self.steps, self.warmup)?;
-        if !(0.0..1.0).contains(&self.ema) {
-            return Err((
-                "train.ema",
-                format!("decay must be in [0, 1), got {}", self.ema),
-            ));
-        }
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err((
-                "train.weight_decay",
-                format!("must be ≥ 0, got {}", self.weight_decay),
-            ));
-        }
+        let optim = check_optim(self, "train.lr", self.lr)?;
+        let schedule = check_schedule(self, "train.steps", self.steps)?;
+        validate_ema(self.ema).map_err(|e| loss_key(&[], "train.ema", e))?;
         Ok(TrainPlan {
             steps: self.steps,
             batch_size: self.batch_size,
             seed: self.seed,
-            optim: OptimConfig {
-                lr: self.lr,
-                weight_decay: self.weight_decay,
-                ..Default::default()
-            },
-            schedule: LrSchedule {
-                decay: self.lr_decay,
-                warmup: self.warmup,
-                total: self.steps,
-            },
+            optim,
+            schedule,
             ema: self.ema,
             prefetch: self.prefetch,
             checkpoint_every: self.checkpoint_every,
@@ -440,16 +456,7 @@ impl LoggingConfig {
 impl SolverConfig {
     /// The headline solver.
     pub fn check(&self) -> Result<SolverSpec, Bad> {
-        check_count("solver.steps", self.steps)?;
-        if let Some(s) = self.warp_s {
-            check_warp("solver.warp_s", s)?;
-        }
-        for (key, tol) in [("solver.rtol", self.rtol), ("solver.atol", self.atol)] {
-            if !(tol > 0.0 && tol.is_finite()) {
-                return Err((key, format!("must be a positive number, got {tol}")));
-            }
-        }
-        Ok(SolverSpec {
+        let spec = SolverSpec {
             method: self.method,
             steps: self.steps,
             warp_s: self.warp_s,
@@ -458,7 +465,20 @@ impl SolverConfig {
                 atol: self.atol,
             },
             reverse: false,
-        })
+        };
+        spec.validate().map_err(|e| match e {
+            SolverError::Setting { field, msg } => {
+                let keys = [
+                    ("steps", "solver.steps"),
+                    ("warp_s", "solver.warp_s"),
+                    ("rtol", "solver.rtol"),
+                    ("atol", "solver.atol"),
+                ];
+                key_of(&keys, "solver.method", field, msg)
+            }
+            e => ("solver.method", e.to_string()),
+        })?;
+        Ok(spec)
     }
 }
 
@@ -506,33 +526,22 @@ impl LossConfig {
     pub fn check_objective(&self) -> Result<Objective, Bad> {
         let objective = Objective::of(
             self.objective,
-            self.meanflow_fraction,
-            self.meanflow_p,
-            self.shortcut_bootstrap,
-            self.shortcut_steps,
+            ObjectiveOptions {
+                span_fraction: self.meanflow_fraction,
+                adaptive_p: self.meanflow_p,
+                bootstrap_fraction: self.shortcut_bootstrap,
+                max_steps: self.shortcut_steps,
+            },
         );
-        objective.validate().map_err(|e| {
-            let key = match objective {
-                Objective::Cfm => "loss.objective",
-                Objective::MeanFlow { span_fraction, .. }
-                    if !(0.0..=1.0).contains(&span_fraction) =>
-                {
-                    "loss.meanflow_fraction"
-                }
-                Objective::MeanFlow { .. } => "loss.meanflow_p",
-                Objective::Shortcut {
-                    bootstrap_fraction, ..
-                } if !(0.0..=1.0).contains(&bootstrap_fraction) => "loss.shortcut_bootstrap",
-                Objective::Shortcut { .. } => "loss.shortcut_steps",
-            };
-            let msg = e.to_string();
-            (
-                key,
-                msg.strip_prefix("invalid loss setting: ")
-                    .unwrap_or(&msg)
-                    .to_string(),
-            )
-        })?;
+        let keys = [
+            ("span_fraction", "loss.meanflow_fraction"),
+            ("adaptive_p", "loss.meanflow_p"),
+            ("bootstrap_fraction", "loss.shortcut_bootstrap"),
+            ("max_steps", "loss.shortcut_steps"),
+        ];
+        objective
+            .validate()
+            .map_err(|e| loss_key(&keys, "loss.objective", e))?;
         Ok(objective)
     }
 }
@@ -659,10 +668,10 @@ impl ReflowConfig {
         let steps = self.steps.unwrap_or(train.steps);
         check_count("reflow.steps", steps)?;
         if self.iterations > 0 {
-            check_warmup("reflow.steps", steps, train.warmup)?;
+            check_schedule(train, "reflow.steps", steps)?;
         }
         let lr = self.lr.unwrap_or(train.lr);
-        check_lr("reflow.lr", lr)?;
+        check_optim(train, "reflow.lr", lr)?;
         if self.distill_k > 0 {
             check_count("reflow.distill_steps", self.distill_steps)?;
         }

@@ -6,7 +6,9 @@ use crate::device::DeviceRequest;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
-use flowmatch_losses::{CouplingKind, LrDecay, ObjectiveKind, OtSolver, Schedule, TimeKind};
+use flowmatch_losses::{
+    CouplingKind, CouplingOptions, LrDecay, ObjectiveKind, OtSolver, Schedule, TimeKind,
+};
 use flowmatch_models::{activation::Activation, ModelKind};
 use flowmatch_reflow::{ReflowInit, ReflowMode};
 use flowmatch_solvers::{Method, NoiseSchedule};
@@ -74,6 +76,18 @@ pub struct ModelConfig {
     pub attention: bool,
     /// `gelu`, `silu` or `relu` (default: the seed's choice for the kind).
     pub activation: Option<Activation>,
+}
+
+/// The config key of each [`CouplingOptions`] field (named in a coupling's errors).
+pub const COUPLING_KEYS: &[(&str, &str)] = &[("ot_solver", "loss.ot_solver")];
+
+impl LossConfig {
+    /// The coupling's settings (its keys: [`COUPLING_KEYS`]).
+    pub fn coupling_options(&self) -> CouplingOptions {
+        CouplingOptions {
+            ot_solver: self.ot_solver,
+        }
+    }
 }
 
 /// `[loss]`: probability path, coupling and time sampling.
@@ -868,7 +882,10 @@ mod tests {
             .err()
             .unwrap()
             .0;
-        assert!(e.starts_with("model:") && e.contains("model.mults"), "{e}");
+        assert!(
+            e.starts_with("model.mults:") && e.contains("[1, 0, 2]"),
+            "{e}"
+        );
         let e = load("", &[&unet[..], &["model.mults=[1, 2]"]].concat())
             .err()
             .unwrap()

@@ -76,7 +76,7 @@ pub fn reflow_finished(
             ),
         );
     }
-    let run = open_run(&run_dir, &sets)?;
+    let run = open_run(run_dir, &sets)?;
     let (_run_lock, model, exp) = (run.lock, run.model, run.exp);
     if !exp.reflow.is_reflow() {
         return Err(anyhow!(

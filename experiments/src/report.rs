@@ -1,7 +1,7 @@
 //! The results that several modules share: evaluation tables, summaries, progress scores and
 //! the reflow table's rows (what `summary.json`, `eval-*.json` and `reflow.json` hold).
 
-use flowmatch_losses::{CouplingSpec, OtSolver};
+use flowmatch_losses::CouplingSpec;
 use flowmatch_solvers::{Method, NoiseSchedule, SolverSpec};
 use serde::{Deserialize, Serialize};
 
@@ -94,7 +94,7 @@ pub enum RunCoupling {
 impl std::fmt::Display for RunCoupling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let label = match self {
-            Self::Batch(c) => c.label().to_string(),
+            Self::Batch(c) => c.label(),
             Self::ReflowOffline {
                 pairs,
                 teacher,
@@ -147,19 +147,9 @@ impl TryFrom<String> for RunCoupling {
             let (teacher, steps) = teacher(t)?;
             return Ok(Self::ReflowOnline { teacher, steps });
         }
-        [
-            CouplingSpec::Independent,
-            CouplingSpec::Ot {
-                solver: OtSolver::Jv,
-            },
-            CouplingSpec::Ot {
-                solver: OtSolver::Pathfinding,
-            },
-        ]
-        .into_iter()
-        .find(|c| c.label() == s)
-        .map(Self::Batch)
-        .ok_or_else(bad)
+        CouplingSpec::from_label(&s)
+            .map(Self::Batch)
+            .ok_or_else(bad)
     }
 }
 
@@ -346,6 +336,7 @@ pub fn table_lines(rows: &[TableRow]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flowmatch_losses::OtSolver;
 
     #[test]
     fn coupling_labels_are_todays_strings_and_read_back_exactly() {

@@ -173,7 +173,7 @@ impl<'a> Loop<'a> {
     /// Hook: the loss (and learning rate) every `logging.every` steps and at the last one.
     fn log_step(&mut self, step: usize, loss: f32) -> Result<()> {
         let last = self.checked.train.steps;
-        if step % self.checked.logging.every != 0 && step != last {
+        if !step.is_multiple_of(self.checked.logging.every) && step != last {
             return Ok(());
         }
         if self.schedule.is_constant() {
@@ -194,7 +194,7 @@ impl<'a> Loop<'a> {
     /// from the eval stage).
     fn score_progress(&mut self, step: usize, set: &EvalSet) -> Result<()> {
         let every = self.checked.eval.every;
-        if every == 0 || step % every != 0 || step >= self.checked.train.steps {
+        if every == 0 || !step.is_multiple_of(every) || step >= self.checked.train.steps {
             return Ok(());
         }
         self.pb.set_message("scoring");
@@ -213,7 +213,7 @@ impl<'a> Loop<'a> {
             self.checked.train.checkpoint_every,
             self.checked.train.steps,
         );
-        if !((every > 0 && (step % every == 0 || step == last)) || stop) {
+        if !((every > 0 && (step.is_multiple_of(every) || step == last)) || stop) {
             return Ok(());
         }
         checkpoint::save_model(self.trainer.model(), &self.paths.model())?;

@@ -93,8 +93,9 @@ pub enum CouplingKind {
     Ot,
 }
 
-/// A coupling chosen by name, with its settings: a new coupling is one variant here and one
-/// [`Coupling`] impl. (Reflow's teacher couplings are built by the reflow stages.)
+/// A coupling chosen by name, with its settings: a new coupling is one variant here (with its
+/// settings in [`CouplingOptions`], its label and its check) and one [`Coupling`] impl; the
+/// config adds its keys. (Reflow's teacher couplings are built by the reflow stages.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CouplingSpec {
     /// Independent pairs (I-CFM).
@@ -103,12 +104,39 @@ pub enum CouplingSpec {
     Ot { solver: OtSolver },
 }
 
+/// The settings of every coupling (each kind reads its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CouplingOptions {
+    /// The exact assignment's solver (OT).
+    pub ot_solver: OtSolver,
+}
+
 impl CouplingSpec {
-    /// The spec of `kind`; `solver` is used by OT.
-    pub fn new(kind: CouplingKind, solver: OtSolver) -> Self {
+    /// The spec of `kind` with its settings.
+    pub fn of(kind: CouplingKind, o: CouplingOptions) -> Self {
         match kind {
             CouplingKind::Independent => Self::Independent,
-            CouplingKind::Ot => Self::Ot { solver },
+            CouplingKind::Ot => Self::Ot {
+                solver: o.ot_solver,
+            },
+        }
+    }
+
+    /// Checks the settings; an error names the field of [`CouplingOptions`].
+    pub fn validate(&self) -> Result<(), LossError> {
+        match self {
+            Self::Independent | Self::Ot { .. } => Ok(()),
+        }
+    }
+
+    /// The spec whose [`label`](Self::label) is `s`.
+    pub fn from_label(s: &str) -> Option<Self> {
+        let ot = |solver| Self::Ot { solver };
+        match s {
+            "independent" => Some(Self::Independent),
+            "ot" => Some(ot(OtSolver::Jv)),
+            "ot-pathfinding" => Some(ot(OtSolver::Pathfinding)),
+            _ => None,
         }
     }
 
@@ -120,8 +148,9 @@ impl CouplingSpec {
         }
     }
 
-    /// The coupling's name in summaries: `independent`, `ot`, `ot-pathfinding`.
-    pub fn label(self) -> &'static str {
+    /// The coupling's name in summaries: `independent`, `ot`, `ot-pathfinding` (read back
+    /// by [`from_label`](Self::from_label)).
+    pub fn label(self) -> String {
         match self {
             Self::Independent => "independent",
             Self::Ot {
@@ -131,6 +160,7 @@ impl CouplingSpec {
                 solver: OtSolver::Pathfinding,
             } => "ot-pathfinding",
         }
+        .to_string()
     }
 
     /// Whether batches pair by optimal transport (the batch² cost matrix, for estimates).
@@ -265,14 +295,22 @@ mod tests {
                 "seed {seed}"
             );
         }
+        let pathfinding = CouplingOptions {
+            ot_solver: OtSolver::Pathfinding,
+        };
+        let ot = CouplingSpec::of(CouplingKind::Ot, Default::default());
+        assert_eq!(ot.label(), "ot");
         assert_eq!(
-            CouplingSpec::new(CouplingKind::Ot, OtSolver::Jv).label(),
-            "ot"
-        );
-        assert_eq!(
-            CouplingSpec::new(CouplingKind::Independent, OtSolver::Pathfinding),
+            CouplingSpec::of(CouplingKind::Independent, pathfinding),
             CouplingSpec::Independent
         );
+        for c in [
+            ot,
+            CouplingSpec::Independent,
+            CouplingSpec::of(CouplingKind::Ot, pathfinding),
+        ] {
+            assert_eq!(CouplingSpec::from_label(&c.label()), Some(c));
+        }
     }
 
     #[test]

@@ -6,6 +6,10 @@ pub enum LossError {
     /// A setting is out of range.
     #[error("invalid loss setting: {0}")]
     Invalid(String),
+    /// One field of a spec is out of range (the field's name, and what is wrong): a config
+    /// check maps the field to its key without restating the rule.
+    #[error("invalid loss setting: {msg}")]
+    Setting { field: &'static str, msg: String },
     /// The loss became NaN or infinite.
     #[error("loss is not finite ({0}) at step {1}")]
     NonFiniteLoss(f32, usize),
@@ -24,4 +28,14 @@ pub enum LossError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl LossError {
+    /// A field of a spec out of range.
+    pub fn setting(field: &'static str, msg: impl Into<String>) -> Self {
+        Self::Setting {
+            field,
+            msg: msg.into(),
+        }
+    }
 }

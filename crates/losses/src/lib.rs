@@ -21,11 +21,13 @@ pub mod time;
 pub mod train;
 
 pub use adamw::{AdamState, FusedAdamW};
-pub use coupling::{Coupling, CouplingKind, CouplingSpec, Draw, Independent, MinibatchOt, Pairing};
+pub use coupling::{
+    Coupling, CouplingKind, CouplingOptions, CouplingSpec, Draw, Independent, MinibatchOt, Pairing,
+};
 pub use error::LossError;
 pub use flowmatch_metrics::ot::OtSolver;
 pub use lr::{LrDecay, LrSchedule};
-pub use objective::{Draws, Objective, ObjectiveKind};
+pub use objective::{Draws, Objective, ObjectiveKind, ObjectiveOptions};
 pub use path::{AffinePath, PathSample, ProbabilityPath, Schedule};
-pub use time::{TimeKind, TimeSampler};
-pub use train::{OptimConfig, Trainer, TrainerState};
+pub use time::{TimeKind, TimeOptions, TimeSampler};
+pub use train::{validate_ema, OptimConfig, Trainer, TrainerState};

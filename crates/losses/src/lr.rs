@@ -39,15 +39,19 @@ impl LrSchedule {
     /// Checks that the warm-up fits in the training.
     pub fn validate(&self) -> Result<(), LossError> {
         if self.decay != LrDecay::Constant && self.total == 0 {
-            return Err(LossError::Invalid(
-                "a decaying learning rate needs the total step count".into(),
+            return Err(LossError::setting(
+                "total",
+                "a decaying learning rate needs the total step count",
             ));
         }
         if self.warmup > 0 && self.total > 0 && self.warmup >= self.total {
-            return Err(LossError::Invalid(format!(
-                "the warm-up ({} steps) must be shorter than the training ({} steps)",
-                self.warmup, self.total
-            )));
+            return Err(LossError::setting(
+                "warmup",
+                format!(
+                    "the warm-up ({} steps) must be shorter than the training ({} steps)",
+                    self.warmup, self.total
+                ),
+            ));
         }
         Ok(())
     }

@@ -55,6 +55,27 @@ pub enum Objective {
     },
 }
 
+/// The settings of every objective, with the papers' defaults (MeanFlow: 25% spans, p = 1;
+/// shortcut: a quarter of the batch bootstraps, 128 steps at the finest).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ObjectiveOptions {
+    pub span_fraction: f64,
+    pub adaptive_p: f64,
+    pub bootstrap_fraction: f64,
+    pub max_steps: usize,
+}
+
+impl Default for ObjectiveOptions {
+    fn default() -> Self {
+        Self {
+            span_fraction: 0.25,
+            adaptive_p: 1.0,
+            bootstrap_fraction: 0.25,
+            max_steps: 128,
+        }
+    }
+}
+
 /// The times of one batch: where each pair sits on its path (`t`) and the span it jumps
 /// (`h`, empty for [`Objective::Cfm`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -64,14 +85,14 @@ pub struct Draws {
 }
 
 impl Objective {
-    /// The objective of `kind` with a config's settings.
-    pub fn of(
-        kind: ObjectiveKind,
-        span_fraction: f64,
-        adaptive_p: f64,
-        bootstrap_fraction: f64,
-        max_steps: usize,
-    ) -> Objective {
+    /// The objective of `kind` with its settings (those of the other kinds unused).
+    pub fn of(kind: ObjectiveKind, o: ObjectiveOptions) -> Objective {
+        let ObjectiveOptions {
+            span_fraction,
+            adaptive_p,
+            bootstrap_fraction,
+            max_steps,
+        } = o;
         match kind {
             ObjectiveKind::Cfm => Self::Cfm,
             ObjectiveKind::MeanFlow => Self::MeanFlow {
@@ -101,13 +122,14 @@ impl Objective {
 
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), LossError> {
-        let fraction = |name: &str, f: f64| {
+        let fraction = |field: &'static str, name: &str, f: f64| {
             if (0.0..=1.0).contains(&f) {
                 Ok(())
             } else {
-                Err(LossError::Invalid(format!(
-                    "{name} must be in [0, 1], got {f}"
-                )))
+                Err(LossError::setting(
+                    field,
+                    format!("{name} must be in [0, 1], got {f}"),
+                ))
             }
         };
         match *self {
@@ -116,26 +138,32 @@ impl Objective {
                 span_fraction,
                 adaptive_p,
             } => {
-                fraction("the MeanFlow span fraction", span_fraction)?;
+                fraction("span_fraction", "the MeanFlow span fraction", span_fraction)?;
                 if (0.0..=2.0).contains(&adaptive_p) {
                     Ok(())
                 } else {
-                    Err(LossError::Invalid(format!(
-                        "the adaptive weight power must be in [0, 2], got {adaptive_p}"
-                    )))
+                    Err(LossError::setting(
+                        "adaptive_p",
+                        format!("the adaptive weight power must be in [0, 2], got {adaptive_p}"),
+                    ))
                 }
             }
             Self::Shortcut {
                 bootstrap_fraction,
                 max_steps,
             } => {
-                fraction("the shortcut bootstrap fraction", bootstrap_fraction)?;
+                fraction(
+                    "bootstrap_fraction",
+                    "the shortcut bootstrap fraction",
+                    bootstrap_fraction,
+                )?;
                 if max_steps >= 2 && max_steps.is_power_of_two() && max_steps <= 1 << 20 {
                     Ok(())
                 } else {
-                    Err(LossError::Invalid(format!(
-                        "the shortcut step count must be a power of two in 2..=2^20, got {max_steps}"
-                    )))
+                    Err(LossError::setting(
+                        "max_steps",
+                        format!("the shortcut step count must be a power of two in 2..=2^20, got {max_steps}"),
+                    ))
                 }
             }
         }

@@ -112,9 +112,10 @@ impl AffinePath {
     /// A path, checking `σ_min ≥ 0` and finite.
     pub fn new(schedule: Schedule, sigma_min: f64) -> Result<Self, LossError> {
         if !(sigma_min >= 0.0 && sigma_min.is_finite()) {
-            return Err(LossError::Invalid(format!(
-                "sigma_min must be ≥ 0, got {sigma_min}"
-            )));
+            return Err(LossError::setting(
+                "sigma_min",
+                format!("sigma_min must be ≥ 0, got {sigma_min}"),
+            ));
         }
         Ok(Self {
             schedule,

@@ -19,10 +19,31 @@ pub enum TimeKind {
     LogitNormal,
 }
 
+/// The settings of every time sampler (each kind reads its own), with the papers' defaults:
+/// the blog's warp `s = 0.5`, the standard logit-normal.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimeOptions {
+    /// The warp's slope `s` (warped).
+    pub s: f64,
+    /// The logit-normal's mean and std.
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl Default for TimeOptions {
+    fn default() -> Self {
+        Self {
+            s: 0.5,
+            mean: 0.0,
+            std: 1.0,
+        }
+    }
+}
+
 impl TimeSampler {
-    /// The sampler of `kind` with a config's settings (`s` for warped; `mean`, `std` for
-    /// logit-normal; the others unused).
-    pub fn of(kind: TimeKind, s: f64, mean: f64, std: f64) -> TimeSampler {
+    /// The sampler of `kind` with its settings.
+    pub fn of(kind: TimeKind, o: TimeOptions) -> TimeSampler {
+        let TimeOptions { s, mean, std } = o;
         match kind {
             TimeKind::Uniform => Self::Uniform,
             TimeKind::Warped => Self::Warped { s },
@@ -51,18 +72,24 @@ impl TimeSampler {
     pub fn validate(&self) -> Result<(), LossError> {
         match *self {
             Self::Uniform => Ok(()),
-            Self::Warped { s } => check_warp(s).map_err(|e| LossError::Invalid(e.to_string())),
+            Self::Warped { s } => check_warp(s).map_err(|e| {
+                let msg = e.to_string();
+                let msg = msg.strip_prefix("invalid solver setting: ").unwrap_or(&msg);
+                LossError::setting("s", msg)
+            }),
             Self::LogitNormal { mean, std } if mean.is_finite() && std > 0.0 && std.is_finite() => {
                 Ok(())
             }
-            Self::LogitNormal { mean, .. } if !mean.is_finite() => Err(LossError::Invalid(
+            Self::LogitNormal { mean, .. } if !mean.is_finite() => Err(LossError::setting(
+                "mean",
                 format!("logit-normal mean must be finite, got {mean}"),
             )),
-            Self::LogitNormal { std, .. } => Err(LossError::Invalid(format!(
-                "logit-normal std must be > 0, got {std}"
-            ))),
+            Self::LogitNormal { std, .. } => Err(LossError::setting(
+                "std",
+                format!("logit-normal std must be a positive number, got {std}"),
+            )),
             Self::Grid { k } if k >= 1 => Ok(()),
-            Self::Grid { .. } => Err(LossError::Invalid("distillation grid needs k ≥ 1".into())),
+            Self::Grid { .. } => Err(LossError::setting("k", "distillation grid needs k ≥ 1")),
         }
     }
 

@@ -26,6 +26,37 @@ pub struct OptimConfig {
     pub eps: f64,
 }
 
+impl OptimConfig {
+    /// Checks a positive, finite learning rate and a non-negative weight decay.
+    pub fn validate(&self) -> Result<(), LossError> {
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(LossError::setting(
+                "lr",
+                format!("must be a positive number, got {}", self.lr),
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(LossError::setting(
+                "weight_decay",
+                format!("must be ≥ 0, got {}", self.weight_decay),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a weight average's decay: in [0, 1) (0 = no average).
+pub fn validate_ema(decay: f64) -> Result<(), LossError> {
+    if (0.0..1.0).contains(&decay) {
+        Ok(())
+    } else {
+        Err(LossError::setting(
+            "ema",
+            format!("decay must be in [0, 1), got {decay}"),
+        ))
+    }
+}
+
 impl Default for OptimConfig {
     fn default() -> Self {
         Self {
@@ -139,11 +170,7 @@ impl Trainer {
     /// Keeps an exponential moving average of the weights with `decay` ∈ (0, 1) (0 = none);
     /// [`Self::model`] and [`Self::into_model`] then give the averaged model.
     pub fn with_ema(mut self, decay: f64) -> Result<Self, LossError> {
-        if !(0.0..1.0).contains(&decay) {
-            return Err(LossError::Invalid(format!(
-                "EMA decay must be in [0, 1), got {decay}"
-            )));
-        }
+        validate_ema(decay)?;
         self.ema = if decay > 0.0 {
             Some(Ema {
                 decay,

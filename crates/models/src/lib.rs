@@ -24,7 +24,7 @@ pub use field::{finite_difference_jvp, FnField, VelocityField};
 pub use mlp::{sinusoidal_embedding, VelocityMlp, VelocityNet};
 pub use ops::linear::Linear;
 pub use params::Params;
-pub use spec::{Model, ModelKind, ModelSpec, UNET_MULTS};
+pub use spec::{Model, ModelKind, ModelOptions, ModelSpec, UNET_MULTS};
 pub use unet::{image_shape, VelocityUNet, VelocityUNetLesson};
 
 /// Largest absolute value of an f32 tensor (tests).

@@ -72,6 +72,32 @@ fn silu() -> Activation {
     Activation::Silu
 }
 
+/// The settings of every model kind ([`ModelSpec::of`]), with the seeds' defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelOptions {
+    pub hidden: usize,
+    /// Hidden layers (the lesson's MLP).
+    pub layers: usize,
+    /// Channel multipliers (the U-Net).
+    pub mults: [usize; 3],
+    /// Self-attention at the lowest resolution (the U-Net).
+    pub attention: bool,
+    /// None: the seed's choice for the kind.
+    pub activation: Option<Activation>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            hidden: 64,
+            layers: 3,
+            mults: UNET_MULTS,
+            attention: false,
+            activation: None,
+        }
+    }
+}
+
 /// The name of a model in a config (`model.kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -111,17 +137,17 @@ impl ModelSpec {
         }
     }
 
-    /// The spec of `kind` with a config's settings: `layers` is read by the lesson MLP only,
-    /// `mults` and `attention` by the U-Net only, and an absent `activation` is the seed's
-    /// choice for the kind (GELU for the blog's net, SiLU for the lesson's MLP).
-    pub fn of(
-        kind: ModelKind,
-        hidden: usize,
-        layers: usize,
-        mults: [usize; 3],
-        attention: bool,
-        activation: Option<Activation>,
-    ) -> ModelSpec {
+    /// The spec of `kind` with its options: `layers` is read by the lesson MLP only, `mults`
+    /// and `attention` by the U-Net only, and an absent `activation` is the seed's choice for
+    /// the kind (GELU for the blog's net, SiLU for the lesson's MLP).
+    pub fn of(kind: ModelKind, o: ModelOptions) -> ModelSpec {
+        let ModelOptions {
+            hidden,
+            layers,
+            mults,
+            attention,
+            activation,
+        } = o;
         match kind {
             ModelKind::VelocityNet => Self::VelocityNet {
                 hidden,
@@ -180,21 +206,22 @@ impl ModelSpec {
             Self::VelocityMlp { hidden, layers, .. } => (*hidden, *layers),
             Self::UNet { hidden, .. } | Self::UNetLesson { hidden, .. } => (*hidden, 1),
         };
+        let bad = |field, msg| Err(ModelError::Setting { field, msg });
         if h == 0 || h > 65_536 {
-            return Err(ModelError::Invalid(format!(
-                "hidden width must be in 1..=65536, got {h}"
-            )));
+            return bad(
+                "hidden",
+                format!("hidden width must be in 1..=65536, got {h}"),
+            );
         }
         if l == 0 || l > 64 {
-            return Err(ModelError::Invalid(format!(
-                "layers must be in 1..=64, got {l}"
-            )));
+            return bad("layers", format!("layers must be in 1..=64, got {l}"));
         }
         if let Self::UNet { mults, .. } = self {
             if mults.iter().any(|&m| m == 0 || m > 16) {
-                return Err(ModelError::Invalid(format!(
-                    "unet channel multipliers (model.mults) must be in 1..=16, got {mults:?}"
-                )));
+                return bad(
+                    "mults",
+                    format!("unet channel multipliers must be in 1..=16, got {mults:?}"),
+                );
             }
         }
         Ok(())
@@ -398,19 +425,31 @@ mod tests {
     #[test]
     fn default_unet_settings_are_left_out_of_the_spec_and_bad_ones_refused() {
         let json = |s: &ModelSpec| serde_json::to_string(s).unwrap();
-        let plain = ModelSpec::of(ModelKind::UNet, 16, 1, UNET_MULTS, false, None);
+        let unet = |mults, attention| {
+            let o = ModelOptions {
+                hidden: 16,
+                mults,
+                attention,
+                ..Default::default()
+            };
+            ModelSpec::of(ModelKind::UNet, o)
+        };
+        let plain = unet(UNET_MULTS, false);
         // Specs written before these settings existed read back as the same model.
         assert_eq!(json(&plain), r#"{"kind":"unet","hidden":16}"#);
         let back: ModelSpec = serde_json::from_str(r#"{"kind":"unet","hidden":16}"#).unwrap();
         assert_eq!(back, plain);
-        let wide = ModelSpec::of(ModelKind::UNet, 16, 1, [1, 2, 4], true, None);
+        let wide = unet([1, 2, 4], true);
         assert_eq!(
             json(&wide),
             r#"{"kind":"unet","hidden":16,"mults":[1,2,4],"attention":true}"#
         );
-        let bad = ModelSpec::of(ModelKind::UNet, 16, 1, [1, 0, 2], false, None);
-        let e = bad.validate().unwrap_err().to_string();
-        assert!(e.contains("model.mults") && e.contains("[1, 0, 2]"), "{e}");
+        let e = unet([1, 0, 2], false).validate().unwrap_err();
+        assert!(
+            matches!(e, ModelError::Setting { field: "mults", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("[1, 0, 2]"), "{e}");
     }
 
     #[test]

@@ -97,13 +97,23 @@ impl SolverSpec {
         self
     }
 
-    /// Checks steps ≥ 1, `s ∈ [0, 1.5]` and positive tolerances.
+    /// Checks steps ≥ 1, `s ∈ [0, 1.5]` and positive tolerances; the error names the field.
     pub fn validate(&self) -> Result<(), SolverError> {
-        TimeGrid::new(self.steps, self.warp_s)?;
-        if !(self.tol.rtol > 0.0 && self.tol.atol > 0.0) {
-            return Err(SolverError::Invalid(
-                "rtol and atol must be positive".into(),
-            ));
+        let bad = |field, msg: String| Err(SolverError::Setting { field, msg });
+        if self.steps == 0 {
+            return bad("steps", "must be at least 1".into());
+        }
+        if let Some(s) = self.warp_s {
+            if let Err(e) = crate::grid::check_warp(s) {
+                let msg = e.to_string();
+                let msg = msg.strip_prefix("invalid solver setting: ").unwrap_or(&msg);
+                return bad("warp_s", msg.to_string());
+            }
+        }
+        for (field, tol) in [("rtol", self.tol.rtol), ("atol", self.tol.atol)] {
+            if !(tol > 0.0 && tol.is_finite()) {
+                return bad(field, format!("must be a positive number, got {tol}"));
+            }
         }
         Ok(())
     }
