@@ -35,6 +35,16 @@ pub trait Sampler: Send + Sync {
         let v = self.sample_vec(n, rng);
         Ok(Tensor::from_vec(v, (n, self.dim()), device)?)
     }
+    /// The number of classes its points fall into (0: it has no labels).
+    fn classes(&self) -> usize {
+        0
+    }
+    /// Draws `n` points with their class labels in `0..classes()`: the same points, from the
+    /// same draws, as [`sample_vec`](Self::sample_vec). `None` without labels.
+    fn sample_labeled_vec(&self, n: usize, rng: &mut Rng) -> Option<(Vec<f32>, Vec<u32>)> {
+        let _ = (n, rng);
+        None
+    }
 }
 
 impl<S: Sampler + ?Sized> Sampler for std::sync::Arc<S> {
@@ -46,5 +56,11 @@ impl<S: Sampler + ?Sized> Sampler for std::sync::Arc<S> {
     }
     fn sample(&self, n: usize, rng: &mut Rng, device: &Device) -> Result<Tensor, DataError> {
         (**self).sample(n, rng, device)
+    }
+    fn classes(&self) -> usize {
+        (**self).classes()
+    }
+    fn sample_labeled_vec(&self, n: usize, rng: &mut Rng) -> Option<(Vec<f32>, Vec<u32>)> {
+        (**self).sample_labeled_vec(n, rng)
     }
 }

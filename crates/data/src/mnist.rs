@@ -197,6 +197,13 @@ impl Sampler for MnistSampler {
     fn sample_vec(&self, n: usize, rng: &mut Rng) -> Vec<f32> {
         self.sample_labelled(n, rng).0
     }
+    fn classes(&self) -> usize {
+        10
+    }
+    fn sample_labeled_vec(&self, n: usize, rng: &mut Rng) -> Option<(Vec<f32>, Vec<u32>)> {
+        let (x, y) = self.sample_labelled(n, rng);
+        Some((x, y.into_iter().map(u32::from).collect()))
+    }
 }
 
 /// Writes the four IDX files for the given digits (bytes 0..=255) and labels, split

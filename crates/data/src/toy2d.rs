@@ -187,6 +187,39 @@ impl Sampler for Distribution {
     }
 
     fn sample_vec(&self, n: usize, rng: &mut Rng) -> Vec<f32> {
+        self.draw(n, rng, &mut Vec::new())
+    }
+
+    fn classes(&self) -> usize {
+        match self {
+            Self::TwoGaussians { .. } | Self::Moons { .. } => 2,
+            Self::EightGaussians { .. } | Self::Checkerboard => 8,
+            _ => 0,
+        }
+    }
+
+    fn sample_labeled_vec(&self, n: usize, rng: &mut Rng) -> Option<(Vec<f32>, Vec<u32>)> {
+        if self.classes() == 0 {
+            return None;
+        }
+        let mut labels = Vec::with_capacity(n);
+        let x = self.draw(n, rng, &mut labels);
+        Some((x, labels))
+    }
+}
+
+/// Points `[x, y]` with their labels, shuffled together, flattened; the labels go to `labels`.
+fn flatten_labeled(pts: Vec<([f64; 2], u32)>, labels: &mut Vec<u32>) -> Vec<f32> {
+    labels.extend(pts.iter().map(|p| p.1));
+    pts.into_iter()
+        .flat_map(|([x, y], _)| [x as f32, y as f32])
+        .collect()
+}
+
+impl Distribution {
+    /// Draws `n` points; the shapes with classes push each point's label to `labels` (the
+    /// draws are the same whether or not anyone reads the labels).
+    fn draw(&self, n: usize, rng: &mut Rng, labels: &mut Vec<u32>) -> Vec<f32> {
         let mut out = Vec::with_capacity(n * self.dim());
         match *self {
             Self::Gaussian { scale } => {
@@ -225,17 +258,15 @@ impl Sampler for Distribution {
                 }
             }
             Self::TwoGaussians { scale, shift } => {
-                let mut pts: Vec<[f64; 2]> = (0..n)
+                // Label 0: the left Gaussian, 1: the right one.
+                let mut pts: Vec<([f64; 2], u32)> = (0..n)
                     .map(|i| {
-                        let dx = if i < n / 2 { -shift } else { shift };
-                        [normal(rng) * scale + dx, normal(rng) * scale]
+                        let (dx, side) = if i < n / 2 { (-shift, 0) } else { (shift, 1) };
+                        ([normal(rng) * scale + dx, normal(rng) * scale], side)
                     })
                     .collect();
                 pts.shuffle(rng);
-                return pts
-                    .into_iter()
-                    .flat_map(|[x, y]| [x as f32, y as f32])
-                    .collect();
+                return flatten_labeled(pts, labels);
             }
             Self::Smiley { scale } => {
                 let m = n / 3 + 20;
@@ -266,24 +297,22 @@ impl Sampler for Distribution {
                         PI * i as f64 / (m - 1) as f64
                     }
                 };
+                // Label 0: the outer (upper) moon, 1: the inner one (sklearn's y).
                 let mut pts = Vec::with_capacity(n);
                 for i in 0..n_out {
                     let a = lin(i, n_out);
-                    pts.push([a.cos(), a.sin()]);
+                    pts.push(([a.cos(), a.sin()], 0));
                 }
                 for i in 0..n_in {
                     let a = lin(i, n_in);
-                    pts.push([1.0 - a.cos(), 1.0 - a.sin() - 0.5]);
+                    pts.push(([1.0 - a.cos(), 1.0 - a.sin() - 0.5], 1));
                 }
                 pts.shuffle(rng);
-                for p in pts.iter_mut() {
+                for (p, _) in pts.iter_mut() {
                     p[0] += noise * normal(rng);
                     p[1] += noise * normal(rng);
                 }
-                return pts
-                    .into_iter()
-                    .flat_map(|[x, y]| [x as f32, y as f32])
-                    .collect();
+                return flatten_labeled(pts, labels);
             }
             Self::EightGaussians { scale, var } => {
                 // TorchCFM's eight_normal_sample: covariance sqrt(var)·I around 8 centres.
@@ -299,18 +328,24 @@ impl Sampler for Distribution {
                     [s, -s],
                     [-s, -s],
                 ];
+                // Label: the index of the mode.
                 for _ in 0..n {
-                    let c = centers[rng.random_range(0..8)];
+                    let k = rng.random_range(0..8);
+                    labels.push(k as u32);
+                    let c = centers[k];
                     let x = c[0] * scale + std * normal(rng);
                     let y = c[1] * scale + std * normal(rng);
                     push(&mut out, x, y);
                 }
             }
             Self::Checkerboard => {
+                // Label: the cell, 2·column + row among the 8 filled cells.
                 for _ in 0..n {
                     let x1 = uniform(rng) * 4.0 - 2.0;
-                    let x2 = uniform(rng) - rng.random_range(0..2) as f64 * 2.0;
-                    let x2 = x2 + (x1.floor().rem_euclid(2.0));
+                    let u = uniform(rng);
+                    let row = rng.random_range(0..2);
+                    let x2 = u - row as f64 * 2.0 + (x1.floor().rem_euclid(2.0));
+                    labels.push(((x1.floor() + 2.0) as u32) * 2 + row as u32);
                     push(&mut out, x1 * 2.0, x2 * 2.0);
                 }
             }
@@ -461,5 +496,82 @@ mod tests {
             .with_dim(7)
             .unwrap();
         assert_eq!(nd.dim(), 7);
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+    use crate::rng_from_seed;
+
+    /// The class the generating rule gives a point (nearest mode, nearest moon, side, cell).
+    fn rule(name: &str, p: &[f32]) -> u32 {
+        let (x, y) = (p[0] as f64, p[1] as f64);
+        match name {
+            "8gaussians" => {
+                let s = 1.0 / 2f64.sqrt();
+                let c = [
+                    [1.0, 0.0],
+                    [-1.0, 0.0],
+                    [0.0, 1.0],
+                    [0.0, -1.0],
+                    [s, s],
+                    [-s, s],
+                    [s, -s],
+                    [-s, -s],
+                ];
+                let d = |k: usize| (x - 5.0 * c[k][0]).powi(2) + (y - 5.0 * c[k][1]).powi(2);
+                (0..8).min_by(|&a, &b| d(a).total_cmp(&d(b))).unwrap() as u32
+            }
+            "moons" => {
+                // Distance to each moon's half circle: the outer one's upper half around
+                // (0, 0), the inner one's lower half around (1, 0.5).
+                let arc = |cx: f64, cy: f64, upper: bool| {
+                    let (dx, dy) = (x - cx, y - cy);
+                    if (dy >= 0.0) == upper {
+                        ((dx * dx + dy * dy).sqrt() - 1.0).abs()
+                    } else {
+                        ((dx.abs() - 1.0).powi(2) + dy * dy).sqrt()
+                    }
+                };
+                (arc(1.0, 0.5, false) < arc(0.0, 0.0, true)) as u32
+            }
+            "two-gaussians" => (x > 0.0) as u32,
+            "checkerboard" => {
+                let (col, y) = ((x / 2.0).floor() + 2.0, y / 2.0);
+                let parity = (x / 2.0).floor().rem_euclid(2.0);
+                col as u32 * 2 + (y - parity < -1.0) as u32
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn labeled_draws_are_the_same_points_and_their_labels_follow_the_rule() {
+        for name in ["moons", "8gaussians", "two-gaussians", "checkerboard"] {
+            let d = Distribution::from_name(name).unwrap();
+            let plain = d.sample_vec(2000, &mut rng_from_seed(7));
+            let (x, y) = d.sample_labeled_vec(2000, &mut rng_from_seed(7)).unwrap();
+            assert_eq!(plain, x, "{name}: labels change the draws");
+            for c in 0..d.classes() as u32 {
+                assert!(y.contains(&c), "{name}: class {c} never drawn");
+            }
+            let agree = x
+                .chunks(2)
+                .zip(&y)
+                .filter(|(p, &l)| rule(name, p) == l)
+                .count();
+            // Two-gaussians overlap a little (shift 2.5, std 1); the others are separated.
+            let need = if name == "two-gaussians" { 0.98 } else { 0.995 };
+            assert!(
+                agree as f64 >= need * 2000.0,
+                "{name}: {agree} of 2000 agree"
+            );
+        }
+        for name in ["gaussian", "spiral", "square", "gaussian-nd"] {
+            let d = Distribution::from_name(name).unwrap();
+            assert_eq!(d.classes(), 0);
+            assert!(d.sample_labeled_vec(4, &mut rng_from_seed(0)).is_none());
+        }
     }
 }
