@@ -1044,3 +1044,66 @@ fn a_metric_added_through_the_registry_reaches_summary_table_and_tensorboard() {
         "{e}"
     );
 }
+
+#[test]
+fn a_tiny_conditional_training_lands_samples_in_the_class_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = flowmatch(&[
+        "run",
+        "../configs/conditional_8gaussians.toml",
+        "--set",
+        "train.steps=400",
+        "--set",
+        "eval.samples=400",
+        "--set",
+        "logging.plots=false",
+        "--set",
+        "logging.tensorboard=false",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("conditional_8gaussians/summary.json")).unwrap(),
+    )
+    .unwrap();
+    let extra = &s["eval"]["extra"];
+    let acc = extra["class_accuracy"].as_f64().unwrap();
+    // Chance is 1/8; the unconditional samples (w = 0) land in the asked class by chance only.
+    assert!(acc > 0.8, "class accuracy {acc}");
+    let uncond = extra["class_accuracy_guidance_0"].as_f64().unwrap();
+    assert!(uncond < 0.35, "unconditional class accuracy {uncond}");
+    assert!(extra["class_w2"].as_f64().unwrap() > 0.0);
+    assert_eq!(s["coupling"], "ot-within-class");
+    // Conditioning keys on a model without classes, and classes on a target without labels,
+    // are one-line errors naming the key.
+    let cases: &[(&[&str], &str)] = &[
+        (&["model.classes=0"], "eval.guidance"),
+        (
+            &["model.classes=0", "eval.guidance=[]"],
+            "loss.label_drop",
+        ),
+        (&["data.target=spiral"], "data.target"),
+        (&["model.classes=3"], "model.classes"),
+        (&["solver.guidance=-1"], "solver.guidance"),
+        (&["loss.label_drop=1.0"], "loss.label_drop"),
+        (&["loss.coupling=independent"], "loss.ot_within_class"),
+    ];
+    for (sets, key) in cases {
+        let mut args = vec!["run", "../configs/conditional_8gaussians.toml"];
+        for s in *sets {
+            args.extend(["--set", s]);
+        }
+        let bad = tmp.path().join("bad");
+        args.extend(["--out", bad.to_str().unwrap()]);
+        let o = flowmatch(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{sets:?} succeeded");
+        assert!(
+            err.starts_with(&format!("error: {key}:")),
+            "{sets:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}

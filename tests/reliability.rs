@@ -1042,12 +1042,16 @@ fn sigterm_during_the_evaluation_exits_75_and_the_rerun_matches() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The training is over when its last loss record (step 20) is in metrics.jsonl.
+    // The training is over when its last loss record (step 20) is in metrics.jsonl and the
+    // checkpoint of the last step is written: that comes after the loop's last stop check, so
+    // a busy machine cannot deliver the signal to the training instead.
     let log = out.join("t").join("metrics.jsonl");
+    let resume = out.join("t").join("resume.safetensors");
     let t0 = Instant::now();
-    while !std::fs::read_to_string(&log)
+    while !(std::fs::read_to_string(&log)
         .unwrap_or_default()
         .contains("\"step\":20")
+        && resume.exists())
         && t0.elapsed() < Duration::from_secs(60)
     {
         std::thread::sleep(Duration::from_millis(2));

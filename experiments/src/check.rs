@@ -11,8 +11,8 @@ use crate::config::{
 use crate::device::DeviceRequest;
 use flowmatch_data::Distribution;
 use flowmatch_losses::{
-    validate_ema, AffinePath, CouplingSpec, LossError, LrSchedule, Objective, ObjectiveOptions,
-    OptimConfig, TimeOptions, TimeSampler,
+    validate_ema, validate_label_drop, AffinePath, CouplingSpec, LabelDraw, LossError, LrSchedule,
+    Objective, ObjectiveOptions, OptimConfig, TimeOptions, TimeSampler,
 };
 use flowmatch_models::{ModelError, ModelOptions, ModelSpec};
 use flowmatch_reflow::{ReflowMode, ReflowSpec};
@@ -36,6 +36,14 @@ impl DataSpec {
         match self {
             Self::Shape(d) => flowmatch_data::Sampler::dim(d),
             Self::Mnist => flowmatch_data::mnist::PIXELS,
+        }
+    }
+
+    /// The classes its samples fall into (0: no labels).
+    pub fn classes(&self) -> usize {
+        match self {
+            Self::Shape(d) => flowmatch_data::Sampler::classes(d),
+            Self::Mnist => 10,
         }
     }
 }
@@ -83,6 +91,11 @@ pub struct Plan {
     pub train: TrainPlan,
     pub eval: EvalPlan,
     pub logging: LogPlan,
+    /// A conditional model's training labels (their count and drop rate), its headline
+    /// guidance scale and the other scales the evaluation scores.
+    pub labels: Option<LabelDraw>,
+    pub guidance: f64,
+    pub guidance_rows: Vec<f64>,
     /// The config this plan was checked from: written as the run's `config.toml` and compared
     /// on resume, never read for a setting.
     config: Arc<Config>,
@@ -374,6 +387,7 @@ impl ModelConfig {
                 mults: self.mults,
                 attention: self.attention,
                 activation: self.activation,
+                classes: self.classes,
             },
         );
         if model.is_image() {
@@ -385,6 +399,7 @@ impl ModelConfig {
                     ("hidden", "model.hidden"),
                     ("layers", "model.layers"),
                     ("mults", "model.mults"),
+                    ("classes", "model.classes"),
                 ];
                 key_of(&keys, "model.kind", field, msg)
             }
@@ -695,6 +710,96 @@ impl ReflowConfig {
     }
 }
 
+/// Checks a guidance scale: finite and ≥ 0 (0 is unconditional, 1 plain conditional).
+fn check_guidance(key: &'static str, w: f64) -> Result<(), Bad> {
+    if w >= 0.0 && w.is_finite() {
+        Ok(())
+    } else {
+        Err((
+            key,
+            format!("a guidance scale must be a number ≥ 0, got {w}"),
+        ))
+    }
+}
+
+impl Config {
+    /// The conditioning of a model of `classes` labels on `target`: the training labels,
+    /// the headline guidance scale and the evaluation's other scales. Every conditioning key
+    /// is refused on an unconditional model, and `model.classes` must match the target's.
+    fn check_conditioning(
+        &self,
+        target: &DataSpec,
+        classes: usize,
+        coupling: &CouplingSpec,
+        reflow: &ReflowSpec,
+    ) -> Result<(Option<LabelDraw>, f64, Vec<f64>), Bad> {
+        let ev = &self.eval;
+        check_guidance("solver.guidance", self.solver.guidance)?;
+        check_list_len("eval.guidance", ev.guidance.len(), "guidance scales")?;
+        for &w in &ev.guidance {
+            check_guidance("eval.guidance", w)?;
+        }
+        if let Some(w) = first_repeat(&ev.guidance) {
+            return Err(("eval.guidance", format!("{w} is listed twice")));
+        }
+        let within = matches!(
+            coupling,
+            CouplingSpec::Ot {
+                within_class: true,
+                ..
+            }
+        );
+        if self.loss.ot_within_class && !within {
+            return Err((
+                "loss.ot_within_class",
+                "applies to loss.coupling = \"ot\" only".into(),
+            ));
+        }
+        if classes == 0 {
+            let set = [
+                ("solver.guidance", self.solver.guidance != 1.0),
+                ("eval.guidance", !ev.guidance.is_empty()),
+                ("loss.label_drop", self.loss.label_drop.is_some()),
+                ("loss.ot_within_class", within),
+            ];
+            return match set.into_iter().find(|(_, on)| *on) {
+                Some((key, _)) => Err((
+                    key,
+                    "applies to a conditional model; set model.classes to the target's class count"
+                        .into(),
+                )),
+                None => Ok((None, 1.0, vec![])),
+            };
+        }
+        let have = target.classes();
+        if have == 0 {
+            return Err((
+                "data.target",
+                format!(
+                    "'{}' has no class labels, so model.classes = {classes} has none to read (labelled targets: moons, two-gaussians, 8gaussians, checkerboard, mnist)",
+                    self.data.target
+                ),
+            ));
+        }
+        if have != classes {
+            return Err((
+                "model.classes",
+                format!("'{}' has {have} classes, not {classes}", self.data.target),
+            ));
+        }
+        if reflow.is_reflow() {
+            return Err((
+                "reflow.iterations",
+                "conditional reflow (pairs with labels) is not built yet; train the conditional model without [reflow]".into(),
+            ));
+        }
+        let drop = self.loss.label_drop.unwrap_or(0.1);
+        validate_label_drop(drop).map_err(|e| loss_key(&[], "loss.label_drop", e))?;
+        let labels = LabelDraw { classes, drop };
+        Ok((Some(labels), self.solver.guidance, ev.guidance.clone()))
+    }
+}
+
 impl Config {
     /// Layers a config ([`Config::layered`]) and checks it once; an error is one line that
     /// names the key and where its value came from.
@@ -731,6 +836,8 @@ impl Config {
             ));
         }
         let reflow = self.reflow.check(&self.train, solver.tol, lim)?;
+        let (labels, guidance, guidance_rows) =
+            self.check_conditioning(&target, model.classes(), &coupling, &reflow)?;
         let plan = Plan {
             name: self.name.clone(),
             device: self.device,
@@ -756,6 +863,9 @@ impl Config {
             train,
             eval,
             logging,
+            labels,
+            guidance,
+            guidance_rows,
             config: Arc::new(self.clone()),
         };
         let need = crate::limits::estimate(&plan);

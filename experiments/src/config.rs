@@ -76,16 +76,22 @@ pub struct ModelConfig {
     pub attention: bool,
     /// `gelu`, `silu` or `relu` (default: the seed's choice for the kind).
     pub activation: Option<Activation>,
+    /// Class labels the model is conditioned on (0: unconditional); the target's class count.
+    pub classes: usize,
 }
 
 /// The config key of each [`CouplingOptions`] field (named in a coupling's errors).
-pub const COUPLING_KEYS: &[(&str, &str)] = &[("ot_solver", "loss.ot_solver")];
+pub const COUPLING_KEYS: &[(&str, &str)] = &[
+    ("ot_solver", "loss.ot_solver"),
+    ("ot_within_class", "loss.ot_within_class"),
+];
 
 impl LossConfig {
     /// The coupling's settings (its keys: [`COUPLING_KEYS`]).
     pub fn coupling_options(&self) -> CouplingOptions {
         CouplingOptions {
             ot_solver: self.ot_solver,
+            ot_within_class: self.ot_within_class,
         }
     }
 }
@@ -100,6 +106,11 @@ pub struct LossConfig {
     pub coupling: CouplingKind,
     /// The assignment solver of `ot`: `jv` (ours) or `pathfinding` (Kuhn–Munkres).
     pub ot_solver: OtSolver,
+    /// Label-aware OT: the assignment within each class (conditional models).
+    pub ot_within_class: bool,
+    /// The probability that a training label is replaced by "no label" (classifier-free
+    /// guidance); default 0.1 for a conditional model.
+    pub label_drop: Option<f64>,
     pub sigma_min: f64,
     /// `uniform`, `warped` or `logit-normal`.
     pub time: TimeKind,
@@ -155,6 +166,9 @@ pub struct SolverConfig {
     pub warp_s: Option<f64>,
     pub rtol: f64,
     pub atol: f64,
+    /// Classifier-free guidance scale of a conditional model (0: unconditional, 1: plain
+    /// conditional).
+    pub guidance: f64,
 }
 
 /// `[eval]`: the evaluation after training.
@@ -193,6 +207,8 @@ pub struct EvalConfig {
     pub sde_steps: usize,
     /// Opt-in metrics of the registry measured on the headline samples (`nn_accuracy`).
     pub metrics: Vec<String>,
+    /// Guidance scales scored besides `solver.guidance` (conditional models).
+    pub guidance: Vec<f64>,
 }
 
 /// The shape of the noise scale `g(t)` of stochastic rows (`eval.sde_schedule`).
@@ -270,11 +286,14 @@ impl Default for Config {
                 mults: flowmatch_models::UNET_MULTS,
                 attention: false,
                 activation: None,
+                classes: 0,
             },
             loss: LossConfig {
                 path: Schedule::Linear,
                 coupling: CouplingKind::Independent,
                 ot_solver: OtSolver::Jv,
+                ot_within_class: false,
+                label_drop: None,
                 sigma_min: 0.0,
                 time: TimeKind::Uniform,
                 time_warp_s: 0.5,
@@ -304,6 +323,7 @@ impl Default for Config {
                 warp_s: None,
                 rtol: 1e-5,
                 atol: 1e-5,
+                guidance: 1.0,
             },
             eval: EvalConfig {
                 samples: 2000,
@@ -324,6 +344,7 @@ impl Default for Config {
                 sde_schedule: SdeSchedule::Constant,
                 sde_steps: 100,
                 metrics: vec![],
+                guidance: vec![],
             },
             logging: LoggingConfig {
                 every: 10,

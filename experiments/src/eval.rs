@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 use flowmatch_data::rng_from_seed;
 use flowmatch_metrics as metrics;
-use flowmatch_models::VelocityField;
+use flowmatch_models::{Guided, VelocityField};
 use flowmatch_solvers::{log_likelihood, sample_sde, solve, Divergence, SolverSpec};
 use serde_json::json;
 
@@ -74,11 +74,17 @@ impl EvalSet {
         &self,
         field: &dyn VelocityField,
         solver: &SolverSpec,
+        guidance: f64,
         step: usize,
     ) -> Result<ProgressRow> {
-        let gen = solve(field, &self.x0, solver, false)?
-            .x
-            .to_device(&Device::Cpu)?;
+        let gen = solve(
+            sampling_field(field, guidance).as_ref(),
+            &self.x0,
+            solver,
+            false,
+        )?
+        .x
+        .to_device(&Device::Cpu)?;
         Ok(ProgressRow {
             step,
             w2: metrics::w2(&gen, &self.real)?,
@@ -86,6 +92,100 @@ impl EvalSet {
             fid: self.fid(&gen)?,
         })
     }
+}
+
+/// The field the solvers integrate: a conditional model guided at scale `w` towards labels
+/// balanced over its classes (row `i` asks for class `i mod K`); any other field as it is.
+pub fn sampling_field<'a>(field: &'a dyn VelocityField, w: f64) -> Box<dyn VelocityField + 'a> {
+    if field.classes() > 0 {
+        Box::new(Guided::balanced(field, w))
+    } else {
+        Box::new(field)
+    }
+}
+
+/// The class scores of a conditional model on a labelled 2-D target, where the rule that
+/// generated the data decides a point's class: the headline samples' class accuracy and
+/// per-class W2 (averaged over the classes), the class accuracy at 1 Euler step, and W2 and
+/// class accuracy at each of `eval.guidance`'s scales. Empty otherwise.
+fn class_scores(
+    checked: &Experiment,
+    model: &dyn VelocityField,
+    gen: &Tensor,
+    entries: &[Entry],
+    set: &EvalSet,
+    solver: &SolverSpec,
+) -> Result<std::collections::BTreeMap<String, f64>> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(labels) = checked.labels else {
+        return Ok(out);
+    };
+    let k = labels.classes;
+    // Who decides a sample's class: the generating rule (2-D), or the FID classifier.
+    let shape = match &checked.plan.target {
+        crate::check::DataSpec::Shape(d) => Some(d),
+        crate::check::DataSpec::Mnist => None,
+    };
+    let classes_of = |x: &Tensor| -> Result<Vec<Option<u32>>> {
+        match (shape, &set.scorer) {
+            (Some(d), _) => Ok(x.to_vec2::<f32>()?.iter().map(|p| d.class_of(p)).collect()),
+            (None, Some(s)) => Ok(s.predict(x)?.into_iter().map(Some).collect()),
+            (None, None) => Ok(vec![None; x.dim(0)?]),
+        }
+    };
+    if shape.is_none() && set.scorer.is_none() {
+        return Ok(out);
+    }
+    let accuracy = |x: &Tensor| -> Result<f64> {
+        let c = classes_of(x)?;
+        let hit = c
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| **c == Some((i % k) as u32));
+        Ok(hit.count() as f64 / c.len().max(1) as f64)
+    };
+    out.insert("class_accuracy".into(), accuracy(gen)?);
+    if let Some(e) = entries.iter().find(|e| e.0 == Solver::EULER && e.1 == 1) {
+        out.insert("class_accuracy_euler_1".into(), accuracy(&e.3)?);
+    }
+    // Per-class W2 (2-D): the samples asked for class c against the real points of class c.
+    let real_class = classes_of(&set.real)?;
+    let mut w2s = vec![];
+    for c in (0..k as u32).filter(|_| shape.is_some()) {
+        let pick = |x: &Tensor, keep: &dyn Fn(usize) -> bool| -> Result<Tensor> {
+            let idx: Vec<u32> = (0..x.dim(0)?)
+                .filter(|&i| keep(i))
+                .map(|i| i as u32)
+                .collect();
+            Ok(x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?)
+        };
+        let g = pick(gen, &|i| i % k == c as usize)?;
+        let r = pick(&set.real, &|i| real_class[i] == Some(c))?;
+        // Exact W2 pairs equal counts: the first min(|g|, |r|) of each.
+        let m = g.dim(0)?.min(r.dim(0)?);
+        if m > 0 {
+            w2s.push(metrics::w2(&g.narrow(0, 0, m)?, &r.narrow(0, 0, m)?)?);
+        }
+    }
+    if !w2s.is_empty() {
+        out.insert(
+            "class_w2".into(),
+            w2s.iter().sum::<f64>() / w2s.len() as f64,
+        );
+    }
+    for &w in &checked.guidance_rows {
+        crate::signals::check("evaluation (guidance)")?;
+        let g = Guided::balanced(model, w);
+        let x = solve(&g, &set.x0, solver, false)?
+            .x
+            .to_device(&Device::Cpu)?;
+        out.insert(format!("w2_guidance_{w}"), metrics::w2(&x, &set.real)?);
+        out.insert(format!("class_accuracy_guidance_{w}"), accuracy(&x)?);
+        if let Some(fid) = set.fid(&x)? {
+            out.insert(format!("fid_guidance_{w}"), fid);
+        }
+    }
+    Ok(out)
 }
 
 /// Writes an evaluation to metrics.jsonl and TensorBoard at `step`.
@@ -135,6 +235,9 @@ pub fn evaluate_on(
     let (x0, real, bw) = (&set.x0, &set.real, set.bandwidth);
     let stop = || crate::signals::check("evaluation");
     stop()?;
+    let model = field;
+    let guided = sampling_field(field, checked.guidance);
+    let field = guided.as_ref();
     let sol = solve(field, x0, solver, true)?;
     let traj: Vec<Tensor> = sol.trajectory.clone().unwrap_or_default();
     let gen = sol.x.to_device(&Device::Cpu)?;
@@ -188,7 +291,7 @@ pub fn evaluate_on(
         });
     }
     // The opt-in metrics of the registry, on the headline samples.
-    let mut extra = std::collections::BTreeMap::new();
+    let mut extra = class_scores(checked, model, &gen, &entries, set, solver)?;
     for m in &checked.metrics {
         if let Some(measure) = m.measure {
             stop()?;
@@ -213,8 +316,9 @@ pub fn evaluate_on(
             None => None,
         },
         nll: match (&checked.nll, checked.source_std) {
+            // A conditional model's likelihood is its unconditional flow's (w = 0).
             (Some(spec), Some(std)) => Some(negative_log_likelihood(
-                field,
+                sampling_field(model, 0.0).as_ref(),
                 real,
                 x0.device(),
                 spec,

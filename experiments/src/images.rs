@@ -95,6 +95,17 @@ impl FidScorer {
         })
     }
 
+    /// The classifier's digit for each of `gen`'s rows.
+    pub fn predict(&self, gen: &Tensor) -> Result<Vec<u32>> {
+        let gen = gen.to_device(&Device::Cpu)?.flatten_from(1)?;
+        Ok(self
+            .clf
+            .logits(&gen)?
+            .argmax(1)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?)
+    }
+
     /// The score of `gen` (`(n, 784)`, any device).
     pub fn score(&self, gen: &Tensor) -> Result<ImageScores> {
         let gen = gen.to_device(&Device::Cpu)?.flatten_from(1)?;

@@ -59,7 +59,7 @@ const fn of(
 }
 
 /// Every metric, in the order of the tables' columns.
-pub static METRICS: [Metric; 16] = [
+pub static METRICS: [Metric; 19] = [
     of("final_loss", "final training loss", Better::Lower, |s| {
         s.final_loss
     }),
@@ -109,6 +109,21 @@ pub static METRICS: [Metric; 16] = [
     }),
     of("nll", "NLL of real samples (nats)", Better::Lower, |s| {
         s.eval.nll.as_ref().map_or(f64::NAN, |n| n.nats)
+    }),
+    of(
+        "class_accuracy",
+        "class accuracy (conditional)",
+        Better::Higher,
+        |s| extra(s, "class_accuracy"),
+    ),
+    of(
+        "class_accuracy_euler_1",
+        "class accuracy @1 Euler step",
+        Better::Higher,
+        |s| extra(s, "class_accuracy_euler_1"),
+    ),
+    of("class_w2", "per-class W2 (mean)", Better::Lower, |s| {
+        extra(s, "class_w2")
     }),
     Metric {
         name: "nn_accuracy",

@@ -202,6 +202,8 @@ pub fn plot_run(
     device: &Device,
     figures: &[Figure],
 ) -> Result<Vec<PathBuf>> {
+    let guided = crate::eval::sampling_field(field, checked.guidance);
+    let field = guided.as_ref();
     if checked.mnist.is_some() {
         // Images: one figure, digits at 1, 2, 5 and 20 Euler steps, then the headline
         // solver's when it is not Euler (real digits last).

@@ -349,6 +349,7 @@ mod tests {
             (
                 RunCoupling::Batch(CouplingSpec::Ot {
                     solver: OtSolver::Pathfinding,
+                    within_class: false,
                 }),
                 "ot-pathfinding",
             ),

@@ -270,7 +270,14 @@ pub fn samples_figure(dir: &Path, what: &[String]) -> Result<PathBuf> {
             let (model, checked) = (run.model, run.exp);
             let (x0, r) = crate::eval::EvalSet::samples(&checked, &checked.device)?;
             real.get_or_insert(r);
-            let x = solve(&model, &x0, &SolverSpec::new(Method::Euler, k), false)?.x;
+            let field = crate::eval::sampling_field(&model, checked.guidance);
+            let x = solve(
+                field.as_ref(),
+                &x0,
+                &SolverSpec::new(Method::Euler, k),
+                false,
+            )?
+            .x;
             panels.push((format!("{title} ({k} NFE)"), x));
         }
     }

@@ -29,9 +29,11 @@ fn build_trainer(checked: &Experiment, setup: Setup) -> Result<(Trainer, LrSched
             .build(checked.dim(), t.seed, &checked.device)?,
     };
     let coupling = setup.coupling.unwrap_or_else(|| {
-        checked
-            .coupling
-            .build(checked.source.clone(), checked.target.clone())
+        checked.coupling.build(
+            checked.source.clone(),
+            checked.target.clone(),
+            checked.labels,
+        )
     });
     let trainer = Trainer::new(
         model,
@@ -199,7 +201,8 @@ impl<'a> Loop<'a> {
         }
         self.pb.set_message("scoring");
         let t = Instant::now();
-        let row = set.progress(self.trainer.model(), &self.checked.solver, step)?;
+        let c = self.checked;
+        let row = set.progress(self.trainer.model(), &c.solver, c.guidance, step)?;
         log_progress(&mut self.log, &row)?;
         self.progress.push(row);
         self.score_secs += t.elapsed().as_secs_f64();

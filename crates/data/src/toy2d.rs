@@ -140,6 +140,51 @@ impl Distribution {
         }
     }
 
+    /// The class the generating rule gives a point `[x, y]`: the nearest mode (8gaussians),
+    /// the nearer moon, the side (two-gaussians), the cell (checkerboard); `None` for the
+    /// shapes without classes. Points drawn with a label get that label back, but for the
+    /// few that the noise carries across (two-gaussians overlap).
+    pub fn class_of(&self, p: &[f32]) -> Option<u32> {
+        let (x, y) = (p[0] as f64, p[1] as f64);
+        Some(match *self {
+            Self::EightGaussians { scale, .. } => {
+                let s = 1.0 / 2f64.sqrt();
+                let c = [
+                    [1.0, 0.0],
+                    [-1.0, 0.0],
+                    [0.0, 1.0],
+                    [0.0, -1.0],
+                    [s, s],
+                    [-s, s],
+                    [s, -s],
+                    [-s, -s],
+                ];
+                let d = |k: usize| (x - scale * c[k][0]).powi(2) + (y - scale * c[k][1]).powi(2);
+                (0..8).min_by(|&a, &b| d(a).total_cmp(&d(b)))? as u32
+            }
+            Self::Moons { .. } => {
+                // Distance to each moon's half circle: the outer one's upper half around
+                // (0, 0), the inner one's lower half around (1, 0.5).
+                let arc = |cx: f64, cy: f64, upper: bool| {
+                    let (dx, dy) = (x - cx, y - cy);
+                    if (dy >= 0.0) == upper {
+                        ((dx * dx + dy * dy).sqrt() - 1.0).abs()
+                    } else {
+                        ((dx.abs() - 1.0).powi(2) + dy * dy).sqrt()
+                    }
+                };
+                (arc(1.0, 0.5, false) < arc(0.0, 0.0, true)) as u32
+            }
+            Self::TwoGaussians { .. } => (x > 0.0) as u32,
+            Self::Checkerboard => {
+                let (col, y) = ((x / 2.0).floor(), y / 2.0);
+                let parity = col.rem_euclid(2.0);
+                (col + 2.0).clamp(0.0, 3.0) as u32 * 2 + (y - parity < -1.0) as u32
+            }
+            _ => return None,
+        })
+    }
+
     /// The config name of this distribution.
     pub fn name(&self) -> &'static str {
         match self {
@@ -504,48 +549,6 @@ mod label_tests {
     use super::*;
     use crate::rng_from_seed;
 
-    /// The class the generating rule gives a point (nearest mode, nearest moon, side, cell).
-    fn rule(name: &str, p: &[f32]) -> u32 {
-        let (x, y) = (p[0] as f64, p[1] as f64);
-        match name {
-            "8gaussians" => {
-                let s = 1.0 / 2f64.sqrt();
-                let c = [
-                    [1.0, 0.0],
-                    [-1.0, 0.0],
-                    [0.0, 1.0],
-                    [0.0, -1.0],
-                    [s, s],
-                    [-s, s],
-                    [s, -s],
-                    [-s, -s],
-                ];
-                let d = |k: usize| (x - 5.0 * c[k][0]).powi(2) + (y - 5.0 * c[k][1]).powi(2);
-                (0..8).min_by(|&a, &b| d(a).total_cmp(&d(b))).unwrap() as u32
-            }
-            "moons" => {
-                // Distance to each moon's half circle: the outer one's upper half around
-                // (0, 0), the inner one's lower half around (1, 0.5).
-                let arc = |cx: f64, cy: f64, upper: bool| {
-                    let (dx, dy) = (x - cx, y - cy);
-                    if (dy >= 0.0) == upper {
-                        ((dx * dx + dy * dy).sqrt() - 1.0).abs()
-                    } else {
-                        ((dx.abs() - 1.0).powi(2) + dy * dy).sqrt()
-                    }
-                };
-                (arc(1.0, 0.5, false) < arc(0.0, 0.0, true)) as u32
-            }
-            "two-gaussians" => (x > 0.0) as u32,
-            "checkerboard" => {
-                let (col, y) = ((x / 2.0).floor() + 2.0, y / 2.0);
-                let parity = (x / 2.0).floor().rem_euclid(2.0);
-                col as u32 * 2 + (y - parity < -1.0) as u32
-            }
-            _ => unreachable!(),
-        }
-    }
-
     #[test]
     fn labeled_draws_are_the_same_points_and_their_labels_follow_the_rule() {
         for name in ["moons", "8gaussians", "two-gaussians", "checkerboard"] {
@@ -559,7 +562,7 @@ mod label_tests {
             let agree = x
                 .chunks(2)
                 .zip(&y)
-                .filter(|(p, &l)| rule(name, p) == l)
+                .filter(|(p, &l)| d.class_of(p) == Some(l))
                 .count();
             // Two-gaussians overlap a little (shift 2.5, std 1); the others are separated.
             let need = if name == "two-gaussians" { 0.98 } else { 0.995 };
@@ -572,6 +575,7 @@ mod label_tests {
             let d = Distribution::from_name(name).unwrap();
             assert_eq!(d.classes(), 0);
             assert!(d.sample_labeled_vec(4, &mut rng_from_seed(0)).is_none());
+            assert_eq!(d.class_of(&[0.0, 0.0]), None);
         }
     }
 }

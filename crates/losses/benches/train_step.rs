@@ -56,6 +56,7 @@ fn lesson() -> ModelSpec {
         layers: 3,
         activation: Activation::Silu,
         span: false,
+        classes: 0,
     }
 }
 
@@ -67,6 +68,7 @@ fn train_steps(c: &mut Criterion) {
                 hidden: 64,
                 activation: Activation::Gelu,
                 span: false,
+                classes: 0,
             },
             "spiral",
             2048,

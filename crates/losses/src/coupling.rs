@@ -21,6 +21,21 @@ pub trait Coupling: Send {
         None
     }
 
+    /// [`sample`](Self::sample) with the targets' class labels when the coupling draws them
+    /// (in `0..=classes`, `classes` where the label was dropped), following the pairing.
+    fn sample_labeled(
+        &mut self,
+        batch: usize,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Pairs, LossError> {
+        let draw = self.draw(batch, rng, device)?;
+        match self.pairing() {
+            Some(p) => p.pair_labeled(draw),
+            None => draw.into_labeled_pairs(),
+        }
+    }
+
     /// Draws `batch` pairs on `device`: both stages, here.
     fn sample(
         &mut self,
@@ -42,9 +57,21 @@ pub struct Draw {
     pub x0: Tensor,
     /// Target points, when drawn.
     pub x1: Option<Tensor>,
+    /// The targets' class labels, when the coupling draws them (a dropped label is `classes`).
+    pub y: Option<Vec<u32>>,
 }
 
+/// A batch of training pairs and, for a conditional model, the targets' labels.
+pub type Pairs = (Tensor, Tensor, Option<Vec<u32>>);
+
 impl Draw {
+    /// The draw as it stands with its labels, for couplings without a pairing stage.
+    pub fn into_labeled_pairs(mut self) -> Result<Pairs, LossError> {
+        let y = self.y.take();
+        let (x0, x1) = self.into_pairs()?;
+        Ok((x0, x1, y))
+    }
+
     /// The draw as it stands, for couplings without a pairing stage.
     pub fn into_pairs(self) -> Result<(Tensor, Tensor), LossError> {
         match self.x1 {
@@ -60,26 +87,90 @@ impl Draw {
 pub trait Pairing: Send + Sync {
     /// Turns a draw into training pairs.
     fn pair(&self, draw: Draw) -> Result<(Tensor, Tensor), LossError>;
+
+    /// [`pair`](Self::pair) keeping the draw's labels with their targets. The default is for
+    /// pairings that draw no labels.
+    fn pair_labeled(&self, mut draw: Draw) -> Result<Pairs, LossError> {
+        if draw.y.take().is_some() {
+            return Err(LossError::Invalid(
+                "this coupling cannot carry class labels".into(),
+            ));
+        }
+        let (x0, x1) = self.pair(draw)?;
+        Ok((x0, x1, None))
+    }
+}
+
+/// How a conditional training draws its labels: `classes` of them, each replaced by
+/// "no label" (`classes`) with probability `drop` (classifier-free guidance's training).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LabelDraw {
+    pub classes: usize,
+    pub drop: f64,
+}
+
+/// Checks a label-drop probability: in [0, 1) (1 would train no conditional velocity).
+pub fn validate_label_drop(drop: f64) -> Result<(), LossError> {
+    if (0.0..1.0).contains(&drop) {
+        Ok(())
+    } else {
+        Err(LossError::setting(
+            "label_drop",
+            format!("must be in [0, 1), got {drop}"),
+        ))
+    }
 }
 
 /// Independent pairing: `x_0 ~ p_0`, `x_1 ~ p_1` drawn separately (I-CFM, the seeds' default).
 pub struct Independent {
     source: Arc<dyn Sampler>,
     target: Arc<dyn Sampler>,
+    labels: Option<LabelDraw>,
 }
 
 impl Independent {
     /// Pairs draws from `source` and `target` at random.
     pub fn new(source: Arc<dyn Sampler>, target: Arc<dyn Sampler>) -> Self {
-        Self { source, target }
+        Self {
+            source,
+            target,
+            labels: None,
+        }
+    }
+
+    /// The same drawing the targets' labels (the same points as without).
+    pub fn with_labels(mut self, labels: Option<LabelDraw>) -> Self {
+        self.labels = labels;
+        self
     }
 }
 
 impl Coupling for Independent {
     fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError> {
         let x0 = self.source.sample(batch, rng, device)?;
-        let x1 = self.target.sample(batch, rng, device)?;
-        Ok(Draw { x0, x1: Some(x1) })
+        let Some(l) = self.labels else {
+            let x1 = self.target.sample(batch, rng, device)?;
+            return Ok(Draw {
+                x0,
+                x1: Some(x1),
+                y: None,
+            });
+        };
+        let (v, mut y) = self
+            .target
+            .sample_labeled_vec(batch, rng)
+            .ok_or_else(|| LossError::Invalid("the target has no class labels".into()))?;
+        for label in y.iter_mut() {
+            if rand::Rng::random::<f64>(rng) < l.drop {
+                *label = l.classes as u32;
+            }
+        }
+        let x1 = Tensor::from_vec(v, (batch, self.target.dim()), device)?;
+        Ok(Draw {
+            x0,
+            x1: Some(x1),
+            y: Some(y),
+        })
     }
 }
 
@@ -100,8 +191,12 @@ pub enum CouplingKind {
 pub enum CouplingSpec {
     /// Independent pairs (I-CFM).
     Independent,
-    /// Exact minibatch OT (OT-CFM) with its assignment solver.
-    Ot { solver: OtSolver },
+    /// Exact minibatch OT (OT-CFM) with its assignment solver; `within_class` solves it
+    /// separately for each class's targets (and the label-dropped ones as one more group).
+    Ot {
+        solver: OtSolver,
+        within_class: bool,
+    },
 }
 
 /// The settings of every coupling (each kind reads its own).
@@ -109,6 +204,8 @@ pub enum CouplingSpec {
 pub struct CouplingOptions {
     /// The exact assignment's solver (OT).
     pub ot_solver: OtSolver,
+    /// OT within each class (conditional training).
+    pub ot_within_class: bool,
 }
 
 impl CouplingSpec {
@@ -118,6 +215,7 @@ impl CouplingSpec {
             CouplingKind::Independent => Self::Independent,
             CouplingKind::Ot => Self::Ot {
                 solver: o.ot_solver,
+                within_class: o.ot_within_class,
             },
         }
     }
@@ -131,36 +229,61 @@ impl CouplingSpec {
 
     /// The spec whose [`label`](Self::label) is `s`.
     pub fn from_label(s: &str) -> Option<Self> {
-        let ot = |solver| Self::Ot { solver };
+        let (s, within_class) = match s.strip_suffix("-within-class") {
+            Some(s) => (s, true),
+            None => (s, false),
+        };
+        let ot = |solver| Self::Ot {
+            solver,
+            within_class,
+        };
         match s {
-            "independent" => Some(Self::Independent),
+            "independent" if !within_class => Some(Self::Independent),
             "ot" => Some(ot(OtSolver::Jv)),
             "ot-pathfinding" => Some(ot(OtSolver::Pathfinding)),
             _ => None,
         }
     }
 
-    /// The coupling, pairing draws from `source` and `target`.
-    pub fn build(self, source: Arc<dyn Sampler>, target: Arc<dyn Sampler>) -> Box<dyn Coupling> {
+    /// The coupling, pairing draws from `source` and `target` (with `labels`, the targets'
+    /// class labels too).
+    pub fn build(
+        self,
+        source: Arc<dyn Sampler>,
+        target: Arc<dyn Sampler>,
+        labels: Option<LabelDraw>,
+    ) -> Box<dyn Coupling> {
+        let inner = Independent::new(source, target).with_labels(labels);
         match self {
-            Self::Independent => Box::new(Independent::new(source, target)),
-            Self::Ot { solver } => Box::new(MinibatchOt::new(source, target).with_solver(solver)),
+            Self::Independent => Box::new(inner),
+            Self::Ot {
+                solver,
+                within_class,
+            } => Box::new(MinibatchOt {
+                inner,
+                solver,
+                within_class,
+            }),
         }
     }
 
-    /// The coupling's name in summaries: `independent`, `ot`, `ot-pathfinding` (read back
-    /// by [`from_label`](Self::from_label)).
+    /// The coupling's name in summaries: `independent`, `ot`, `ot-pathfinding`, with
+    /// `-within-class` for label-aware OT (read back by [`from_label`](Self::from_label)).
     pub fn label(self) -> String {
         match self {
-            Self::Independent => "independent",
+            Self::Independent => "independent".to_string(),
             Self::Ot {
-                solver: OtSolver::Jv,
-            } => "ot",
-            Self::Ot {
-                solver: OtSolver::Pathfinding,
-            } => "ot-pathfinding",
+                solver,
+                within_class,
+            } => {
+                let name = match solver {
+                    OtSolver::Jv => "ot",
+                    OtSolver::Pathfinding => "ot-pathfinding",
+                };
+                let tail = if within_class { "-within-class" } else { "" };
+                format!("{name}{tail}")
+            }
         }
-        .to_string()
     }
 
     /// Whether batches pair by optimal transport (the batch² cost matrix, for estimates).
@@ -174,6 +297,7 @@ impl CouplingSpec {
 pub struct MinibatchOt {
     inner: Independent,
     solver: OtSolver,
+    within_class: bool,
 }
 
 impl MinibatchOt {
@@ -182,6 +306,7 @@ impl MinibatchOt {
         Self {
             inner: Independent::new(source, target),
             solver: OtSolver::Jv,
+            within_class: false,
         }
     }
 
@@ -216,19 +341,66 @@ impl Coupling for MinibatchOt {
     }
 
     fn pairing(&self) -> Option<Arc<dyn Pairing>> {
-        Some(Arc::new(OtPairing(self.solver)))
+        Some(Arc::new(OtPairing(self.solver, self.within_class)))
     }
 }
 
-/// The assignment re-pairing of [`MinibatchOt`].
-struct OtPairing(OtSolver);
+/// The assignment re-pairing of [`MinibatchOt`] (within each label group, when asked).
+struct OtPairing(OtSolver, bool);
 
 impl Pairing for OtPairing {
     fn pair(&self, draw: Draw) -> Result<(Tensor, Tensor), LossError> {
-        let (x0, x1) = draw.into_pairs()?;
-        let x1 = ot_repair_with(self.0, &x0, &x1)?;
+        let (x0, x1, _) = self.pair_labeled(draw)?;
         Ok((x0, x1))
     }
+
+    fn pair_labeled(&self, draw: Draw) -> Result<Pairs, LossError> {
+        let (x0, x1, y) = draw.into_labeled_pairs()?;
+        let (a, n, d) = rows(&x0)?;
+        let (b, _, _) = rows(&x1)?;
+        let perm = match (&y, self.1) {
+            (Some(y), true) => within_groups(self.0, &a, &b, d, y)?,
+            (None, true) => {
+                return Err(LossError::Invalid(
+                    "OT within classes needs class labels".into(),
+                ))
+            }
+            _ => ot_pairing_with(self.0, &a, &b, d)?.0,
+        };
+        let idx: Vec<u32> = perm.iter().map(|&j| j as u32).collect();
+        let x1 = x1.index_select(&Tensor::from_vec(idx, n, x1.device())?, 0)?;
+        let y = y.map(|y| perm.iter().map(|&j| y[j]).collect());
+        Ok((x0, x1, y))
+    }
+}
+
+/// The exact assignment solved separately within each group of equal labels: row `i` of the
+/// result is the target (a row of `b` with `y[i]`'s label) paired with source row `i`. The
+/// source rows are i.i.d., so each group gets its own random share of the source.
+pub fn within_groups(
+    solver: OtSolver,
+    a: &[f64],
+    b: &[f64],
+    d: usize,
+    y: &[u32],
+) -> Result<Vec<usize>, LossError> {
+    let mut groups: Vec<u32> = y.to_vec();
+    groups.sort_unstable();
+    groups.dedup();
+    let mut perm: Vec<usize> = (0..y.len()).collect();
+    for g in groups {
+        let idx: Vec<usize> = (0..y.len()).filter(|&i| y[i] == g).collect();
+        let gather = |m: &[f64]| -> Vec<f64> {
+            idx.iter()
+                .flat_map(|&i| m[i * d..(i + 1) * d].iter().copied())
+                .collect()
+        };
+        let (p, _) = ot_pairing_with(solver, &gather(a), &gather(b), d)?;
+        for (k, &i) in idx.iter().enumerate() {
+            perm[i] = idx[p[k]];
+        }
+    }
+    Ok(perm)
 }
 
 #[cfg(test)]
@@ -281,10 +453,13 @@ mod tests {
         let m: Arc<dyn Sampler> = Arc::new(Distribution::from_name("moons").unwrap());
         for seed in 0..5 {
             let batch = |solver| {
-                CouplingSpec::Ot { solver }
-                    .build(g.clone(), m.clone())
-                    .sample(256, &mut rng_from_seed(seed), &Device::Cpu)
-                    .unwrap()
+                CouplingSpec::Ot {
+                    solver,
+                    within_class: false,
+                }
+                .build(g.clone(), m.clone(), None)
+                .sample(256, &mut rng_from_seed(seed), &Device::Cpu)
+                .unwrap()
             };
             let (a0, a1) = batch(OtSolver::Jv);
             let (b0, b1) = batch(OtSolver::Pathfinding);
@@ -297,6 +472,11 @@ mod tests {
         }
         let pathfinding = CouplingOptions {
             ot_solver: OtSolver::Pathfinding,
+            ot_within_class: false,
+        };
+        let within = CouplingOptions {
+            ot_within_class: true,
+            ..pathfinding
         };
         let ot = CouplingSpec::of(CouplingKind::Ot, Default::default());
         assert_eq!(ot.label(), "ot");
@@ -308,9 +488,110 @@ mod tests {
             ot,
             CouplingSpec::Independent,
             CouplingSpec::of(CouplingKind::Ot, pathfinding),
+            CouplingSpec::of(CouplingKind::Ot, within),
         ] {
             assert_eq!(CouplingSpec::from_label(&c.label()), Some(c));
         }
+        assert_eq!(
+            CouplingSpec::of(CouplingKind::Ot, within).label(),
+            "ot-pathfinding-within-class"
+        );
+    }
+
+    /// Labelled OT batches on 8gaussians (label drop 0.2), by `solver`, within classes or not.
+    fn labeled_batch(solver: OtSolver, within_class: bool, seed: u64) -> Pairs {
+        let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
+        let m: Arc<dyn Sampler> = Arc::new(Distribution::from_name("8gaussians").unwrap());
+        let labels = LabelDraw {
+            classes: 8,
+            drop: 0.2,
+        };
+        CouplingSpec::Ot {
+            solver,
+            within_class,
+        }
+        .build(g, m, Some(labels))
+        .sample_labeled(64, &mut rng_from_seed(seed), &Device::Cpu)
+        .unwrap()
+    }
+
+    #[test]
+    fn ot_within_classes_never_pairs_across_groups_and_is_optimal_in_each() {
+        for seed in 0..3 {
+            let (x0, x1, y) = labeled_batch(OtSolver::Jv, true, seed);
+            let y = y.unwrap();
+            // The same draws as plain OT (the same x0, the same multiset of (x1, label)).
+            let (p0, p1, py) = labeled_batch(OtSolver::Jv, false, seed);
+            assert_eq!(x0.to_vec2::<f32>().unwrap(), p0.to_vec2::<f32>().unwrap());
+            let set = |x: &Tensor, y: &[u32]| {
+                let mut v: Vec<(Vec<u32>, u32)> = x
+                    .to_vec2::<f32>()
+                    .unwrap()
+                    .iter()
+                    .zip(y)
+                    .map(|(r, &l)| (r.iter().map(|f| f.to_bits()).collect(), l))
+                    .collect();
+                v.sort();
+                v
+            };
+            assert_eq!(set(&x1, &y), set(&p1, &py.unwrap()));
+            // Every target keeps its label (mode of 8gaussians, or 8 = dropped): the pairing
+            // moved targets only within their group.
+            let (a, _, _) = rows(&x0).unwrap();
+            let (b, _, _) = rows(&x1).unwrap();
+            for g in 0..=8u32 {
+                let idx: Vec<usize> = (0..64).filter(|&i| y[i] == g).collect();
+                if idx.len() > 7 {
+                    continue;
+                }
+                // Brute force over the group's assignments (small groups): ours is optimal.
+                let cost = |perm: &[usize]| -> f64 {
+                    idx.iter()
+                        .zip(perm)
+                        .map(|(&i, &j)| {
+                            (0..2)
+                                .map(|k| (a[i * 2 + k] - b[j * 2 + k]).powi(2))
+                                .sum::<f64>()
+                        })
+                        .sum()
+                };
+                let ours = cost(&idx);
+                let mut best = f64::INFINITY;
+                permute(&mut idx.clone(), 0, &mut |p| best = best.min(cost(p)));
+                assert!(ours <= best + 1e-9, "group {g}: {ours} > {best}");
+            }
+            // Both solvers give the same pairs.
+            let (_, q1, qy) = labeled_batch(OtSolver::Pathfinding, true, seed);
+            assert_eq!(x1.to_vec2::<f32>().unwrap(), q1.to_vec2::<f32>().unwrap());
+            assert_eq!(Some(y), qy);
+        }
+    }
+
+    fn permute(v: &mut Vec<usize>, k: usize, f: &mut dyn FnMut(&[usize])) {
+        if k == v.len() {
+            return f(v);
+        }
+        for i in k..v.len() {
+            v.swap(k, i);
+            permute(v, k + 1, f);
+            v.swap(k, i);
+        }
+    }
+
+    #[test]
+    fn the_label_drop_follows_its_probability() {
+        let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
+        let m: Arc<dyn Sampler> = Arc::new(Distribution::from_name("moons").unwrap());
+        for drop in [0.0, 0.1, 0.5] {
+            let labels = LabelDraw { classes: 2, drop };
+            let mut c = CouplingSpec::Independent.build(g.clone(), m.clone(), Some(labels));
+            let (_, _, y) = c
+                .sample_labeled(20_000, &mut rng_from_seed(1), &Device::Cpu)
+                .unwrap();
+            let dropped = y.unwrap().iter().filter(|&&l| l == 2).count() as f64 / 20_000.0;
+            assert!((dropped - drop).abs() < 0.01, "drop {drop}: {dropped}");
+        }
+        assert!(validate_label_drop(1.0).is_err() && validate_label_drop(-0.1).is_err());
     }
 
     #[test]

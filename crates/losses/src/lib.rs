@@ -22,7 +22,8 @@ pub mod train;
 
 pub use adamw::{AdamState, FusedAdamW};
 pub use coupling::{
-    Coupling, CouplingKind, CouplingOptions, CouplingSpec, Draw, Independent, MinibatchOt, Pairing,
+    validate_label_drop, within_groups, Coupling, CouplingKind, CouplingOptions, CouplingSpec,
+    Draw, Independent, LabelDraw, MinibatchOt, Pairing, Pairs,
 };
 pub use error::LossError;
 pub use flowmatch_metrics::ot::OtSolver;

@@ -5,12 +5,11 @@
 //! the training thread). This one lives as long as its trainer.
 
 use crate::{Draw, LossError, Pairing};
-use candle_core::Tensor;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-type Pairs = Result<(Tensor, Tensor), LossError>;
+type Pairs = Result<crate::coupling::Pairs, LossError>;
 
 pub(crate) struct Prefetcher {
     jobs: Option<Sender<Draw>>,
@@ -26,7 +25,7 @@ impl Prefetcher {
         let (outbox, done) = channel();
         let worker = std::thread::spawn(move || {
             for draw in inbox {
-                if outbox.send(pairing.pair(draw)).is_err() {
+                if outbox.send(pairing.pair_labeled(draw)).is_err() {
                     break;
                 }
             }

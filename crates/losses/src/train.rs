@@ -8,7 +8,7 @@ use crate::{Coupling, LossError, Objective, ProbabilityPath, TimeSampler};
 use candle_core::Tensor;
 use candle_nn::{Optimizer, ParamsAdamW};
 use flowmatch_data::Rng;
-use flowmatch_models::Model;
+use flowmatch_models::{label_tensor, Labeled, Model};
 use std::collections::HashMap;
 
 /// Optimiser settings (AdamW; `weight_decay = 0` is the seeds' Adam).
@@ -219,9 +219,9 @@ impl Trainer {
     pub fn step(&mut self, rng: &mut Rng) -> Result<f32, LossError> {
         let device = self.model.params.device().clone();
         let ready = self.prefetch.as_mut().and_then(Prefetcher::take);
-        let (x0, x1) = match ready {
+        let (x0, x1, y) = match ready {
             Some(pairs) => pairs?,
-            None => self.coupling.sample(self.batch, rng, &device)?,
+            None => self.coupling.sample_labeled(self.batch, rng, &device)?,
         };
         let draws = self.objective.draw(self.batch, &self.time, rng);
         let p = self.path.sample(&x0, &x1, &draws.t, rng)?;
@@ -231,7 +231,14 @@ impl Trainer {
             self.serial_rng = Some(rng.clone());
             worker.start(self.coupling.draw(self.batch, rng, &device)?)?;
         }
-        let loss = self.objective.loss(&self.model, &p, &draws)?;
+        let loss = match y {
+            // A conditional model regresses on its labels' velocity.
+            Some(y) => {
+                let field = Labeled::new(&self.model, label_tensor(&y, &device)?);
+                self.objective.loss(&field, &p, &draws)?
+            }
+            None => self.objective.loss(&self.model, &p, &draws)?,
+        };
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(LossError::NonFiniteLoss(value, self.steps_done + 1));
@@ -398,6 +405,7 @@ mod tests {
             layers: 2,
             activation: Activation::Silu,
             span: false,
+            classes: 0,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();
@@ -462,6 +470,7 @@ mod tests {
                 layers: 2,
                 activation: Activation::Silu,
                 span: objective.needs_span(),
+                classes: 0,
             };
             let model = spec.build(2, 0, &Device::Cpu).unwrap();
             let path = Box::new(AffinePath::new(Schedule::Linear, 0.0).unwrap());
@@ -619,6 +628,7 @@ mod tests {
             hidden: 8,
             activation: Activation::Gelu,
             span: false,
+            classes: 0,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();

@@ -24,6 +24,7 @@ fn unets(c: &mut Criterion) {
                 mults: flowmatch_models::UNET_MULTS,
                 attention: false,
                 span: false,
+                classes: 0,
             },
         ),
         (
@@ -31,6 +32,7 @@ fn unets(c: &mut Criterion) {
             ModelSpec::UNetLesson {
                 hidden: 32,
                 span: false,
+                classes: 0,
             },
         ),
     ] {

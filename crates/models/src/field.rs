@@ -51,6 +51,26 @@ pub trait VelocityField: Send + Sync {
     ) -> Result<(Tensor, Tensor)> {
         finite_difference_jvp(&|x, t, h| self.mean_velocity(x, t, h), x, t, h, tangent)
     }
+
+    /// The class labels a conditional model reads (0: it reads none). Label `classes()`
+    /// means "no label" (classifier-free guidance's unconditional velocity).
+    fn classes(&self) -> usize {
+        0
+    }
+
+    /// The velocity (with `h`, the average velocity) of a conditional model for labels `y`, a
+    /// `(B,)` u32 tensor in `0..=classes()`. Solvers see it through
+    /// [`crate::Labeled`] or [`crate::Guided`].
+    fn labeled_velocity(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        h: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Tensor> {
+        let _ = (x, t, h, y);
+        candle_core::bail!("this model reads no class labels (model.classes = 0)")
+    }
 }
 
 /// The JVP of `u` by central differences, `(u(p + εd) − u(p − εd)) / 2ε` at `p = (x, t, h)`
@@ -114,6 +134,18 @@ macro_rules! forward_field {
                 tangent: (&Tensor, f64, f64),
             ) -> Result<(Tensor, Tensor)> {
                 (**self).mean_velocity_jvp(x, t, h, tangent)
+            }
+            fn classes(&self) -> usize {
+                (**self).classes()
+            }
+            fn labeled_velocity(
+                &self,
+                x: &Tensor,
+                t: &Tensor,
+                h: Option<&Tensor>,
+                y: &Tensor,
+            ) -> Result<Tensor> {
+                (**self).labeled_velocity(x, t, h, y)
             }
         }
     )*};

@@ -103,12 +103,14 @@ mod tests {
                     hidden: 16,
                     activation: act,
                     span,
+                    classes: 0,
                 });
                 out.push(ModelSpec::VelocityMlp {
                     hidden: 16,
                     layers: 2,
                     activation: act,
                     span,
+                    classes: 0,
                 });
             }
         }

@@ -6,9 +6,11 @@
 //! - [`Params`]: a candle `VarMap` filled from a seeded ChaCha RNG; saves/loads safetensors.
 //! - [`VelocityNet`] (blog) and [`VelocityMlp`] (lesson); [`ModelSpec`] builds either by name.
 
+mod classes;
 mod classifier;
 mod error;
 mod field;
+mod guidance;
 mod jvp;
 mod mlp;
 pub mod ops;
@@ -21,6 +23,7 @@ pub use ops::{activation, conv, conv_transpose, norm};
 pub use classifier::Classifier;
 pub use error::ModelError;
 pub use field::{finite_difference_jvp, FnField, VelocityField};
+pub use guidance::{balanced_labels, label_tensor, Guided, Labeled};
 pub use mlp::{sinusoidal_embedding, VelocityMlp, VelocityNet};
 pub use ops::linear::Linear;
 pub use params::Params;

@@ -1,3 +1,4 @@
+use crate::classes::ClassTable;
 use crate::ops::activation::Activation;
 use crate::{jvp, Linear};
 use crate::{ModelError, Params, VelocityField};
@@ -13,6 +14,9 @@ pub struct VelocityNet {
     fc_out: Linear,
     act: Activation,
     span: bool,
+    /// `(K + 1, hidden)`: each label's row, added to the first layer's pre-activation (the
+    /// last row is "no label").
+    class_emb: ClassTable,
 }
 
 impl VelocityNet {
@@ -32,7 +36,19 @@ impl VelocityNet {
             fc_out: p.linear("fc_out", hidden, dim)?,
             act,
             span,
+            class_emb: ClassTable::default(),
         })
+    }
+
+    /// The net conditioned on `classes` labels (its table drawn after the other weights).
+    pub fn with_classes(
+        mut self,
+        p: &mut Params,
+        classes: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        let width = self.fc2.weight().dim(1)?;
+        self.class_emb = ClassTable::new(p, classes, width)?;
+        Ok(self)
     }
 
     /// `[x, t]`, or `[x, t, h]` with a span input (`h = 0` when none is given).
@@ -70,6 +86,25 @@ impl VelocityNet {
 impl VelocityField for VelocityNet {
     fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.forward(&self.input(x, t, None)?)
+    }
+
+    fn classes(&self) -> usize {
+        self.class_emb.classes()
+    }
+
+    fn labeled_velocity(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        h: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Tensor> {
+        let input = self.input(x, t, h)?;
+        let pre = self.class_emb.join(&self.fc_in.forward(&input)?, y)?;
+        let h = self.act.apply(&pre)?;
+        let h = self.fc2.forward_with(&h, self.act)?;
+        let h = self.fc3.forward_with(&h, self.act)?;
+        self.fc_out.forward(&h)
     }
 
     fn velocity_at(&self, x: &Tensor, t: f64) -> Result<Tensor> {
@@ -151,6 +186,9 @@ pub struct VelocityMlp {
     net: Vec<Linear>,
     act: Activation,
     span: bool,
+    /// `(K + 1, hidden)`: each label's row, added to the time embedding (the last row is
+    /// "no label").
+    class_emb: ClassTable,
 }
 
 impl VelocityMlp {
@@ -184,13 +222,39 @@ impl VelocityMlp {
             net,
             act,
             span,
+            class_emb: ClassTable::default(),
         })
     }
 
+    /// The MLP conditioned on `classes` labels (its table drawn after the other weights).
+    pub fn with_classes(
+        mut self,
+        p: &mut Params,
+        classes: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        let width = self.time_embed.weight().dim(0)?;
+        self.class_emb = ClassTable::new(p, classes, width)?;
+        Ok(self)
+    }
+
     fn forward(&self, x: &Tensor, t: &Tensor, h: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_labeled(x, t, h, None)
+    }
+
+    /// The forward pass; with labels `y`, their rows join the time embedding.
+    fn forward_labeled(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        h: Option<&Tensor>,
+        y: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let h = h.map(|h| h.flatten_all()).transpose()?;
         let temb = time_embedding(&t.flatten_all()?, h.as_ref(), self.span, Self::TIME_DIMS)?;
-        let temb = self.time_embed.forward_with(&temb, self.act)?;
+        let mut temb = self.time_embed.forward_with(&temb, self.act)?;
+        if let Some(y) = y {
+            temb = self.class_emb.join(&temb, y)?;
+        }
         let mut h = Tensor::cat(&[x, &temb], 1)?;
         let last = self.net.len() - 1;
         for layer in &self.net[..last] {
@@ -236,6 +300,20 @@ impl VelocityMlp {
 impl VelocityField for VelocityMlp {
     fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.forward(x, t, None)
+    }
+
+    fn classes(&self) -> usize {
+        self.class_emb.classes()
+    }
+
+    fn labeled_velocity(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        h: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_labeled(x, t, h, Some(y))
     }
 
     fn velocity_at(&self, x: &Tensor, t: f64) -> Result<Tensor> {

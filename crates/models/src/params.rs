@@ -183,6 +183,13 @@ impl Params {
         let tensors =
             candle_core::safetensors::load(path, &self.device).map_err(|e| err(e.to_string()))?;
         let data = self.varmap.data().lock().expect("varmap lock poisoned");
+        // A tensor the model has no place for is another architecture's (or another class
+        // count's): loading the rest would evaluate something else without a word.
+        if let Some(extra) = tensors.keys().filter(|k| !data.contains_key(*k)).min() {
+            return Err(err(format!(
+                "tensor '{extra}' has no place in this model (another architecture or model.classes?)"
+            )));
+        }
         for (name, var) in data.iter() {
             let t = tensors
                 .get(name)

@@ -19,6 +19,9 @@ pub enum ModelSpec {
         activation: Activation,
         #[serde(default, skip_serializing_if = "is_false")]
         span: bool,
+        /// Conditioning on `classes` labels (0: none), with one more row for "no label".
+        #[serde(default, skip_serializing_if = "is_zero")]
+        classes: usize,
     },
     /// The lesson's VelocityMLP.
     VelocityMlp {
@@ -28,6 +31,9 @@ pub enum ModelSpec {
         activation: Activation,
         #[serde(default, skip_serializing_if = "is_false")]
         span: bool,
+        /// Conditioning on `classes` labels (0: none), with one more row for "no label".
+        #[serde(default, skip_serializing_if = "is_zero")]
+        classes: usize,
     },
     /// flowmatch's image U-Net: residual blocks, GroupNorm, time in every block.
     #[serde(rename = "unet")]
@@ -41,6 +47,9 @@ pub enum ModelSpec {
         attention: bool,
         #[serde(default, skip_serializing_if = "is_false")]
         span: bool,
+        /// Conditioning on `classes` labels (0: none), with one more row for "no label".
+        #[serde(default, skip_serializing_if = "is_zero")]
+        classes: usize,
     },
     /// The lesson's VelocityUNet.
     #[serde(rename = "unet-lesson")]
@@ -48,11 +57,17 @@ pub enum ModelSpec {
         hidden: usize,
         #[serde(default, skip_serializing_if = "is_false")]
         span: bool,
+        /// Conditioning on `classes` labels (0: none), with one more row for "no label".
+        #[serde(default, skip_serializing_if = "is_zero")]
+        classes: usize,
     },
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+fn is_zero(k: &usize) -> bool {
+    *k == 0
 }
 
 /// The U-Net's channel multipliers at its three resolutions unless a config says otherwise.
@@ -84,6 +99,8 @@ pub struct ModelOptions {
     pub attention: bool,
     /// None: the seed's choice for the kind.
     pub activation: Option<Activation>,
+    /// Class labels the model is conditioned on (0: unconditional).
+    pub classes: usize,
 }
 
 impl Default for ModelOptions {
@@ -94,6 +111,7 @@ impl Default for ModelOptions {
             mults: UNET_MULTS,
             attention: false,
             activation: None,
+            classes: 0,
         }
     }
 }
@@ -147,28 +165,33 @@ impl ModelSpec {
             mults,
             attention,
             activation,
+            classes,
         } = o;
         match kind {
             ModelKind::VelocityNet => Self::VelocityNet {
                 hidden,
                 activation: activation.unwrap_or(Activation::Gelu),
                 span: false,
+                classes,
             },
             ModelKind::VelocityMlp => Self::VelocityMlp {
                 hidden,
                 layers,
                 activation: activation.unwrap_or(Activation::Silu),
                 span: false,
+                classes,
             },
             ModelKind::UNet => Self::UNet {
                 hidden,
                 mults,
                 attention,
                 span: false,
+                classes,
             },
             ModelKind::UNetLesson => Self::UNetLesson {
                 hidden,
                 span: false,
+                classes,
             },
         }
     }
@@ -182,6 +205,16 @@ impl ModelSpec {
             | Self::UNetLesson { span, .. } => *span = on,
         }
         self
+    }
+
+    /// The class labels the model is conditioned on (0: unconditional).
+    pub fn classes(&self) -> usize {
+        match self {
+            Self::VelocityNet { classes, .. }
+            | Self::VelocityMlp { classes, .. }
+            | Self::UNet { classes, .. }
+            | Self::UNetLesson { classes, .. } => *classes,
+        }
     }
 
     /// Whether the model has the span input.
@@ -216,6 +249,12 @@ impl ModelSpec {
         if l == 0 || l > 64 {
             return bad("layers", format!("layers must be in 1..=64, got {l}"));
         }
+        if self.classes() > 1 << 16 {
+            return bad(
+                "classes",
+                format!("must be at most 65536, got {}", self.classes()),
+            );
+        }
         if let Self::UNet { mults, .. } = self {
             if mults.iter().any(|&m| m == 0 || m > 16) {
                 return bad(
@@ -241,45 +280,39 @@ impl ModelSpec {
                 hidden,
                 activation,
                 span,
-            } => Box::new(VelocityNet::new(
-                &mut params,
-                dim,
-                hidden,
-                activation,
-                span,
-            )?),
+                classes,
+            } => Box::new(
+                VelocityNet::new(&mut params, dim, hidden, activation, span)?
+                    .with_classes(&mut params, classes)?,
+            ),
             Self::VelocityMlp {
                 hidden,
                 layers,
                 activation,
                 span,
-            } => Box::new(VelocityMlp::new(
-                &mut params,
-                dim,
-                hidden,
-                layers,
-                activation,
-                span,
-            )?),
+                classes,
+            } => Box::new(
+                VelocityMlp::new(&mut params, dim, hidden, layers, activation, span)?
+                    .with_classes(&mut params, classes)?,
+            ),
             Self::UNet {
                 hidden,
                 mults,
                 attention,
                 span,
-            } => Box::new(crate::VelocityUNet::new(
-                &mut params,
-                dim,
-                hidden,
-                mults,
-                attention,
-                span,
-            )?),
-            Self::UNetLesson { hidden, span } => Box::new(crate::VelocityUNetLesson::new(
-                &mut params,
-                dim,
+                classes,
+            } => Box::new(
+                crate::VelocityUNet::new(&mut params, dim, hidden, mults, attention, span)?
+                    .with_classes(&mut params, classes)?,
+            ),
+            Self::UNetLesson {
                 hidden,
                 span,
-            )?),
+                classes,
+            } => Box::new(
+                crate::VelocityUNetLesson::new(&mut params, dim, hidden, span)?
+                    .with_classes(&mut params, classes)?,
+            ),
         };
         Ok(Model {
             spec: self.clone(),
@@ -349,6 +382,18 @@ impl VelocityField for Model {
     ) -> Result<(Tensor, Tensor)> {
         self.net.mean_velocity_jvp(x, t, h, tangent)
     }
+    fn classes(&self) -> usize {
+        self.net.classes()
+    }
+    fn labeled_velocity(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        h: Option<&Tensor>,
+        y: &Tensor,
+    ) -> Result<Tensor> {
+        self.net.labeled_velocity(x, t, h, y)
+    }
 }
 
 #[cfg(test)]
@@ -376,11 +421,13 @@ mod tests {
                 layers: 3,
                 activation: Activation::Silu,
                 span: false,
+                classes: 0,
             },
             ModelSpec::VelocityNet {
                 hidden: 16,
                 activation: Activation::Gelu,
                 span: false,
+                classes: 0,
             },
         ] {
             let m = spec.build(2, 3, &Device::Cpu).unwrap();
@@ -402,6 +449,7 @@ mod tests {
             hidden: 64,
             activation: Activation::Gelu,
             span: false,
+            classes: 0,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();
@@ -412,6 +460,7 @@ mod tests {
             layers: 3,
             activation: Activation::Silu,
             span: false,
+            classes: 0,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();
@@ -459,6 +508,7 @@ mod tests {
             layers: 2,
             activation: Activation::Silu,
             span: false,
+            classes: 0,
         };
         let (x, t) = input(4);
         let a = spec.build(2, 3, &Device::Cpu).unwrap();
@@ -505,6 +555,7 @@ mod tests {
             layers: 2,
             activation: Activation::Silu,
             span: false,
+            classes: 0,
         };
         assert!(matches!(
             other.load(2, &path, &Device::Cpu),
@@ -547,5 +598,72 @@ mod tests {
         let f3 = (-(10000f64.ln()) * 3.0 / 32.0).exp();
         assert!((e[1][3] as f64 - (0.5 * f3).sin()).abs() < 1e-6);
         assert!((e[1][35] as f64 - (0.5 * f3).cos()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn conditional_models_read_their_labels_and_save_and_load_with_their_class_count() {
+        let dir = std::env::temp_dir().join(format!("fm-classes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.safetensors");
+        let o = |classes| ModelOptions {
+            hidden: 16,
+            layers: 2,
+            classes,
+            ..Default::default()
+        };
+        for (kind, dim) in [
+            (ModelKind::VelocityNet, 2),
+            (ModelKind::VelocityMlp, 2),
+            (ModelKind::UNetLesson, 784),
+            (ModelKind::UNet, 784),
+        ] {
+            let spec = ModelSpec::of(kind, o(3));
+            assert_eq!(spec.classes(), 3);
+            // An unconditional model draws the same weights as before the labels existed.
+            let plain = ModelSpec::of(kind, o(0))
+                .build(dim, 5, &Device::Cpu)
+                .unwrap();
+            let m = spec.build(dim, 5, &Device::Cpu).unwrap();
+            assert_eq!(m.classes(), 3);
+            for (name, v) in plain.params.named_vars() {
+                let w = m
+                    .params
+                    .named_vars()
+                    .into_iter()
+                    .find(|(n, _)| *n == name)
+                    .unwrap()
+                    .1;
+                let same = (v.as_tensor() - w.as_tensor())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all();
+                assert_eq!(
+                    same.unwrap().to_scalar::<f32>().unwrap(),
+                    0.0,
+                    "{kind:?} {name}"
+                );
+            }
+            let x = Tensor::ones((4, dim), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let t = Tensor::new(&[0.1f32, 0.5, 0.5, 0.9], &Device::Cpu).unwrap();
+            let y = crate::label_tensor(&[0, 1, 2, 3], &Device::Cpu).unwrap();
+            let v = m.labeled_velocity(&x, &t, None, &y).unwrap();
+            // Different labels give different velocities at the same (x, t).
+            let rows = v.to_vec2::<f32>().unwrap();
+            assert_ne!(rows[1], rows[2], "{kind:?}: labels ignored");
+            m.params.save(&path).unwrap();
+            let back = spec.load(dim, &path, &Device::Cpu).unwrap();
+            let w = back.labeled_velocity(&x, &t, None, &y).unwrap();
+            assert_eq!(rows, w.to_vec2::<f32>().unwrap(), "{kind:?}");
+            // Another class count (or none) does not load these weights.
+            assert!(ModelSpec::of(kind, o(5))
+                .load(dim, &path, &Device::Cpu)
+                .is_err());
+            assert!(ModelSpec::of(kind, o(0))
+                .load(dim, &path, &Device::Cpu)
+                .is_err());
+            assert!(plain.labeled_velocity(&x, &t, None, &y).is_err());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,6 +1,7 @@
 //! U-Net velocity fields for images. Both take `x` as `(B, C, H, W)` or flattened `(B, C·H·W)`
 //! (what the samplers, couplings and solvers pass around) and answer in the same shape.
 
+use crate::classes::ClassTable;
 use crate::mlp::time_embedding;
 use crate::ops::activation::Activation;
 use crate::ops::conv::Conv;
@@ -75,6 +76,8 @@ pub struct VelocityUNetLesson {
     channels: usize,
     side: usize,
     span: bool,
+    /// `(K + 1, hidden)`: each label's row, added to the time embedding.
+    class_emb: ClassTable,
 }
 
 impl VelocityUNetLesson {
@@ -100,15 +103,35 @@ impl VelocityUNetLesson {
             channels: c,
             side,
             span,
+            class_emb: ClassTable::default(),
         })
     }
 
-    fn forward(&self, x: &Tensor, t: &Tensor, h: Option<&Tensor>) -> Result<Tensor> {
+    /// The net conditioned on `classes` labels (its table drawn after the other weights).
+    pub fn with_classes(
+        mut self,
+        p: &mut Params,
+        classes: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        let width = self.time_mlp.weight().dim(0)?;
+        self.class_emb = ClassTable::new(p, classes, width)?;
+        Ok(self)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        h: Option<&Tensor>,
+        y: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let xi = as_image(x, self.channels, self.side)?;
         let b = xi.dim(0)?;
-        let temb = time_features(t, h, self.span, &self.time_mlp, self.act, b)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
+        let mut temb = time_features(t, h, self.span, &self.time_mlp, self.act, b)?;
+        if let Some(y) = y {
+            temb = self.class_emb.join(&temb, y)?;
+        }
+        let temb = temb.unsqueeze(2)?.unsqueeze(3)?;
         let a = |t: Tensor| self.act.apply(&t);
         let h1 = a(self.enc1.forward(&xi)?)?.broadcast_add(&temb)?;
         let h2 = a(self.enc2.forward(&h1)?)?;
@@ -126,15 +149,27 @@ macro_rules! unet_field {
     ($($ty:ty),*) => {$(
         impl VelocityField for $ty {
             fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-                self.forward(x, t, None)
+                self.forward(x, t, None, None)
             }
             fn mean_velocity(&self, x: &Tensor, t: &Tensor, h: &Tensor) -> Result<Tensor> {
-                self.forward(x, t, Some(h))
+                self.forward(x, t, Some(h), None)
             }
             fn mean_velocity_at(&self, x: &Tensor, t: f64, h: f64) -> Result<Tensor> {
                 let full =
                     |v: f64| Tensor::full(v as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype());
-                self.forward(x, &full(t)?, Some(&full(h)?))
+                self.forward(x, &full(t)?, Some(&full(h)?), None)
+            }
+            fn classes(&self) -> usize {
+                self.class_emb.classes()
+            }
+            fn labeled_velocity(
+                &self,
+                x: &Tensor,
+                t: &Tensor,
+                h: Option<&Tensor>,
+                y: &Tensor,
+            ) -> Result<Tensor> {
+                self.forward(x, t, h, Some(y))
             }
         }
     )*};
@@ -258,6 +293,8 @@ pub struct VelocityUNet {
     channels: usize,
     side: usize,
     span: bool,
+    /// `(K + 1, 4·hidden)`: each label's row, added to the time embedding.
+    class_emb: ClassTable,
 }
 
 impl VelocityUNet {
@@ -304,14 +341,35 @@ impl VelocityUNet {
             channels: c,
             side,
             span,
+            class_emb: ClassTable::default(),
         })
     }
 
-    fn forward(&self, x: &Tensor, t: &Tensor, h: Option<&Tensor>) -> Result<Tensor> {
+    /// The net conditioned on `classes` labels (its table drawn after the other weights).
+    pub fn with_classes(
+        mut self,
+        p: &mut Params,
+        classes: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        let width = self.time2.weight().dim(0)?;
+        self.class_emb = ClassTable::new(p, classes, width)?;
+        Ok(self)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        h: Option<&Tensor>,
+        y: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let xi = as_image(x, self.channels, self.side)?;
         let b = xi.dim(0)?;
         let temb = time_features(t, h, self.span, &self.time1, self.act, b)?;
-        let temb = self.time2.forward(&temb)?;
+        let mut temb = self.time2.forward(&temb)?;
+        if let Some(y) = y {
+            temb = self.class_emb.join(&temb, y)?;
+        }
         let h0 = self.conv_in.forward(&xi)?;
         let h1 = self.enc1.forward(&h0, &temb)?;
         let h2 = self.enc2.forward(&self.down1.forward(&h1)?, &temb)?;

@@ -34,7 +34,11 @@ impl TeacherCoupling {
 impl Coupling for TeacherCoupling {
     fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError> {
         let x0 = self.source.sample(batch, rng, device)?;
-        Ok(Draw { x0, x1: None })
+        Ok(Draw {
+            x0,
+            x1: None,
+            y: None,
+        })
     }
 
     fn pairing(&self) -> Option<Arc<dyn Pairing>> {
@@ -127,7 +131,11 @@ impl Coupling for PairSet {
         let idx = Tensor::from_vec(idx, batch, self.x0.device())?;
         let x0 = self.x0.index_select(&idx, 0)?.to_device(device)?;
         let x1 = self.x1.index_select(&idx, 0)?.to_device(device)?;
-        Ok(Draw { x0, x1: Some(x1) })
+        Ok(Draw {
+            x0,
+            x1: Some(x1),
+            y: None,
+        })
     }
 }
 
@@ -211,6 +219,7 @@ mod tests {
             layers: 2,
             activation: Activation::Silu,
             span: false,
+            classes: 0,
         }
         .build(2, 0, &Device::Cpu)
         .unwrap();
