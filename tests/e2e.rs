@@ -1080,10 +1080,7 @@ fn a_tiny_conditional_training_lands_samples_in_the_class_asked_for() {
     // are one-line errors naming the key.
     let cases: &[(&[&str], &str)] = &[
         (&["model.classes=0"], "eval.guidance"),
-        (
-            &["model.classes=0", "eval.guidance=[]"],
-            "loss.label_drop",
-        ),
+        (&["model.classes=0", "eval.guidance=[]"], "loss.label_drop"),
         (&["data.target=spiral"], "data.target"),
         (&["model.classes=3"], "model.classes"),
         (&["solver.guidance=-1"], "solver.guidance"),

@@ -144,34 +144,38 @@ fn class_scores(
             .filter(|(i, c)| **c == Some((i % k) as u32));
         Ok(hit.count() as f64 / c.len().max(1) as f64)
     };
+    // Per-class W2 (2-D): the samples asked for class c against the real points of class c,
+    // averaged over the classes.
+    let real_class = classes_of(&set.real)?;
+    let pick = |x: &Tensor, keep: &dyn Fn(usize) -> bool| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..x.dim(0)?)
+            .filter(|&i| keep(i))
+            .map(|i| i as u32)
+            .collect();
+        Ok(x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?)
+    };
+    let class_w2 = |x: &Tensor| -> Result<Option<f64>> {
+        let mut w2s = vec![];
+        for c in (0..k as u32).filter(|_| shape.is_some()) {
+            let g = pick(x, &|i| i % k == c as usize)?;
+            let r = pick(&set.real, &|i| real_class[i] == Some(c))?;
+            // Exact W2 pairs equal counts: the first min(|g|, |r|) of each.
+            let m = g.dim(0)?.min(r.dim(0)?);
+            if m > 0 {
+                w2s.push(metrics::w2(&g.narrow(0, 0, m)?, &r.narrow(0, 0, m)?)?);
+            }
+        }
+        Ok((!w2s.is_empty()).then(|| w2s.iter().sum::<f64>() / w2s.len() as f64))
+    };
     out.insert("class_accuracy".into(), accuracy(gen)?);
+    if let Some(w) = class_w2(gen)? {
+        out.insert("class_w2".into(), w);
+    }
     if let Some(e) = entries.iter().find(|e| e.0 == Solver::EULER && e.1 == 1) {
         out.insert("class_accuracy_euler_1".into(), accuracy(&e.3)?);
-    }
-    // Per-class W2 (2-D): the samples asked for class c against the real points of class c.
-    let real_class = classes_of(&set.real)?;
-    let mut w2s = vec![];
-    for c in (0..k as u32).filter(|_| shape.is_some()) {
-        let pick = |x: &Tensor, keep: &dyn Fn(usize) -> bool| -> Result<Tensor> {
-            let idx: Vec<u32> = (0..x.dim(0)?)
-                .filter(|&i| keep(i))
-                .map(|i| i as u32)
-                .collect();
-            Ok(x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?)
-        };
-        let g = pick(gen, &|i| i % k == c as usize)?;
-        let r = pick(&set.real, &|i| real_class[i] == Some(c))?;
-        // Exact W2 pairs equal counts: the first min(|g|, |r|) of each.
-        let m = g.dim(0)?.min(r.dim(0)?);
-        if m > 0 {
-            w2s.push(metrics::w2(&g.narrow(0, 0, m)?, &r.narrow(0, 0, m)?)?);
+        if let Some(w) = class_w2(&e.3)? {
+            out.insert("class_w2_euler_1".into(), w);
         }
-    }
-    if !w2s.is_empty() {
-        out.insert(
-            "class_w2".into(),
-            w2s.iter().sum::<f64>() / w2s.len() as f64,
-        );
     }
     for &w in &checked.guidance_rows {
         crate::signals::check("evaluation (guidance)")?;

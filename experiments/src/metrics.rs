@@ -59,7 +59,7 @@ const fn of(
 }
 
 /// Every metric, in the order of the tables' columns.
-pub static METRICS: [Metric; 19] = [
+pub static METRICS: [Metric; 20] = [
     of("final_loss", "final training loss", Better::Lower, |s| {
         s.final_loss
     }),
@@ -125,6 +125,12 @@ pub static METRICS: [Metric; 19] = [
     of("class_w2", "per-class W2 (mean)", Better::Lower, |s| {
         extra(s, "class_w2")
     }),
+    of(
+        "class_w2_euler_1",
+        "per-class W2 @1 Euler step",
+        Better::Lower,
+        |s| extra(s, "class_w2_euler_1"),
+    ),
     Metric {
         name: "nn_accuracy",
         title: "1-NN two-sample accuracy (0.5 = perfect)",

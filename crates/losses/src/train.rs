@@ -392,6 +392,57 @@ mod tests {
         trainer_sigma(ot, 0.0)
     }
 
+    #[test]
+    fn a_conditional_model_trains_with_every_objective() {
+        let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
+        let m: Arc<dyn Sampler> = Arc::new(Distribution::from_name("8gaussians").unwrap());
+        let objectives = [
+            Objective::Cfm,
+            Objective::MeanFlow {
+                span_fraction: 0.25,
+                adaptive_p: 1.0,
+            },
+            Objective::Shortcut {
+                bootstrap_fraction: 0.25,
+                max_steps: 8,
+            },
+        ];
+        for objective in objectives {
+            let labels = crate::LabelDraw {
+                classes: 8,
+                drop: 0.1,
+            };
+            let coupling =
+                crate::CouplingSpec::Independent.build(g.clone(), m.clone(), Some(labels));
+            let model = ModelSpec::VelocityMlp {
+                hidden: 32,
+                layers: 2,
+                activation: Activation::Silu,
+                span: objective.needs_span(),
+                classes: 8,
+            }
+            .build(2, 0, &Device::Cpu)
+            .unwrap();
+            let path = Box::new(AffinePath::new(Schedule::Linear, 0.0).unwrap());
+            let mut t = Trainer::new(
+                model,
+                path,
+                coupling,
+                TimeSampler::Uniform,
+                64,
+                OptimConfig::default(),
+            )
+            .unwrap()
+            .with_objective(objective)
+            .unwrap();
+            let mut rng = rng_from_seed(0);
+            for _ in 0..3 {
+                let loss = t.step(&mut rng).unwrap();
+                assert!(loss.is_finite(), "{objective:?}");
+            }
+        }
+    }
+
     fn trainer_sigma(ot: bool, sigma: f64) -> Trainer {
         let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
         let m: Arc<dyn Sampler> = Arc::new(Distribution::from_name("moons").unwrap());

@@ -23,12 +23,27 @@ impl<'a> Labeled<'a> {
     }
 }
 
+impl Labeled<'_> {
+    /// The labels of a batch like `x`: all of them, or the first rows' for a leading part of
+    /// the batch (the shortcut objective's bootstrap evaluates the first rows).
+    fn labels(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, m) = (x.dim(0)?, self.y.dim(0)?);
+        match n.cmp(&m) {
+            std::cmp::Ordering::Equal => Ok(self.y.clone()),
+            std::cmp::Ordering::Less => self.y.narrow(0, 0, n),
+            std::cmp::Ordering::Greater => {
+                candle_core::bail!("a batch of {n} rows with {m} labels")
+            }
+        }
+    }
+}
+
 impl VelocityField for Labeled<'_> {
     fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        self.field.labeled_velocity(x, t, None, &self.y)
+        self.field.labeled_velocity(x, t, None, &self.labels(x)?)
     }
     fn mean_velocity(&self, x: &Tensor, t: &Tensor, h: &Tensor) -> Result<Tensor> {
-        self.field.labeled_velocity(x, t, Some(h), &self.y)
+        self.field.labeled_velocity(x, t, Some(h), &self.labels(x)?)
     }
 }
 
