@@ -23,6 +23,22 @@ pub const DISTRIBUTION_NAMES: &[&str] = &[
     "gaussian-nd",
 ];
 
+/// The unit-circle centres of `8gaussians`' modes, in TorchCFM's order (the mode's label);
+/// `1 / √2` as TorchCFM computes it (not the correctly rounded constant, one bit away).
+fn eight_centers() -> [[f64; 2]; 8] {
+    let s = 1.0 / 2f64.sqrt();
+    [
+        [1.0, 0.0],
+        [-1.0, 0.0],
+        [0.0, 1.0],
+        [0.0, -1.0],
+        [s, s],
+        [-s, s],
+        [s, -s],
+        [-s, -s],
+    ]
+}
+
 /// A named distribution with its parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Distribution {
@@ -148,17 +164,7 @@ impl Distribution {
         let (x, y) = (p[0] as f64, p[1] as f64);
         Some(match *self {
             Self::EightGaussians { scale, .. } => {
-                let s = 1.0 / 2f64.sqrt();
-                let c = [
-                    [1.0, 0.0],
-                    [-1.0, 0.0],
-                    [0.0, 1.0],
-                    [0.0, -1.0],
-                    [s, s],
-                    [-s, s],
-                    [s, -s],
-                    [-s, -s],
-                ];
+                let c = eight_centers();
                 let d = |k: usize| (x - scale * c[k][0]).powi(2) + (y - scale * c[k][1]).powi(2);
                 (0..8).min_by(|&a, &b| d(a).total_cmp(&d(b)))? as u32
             }
@@ -362,17 +368,7 @@ impl Distribution {
             Self::EightGaussians { scale, var } => {
                 // TorchCFM's eight_normal_sample: covariance sqrt(var)·I around 8 centres.
                 let std = var.sqrt().sqrt();
-                let s = 1.0 / 2f64.sqrt();
-                let centers = [
-                    [1.0, 0.0],
-                    [-1.0, 0.0],
-                    [0.0, 1.0],
-                    [0.0, -1.0],
-                    [s, s],
-                    [-s, s],
-                    [s, -s],
-                    [-s, -s],
-                ];
+                let centers = eight_centers();
                 // Label: the index of the mode.
                 for _ in 0..n {
                     let k = rng.random_range(0..8);
