@@ -710,16 +710,12 @@ impl ReflowConfig {
     }
 }
 
-/// Checks a guidance scale: finite and ≥ 0 (0 is unconditional, 1 plain conditional).
+/// A guidance scale (`key`), by the library's rule.
 fn check_guidance(key: &'static str, w: f64) -> Result<(), Bad> {
-    if w >= 0.0 && w.is_finite() {
-        Ok(())
-    } else {
-        Err((
-            key,
-            format!("a guidance scale must be a number ≥ 0, got {w}"),
-        ))
-    }
+    flowmatch_models::validate_guidance(w).map_err(|e| match e {
+        ModelError::Setting { msg, .. } => (key, msg),
+        e => (key, e.to_string()),
+    })
 }
 
 impl Config {

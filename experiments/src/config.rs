@@ -268,6 +268,9 @@ pub struct LoggingConfig {
 
 impl Default for Config {
     fn default() -> Self {
+        // The settings' defaults are the libraries' (the papers' choices).
+        let time = flowmatch_losses::TimeOptions::default();
+        let objective = flowmatch_losses::ObjectiveOptions::default();
         Self {
             name: String::new(),
             device: DeviceRequest::Cpu,
@@ -296,14 +299,14 @@ impl Default for Config {
                 label_drop: None,
                 sigma_min: 0.0,
                 time: TimeKind::Uniform,
-                time_warp_s: 0.5,
-                logit_mean: 0.0,
-                logit_std: 1.0,
+                time_warp_s: time.s,
+                logit_mean: time.mean,
+                logit_std: time.std,
                 objective: ObjectiveKind::Cfm,
-                meanflow_fraction: 0.25,
-                meanflow_p: 1.0,
-                shortcut_bootstrap: 0.25,
-                shortcut_steps: 128,
+                meanflow_fraction: objective.span_fraction,
+                meanflow_p: objective.adaptive_p,
+                shortcut_bootstrap: objective.bootstrap_fraction,
+                shortcut_steps: objective.max_steps,
             },
             train: TrainConfig {
                 steps: 5000,

@@ -43,11 +43,8 @@ pub trait Coupling: Send {
         rng: &mut Rng,
         device: &Device,
     ) -> Result<(Tensor, Tensor), LossError> {
-        let draw = self.draw(batch, rng, device)?;
-        match self.pairing() {
-            Some(p) => p.pair(draw),
-            None => draw.into_pairs(),
-        }
+        let (x0, x1, _) = self.sample_labeled(batch, rng, device)?;
+        Ok((x0, x1))
     }
 }
 

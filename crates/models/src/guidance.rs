@@ -133,6 +133,18 @@ impl VelocityField for Guided<'_> {
     }
 }
 
+/// Checks a guidance scale: finite and ≥ 0 (0 is unconditional, 1 plain conditional).
+pub fn validate_guidance(w: f64) -> std::result::Result<(), crate::ModelError> {
+    if w >= 0.0 && w.is_finite() {
+        Ok(())
+    } else {
+        Err(crate::ModelError::Setting {
+            field: "guidance",
+            msg: format!("a guidance scale must be a number ≥ 0, got {w}"),
+        })
+    }
+}
+
 /// Labels balanced over `classes`: `0, 1, …, K − 1, 0, 1, …` for `n` samples.
 pub fn balanced_labels(n: usize, classes: usize) -> Vec<u32> {
     (0..n).map(|i| (i % classes.max(1)) as u32).collect()

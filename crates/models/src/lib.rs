@@ -23,7 +23,7 @@ pub use ops::{activation, conv, conv_transpose, norm};
 pub use classifier::Classifier;
 pub use error::ModelError;
 pub use field::{finite_difference_jvp, FnField, VelocityField};
-pub use guidance::{balanced_labels, label_tensor, Guided, Labeled};
+pub use guidance::{balanced_labels, label_tensor, validate_guidance, Guided, Labeled};
 pub use mlp::{sinusoidal_embedding, VelocityMlp, VelocityNet};
 pub use ops::linear::Linear;
 pub use params::Params;
