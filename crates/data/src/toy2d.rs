@@ -18,6 +18,7 @@ pub const DISTRIBUTION_NAMES: &[&str] = &[
     "two-gaussians",
     "smiley",
     "moons",
+    "moons-torchcfm",
     "8gaussians",
     "checkerboard",
     "gaussian-nd",
@@ -56,6 +57,10 @@ pub enum Distribution {
     Smiley { scale: f64 },
     /// sklearn's `make_moons` with Gaussian noise (lesson: noise 0.05).
     Moons { noise: f64 },
+    /// TorchCFM's moons (torchdyn's `generate_moons(n, noise)`, scaled `3x − 1`): both
+    /// coordinates of a point are shifted by one uniform draw in `[0, noise)` (noise 0.2), the
+    /// target of TorchCFM's 8gaussians → moons and of C²OT's conditional example.
+    TorchcfmMoons { noise: f64 },
     /// Eight Gaussians on a circle of radius `scale` (TorchCFM: scale 5, var 0.1).
     EightGaussians { scale: f64, var: f64 },
     /// The FFJORD checkerboard on `[-4, 4]²`.
@@ -78,6 +83,7 @@ impl Distribution {
             },
             "smiley" => Self::Smiley { scale: 2.5 },
             "moons" => Self::Moons { noise: 0.05 },
+            "moons-torchcfm" => Self::TorchcfmMoons { noise: 0.2 },
             "8gaussians" => Self::EightGaussians {
                 scale: 5.0,
                 var: 0.1,
@@ -131,6 +137,7 @@ impl Distribution {
             },
             Self::Smiley { .. } => Self::Smiley { scale: value },
             Self::Moons { .. } => Self::Moons { noise: value },
+            Self::TorchcfmMoons { .. } => Self::TorchcfmMoons { noise: value },
             Self::EightGaussians { var, .. } => Self::EightGaussians { scale: value, var },
             Self::Checkerboard => {
                 return Err(DataError::InvalidParameter {
@@ -168,18 +175,10 @@ impl Distribution {
                 let d = |k: usize| (x - scale * c[k][0]).powi(2) + (y - scale * c[k][1]).powi(2);
                 (0..8).min_by(|&a, &b| d(a).total_cmp(&d(b)))? as u32
             }
-            Self::Moons { .. } => {
-                // Distance to each moon's half circle: the outer one's upper half around
-                // (0, 0), the inner one's lower half around (1, 0.5).
-                let arc = |cx: f64, cy: f64, upper: bool| {
-                    let (dx, dy) = (x - cx, y - cy);
-                    if (dy >= 0.0) == upper {
-                        ((dx * dx + dy * dy).sqrt() - 1.0).abs()
-                    } else {
-                        ((dx.abs() - 1.0).powi(2) + dy * dy).sqrt()
-                    }
-                };
-                (arc(1.0, 0.5, false) < arc(0.0, 0.0, true)) as u32
+            Self::Moons { .. } => nearer_moon(x, y),
+            // Undo the scaling and the mean of the diagonal shift.
+            Self::TorchcfmMoons { noise } => {
+                nearer_moon((x + 1.0) / 3.0 - noise / 2.0, (y + 1.0) / 3.0 - noise / 2.0)
             }
             Self::TwoGaussians { .. } => (x > 0.0) as u32,
             Self::Checkerboard => {
@@ -201,11 +200,50 @@ impl Distribution {
             Self::TwoGaussians { .. } => "two-gaussians",
             Self::Smiley { .. } => "smiley",
             Self::Moons { .. } => "moons",
+            Self::TorchcfmMoons { .. } => "moons-torchcfm",
             Self::EightGaussians { .. } => "8gaussians",
             Self::Checkerboard => "checkerboard",
             Self::GaussianNd { .. } => "gaussian-nd",
         }
     }
+}
+
+/// Which of sklearn's unit moons is nearer to `(x, y)`: 0 for the outer one (the upper half
+/// circle around (0, 0)), 1 for the inner one (the lower half around (1, 0.5)).
+fn nearer_moon(x: f64, y: f64) -> u32 {
+    let arc = |cx: f64, cy: f64, upper: bool| {
+        let (dx, dy) = (x - cx, y - cy);
+        if (dy >= 0.0) == upper {
+            ((dx * dx + dy * dy).sqrt() - 1.0).abs()
+        } else {
+            ((dx.abs() - 1.0).powi(2) + dy * dy).sqrt()
+        }
+    };
+    (arc(1.0, 0.5, false) < arc(0.0, 0.0, true)) as u32
+}
+
+/// The two unit moons' points with their labels, as sklearn and torchdyn lay them out: the
+/// outer moon's `n / 2` points, then the inner one's, each evenly spaced in angle.
+fn moon_points(n: usize) -> Vec<([f64; 2], u32)> {
+    let n_out = n / 2;
+    let n_in = n - n_out;
+    let lin = |i: usize, m: usize| {
+        if m <= 1 {
+            0.0
+        } else {
+            PI * i as f64 / (m - 1) as f64
+        }
+    };
+    let mut pts = Vec::with_capacity(n);
+    for i in 0..n_out {
+        let a = lin(i, n_out);
+        pts.push(([a.cos(), a.sin()], 0));
+    }
+    for i in 0..n_in {
+        let a = lin(i, n_in);
+        pts.push(([1.0 - a.cos(), 1.0 - a.sin() - 0.5], 1));
+    }
+    pts
 }
 
 fn normal(rng: &mut Rng) -> f64 {
@@ -243,7 +281,7 @@ impl Sampler for Distribution {
 
     fn classes(&self) -> usize {
         match self {
-            Self::TwoGaussians { .. } | Self::Moons { .. } => 2,
+            Self::TwoGaussians { .. } | Self::Moons { .. } | Self::TorchcfmMoons { .. } => 2,
             Self::EightGaussians { .. } | Self::Checkerboard => 8,
             _ => 0,
         }
@@ -339,29 +377,24 @@ impl Distribution {
             }
             Self::Moons { noise } => {
                 // sklearn.datasets.make_moons(n, shuffle=True, noise=noise).
-                let n_out = n / 2;
-                let n_in = n - n_out;
-                let lin = |i: usize, m: usize| {
-                    if m <= 1 {
-                        0.0
-                    } else {
-                        PI * i as f64 / (m - 1) as f64
-                    }
-                };
                 // Label 0: the outer (upper) moon, 1: the inner one (sklearn's y).
-                let mut pts = Vec::with_capacity(n);
-                for i in 0..n_out {
-                    let a = lin(i, n_out);
-                    pts.push(([a.cos(), a.sin()], 0));
-                }
-                for i in 0..n_in {
-                    let a = lin(i, n_in);
-                    pts.push(([1.0 - a.cos(), 1.0 - a.sin() - 0.5], 1));
-                }
+                let mut pts = moon_points(n);
                 pts.shuffle(rng);
                 for (p, _) in pts.iter_mut() {
                     p[0] += noise * normal(rng);
                     p[1] += noise * normal(rng);
+                }
+                return flatten_labeled(pts, labels);
+            }
+            Self::TorchcfmMoons { noise } => {
+                // torchdyn: X += rand(n, 1) * noise (one shift for both coordinates), then
+                // TorchCFM's 3X − 1. Shuffled here (torchdyn keeps the outer moon first), so
+                // that any leading part of a batch holds both moons.
+                let mut pts = moon_points(n);
+                pts.shuffle(rng);
+                for (p, _) in pts.iter_mut() {
+                    let u = noise * uniform(rng);
+                    *p = [(p[0] + u) * 3.0 - 1.0, (p[1] + u) * 3.0 - 1.0];
                 }
                 return flatten_labeled(pts, labels);
             }
@@ -545,9 +578,38 @@ mod label_tests {
     use super::*;
     use crate::rng_from_seed;
 
+    /// torchdyn's moons: each point is a unit-moon point shifted along (1, 1) by one draw in
+    /// [0, 0.2), then scaled 3x − 1; half of the points on each moon.
+    #[test]
+    fn torchcfm_moons_follow_torchdyn() {
+        let d = Distribution::from_name("moons-torchcfm").unwrap();
+        let (x, y) = d.sample_labeled_vec(1001, &mut rng_from_seed(3)).unwrap();
+        assert_eq!(y.iter().filter(|&&l| l == 0).count(), 500);
+        for (p, &l) in x.chunks(2).zip(&y) {
+            let q = [(p[0] as f64 + 1.0) / 3.0, (p[1] as f64 + 1.0) / 3.0];
+            // The shift u that puts q back on its moon's circle, searched on a fine grid.
+            let (c, upper) = if l == 0 { ([0.0, 0.0], true) } else { ([1.0, 0.5], false) };
+            let best = (0..=2000)
+                .map(|i| {
+                    let u = 0.2 * i as f64 / 2000.0;
+                    let (dx, dy) = (q[0] - u - c[0], q[1] - u - c[1]);
+                    let on_half = (dy >= -1e-6) == upper || dy.abs() < 1e-6;
+                    if on_half { ((dx * dx + dy * dy).sqrt() - 1.0).abs() } else { 1.0 }
+                })
+                .fold(f64::INFINITY, f64::min);
+            assert!(best < 2e-4, "{p:?} (label {l}) is {best} off its moon");
+        }
+    }
+
     #[test]
     fn labeled_draws_are_the_same_points_and_their_labels_follow_the_rule() {
-        for name in ["moons", "8gaussians", "two-gaussians", "checkerboard"] {
+        for name in [
+            "moons",
+            "moons-torchcfm",
+            "8gaussians",
+            "two-gaussians",
+            "checkerboard",
+        ] {
             let d = Distribution::from_name(name).unwrap();
             let plain = d.sample_vec(2000, &mut rng_from_seed(7));
             let (x, y) = d.sample_labeled_vec(2000, &mut rng_from_seed(7)).unwrap();
