@@ -1086,6 +1086,7 @@ fn a_tiny_conditional_training_lands_samples_in_the_class_asked_for() {
         (&["solver.guidance=-1"], "solver.guidance"),
         (&["loss.label_drop=1.0"], "loss.label_drop"),
         (&["loss.coupling=independent"], "loss.ot_within_class"),
+        (&["reflow.guidance=-0.5"], "reflow.guidance"),
     ];
     for (sets, key) in cases {
         let mut args = vec!["run", "../configs/conditional_8gaussians.toml"];
@@ -1103,4 +1104,60 @@ fn a_tiny_conditional_training_lands_samples_in_the_class_asked_for() {
         );
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
+    // The teacher's guidance of a conditional reflow, on an unconditional model.
+    let o = flowmatch(&[
+        "run",
+        "../configs/lesson_moons.toml",
+        "--set",
+        "reflow.guidance=2.0",
+        "--out",
+        tmp.path().join("bad").to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.starts_with("error: reflow.guidance:"),
+        "{err}"
+    );
+}
+
+/// Conditional reflow: the student trains on the teacher's pairs with their labels, and its
+/// one-step samples still land in the class asked for.
+#[test]
+fn a_conditional_reflow_keeps_its_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = flowmatch(&[
+        "run",
+        "../configs/conditional_8gaussians.toml",
+        "--set",
+        "train.steps=400",
+        "--set",
+        "reflow.iterations=1",
+        "--set",
+        "reflow.steps=300",
+        "--set",
+        "reflow.teacher_steps=4",
+        "--set",
+        "reflow.guidance=1.5",
+        "--set",
+        "eval.samples=400",
+        "--set",
+        "eval.guidance=[]",
+        "--set",
+        "logging.plots=false",
+        "--set",
+        "logging.tensorboard=false",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |f: &str| -> serde_json::Value {
+        let p = out.join("conditional_8gaussians").join(f);
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let rf2 = read("rf2/summary.json");
+    let acc = rf2["eval"]["extra"]["class_accuracy_euler_1"].as_f64().unwrap();
+    assert!(acc > 0.8, "2-RF's class accuracy at one step: {acc}");
+    let config = std::fs::read_to_string(out.join("conditional_8gaussians/rf2/config.toml"));
+    assert!(config.unwrap().contains("guidance = 1.5"));
 }

@@ -706,6 +706,7 @@ impl ReflowConfig {
             lr,
             distill_k: self.distill_k,
             distill_steps: self.distill_steps,
+            guidance: self.guidance.unwrap_or(1.0),
         })
     }
 }
@@ -727,10 +728,12 @@ impl Config {
         target: &DataSpec,
         classes: usize,
         coupling: &CouplingSpec,
-        reflow: &ReflowSpec,
     ) -> Result<(Option<LabelDraw>, f64, Vec<f64>), Bad> {
         let ev = &self.eval;
         check_guidance("solver.guidance", self.solver.guidance)?;
+        if let Some(w) = self.reflow.guidance {
+            check_guidance("reflow.guidance", w)?;
+        }
         check_list_len("eval.guidance", ev.guidance.len(), "guidance scales")?;
         for &w in &ev.guidance {
             check_guidance("eval.guidance", w)?;
@@ -757,6 +760,7 @@ impl Config {
                 ("eval.guidance", !ev.guidance.is_empty()),
                 ("loss.label_drop", self.loss.label_drop.is_some()),
                 ("loss.ot_within_class", within),
+                ("reflow.guidance", self.reflow.guidance.is_some()),
             ];
             return match set.into_iter().find(|(_, on)| *on) {
                 Some((key, _)) => Err((
@@ -772,7 +776,7 @@ impl Config {
             return Err((
                 "data.target",
                 format!(
-                    "'{}' has no class labels, so model.classes = {classes} has none to read (labelled targets: moons, two-gaussians, 8gaussians, checkerboard, mnist)",
+                    "'{}' has no class labels, so model.classes = {classes} has none to read (labelled targets: moons, moons-torchcfm, two-gaussians, 8gaussians, checkerboard, mnist)",
                     self.data.target
                 ),
             ));
@@ -781,12 +785,6 @@ impl Config {
             return Err((
                 "model.classes",
                 format!("'{}' has {have} classes, not {classes}", self.data.target),
-            ));
-        }
-        if reflow.is_reflow() {
-            return Err((
-                "reflow.iterations",
-                "conditional reflow (pairs with labels) is not built yet; train the conditional model without [reflow]".into(),
             ));
         }
         let drop = self.loss.label_drop.unwrap_or(0.1);
@@ -833,7 +831,7 @@ impl Config {
         }
         let reflow = self.reflow.check(&self.train, solver.tol, lim)?;
         let (labels, guidance, guidance_rows) =
-            self.check_conditioning(&target, model.classes(), &coupling, &reflow)?;
+            self.check_conditioning(&target, model.classes(), &coupling)?;
         let plan = Plan {
             name: self.name.clone(),
             device: self.device,

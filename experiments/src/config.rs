@@ -253,6 +253,10 @@ pub struct ReflowConfig {
     /// k of the k-step distillation of the last student (0 = none).
     pub distill_k: usize,
     pub distill_steps: usize,
+    /// The guidance scale a conditional teacher samples its pairs at (default 1: plain
+    /// conditional). Conditional models only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
 }
 
 /// `[logging]`.
@@ -366,6 +370,7 @@ impl Default for Config {
                 lr: None,
                 distill_k: 0,
                 distill_steps: 1000,
+                guidance: None,
             },
             limits: LimitsConfig {
                 memory_gb: DEFAULT_MEMORY_GB,

@@ -13,7 +13,9 @@ use anyhow::{anyhow, Context, Result};
 use flowmatch_data::Sampler;
 use flowmatch_losses::Coupling;
 use flowmatch_models::{Model, VelocityField};
-use flowmatch_reflow::{Flow, PairSet, ReflowInit, ReflowMode, Stage, TeacherCoupling};
+use flowmatch_reflow::{
+    Flow, PairSet, ReflowInit, ReflowMode, Stage, Teacher, TeacherCoupling, TeacherLabels,
+};
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
@@ -202,6 +204,11 @@ fn train_student(
             .build(checked.source.dim(), c.train.seed, &device)?
     };
     let as_field: Arc<dyn VelocityField> = teacher.clone();
+    // A conditional teacher samples each pair for a drawn label, guided at reflow.guidance.
+    let labels = checked.labels.map(|draw| TeacherLabels {
+        draw,
+        guidance: r.guidance,
+    });
     crate::signals::check(&format!("{} {flow}: setup", checked.name))?;
     let (coupling, label): (Box<dyn Coupling>, RunCoupling) = if r.mode == ReflowMode::Offline {
         let threads = std::thread::available_parallelism()
@@ -210,11 +217,15 @@ fn train_student(
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()?;
+        let teacher = Teacher {
+            field: as_field.as_ref(),
+            solver: r.teacher,
+            labels,
+        };
         let set = pool.install(|| {
             PairSet::generate(
                 checked.source.as_ref(),
-                as_field.as_ref(),
-                &r.teacher,
+                &teacher,
                 r.pairs,
                 256,
                 c.train.seed,
@@ -231,7 +242,7 @@ fn train_student(
             },
         )
     } else {
-        let tc = TeacherCoupling::new(source.clone(), as_field, r.teacher)?;
+        let tc = TeacherCoupling::new(source.clone(), as_field, r.teacher)?.with_labels(labels);
         (
             Box::new(tc),
             RunCoupling::ReflowOnline {

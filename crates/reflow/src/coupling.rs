@@ -1,18 +1,63 @@
 use crate::ReflowError;
 use candle_core::{Device, Tensor};
 use flowmatch_data::{rng_from_seed, Rng, Sampler};
-use flowmatch_losses::{Coupling, Draw, LossError, Pairing};
-use flowmatch_models::VelocityField;
+use flowmatch_losses::{Coupling, Draw, LabelDraw, LossError, Pairing, Pairs};
+use flowmatch_models::{label_tensor, Guided, VelocityField};
 use flowmatch_solvers::{solve, SolverSpec};
 use rand::Rng as _;
 use rayon::prelude::*;
 use std::sync::Arc;
+
+/// What a conditional teacher is asked for: each pair's class is drawn uniformly from
+/// `0..classes`, or is "no label" (`classes`) with probability `drop`, and the teacher samples
+/// guided at scale `guidance` towards it. A dropped pair is the teacher's unconditional sample,
+/// so the student's "no label" velocity learns the teacher's unconditional flow, and each
+/// class's velocity the teacher's guided flow of that class.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TeacherLabels {
+    pub draw: LabelDraw,
+    pub guidance: f64,
+}
+
+impl TeacherLabels {
+    /// `n` labels from `rng`: drop or not, then (if kept) the class.
+    fn sample(&self, n: usize, rng: &mut Rng) -> Vec<u32> {
+        let k = self.draw.classes;
+        (0..n)
+            .map(|_| {
+                if rng.random::<f64>() < self.draw.drop {
+                    k as u32
+                } else {
+                    rng.random_range(0..k) as u32
+                }
+            })
+            .collect()
+    }
+}
+
+/// The teacher's endpoints from `x0`: plain, or guided towards `y` for a conditional teacher.
+fn endpoints(
+    teacher: &dyn VelocityField,
+    solver: &SolverSpec,
+    x0: &Tensor,
+    y: Option<(&[u32], f64)>,
+) -> Result<Tensor, ReflowError> {
+    let x1 = match y {
+        None => solve(teacher, x0, solver, false)?.x,
+        Some((y, w)) => {
+            let guided = Guided::new(teacher, label_tensor(y, x0.device())?, w)?;
+            solve(&guided, x0, solver, false)?.x
+        }
+    };
+    Ok(x1.detach())
+}
 
 /// Online reflow: every batch draws fresh `x_0` and integrates the teacher to get `x_1'`.
 pub struct TeacherCoupling {
     source: Arc<dyn Sampler>,
     teacher: Arc<dyn VelocityField>,
     solver: SolverSpec,
+    labels: Option<TeacherLabels>,
 }
 
 impl TeacherCoupling {
@@ -27,47 +72,68 @@ impl TeacherCoupling {
             source,
             teacher,
             solver,
+            labels: None,
         })
+    }
+
+    /// The same for a conditional teacher: every pair carries the label it was sampled for
+    /// (drawn after its `x_0`; the unconditional draws stay as they were).
+    pub fn with_labels(mut self, labels: Option<TeacherLabels>) -> Self {
+        self.labels = labels;
+        self
     }
 }
 
 impl Coupling for TeacherCoupling {
     fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError> {
         let x0 = self.source.sample(batch, rng, device)?;
-        Ok(Draw {
-            x0,
-            x1: None,
-            y: None,
-        })
+        let y = self.labels.map(|l| l.sample(batch, rng));
+        Ok(Draw { x0, x1: None, y })
     }
 
     fn pairing(&self) -> Option<Arc<dyn Pairing>> {
         Some(Arc::new(TeacherPairing {
             teacher: self.teacher.clone(),
             solver: self.solver,
+            guidance: self.labels.map_or(1.0, |l| l.guidance),
         }))
     }
 }
 
-/// The teacher's integration from the drawn `x_0`.
+/// The teacher's integration from the drawn `x_0` (guided towards the drawn labels).
 struct TeacherPairing {
     teacher: Arc<dyn VelocityField>,
     solver: SolverSpec,
+    guidance: f64,
 }
 
 impl Pairing for TeacherPairing {
     fn pair(&self, draw: Draw) -> Result<(Tensor, Tensor), LossError> {
-        let x1 = solve(self.teacher.as_ref(), &draw.x0, &self.solver, false)?
-            .x
-            .detach();
-        Ok((draw.x0, x1))
+        let (x0, x1, _) = self.pair_labeled(draw)?;
+        Ok((x0, x1))
     }
+
+    fn pair_labeled(&self, draw: Draw) -> Result<Pairs, LossError> {
+        let y = draw.y.as_deref().map(|y| (y, self.guidance));
+        let x1 = endpoints(self.teacher.as_ref(), &self.solver, &draw.x0, y)?;
+        Ok((draw.x0, x1, draw.y))
+    }
+}
+
+/// The teacher of an offline pair set: its field, its solver and, for a conditional teacher,
+/// the labels it is asked for.
+pub struct Teacher<'a> {
+    pub field: &'a dyn VelocityField,
+    pub solver: SolverSpec,
+    pub labels: Option<TeacherLabels>,
 }
 
 /// Offline reflow: a fixed set of teacher pairs; batches are drawn from it with replacement.
 pub struct PairSet {
     x0: Tensor,
     x1: Tensor,
+    /// The label each pair was sampled for (a conditional teacher).
+    y: Option<Vec<u32>>,
 }
 
 impl PairSet {
@@ -75,8 +141,7 @@ impl PairSet {
     /// stream derived from `seed`, so the set does not depend on the thread count).
     pub fn generate(
         source: &dyn Sampler,
-        teacher: &dyn VelocityField,
-        solver: &SolverSpec,
+        teacher: &Teacher,
         n: usize,
         chunk: usize,
         seed: u64,
@@ -87,9 +152,10 @@ impl PairSet {
                 "pair count and chunk size must be at least 1".into(),
             ));
         }
-        solver.validate()?;
+        teacher.solver.validate()?;
         let starts: Vec<usize> = (0..n).step_by(chunk).collect();
-        let parts: Result<Vec<(Tensor, Tensor)>, ReflowError> = starts
+        type Part = (Tensor, Tensor, Option<Vec<u32>>);
+        let parts: Result<Vec<Part>, ReflowError> = starts
             .par_iter()
             .enumerate()
             .map(|(k, &start)| {
@@ -97,14 +163,24 @@ impl PairSet {
                 let mut rng =
                     rng_from_seed(seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1)));
                 let x0 = source.sample(m, &mut rng, device)?;
-                let x1 = solve(teacher, &x0, solver, false)?.x.detach();
-                Ok((x0, x1))
+                let y = teacher.labels.map(|l| l.sample(m, &mut rng));
+                let guided = y.as_deref().zip(teacher.labels.map(|l| l.guidance));
+                let x1 = endpoints(teacher.field, &teacher.solver, &x0, guided)?;
+                Ok((x0, x1, y))
             })
             .collect();
-        let (a, b): (Vec<Tensor>, Vec<Tensor>) = parts?.into_iter().unzip();
+        let (mut a, mut b, mut labels) = (vec![], vec![], teacher.labels.map(|_| vec![]));
+        for (x0, x1, y) in parts? {
+            a.push(x0);
+            b.push(x1);
+            if let (Some(all), Some(y)) = (labels.as_mut(), y) {
+                all.extend(y);
+            }
+        }
         Ok(Self {
             x0: Tensor::cat(&a, 0)?,
             x1: Tensor::cat(&b, 0)?,
+            y: labels,
         })
     }
 
@@ -128,13 +204,17 @@ impl Coupling for PairSet {
     fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError> {
         let n = self.len();
         let idx: Vec<u32> = (0..batch).map(|_| rng.random_range(0..n) as u32).collect();
+        let y = self
+            .y
+            .as_ref()
+            .map(|y| idx.iter().map(|&i| y[i as usize]).collect());
         let idx = Tensor::from_vec(idx, batch, self.x0.device())?;
         let x0 = self.x0.index_select(&idx, 0)?.to_device(device)?;
         let x1 = self.x1.index_select(&idx, 0)?.to_device(device)?;
         Ok(Draw {
             x0,
             x1: Some(x1),
-            y: None,
+            y,
         })
     }
 }
@@ -173,14 +253,18 @@ mod tests {
     fn offline_set_does_not_depend_on_threads_and_samples_from_itself() {
         let g = Distribution::from_name("gaussian").unwrap();
         let t = rotation();
-        let solver = SolverSpec::new(Method::Euler, 10);
-        let a = PairSet::generate(&g, t.as_ref(), &solver, 1000, 128, 7, &Device::Cpu).unwrap();
+        let teacher = Teacher {
+            field: t.as_ref(),
+            solver: SolverSpec::new(Method::Euler, 10),
+            labels: None,
+        };
+        let a = PairSet::generate(&g, &teacher, 1000, 128, 7, &Device::Cpu).unwrap();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap();
         let b = pool.install(|| {
-            PairSet::generate(&g, t.as_ref(), &solver, 1000, 128, 7, &Device::Cpu).unwrap()
+            PairSet::generate(&g, &teacher, 1000, 128, 7, &Device::Cpu).unwrap()
         });
         assert_eq!(a.len(), 1000);
         assert_eq!(
@@ -193,7 +277,103 @@ mod tests {
         for row in x0.to_vec2::<f32>().unwrap() {
             assert!(all.contains(&row));
         }
-        assert!(PairSet::generate(&g, t.as_ref(), &solver, 0, 128, 7, &Device::Cpu).is_err());
+        assert!(PairSet::generate(&g, &teacher, 0, 128, 7, &Device::Cpu).is_err());
+    }
+
+    /// A conditional teacher whose velocity is `(y, 1)` for label `y` in 0..2, and `(0, 0)` for
+    /// "no label" (2): from `x_0`, one Euler step lands on `x_0 + (y, 1)` (guidance 1), on
+    /// `x_0 + w·(y, 1)` (guidance w), and on `x_0` for a dropped label.
+    struct Shift;
+    impl VelocityField for Shift {
+        fn velocity(&self, _x: &Tensor, _t: &Tensor) -> candle_core::Result<Tensor> {
+            candle_core::bail!("conditional only")
+        }
+        fn classes(&self) -> usize {
+            2
+        }
+        fn labeled_velocity(
+            &self,
+            x: &Tensor,
+            _t: &Tensor,
+            _h: Option<&Tensor>,
+            y: &Tensor,
+        ) -> candle_core::Result<Tensor> {
+            let y = y.to_vec1::<u32>()?;
+            let v: Vec<f32> = y
+                .iter()
+                .flat_map(|&c| if c == 2 { [0.0, 0.0] } else { [c as f32, 1.0] })
+                .collect();
+            Tensor::from_vec(v, x.shape(), x.device())
+        }
+    }
+
+    /// Checks that each pair is `x_0 + w·(y, 1)`, or `x_0` for a dropped label, and returns
+    /// the dropped fraction.
+    fn check_pairs(x0: &Tensor, x1: &Tensor, y: &[u32], w: f32) -> f64 {
+        let (a, b): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (x0.to_vec2().unwrap(), x1.to_vec2().unwrap());
+        for ((p, q), &c) in a.iter().zip(&b).zip(y) {
+            let want = if c == 2 { [0.0, 0.0] } else { [w * c as f32, w] };
+            assert!((q[0] - p[0] - want[0]).abs() < 1e-5, "label {c}: {p:?} -> {q:?}");
+            assert!((q[1] - p[1] - want[1]).abs() < 1e-5, "label {c}: {p:?} -> {q:?}");
+        }
+        y.iter().filter(|&&c| c == 2).count() as f64 / y.len() as f64
+    }
+
+    /// Conditional reflow: the pairs carry the labels the teacher sampled for, guided at the
+    /// teacher's scale; a dropped label is the teacher's unconditional sample. Online and
+    /// offline alike, and the offline set does not depend on the thread count.
+    #[test]
+    fn conditional_teacher_pairs_carry_their_labels() {
+        let g: Arc<dyn Sampler> = Arc::new(Distribution::from_name("gaussian").unwrap());
+        let labels = TeacherLabels {
+            draw: LabelDraw {
+                classes: 2,
+                drop: 0.2,
+            },
+            guidance: 2.0,
+        };
+        let euler = SolverSpec::new(Method::Euler, 1);
+        let mut c = TeacherCoupling::new(g.clone(), Arc::new(Shift), euler)
+            .unwrap()
+            .with_labels(Some(labels));
+        let (x0, x1, y) = c
+            .sample_labeled(4000, &mut rng_from_seed(3), &Device::Cpu)
+            .unwrap();
+        let y = y.expect("labels");
+        let dropped = check_pairs(&x0, &x1, &y, 2.0);
+        assert!((dropped - 0.2).abs() < 0.03, "dropped {dropped}");
+        assert!(y.contains(&0) && y.contains(&1));
+        // The unconditional coupling draws the same x_0 (labels come after them).
+        let mut plain = TeacherCoupling::new(g.clone(), Arc::new(Shift), euler).unwrap();
+        let d = plain.draw(4000, &mut rng_from_seed(3), &Device::Cpu).unwrap();
+        assert_eq!(d.x0.to_vec2::<f32>().unwrap(), x0.to_vec2::<f32>().unwrap());
+
+        let teacher = Teacher {
+            field: &Shift,
+            solver: euler,
+            labels: Some(labels),
+        };
+        let set = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| PairSet::generate(g.as_ref(), &teacher, 1000, 128, 7, &Device::Cpu))
+                .unwrap()
+        };
+        let mut a = set(1);
+        let b = set(2);
+        assert_eq!(a.y, b.y);
+        assert_eq!(
+            a.pairs().1.to_vec2::<f32>().unwrap(),
+            b.pairs().1.to_vec2::<f32>().unwrap()
+        );
+        let all_y = a.y.clone().unwrap();
+        check_pairs(a.pairs().0, a.pairs().1, &all_y, 2.0);
+        let (x0, x1, y) = a
+            .sample_labeled(500, &mut rng_from_seed(1), &Device::Cpu)
+            .unwrap();
+        check_pairs(&x0, &x1, &y.unwrap(), 2.0);
     }
 
     /// Reflow straightens a curved teacher: a student trained on its pairs has straighter

@@ -12,6 +12,6 @@ mod coupling;
 mod error;
 mod spec;
 
-pub use coupling::{PairSet, TeacherCoupling};
+pub use coupling::{PairSet, Teacher, TeacherCoupling, TeacherLabels};
 pub use error::ReflowError;
 pub use spec::{Flow, ReflowInit, ReflowMode, ReflowSpec, Stage};

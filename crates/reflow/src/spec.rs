@@ -42,6 +42,8 @@ pub struct ReflowSpec {
     /// k of the k-step distillation of the last student (0 = none).
     pub distill_k: usize,
     pub distill_steps: usize,
+    /// The guidance scale a conditional teacher samples its pairs at (1: plain conditional).
+    pub guidance: f64,
 }
 
 /// A flow of a reflow chain: the k-rectified flow (`1-RF` is the base run) or the k-step
@@ -158,6 +160,7 @@ mod tests {
             lr: 1e-3,
             distill_k: 2,
             distill_steps: 7,
+            guidance: 1.0,
         };
         let s = spec.stages(TimeSampler::Uniform);
         let names: Vec<(String, String, usize, usize)> = s
