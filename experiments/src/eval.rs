@@ -107,7 +107,9 @@ pub fn sampling_field<'a>(field: &'a dyn VelocityField, w: f64) -> Box<dyn Veloc
 /// The class scores of a conditional model on a labelled 2-D target, where the rule that
 /// generated the data decides a point's class: the headline samples' class accuracy and
 /// per-class W2 (averaged over the classes), the class accuracy at 1 Euler step, and W2 and
-/// class accuracy at each of `eval.guidance`'s scales. Empty otherwise.
+/// class accuracy at each of `eval.guidance`'s scales. For digits, the FID classifier decides,
+/// and per-class FID-like (with its real-digit floor) takes per-class W2's place. Empty
+/// otherwise.
 fn class_scores(
     checked: &Experiment,
     model: &dyn VelocityField,
@@ -167,9 +169,22 @@ fn class_scores(
         }
         Ok((!w2s.is_empty()).then(|| w2s.iter().sum::<f64>() / w2s.len() as f64))
     };
+    // Per-class FID-like (images): the same per class, in the classifier's features.
+    let class_fid = |x: &Tensor| -> Result<Option<f64>> {
+        match &set.scorer {
+            Some(s) if shape.is_none() => s.class_fid(x, &|i| (i % k) as u32),
+            _ => Ok(None),
+        }
+    };
     out.insert("class_accuracy".into(), accuracy(gen)?);
     if let Some(w) = class_w2(gen)? {
         out.insert("class_w2".into(), w);
+    }
+    if let Some(f) = class_fid(gen)? {
+        out.insert("class_fid".into(), f);
+    }
+    if let Some(f) = set.scorer.as_ref().and_then(|s| s.class_fid_real()) {
+        out.insert("class_fid_real".into(), f);
     }
     if let Some(e) = entries.iter().find(|e| e.0 == Solver::EULER && e.1 == 1) {
         out.insert("class_accuracy_euler_1".into(), accuracy(&e.3)?);
@@ -187,6 +202,9 @@ fn class_scores(
         out.insert(format!("class_accuracy_guidance_{w}"), accuracy(&x)?);
         if let Some(fid) = set.fid(&x)? {
             out.insert(format!("fid_guidance_{w}"), fid);
+        }
+        if let Some(f) = class_fid(&x)? {
+            out.insert(format!("class_fid_guidance_{w}"), f);
         }
     }
     Ok(out)

@@ -72,12 +72,27 @@ fn embed(clf: &Classifier, x: &Tensor) -> Result<Vec<f32>> {
     Ok(clf.features(&x)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// The classifier's digit for each of `x`'s rows (any device).
+fn predict(clf: &Classifier, x: &Tensor) -> Result<Vec<u32>> {
+    let x = x.to_device(&Device::Cpu)?.flatten_from(1)?;
+    Ok(clf
+        .logits(&x)?
+        .argmax(1)?
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?)
+}
+
 /// Scores generated digits against a fixed real sample.
 pub struct FidScorer {
     clf: Classifier,
     real: Vec<f32>,
+    /// The classifier's digit for each real row (who decides a real digit's class).
+    real_class: Vec<u32>,
     /// The score of `other_real` (see [`ImageScores::fid_real`]).
     fid_real: f64,
+    /// The per-class score of `other_real`, its rows asked for the class the classifier gives
+    /// them: the floor of [`FidScorer::class_fid`] at this sample count.
+    class_fid_real: Option<f64>,
 }
 
 impl FidScorer {
@@ -86,36 +101,65 @@ impl FidScorer {
     pub fn new(path: &Path, real: &Tensor, other_real: &Tensor) -> Result<Self> {
         let clf = Classifier::load(path, flowmatch_data::mnist::PIXELS, 10, &Device::Cpu)
             .map_err(|e| anyhow!("eval.classifier: {e}"))?;
+        let real_class = predict(&clf, real)?;
         let real = embed(&clf, real)?;
-        let fid_real = frechet_distance(&embed(&clf, other_real)?, &real, Classifier::FEATURES)?;
-        Ok(Self {
+        let other = embed(&clf, other_real)?;
+        let fid_real = frechet_distance(&other, &real, Classifier::FEATURES)?;
+        let other_class = predict(&clf, other_real)?;
+        let mut s = Self {
             clf,
             real,
+            real_class,
             fid_real,
-        })
+            class_fid_real: None,
+        };
+        s.class_fid_real = s.class_fid_of(&other, &|i| other_class[i])?;
+        Ok(s)
+    }
+
+    /// The per-class FID-like score of `gen`: for each class c, the Fréchet distance of the
+    /// digits asked for c (`asked(row)`) against the real digits the classifier puts in c,
+    /// averaged over the classes with at least 2 of each. None when no class has.
+    pub fn class_fid(&self, gen: &Tensor, asked: &dyn Fn(usize) -> u32) -> Result<Option<f64>> {
+        let gen = gen.to_device(&Device::Cpu)?.flatten_from(1)?;
+        self.class_fid_of(&embed(&self.clf, &gen)?, asked)
+    }
+
+    /// The floor of [`Self::class_fid`]: a second real sample against the reference.
+    pub fn class_fid_real(&self) -> Option<f64> {
+        self.class_fid_real
+    }
+
+    fn class_fid_of(&self, feats: &[f32], asked: &dyn Fn(usize) -> u32) -> Result<Option<f64>> {
+        let d = Classifier::FEATURES;
+        let rows = |f: &[f32], keep: &dyn Fn(usize) -> bool| -> Vec<f32> {
+            f.chunks(d)
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .flat_map(|(_, r)| r.iter().copied())
+                .collect()
+        };
+        let mut scores = vec![];
+        for c in 0..10u32 {
+            let g = rows(feats, &|i| asked(i) == c);
+            let r = rows(&self.real, &|i| self.real_class[i] == c);
+            if g.len() >= 2 * d && r.len() >= 2 * d {
+                scores.push(frechet_distance(&g, &r, d)?);
+            }
+        }
+        Ok((!scores.is_empty()).then(|| scores.iter().sum::<f64>() / scores.len() as f64))
     }
 
     /// The classifier's digit for each of `gen`'s rows.
     pub fn predict(&self, gen: &Tensor) -> Result<Vec<u32>> {
-        let gen = gen.to_device(&Device::Cpu)?.flatten_from(1)?;
-        Ok(self
-            .clf
-            .logits(&gen)?
-            .argmax(1)?
-            .to_dtype(DType::U32)?
-            .to_vec1::<u32>()?)
+        predict(&self.clf, gen)
     }
 
     /// The score of `gen` (`(n, 784)`, any device).
     pub fn score(&self, gen: &Tensor) -> Result<ImageScores> {
         let gen = gen.to_device(&Device::Cpu)?.flatten_from(1)?;
         let fid = frechet_distance(&embed(&self.clf, &gen)?, &self.real, Classifier::FEATURES)?;
-        let pred = self
-            .clf
-            .logits(&gen)?
-            .argmax(1)?
-            .to_dtype(DType::U32)?
-            .to_vec1::<u32>()?;
+        let pred = predict(&self.clf, &gen)?;
         let mut counts = vec![0usize; 10];
         for p in pred {
             counts[p as usize] += 1;

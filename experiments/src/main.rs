@@ -143,7 +143,7 @@ enum Cmd {
         #[arg(long, default_value = "data/mnist")]
         data: String,
         /// Where to save the weights (a JSON with the test accuracy goes beside them).
-        #[arg(long, default_value = "results/mnist_classifier.safetensors")]
+        #[arg(long, default_value = "results/mnist_full_classifier.safetensors")]
         out: PathBuf,
         #[arg(long, default_value_t = 3000)]
         steps: usize,

@@ -59,7 +59,7 @@ const fn of(
 }
 
 /// Every metric, in the order of the tables' columns.
-pub static METRICS: [Metric; 20] = [
+pub static METRICS: &[Metric] = &[
     of("final_loss", "final training loss", Better::Lower, |s| {
         s.final_loss
     }),
@@ -131,6 +131,9 @@ pub static METRICS: [Metric; 20] = [
         Better::Lower,
         |s| extra(s, "class_w2_euler_1"),
     ),
+    of("class_fid", "per-class FID-like (mean)", Better::Lower, |s| {
+        extra(s, "class_fid")
+    }),
     Metric {
         name: "nn_accuracy",
         title: "1-NN two-sample accuracy (0.5 = perfect)",
