@@ -10,6 +10,7 @@
 use super::conv_padded::{self as padded, Scratch};
 use super::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
 use super::geometry::Geometry;
+use super::winograd;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -22,6 +23,9 @@ pub struct Conv {
     pub(super) k: usize,
     pub(super) stride: usize,
     pub(super) pad: usize,
+    /// Run a 3×3 stride-1 conv by Winograd F(2×2, 3×3) on the CPU (off by default: see
+    /// [`Conv::with_winograd`]).
+    winograd: bool,
 }
 
 impl Conv {
@@ -34,7 +38,17 @@ impl Conv {
             k,
             stride,
             pad,
+            winograd: winograd_requested(),
         })
+    }
+
+    /// Runs a 3×3 stride-1 conv with more than four outputs by Winograd F(2×2, 3×3) over the
+    /// batch (`winograd.rs`) instead of the unfolded gemm. Correct to about 1e-6 of the
+    /// output's scale, but with scalar transforms it is slower than the unfolded path today,
+    /// so it is off unless asked for here or with `FLOWMATCH_WINOGRAD=1`.
+    pub fn with_winograd(mut self, on: bool) -> Self {
+        self.winograd = on;
+        self
     }
 
     /// `(B, C, H, W)` → `(B, O, H', W')`.
@@ -82,8 +96,11 @@ impl Conv {
                 self.k
             );
         }
-        x.contiguous()?
-            .apply_op3(&self.weight.contiguous()?, &bias.contiguous()?, ConvOp(geo))
+        x.contiguous()?.apply_op3(
+            &self.weight.contiguous()?,
+            &bias.contiguous()?,
+            ConvOp(geo, self.winograd),
+        )
     }
 
     fn forward_ops(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -163,14 +180,26 @@ enum Path {
     Padded,
     /// Stride 2 and more: unfolded by runs of taps, one gemm, folded back by col2im.
     Strided,
+    /// 3×3, stride 1, more than [`padded::MAX_DIRECT_OUT`] outputs: Winograd F(2×2, 3×3) over
+    /// the batch (`winograd`).
+    Winograd,
+}
+
+/// Whether new convs run by Winograd where they can: `FLOWMATCH_WINOGRAD=1` (for side-by-side
+/// benchmarks while the kernel is slower than the unfolded path).
+fn winograd_requested() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLOWMATCH_WINOGRAD").is_ok_and(|v| v == "1"))
 }
 
 impl Path {
-    fn of(g: &Geometry, o: usize) -> Self {
+    fn of(g: &Geometry, o: usize, winograd: bool) -> Self {
         if g.is_pointwise() {
             Self::Pointwise
         } else if padded::direct_fits(g, o) {
             Self::Direct
+        } else if winograd && winograd::fits(g) {
+            Self::Winograd
         } else if padded::fits(g) {
             Self::Padded
         } else {
@@ -182,7 +211,7 @@ impl Path {
 /// The whole CPU convolution `(x, W, b) → y` as one custom op: per sample, unfold into a
 /// reused buffer and one gemm; samples in parallel (rayon). Memory: one unfolded sample per
 /// thread, instead of the batch's (58 MB for 64 × 32 × 28 × 28).
-struct ConvOp(Geometry);
+struct ConvOp(Geometry, bool);
 
 impl ConvOp {
     fn shapes<'a>(
@@ -222,7 +251,14 @@ impl CustomOp3 for ConvOp {
         let per_sample = bias_per_sample(bias.len(), b, o, self.name())?;
         let (n_in, l, (ho, wo)) = (g.c * g.h * g.w, g.cols(), g.out_hw());
         let mut out = vec![0f32; b * o * l];
-        let path = Path::of(&g, o);
+        let path = Path::of(&g, o, self.1);
+        if path == Path::Winograd {
+            out.par_chunks_mut(l).enumerate().for_each(|(i, row)| {
+                row.fill(if per_sample { bias[i] } else { bias[i % o] });
+            });
+            winograd::forward(&g, b, o, xs, ws, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((b, o, ho, wo))));
+        }
         out.par_chunks_mut(o * l)
             .zip(xs.par_chunks(n_in))
             .enumerate()
@@ -285,6 +321,7 @@ impl CustomOp3 for ConvOp {
         let want_dx = x.track_op();
         let op = ConvGrad {
             geo: self.0,
+            winograd: self.1,
             want_dx,
             per_sample_bias: bias.rank() == 2,
         };
@@ -305,6 +342,7 @@ impl CustomOp3 for ConvOp {
 /// without dx; db per sample with a per-sample bias).
 struct ConvGrad {
     geo: Geometry,
+    winograd: bool,
     want_dx: bool,
     per_sample_bias: bool,
 }
@@ -324,7 +362,7 @@ impl CustomOp3 for ConvGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo;
-        let (b, o, xs, ws) = ConvOp(g).shapes((s1, l1), (s2, l2), self.name())?;
+        let (b, o, xs, ws) = ConvOp(g, self.winograd).shapes((s1, l1), (s2, l2), self.name())?;
         let dy = f32_slice(s3, l3, self.name())?;
         let (n_in, l, k) = (g.c * g.h * g.w, g.cols(), g.rows());
         if dy.len() != b * o * l {
@@ -341,7 +379,19 @@ impl CustomOp3 for ConvGrad {
         } else {
             (0..b.div_ceil(CHUNK)).map(|_| None).collect()
         };
-        let path = Path::of(&g, o);
+        let path = Path::of(&g, o, self.winograd);
+        if path == Path::Winograd {
+            let (head, rest) = out.split_at_mut(n_dx);
+            let (dw, db) = rest.split_at_mut(o * k);
+            // db: each plane's sum, added over the samples in order.
+            let sums: Vec<f32> = dy.par_chunks(l).map(|p| p.iter().sum::<f32>()).collect();
+            for (i, v) in sums.into_iter().enumerate() {
+                db[if self.per_sample_bias { i } else { i % o }] += v;
+            }
+            let dx = want_dx.then_some(head);
+            winograd::backward(&g, b, o, (xs, ws, dy), dw, dx);
+            return Ok((CpuStorage::F32(out), Shape::from(n_dx + o * k + n_db)));
+        }
         let unfolded = path == Path::Strided;
         // Per chunk of samples: dx (its own slice), and partial dW and db (db per sample with a
         // per-sample bias).
@@ -471,17 +521,129 @@ mod tests {
         }
     }
 
+    /// The direct sum in f64: the reference that Winograd's f32 error is measured against.
+    fn conv_f64(x: &Tensor, w: &Tensor, p: usize) -> Vec<f64> {
+        let (b, c, h, wd) = x.dims4().unwrap();
+        let o = w.dim(0).unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let ws: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let (ho, wo) = (h + 2 * p - 2, wd + 2 * p - 2);
+        let mut y = vec![0f64; b * o * ho * wo];
+        for (i, yv) in y.iter_mut().enumerate() {
+            let (s, oc, r, q) = (i / (o * ho * wo), i / (ho * wo) % o, i / wo % ho, i % wo);
+            for ch in 0..c {
+                for u in 0..3 {
+                    for v in 0..3 {
+                        let (rr, qq) =
+                            ((r + u) as isize - p as isize, (q + v) as isize - p as isize);
+                        if rr < 0 || qq < 0 || rr as usize >= h || qq as usize >= wd {
+                            continue;
+                        }
+                        let xv = xs[((s * c + ch) * h + rr as usize) * wd + qq as usize] as f64;
+                        *yv += xv * ws[((oc * c + ch) * 3 + u) * 3 + v] as f64;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Every 3×3 stride-1 shape the two U-Nets use (Winograd), plus odd sizes, 1 and 3
+    /// channels and batch 1: values against an f64 direct sum, gradients against candle's.
+    #[test]
+    fn winograd_matches_the_direct_sum_and_candles_gradients() {
+        let dev = Device::Cpu;
+        let (mut worst, mut worst_grad) = (0f64, 0f64);
+        let cases = [
+            (2, 1, 16, 28),
+            (2, 16, 16, 28),
+            (2, 32, 32, 14),
+            (2, 32, 64, 7),
+            (1, 64, 64, 7),
+            (2, 64, 128, 7),
+            (3, 3, 8, 5),
+            (1, 1, 5, 9),
+            (2, 4, 6, 1),
+        ];
+        for (b, c, o, hw) in cases {
+            let x = Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev).unwrap();
+            let x = Var::from_tensor(&x).unwrap();
+            let w = Tensor::randn(0f32, 0.3, (o, c, 3, 3), &dev).unwrap();
+            let w = Var::from_tensor(&w).unwrap();
+            let bias = Var::from_tensor(&Tensor::zeros(o, DType::F32, &dev).unwrap()).unwrap();
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1)
+                .unwrap()
+                .with_winograd(true);
+            let ours = conv.forward(x.as_tensor()).unwrap();
+            let exact = conv_f64(x.as_tensor(), w.as_tensor(), 1);
+            let got: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = exact
+                .iter()
+                .map(|v| v.abs())
+                .fold(0f64, f64::max)
+                .max(1e-30);
+            let err = got
+                .iter()
+                .zip(&exact)
+                .map(|(g, e)| (*g as f64 - e).abs())
+                .fold(0f64, f64::max);
+            worst = worst.max(err / scale);
+            assert!(
+                err / scale < 1e-5,
+                "b{b} c{c} o{o} hw{hw}: {err} of {scale}"
+            );
+            let cfg = candle_nn::Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let theirs =
+                candle_nn::Conv2d::new(w.as_tensor().clone(), Some(bias.as_tensor().clone()), cfg)
+                    .forward(x.as_tensor())
+                    .unwrap();
+            let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            // The weight gradient sums b·H·W products: compared relative to its scale.
+            for (i, v) in [&x, &w, &bias].iter().enumerate() {
+                let (a, e) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                let scale = e.abs().unwrap().max_keepdim(0).unwrap().max_all().unwrap();
+                let scale = scale.to_scalar::<f32>().unwrap().max(1e-30) as f64;
+                let rel = crate::max_abs_diff(a, e) as f64 / scale;
+                worst_grad = worst_grad.max(rel);
+                assert!(
+                    rel < 2e-5,
+                    "winograd b{b} c{c} o{o} hw{hw}, variable {i}: {rel:.2e}"
+                );
+            }
+        }
+        eprintln!(
+            "winograd: largest error {worst:.2e} (values against f64), {worst_grad:.2e} \
+             (gradients against candle), of the largest value"
+        );
+    }
+
     #[test]
     fn a_per_sample_shift_equals_the_broadcast_add() {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 3, 6, 6), &dev).unwrap()).unwrap();
         // Each path: tap by tap (2 outputs), padded (5), strided (5, stride 2), pointwise.
-        for (o, k, s, p) in [(2, 3, 1, 1), (5, 3, 1, 1), (5, 3, 2, 1), (5, 1, 1, 0)] {
+        // And Winograd (5 outputs, 3×3, stride 1).
+        for (o, k, s, p, wino) in [
+            (2, 3, 1, 1, false),
+            (5, 3, 1, 1, false),
+            (5, 3, 2, 1, false),
+            (5, 1, 1, 0, false),
+            (5, 3, 1, 1, true),
+        ] {
             let w = Tensor::randn(0f32, 0.3, (o, 3, k, k), &dev).unwrap();
             let w = Var::from_tensor(&w).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
             let shift = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, o), &dev).unwrap()).unwrap();
-            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), s, p).unwrap();
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), s, p)
+                .unwrap()
+                .with_winograd(wino);
             let fused = conv
                 .forward_shifted(x.as_tensor(), Some(shift.as_tensor()))
                 .unwrap();
@@ -518,19 +680,21 @@ mod tests {
     fn gradients_do_not_depend_on_the_thread_count() {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 3, 8, 8), &dev).unwrap()).unwrap();
-        // 5 output channels by im2col, 2 tap by tap.
-        for o in [5, 2] {
+        // 5 output channels by im2col and by Winograd, 2 tap by tap.
+        for (o, wino) in [(5, false), (5, true), (2, false)] {
             let w = Tensor::randn(0f32, 0.3, (o, 3, 3, 3), &dev).unwrap();
             let w = Var::from_tensor(&w).unwrap();
             let bias = Var::from_tensor(&Tensor::zeros(o, DType::F32, &dev).unwrap()).unwrap();
-            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1).unwrap();
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1)
+                .unwrap()
+                .with_winograd(wino);
             let grads = |threads: usize| {
                 crate::grads_on_threads(threads, &[&x, &w, &bias], || {
                     let y = conv.forward(x.as_tensor()).unwrap();
                     y.sqr().unwrap().sum_all().unwrap()
                 })
             };
-            assert_eq!(grads(1), grads(3), "o{o}");
+            assert_eq!(grads(1), grads(3), "o{o} winograd {wino}");
         }
     }
 
@@ -542,7 +706,9 @@ mod tests {
             let w =
                 Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, 2, 3, 3), &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
-            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1).unwrap();
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1)
+                .unwrap()
+                .with_winograd(o == 6);
             let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let ours = loss(conv.forward_cpu(&x, &conv.bias).unwrap());
             let theirs = loss(conv.forward_ops(&x, &conv.bias).unwrap());

@@ -23,3 +23,4 @@ mod geometry;
 pub mod linear;
 pub mod norm;
 mod upconv;
+mod winograd;
