@@ -1156,7 +1156,9 @@ fn a_conditional_reflow_keeps_its_labels() {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     };
     let rf2 = read("rf2/summary.json");
-    let acc = rf2["eval"]["extra"]["class_accuracy_euler_1"].as_f64().unwrap();
+    let acc = rf2["eval"]["extra"]["class_accuracy_euler_1"]
+        .as_f64()
+        .unwrap();
     assert!(acc > 0.8, "2-RF's class accuracy at one step: {acc}");
     let config = std::fs::read_to_string(out.join("conditional_8gaussians/rf2/config.toml"));
     assert!(config.unwrap().contains("guidance = 1.5"));

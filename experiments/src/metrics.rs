@@ -131,9 +131,12 @@ pub static METRICS: &[Metric] = &[
         Better::Lower,
         |s| extra(s, "class_w2_euler_1"),
     ),
-    of("class_fid", "per-class FID-like (mean)", Better::Lower, |s| {
-        extra(s, "class_fid")
-    }),
+    of(
+        "class_fid",
+        "per-class FID-like (mean)",
+        Better::Lower,
+        |s| extra(s, "class_fid"),
+    ),
     Metric {
         name: "nn_accuracy",
         title: "1-NN two-sample accuracy (0.5 = perfect)",

@@ -588,13 +588,21 @@ mod label_tests {
         for (p, &l) in x.chunks(2).zip(&y) {
             let q = [(p[0] as f64 + 1.0) / 3.0, (p[1] as f64 + 1.0) / 3.0];
             // The shift u that puts q back on its moon's circle, searched on a fine grid.
-            let (c, upper) = if l == 0 { ([0.0, 0.0], true) } else { ([1.0, 0.5], false) };
+            let (c, upper) = if l == 0 {
+                ([0.0, 0.0], true)
+            } else {
+                ([1.0, 0.5], false)
+            };
             let best = (0..=2000)
                 .map(|i| {
                     let u = 0.2 * i as f64 / 2000.0;
                     let (dx, dy) = (q[0] - u - c[0], q[1] - u - c[1]);
                     let on_half = (dy >= -1e-6) == upper || dy.abs() < 1e-6;
-                    if on_half { ((dx * dx + dy * dy).sqrt() - 1.0).abs() } else { 1.0 }
+                    if on_half {
+                        ((dx * dx + dy * dy).sqrt() - 1.0).abs()
+                    } else {
+                        1.0
+                    }
                 })
                 .fold(f64::INFINITY, f64::min);
             assert!(best < 2e-4, "{p:?} (label {l}) is {best} off its moon");

@@ -263,9 +263,8 @@ mod tests {
             .num_threads(1)
             .build()
             .unwrap();
-        let b = pool.install(|| {
-            PairSet::generate(&g, &teacher, 1000, 128, 7, &Device::Cpu).unwrap()
-        });
+        let b =
+            pool.install(|| PairSet::generate(&g, &teacher, 1000, 128, 7, &Device::Cpu).unwrap());
         assert_eq!(a.len(), 1000);
         assert_eq!(
             a.pairs().1.to_vec2::<f32>().unwrap(),
@@ -312,9 +311,19 @@ mod tests {
     fn check_pairs(x0: &Tensor, x1: &Tensor, y: &[u32], w: f32) -> f64 {
         let (a, b): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (x0.to_vec2().unwrap(), x1.to_vec2().unwrap());
         for ((p, q), &c) in a.iter().zip(&b).zip(y) {
-            let want = if c == 2 { [0.0, 0.0] } else { [w * c as f32, w] };
-            assert!((q[0] - p[0] - want[0]).abs() < 1e-5, "label {c}: {p:?} -> {q:?}");
-            assert!((q[1] - p[1] - want[1]).abs() < 1e-5, "label {c}: {p:?} -> {q:?}");
+            let want = if c == 2 {
+                [0.0, 0.0]
+            } else {
+                [w * c as f32, w]
+            };
+            assert!(
+                (q[0] - p[0] - want[0]).abs() < 1e-5,
+                "label {c}: {p:?} -> {q:?}"
+            );
+            assert!(
+                (q[1] - p[1] - want[1]).abs() < 1e-5,
+                "label {c}: {p:?} -> {q:?}"
+            );
         }
         y.iter().filter(|&&c| c == 2).count() as f64 / y.len() as f64
     }
@@ -345,7 +354,9 @@ mod tests {
         assert!(y.contains(&0) && y.contains(&1));
         // The unconditional coupling draws the same x_0 (labels come after them).
         let mut plain = TeacherCoupling::new(g.clone(), Arc::new(Shift), euler).unwrap();
-        let d = plain.draw(4000, &mut rng_from_seed(3), &Device::Cpu).unwrap();
+        let d = plain
+            .draw(4000, &mut rng_from_seed(3), &Device::Cpu)
+            .unwrap();
         assert_eq!(d.x0.to_vec2::<f32>().unwrap(), x0.to_vec2::<f32>().unwrap());
 
         let teacher = Teacher {
