@@ -33,6 +33,21 @@ const SOURCE: RGBColor = wong::NAVY;
 const TARGET: RGBColor = wong::RED;
 const GENERATED: RGBColor = wong::GREEN;
 const LINES: RGBColor = wong::YELLOW;
+/// One colour per class of a conditional model's figures (classes past 8 reuse them).
+const CLASS_COLORS: [RGBColor; 8] = [
+    wong::AMBER,
+    wong::CYAN,
+    wong::GREEN,
+    wong::YELLOW,
+    wong::NAVY,
+    wong::RED,
+    wong::PINK,
+    RGBColor(225, 225, 225),
+];
+
+fn class_color(c: usize) -> RGBColor {
+    CLASS_COLORS[c % CLASS_COLORS.len()]
+}
 pub(crate) const BACKGROUND: RGBColor = RGBColor(18, 18, 18);
 pub(crate) const INK: RGBColor = RGBColor(225, 225, 225);
 pub(crate) const PANEL: u32 = 360;
@@ -51,6 +66,8 @@ pub(crate) fn font_ready() {
 
 /// The image runs' figure: generated digits at 1, 2, 5 and 20 Euler steps.
 pub const SAMPLES_GRID: &str = "samples_grid.png";
+/// A conditional image model's digits: one row per class, a block of columns per guidance scale.
+pub const CLASS_GRID: &str = "class_grid.png";
 
 /// The figures of a run folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +203,30 @@ struct Flows {
     target: Pts,
     /// Trajectories of the headline solver: states × particles.
     traj: Vec<Pts>,
+    /// A conditional model's classes: the real points' labels and the class count (particle
+    /// `i` was asked for class `i mod K`).
+    classes: Option<(Vec<u32>, usize)>,
+}
+
+impl Flows {
+    /// `pts` split by class, each with its colour: by `label(i)` for a conditional model, or
+    /// all in `plain`.
+    fn by_class(
+        &self,
+        pts: &Pts,
+        label: impl Fn(usize) -> usize,
+        plain: RGBColor,
+    ) -> Vec<(Pts, RGBColor)> {
+        match &self.classes {
+            None => vec![(pts.clone(), plain)],
+            Some((_, k)) => (0..*k)
+                .map(|c| {
+                    let part = pts.iter().enumerate().filter(|(i, _)| label(*i) == c);
+                    (part.map(|(_, p)| *p).collect(), class_color(c))
+                })
+                .collect(),
+        }
+    }
 }
 
 fn transpose(states: &[Pts], n: usize) -> Vec<Pts> {
@@ -202,6 +243,7 @@ pub fn plot_run(
     device: &Device,
     figures: &[Figure],
 ) -> Result<Vec<PathBuf>> {
+    let unguided = field;
     let guided = crate::eval::sampling_field(field, checked.guidance);
     let field = guided.as_ref();
     if checked.mnist.is_some() {
@@ -228,7 +270,13 @@ pub fn plot_run(
         ));
         let path = dir.join(SAMPLES_GRID);
         atomically(&path, |tmp| sample_grid(tmp, &rows, 16))?;
-        return Ok(vec![path]);
+        let mut written = vec![path];
+        if unguided.classes() > 0 {
+            let path = dir.join(CLASS_GRID);
+            atomically(&path, |tmp| class_grid(tmp, unguided, checked, device))?;
+            written.push(path);
+        }
+        return Ok(written);
     }
     if checked.source.dim() != 2 {
         return Ok(vec![]);
@@ -237,12 +285,23 @@ pub fn plot_run(
     let n = checked.eval.samples.min(1000);
     let mut rng = rng_from_seed(checked.eval.seed ^ 0x9107);
     let x0t = checked.source.sample(n, &mut rng, device)?;
-    let real = checked.target.sample(n, &mut rng, device)?;
+    // A conditional model's real points come with their labels (the same draws).
+    let k = unguided.classes();
+    let (real, classes) = if k > 0 {
+        let (v, y) = checked
+            .target
+            .sample_labeled_vec(n, &mut rng)
+            .ok_or_else(|| anyhow!("plot: the target has no labels for a conditional model"))?;
+        (Tensor::from_vec(v, (n, 2), device)?, Some((y, k)))
+    } else {
+        (checked.target.sample(n, &mut rng, device)?, None)
+    };
     let traj = record(field, &x0t, &SolverSpec::new(Method::Euler, 100))?;
     let f = Flows {
         x0: points(&x0t)?,
         target: points(&real)?,
         traj,
+        classes,
     };
     let mut written = vec![];
     for fig in figures {
@@ -266,13 +325,18 @@ fn distributions(path: &Path, f: &Flows) -> Result<()> {
     let root = canvas(path, 3).into_drawing_area();
     root.fill(&BACKGROUND)?;
     let areas = root.split_evenly((1, 3));
-    for (area, (title, pts, color)) in areas.iter().zip([
-        ("source", &f.x0, SOURCE),
-        ("target", &f.target, TARGET),
-        ("generated (Euler 100)", &gen, GENERATED),
-    ]) {
+    let real_class = |i: usize| f.classes.as_ref().map_or(0, |(y, _)| y[i] as usize);
+    let asked = |i: usize| f.classes.as_ref().map_or(0, |(_, k)| i % k);
+    let sets = [
+        ("source", vec![(f.x0.clone(), SOURCE)]),
+        ("target", f.by_class(&f.target, real_class, TARGET)),
+        ("generated (Euler 100)", f.by_class(&gen, asked, GENERATED)),
+    ];
+    for (area, (title, parts)) in areas.iter().zip(sets) {
         let mut c = panel(area, title, r)?;
-        scatter(&mut c, pts, color, 0.6, 2)?;
+        for (pts, color) in parts {
+            scatter(&mut c, &pts, color, 0.6, 2)?;
+        }
     }
     root.present()?;
     Ok(())
@@ -286,7 +350,15 @@ fn trajectories(path: &Path, f: &Flows) -> Result<()> {
     let root = canvas(path, 1).into_drawing_area();
     root.fill(&BACKGROUND)?;
     let mut c = panel(&root, "trajectories (Euler 100)", r)?;
-    polylines(&mut c, &paths, LINES, 0.9, 1)?;
+    match &f.classes {
+        // A conditional model's paths in the colour of the class each was asked for.
+        Some((_, k)) => {
+            for (i, p) in paths.iter().enumerate() {
+                polylines(&mut c, std::slice::from_ref(p), class_color(i % k), 0.9, 1)?;
+            }
+        }
+        None => polylines(&mut c, &paths, LINES, 0.9, 1)?,
+    }
     scatter(
         &mut c,
         &paths.iter().map(|p| p[0]).collect(),
@@ -294,13 +366,11 @@ fn trajectories(path: &Path, f: &Flows) -> Result<()> {
         1.0,
         3,
     )?;
-    scatter(
-        &mut c,
-        &paths.iter().map(|p| p[p.len() - 1]).collect(),
-        GENERATED,
-        1.0,
-        3,
-    )?;
+    let ends: Pts = paths.iter().map(|p| p[p.len() - 1]).collect();
+    let asked = |i: usize| f.classes.as_ref().map_or(0, |(_, k)| i % k);
+    for (pts, color) in f.by_class(&ends, asked, GENERATED) {
+        scatter(&mut c, &pts, color, 1.0, 3)?;
+    }
     root.present()?;
     Ok(())
 }
@@ -578,6 +648,85 @@ pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Re
                         [(px, py), (px + SCALE as i32, py + SCALE as i32)],
                         c.filled(),
                     ))?;
+                }
+            }
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// A conditional image model's digits: one row per class, a block of 6 columns per guidance
+/// scale (the headline's and `eval.guidance`'s, in increasing order), each block from the same
+/// source points under the headline solver.
+fn class_grid(
+    path: &Path,
+    field: &dyn VelocityField,
+    checked: &Experiment,
+    device: &Device,
+) -> Result<()> {
+    const PER: usize = 6;
+    let k = field.classes();
+    let mut scales: Vec<f64> = checked.guidance_rows.clone();
+    scales.push(checked.guidance);
+    scales.sort_by(f64::total_cmp);
+    scales.dedup();
+    let mut rng = rng_from_seed(checked.eval.seed ^ 0xc1a5);
+    let x0 = checked.source.sample(k * PER, &mut rng, device)?;
+    let labels: Vec<u32> = (0..k * PER).map(|i| (i / PER) as u32).collect();
+    let y = flowmatch_models::label_tensor(&labels, device)?;
+    let mut blocks = vec![];
+    for &w in &scales {
+        let guided = flowmatch_models::Guided::new(field, y.clone(), w)?;
+        blocks.push(
+            solve(&guided, &x0, &checked.solver, false)?
+                .x
+                .to_device(&Device::Cpu)?,
+        );
+    }
+    font_ready();
+    const SCALE: u32 = 2;
+    let side = flowmatch_data::mnist::SIDE as u32;
+    let cell = side * SCALE + 4;
+    let (label_w, head, gap) = (40u32, 26u32, 16u32);
+    let block_w = cell * PER as u32 + gap;
+    let (w, h) = (
+        label_w + block_w * scales.len() as u32,
+        head + cell * k as u32 + 4,
+    );
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&BACKGROUND)?;
+    let font = ("sans-serif", 15).into_font().color(&WHITE);
+    for (b, &scale) in scales.iter().enumerate() {
+        let x = (label_w + block_w * b as u32) as i32;
+        root.draw(&Text::new(format!("w = {scale}"), (x + 4, 6), font.clone()))?;
+    }
+    for c in 0..k {
+        let y0 = head + cell * c as u32;
+        root.draw(&Text::new(
+            format!("{c}"),
+            (12, (y0 + cell / 2) as i32 - 8),
+            font.clone(),
+        ))?;
+        for (b, x) in blocks.iter().enumerate() {
+            let v = x.narrow(0, c * PER, PER)?.flatten_all()?.to_vec1::<f32>()?;
+            for j in 0..PER {
+                let x0 = label_w + block_w * b as u32 + cell * j as u32;
+                for (i, row) in v[j * (side * side) as usize..][..(side * side) as usize]
+                    .chunks(side as usize)
+                    .enumerate()
+                {
+                    for (q, &p) in row.iter().enumerate() {
+                        let g = ((p.clamp(-1.0, 1.0) + 1.0) * 127.5) as u8;
+                        let (px, py) = (
+                            (x0 + q as u32 * SCALE) as i32,
+                            (y0 + i as u32 * SCALE) as i32,
+                        );
+                        root.draw(&Rectangle::new(
+                            [(px, py), (px + SCALE as i32, py + SCALE as i32)],
+                            RGBColor(g, g, g).filled(),
+                        ))?;
+                    }
                 }
             }
         }
