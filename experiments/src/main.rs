@@ -6,7 +6,7 @@ use flowmatch_experiments::config::{parse_set, Config, ConfigSource, Override};
 use flowmatch_experiments::experiment::Experiment;
 use flowmatch_experiments::folder::{claim_run_dir, OnChange, RunOptions};
 use flowmatch_experiments::logging::write_json;
-use flowmatch_experiments::report::{nll_text, table_lines};
+use flowmatch_experiments::report::{class_lines, nll_text, table_lines};
 use flowmatch_experiments::{
     bench, checkpoint, device, eval, plot, reflow, runtime, signals, sweep,
 };
@@ -374,6 +374,9 @@ fn cmd_run(
     for line in table_lines(&s.eval.table) {
         say!("{line}");
     }
+    for line in class_lines(&s.eval, &exp.guidance_rows) {
+        say!("{line}");
+    }
     if let Some(rows) = &s.reflow {
         say!("{}", reflow::table_markdown(rows).trim_end());
     }
@@ -495,6 +498,9 @@ fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode>
         } + &nll_text(&ev)
     );
     for line in table_lines(&ev.table) {
+        say!("{line}");
+    }
+    for line in class_lines(&ev, &[]) {
         say!("{line}");
     }
     say!("wrote {}", out.display());

@@ -297,6 +297,45 @@ pub fn nll_text(ev: &Evaluation) -> String {
     }
 }
 
+/// A conditional model's class scores as the console prints them: the headline solver's line,
+/// then one line per guidance scale of `scales` (nothing for an unconditional model).
+pub fn class_lines(ev: &Evaluation, scales: &[f64]) -> Vec<String> {
+    let x = |k: &str| ev.extra.get(k).copied();
+    let Some(acc) = x("class_accuracy") else {
+        return vec![];
+    };
+    let mut head = format!("class accuracy {acc:.4}");
+    if let Some(a) = x("class_accuracy_euler_1") {
+        head += &format!(" (1 Euler step: {a:.4})");
+    }
+    if let Some(w) = x("class_w2") {
+        head += &format!("  per-class W2 {w:.4}");
+        if let Some(w1) = x("class_w2_euler_1") {
+            head += &format!(" (1 Euler step: {w1:.4})");
+        }
+    }
+    if let Some(f) = x("class_fid") {
+        head += &format!("  per-class FID-like {f:.2}");
+        if let Some(r) = x("class_fid_real") {
+            head += &format!(" (real digits: {r:.2})");
+        }
+    }
+    let mut lines = vec![head];
+    for w in scales {
+        let at = |k: &str| x(&format!("{k}_guidance_{w}"));
+        let mut l = format!(
+            "guidance {w}: class accuracy {:.4}  W2 {:.4}",
+            at("class_accuracy").unwrap_or(f64::NAN),
+            at("w2").unwrap_or(f64::NAN)
+        );
+        if let Some(f) = at("fid") {
+            l += &format!("  FID-like {f:.2}");
+        }
+        lines.push(l);
+    }
+    lines
+}
+
 /// The eval table as the console prints it: a header and one line per row (none when empty).
 pub fn table_lines(rows: &[TableRow]) -> Vec<String> {
     if rows.is_empty() {
