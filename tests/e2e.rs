@@ -1045,24 +1045,28 @@ fn a_metric_added_through_the_registry_reaches_summary_table_and_tensorboard() {
     );
 }
 
+/// `flowmatch run configs/conditional_8gaussians.toml` with 400 training steps, 400 evaluation
+/// samples, no figures and no TensorBoard, and `sets`, into `out`.
+fn tiny_conditional_run(out: &Path, sets: &[&str]) -> std::process::Output {
+    let mut args = vec!["run", "../configs/conditional_8gaussians.toml"];
+    let base = [
+        "train.steps=400",
+        "eval.samples=400",
+        "logging.plots=false",
+        "logging.tensorboard=false",
+    ];
+    for s in base.iter().chain(sets) {
+        args.extend(["--set", s]);
+    }
+    args.extend(["--out", out.to_str().unwrap()]);
+    flowmatch(&args)
+}
+
 #[test]
 fn a_tiny_conditional_training_lands_samples_in_the_class_asked_for() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let o = flowmatch(&[
-        "run",
-        "../configs/conditional_8gaussians.toml",
-        "--set",
-        "train.steps=400",
-        "--set",
-        "eval.samples=400",
-        "--set",
-        "logging.plots=false",
-        "--set",
-        "logging.tensorboard=false",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = tiny_conditional_run(&out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("conditional_8gaussians/summary.json")).unwrap(),
@@ -1126,30 +1130,14 @@ fn a_tiny_conditional_training_lands_samples_in_the_class_asked_for() {
 fn a_conditional_reflow_keeps_its_labels() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let o = flowmatch(&[
-        "run",
-        "../configs/conditional_8gaussians.toml",
-        "--set",
-        "train.steps=400",
-        "--set",
+    let sets = [
         "reflow.iterations=1",
-        "--set",
         "reflow.steps=300",
-        "--set",
         "reflow.teacher_steps=4",
-        "--set",
         "reflow.guidance=1.5",
-        "--set",
-        "eval.samples=400",
-        "--set",
         "eval.guidance=[]",
-        "--set",
-        "logging.plots=false",
-        "--set",
-        "logging.tensorboard=false",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    ];
+    let o = tiny_conditional_run(&out, &sets);
     assert!(o.status.success(), "{}", stderr(&o));
     let read = |f: &str| -> serde_json::Value {
         let p = out.join("conditional_8gaussians").join(f);

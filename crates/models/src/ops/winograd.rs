@@ -248,6 +248,19 @@ fn load(src: &[f32], m: usize) -> Lanes {
     }
 }
 
+/// The 16 transform-domain points of `m` tiles from columns `col..` of row `row` of each
+/// point's `rows × nb` matrix in `mat` (`[16][rows][nb]`).
+#[inline(always)]
+fn points(
+    mat: &[f32],
+    (row, rows): (usize, usize),
+    nb: usize,
+    col: usize,
+    m: usize,
+) -> [Lanes; 16] {
+    std::array::from_fn(|xi| load(&mat[(xi * rows + row) * nb + col..], m))
+}
+
 /// Runs `f` compiled for AVX2 where the CPU has it: the transforms are adds and copies only,
 /// so the bits are the same either way.
 #[inline(always)]
@@ -396,11 +409,7 @@ fn output_planes(t: &Tiles, gr: Group, o: usize, mm: &[f32], yg: &mut [f32], yq:
             for tx in (0..t.tw).step_by(L) {
                 let m = L.min(t.tw - tx);
                 let col = s * nt + ty * t.tw + tx;
-                let mut e = [[0f32; L]; 16];
-                for (xi, val) in e.iter_mut().enumerate() {
-                    *val = load(&mm[(xi * o + oc) * gr.nb + col..], m);
-                }
-                let out = output_transform_l(&e);
+                let out = output_transform_l(&points(mm, (oc, o), gr.nb, col, m));
                 for i in 0..2 {
                     let row = &mut yq[(2 * ty + i) * wq + 2 * tx..][..2 * L];
                     for l in 0..L {
@@ -550,11 +559,7 @@ fn input_adjoints(
             for tx in (0..t.tw).step_by(L) {
                 let m = L.min(t.tw - tx);
                 let col = s * nt + ty * t.tw + tx;
-                let mut e = [[0f32; L]; 16];
-                for (xi, val) in e.iter_mut().enumerate() {
-                    *val = load(&dv[(xi * c + ch) * gr.nb + col..], m);
-                }
-                let d = input_adjoint_l(&e);
+                let d = input_adjoint_l(&points(dv, (ch, c), gr.nb, col, m));
                 for i in 0..4 {
                     let row = &mut dq[(2 * ty + i) * wp + 2 * tx..][..2 * L + 2];
                     for l in 0..L {
