@@ -74,6 +74,34 @@ fn pieces(c: &mut Criterion) {
     group.finish();
 }
 
+/// A 3×3 conv forward + backward at batch 64 for each of the U-Nets' (channels, side), by the
+/// unfolded gemm and by Winograd F(2×2, 3×3), side by side.
+fn conv_kernels(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("conv3x3_b64");
+    group.sample_size(10);
+    for (ch, side) in [(16, 28), (32, 28), (32, 14), (64, 14), (64, 7), (128, 7)] {
+        let x = Tensor::randn(0f32, 1.0, (64, ch, side, side), &dev).unwrap();
+        let x = Var::from_tensor(&x).unwrap();
+        let mut p = flowmatch_models::Params::new(0, &dev);
+        let conv = p.conv("c", ch, ch, 3, 1, 1).unwrap();
+        for (kernel, wino) in [("unfold", false), ("winograd", true)] {
+            let conv = conv.clone().with_winograd(wino);
+            group.bench_function(format!("c{ch}_{side}x{side}_{kernel}"), |b| {
+                b.iter(|| {
+                    conv.forward(x.as_tensor())
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 /// This core's matrix-product ceiling: one 512³ f32 product with the `gemm` crate the
 /// convolutions use (2·512³ flops; `scripts/bench.sh` reports it in GFLOP/s).
 fn gemm_ceiling(c: &mut Criterion) {
@@ -121,5 +149,5 @@ fn config() -> Criterion {
         .measurement_time(std::time::Duration::from_secs(4))
 }
 
-criterion_group! { name = benches; config = config(); targets = unets, pieces, gemm_ceiling }
+criterion_group! { name = benches; config = config(); targets = unets, pieces, conv_kernels, gemm_ceiling }
 criterion_main!(benches);

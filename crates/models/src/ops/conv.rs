@@ -17,6 +17,7 @@ use rayon::prelude::*;
 /// A `k×k` convolution with stride 1 or 2 and zero padding; weights in PyTorch's
 /// `(out, in, k, k)` layout.
 /// (`Conv::forward_upsampled` lives in `upconv.rs`.)
+#[derive(Clone)]
 pub struct Conv {
     pub(super) weight: Tensor,
     pub(super) bias: Tensor,
