@@ -47,6 +47,16 @@ fn unets(c: &mut Criterion) {
     group.finish();
 }
 
+/// One forward + backward of `conv` on `x`.
+fn conv_step(conv: &flowmatch_models::conv::Conv, x: &Var) -> candle_core::backprop::GradStore {
+    conv.forward(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
 fn pieces(c: &mut Criterion) {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (64, 16, 28, 28), &dev).unwrap()).unwrap();
@@ -55,16 +65,7 @@ fn pieces(c: &mut Criterion) {
     let gn = p.group_norm_silu("g", 8, 16).unwrap();
     let mut group = c.benchmark_group("unet_pieces_b64_c16_28x28");
     group.sample_size(10);
-    group.bench_function("conv3x3_fwd_bwd", |b| {
-        b.iter(|| {
-            conv.forward(x.as_tensor())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        })
-    });
+    group.bench_function("conv3x3_fwd_bwd", |b| b.iter(|| conv_step(&conv, &x)));
     group.bench_function("groupnorm_silu_fwd_bwd", |b| {
         b.iter(|| {
             let y = gn.forward(x.as_tensor()).unwrap();
@@ -88,14 +89,7 @@ fn conv_kernels(c: &mut Criterion) {
         for (kernel, wino) in [("unfold", false), ("winograd", true)] {
             let conv = conv.clone().with_winograd(wino);
             group.bench_function(format!("c{ch}_{side}x{side}_{kernel}"), |b| {
-                b.iter(|| {
-                    conv.forward(x.as_tensor())
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .backward()
-                        .unwrap()
-                })
+                b.iter(|| conv_step(&conv, &x))
             });
         }
     }
