@@ -604,13 +604,40 @@ pub fn record(field: &dyn VelocityField, x0: &Tensor, spec: &SolverSpec) -> Resu
         .collect()
 }
 
+/// Pixels per digit pixel in the digit figures.
+const DIGIT_SCALE: u32 = 2;
+
+/// Draws one digit (`SIDE²` grey levels in [-1, 1]) with its top left at `(x0, y0)`,
+/// [`DIGIT_SCALE`] px per pixel.
+fn draw_digit(
+    root: &DrawingArea<BitMapBackend<'_>, Shift>,
+    digit: &[f32],
+    (x0, y0): (u32, u32),
+) -> Result<()> {
+    let side = flowmatch_data::mnist::SIDE as u32;
+    for (i, row) in digit.chunks_exact(side as usize).enumerate() {
+        for (j, &p) in row.iter().enumerate() {
+            let g = ((p.clamp(-1.0, 1.0) + 1.0) * 127.5) as u8;
+            let (px, py) = (
+                (x0 + j as u32 * DIGIT_SCALE) as i32,
+                (y0 + i as u32 * DIGIT_SCALE) as i32,
+            );
+            let s = DIGIT_SCALE as i32;
+            root.draw(&Rectangle::new(
+                [(px, py), (px + s, py + s)],
+                RGBColor(g, g, g).filled(),
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 /// Draws rows of digits (`(label, (n, 784) tensor in [-1, 1])`), up to `per_row` each, into a
 /// PNG: one row per label, 2 px per pixel, the label on the left (lines split at `\n`).
 pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Result<()> {
     font_ready();
-    const SCALE: u32 = 2;
     let side = flowmatch_data::mnist::SIDE as u32;
-    let cell = side * SCALE + 4;
+    let cell = side * DIGIT_SCALE + 4;
     let label_w = 110;
     let (w, h) = (
         label_w + cell * per_row as u32,
@@ -636,20 +663,8 @@ pub fn sample_grid(path: &Path, rows: &[(String, Tensor)], per_row: usize) -> Re
             .to_device(&Device::Cpu)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        for k in 0..n {
-            let x0 = label_w + cell * k as u32;
-            for i in 0..side {
-                for j in 0..side {
-                    let p = v[k * (side * side) as usize + (i * side + j) as usize];
-                    let g = ((p.clamp(-1.0, 1.0) + 1.0) * 127.5) as u8;
-                    let c = RGBColor(g, g, g);
-                    let (px, py) = ((x0 + j * SCALE) as i32, (y0 + i * SCALE) as i32);
-                    root.draw(&Rectangle::new(
-                        [(px, py), (px + SCALE as i32, py + SCALE as i32)],
-                        c.filled(),
-                    ))?;
-                }
-            }
+        for (k, digit) in v.chunks_exact((side * side) as usize).enumerate() {
+            draw_digit(&root, digit, (label_w + cell * k as u32, y0))?;
         }
     }
     root.present()?;
@@ -685,9 +700,8 @@ fn class_grid(
         );
     }
     font_ready();
-    const SCALE: u32 = 2;
     let side = flowmatch_data::mnist::SIDE as u32;
-    let cell = side * SCALE + 4;
+    let cell = side * DIGIT_SCALE + 4;
     let (label_w, head, gap) = (40u32, 26u32, 16u32);
     let block_w = cell * PER as u32 + gap;
     let (w, h) = (
@@ -710,24 +724,9 @@ fn class_grid(
         ))?;
         for (b, x) in blocks.iter().enumerate() {
             let v = x.narrow(0, c * PER, PER)?.flatten_all()?.to_vec1::<f32>()?;
-            for j in 0..PER {
+            for (j, digit) in v.chunks_exact((side * side) as usize).enumerate() {
                 let x0 = label_w + block_w * b as u32 + cell * j as u32;
-                for (i, row) in v[j * (side * side) as usize..][..(side * side) as usize]
-                    .chunks(side as usize)
-                    .enumerate()
-                {
-                    for (q, &p) in row.iter().enumerate() {
-                        let g = ((p.clamp(-1.0, 1.0) + 1.0) * 127.5) as u8;
-                        let (px, py) = (
-                            (x0 + q as u32 * SCALE) as i32,
-                            (y0 + i as u32 * SCALE) as i32,
-                        );
-                        root.draw(&Rectangle::new(
-                            [(px, py), (px + SCALE as i32, py + SCALE as i32)],
-                            RGBColor(g, g, g).filled(),
-                        ))?;
-                    }
-                }
+                draw_digit(&root, digit, (x0, y0))?;
             }
         }
     }

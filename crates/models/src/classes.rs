@@ -43,3 +43,24 @@ impl ClassTable {
         }
     }
 }
+
+/// A model that can read class labels: the embedding its table joins, and where the table
+/// lives. `with_classes` is the same for all four models.
+pub(crate) trait Conditional: Sized {
+    /// The width of the embedding (or pre-activation) the label rows are added to.
+    fn class_width(&self) -> usize;
+
+    /// The model's table (empty until [`Conditional::with_classes`]).
+    fn class_table(&mut self) -> &mut ClassTable;
+
+    /// The model conditioned on `classes` labels (its table drawn after the other weights).
+    fn with_classes(
+        mut self,
+        p: &mut Params,
+        classes: usize,
+    ) -> std::result::Result<Self, ModelError> {
+        let width = self.class_width();
+        *self.class_table() = ClassTable::new(p, classes, width)?;
+        Ok(self)
+    }
+}

@@ -1,4 +1,4 @@
-use crate::classes::ClassTable;
+use crate::classes::{ClassTable, Conditional};
 use crate::ops::activation::Activation;
 use crate::{jvp, Linear};
 use crate::{ModelError, Params, VelocityField};
@@ -38,17 +38,6 @@ impl VelocityNet {
             span,
             class_emb: ClassTable::default(),
         })
-    }
-
-    /// The net conditioned on `classes` labels (its table drawn after the other weights).
-    pub fn with_classes(
-        mut self,
-        p: &mut Params,
-        classes: usize,
-    ) -> std::result::Result<Self, ModelError> {
-        let width = self.fc2.weight().dim(1)?;
-        self.class_emb = ClassTable::new(p, classes, width)?;
-        Ok(self)
     }
 
     /// `[x, t]`, or `[x, t, h]` with a span input (`h = 0` when none is given).
@@ -226,17 +215,6 @@ impl VelocityMlp {
         })
     }
 
-    /// The MLP conditioned on `classes` labels (its table drawn after the other weights).
-    pub fn with_classes(
-        mut self,
-        p: &mut Params,
-        classes: usize,
-    ) -> std::result::Result<Self, ModelError> {
-        let width = self.time_embed.weight().dim(0)?;
-        self.class_emb = ClassTable::new(p, classes, width)?;
-        Ok(self)
-    }
-
     fn forward(&self, x: &Tensor, t: &Tensor, h: Option<&Tensor>) -> Result<Tensor> {
         self.forward_labeled(x, t, h, None)
     }
@@ -353,5 +331,23 @@ impl VelocityField for VelocityMlp {
         let hidden: Vec<&Linear> = self.net[..last].iter().collect();
         let (u, du) = jvp::chain(&input, &tangent, &hidden, &self.net[last], self.act)?;
         Ok((u.detach(), du.detach()))
+    }
+}
+
+impl Conditional for VelocityNet {
+    fn class_width(&self) -> usize {
+        self.fc2.weight().dims()[1]
+    }
+    fn class_table(&mut self) -> &mut ClassTable {
+        &mut self.class_emb
+    }
+}
+
+impl Conditional for VelocityMlp {
+    fn class_width(&self) -> usize {
+        self.time_embed.weight().dims()[0]
+    }
+    fn class_table(&mut self) -> &mut ClassTable {
+        &mut self.class_emb
     }
 }

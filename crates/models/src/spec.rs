@@ -1,3 +1,4 @@
+use crate::classes::Conditional;
 use crate::ops::activation::Activation;
 use crate::{ModelError, Params, VelocityField, VelocityMlp, VelocityNet};
 use candle_core::{Device, Result, Tensor};

@@ -1,7 +1,7 @@
 //! U-Net velocity fields for images. Both take `x` as `(B, C, H, W)` or flattened `(B, C·H·W)`
 //! (what the samplers, couplings and solvers pass around) and answer in the same shape.
 
-use crate::classes::ClassTable;
+use crate::classes::{ClassTable, Conditional};
 use crate::mlp::time_embedding;
 use crate::ops::activation::Activation;
 use crate::ops::conv::Conv;
@@ -105,17 +105,6 @@ impl VelocityUNetLesson {
             span,
             class_emb: ClassTable::default(),
         })
-    }
-
-    /// The net conditioned on `classes` labels (its table drawn after the other weights).
-    pub fn with_classes(
-        mut self,
-        p: &mut Params,
-        classes: usize,
-    ) -> std::result::Result<Self, ModelError> {
-        let width = self.time_mlp.weight().dim(0)?;
-        self.class_emb = ClassTable::new(p, classes, width)?;
-        Ok(self)
     }
 
     fn forward(
@@ -345,17 +334,6 @@ impl VelocityUNet {
         })
     }
 
-    /// The net conditioned on `classes` labels (its table drawn after the other weights).
-    pub fn with_classes(
-        mut self,
-        p: &mut Params,
-        classes: usize,
-    ) -> std::result::Result<Self, ModelError> {
-        let width = self.time2.weight().dim(0)?;
-        self.class_emb = ClassTable::new(p, classes, width)?;
-        Ok(self)
-    }
-
     fn forward(
         &self,
         x: &Tensor,
@@ -387,6 +365,24 @@ impl VelocityUNet {
         )?;
         let out = self.conv_out.forward(&self.norm_out.forward(&d1)?)?;
         like_input(out, x)
+    }
+}
+
+impl Conditional for VelocityUNetLesson {
+    fn class_width(&self) -> usize {
+        self.time_mlp.weight().dims()[0]
+    }
+    fn class_table(&mut self) -> &mut ClassTable {
+        &mut self.class_emb
+    }
+}
+
+impl Conditional for VelocityUNet {
+    fn class_width(&self) -> usize {
+        self.time2.weight().dims()[0]
+    }
+    fn class_table(&mut self) -> &mut ClassTable {
+        &mut self.class_emb
     }
 }
 
