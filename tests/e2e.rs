@@ -1151,3 +1151,128 @@ fn a_conditional_reflow_keeps_its_labels() {
     let config = std::fs::read_to_string(out.join("conditional_8gaussians/rf2/config.toml"));
     assert!(config.unwrap().contains("guidance = 1.5"));
 }
+
+/// Entropic couplings end to end: a Sinkhorn run gives the same bytes with and without the
+/// prefetch thread; a short SB-CFM training with a score head lowers W2 and samples by its
+/// learned score; bad entropic keys are one-line errors naming the key.
+#[test]
+fn sinkhorn_and_the_schrodinger_bridge_train_and_bad_keys_name_themselves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, sets: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec!["run", "../configs/lesson_moons.toml"];
+        let base = [
+            "train.batch_size=128",
+            "eval.samples=500",
+            "eval.steps=[1, 100]",
+            "logging.plots=false",
+            "logging.tensorboard=false",
+        ];
+        for s in base.iter().chain(sets) {
+            args.extend(["--set", s]);
+        }
+        args.extend(["--out", out.to_str().unwrap()]);
+        let o = flowmatch(&args);
+        (o, out.join("lesson_moons"))
+    };
+    let summary = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+    };
+    let sink = [
+        "train.steps=150",
+        "loss.coupling=sinkhorn",
+        "loss.ot_reg=0.1",
+    ];
+    let (a, da) = run("sink", &sink);
+    assert!(a.status.success(), "{}", stderr(&a));
+    let mut off = sink.to_vec();
+    off.push("train.prefetch=false");
+    let (b, db) = run("sink-serial", &off);
+    assert!(b.status.success(), "{}", stderr(&b));
+    assert_eq!(
+        std::fs::read(da.join("summary.json")).unwrap(),
+        std::fs::read(db.join("summary.json")).unwrap()
+    );
+    assert_eq!(summary(&da)["coupling"], "sinkhorn-eps0.1");
+    // A cap of one iteration cannot converge: the run warns once, with the error reached.
+    let (c, _) = run(
+        "capped",
+        &[
+            "train.steps=5",
+            "loss.coupling=sinkhorn",
+            "loss.ot_max_iter=1",
+        ],
+    );
+    assert!(c.status.success(), "{}", stderr(&c));
+    let warn = stderr(&c);
+    assert!(
+        warn.contains("warning: lesson_moons: Sinkhorn stopped at its cap"),
+        "{warn}"
+    );
+    // SB-CFM with a score head: W2 falls with training, and the SDE row samples by the head.
+    let sb = [
+        "loss.coupling=schrodinger-bridge",
+        "loss.sigma=0.5",
+        "model.score=true",
+        "eval.sde_gammas=[0.5]",
+    ];
+    let w2 = |steps: &str| {
+        let mut s = sb.to_vec();
+        s.push(steps);
+        let (o, dir) = run(steps, &s);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s = summary(&dir);
+        assert_eq!(s["coupling"], "schrodinger-bridge-sigma0.5");
+        let sde = s["eval"]["table"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["solver"] == "em-g0.5")
+            .map(|r| r["w2"].as_f64().unwrap())
+            .unwrap();
+        (s["w2"].as_f64().unwrap(), sde)
+    };
+    let (w2_start, _) = w2("train.steps=1");
+    let (w2_end, sde_end) = w2("train.steps=600");
+    assert!(w2_end < 0.5 * w2_start, "W2 {w2_start} -> {w2_end}");
+    assert!(
+        sde_end < 0.5 * w2_start,
+        "SDE W2 {sde_end} (start {w2_start})"
+    );
+    // Bad input: one line that names the key.
+    let cases: &[(&[&str], &str)] = &[
+        (&["loss.coupling=sinkhorn", "loss.ot_reg=0"], "loss.ot_reg"),
+        (
+            &["loss.coupling=sinkhorn", "loss.ot_reg=nan"],
+            "loss.ot_reg",
+        ),
+        (
+            &["loss.coupling=sinkhorn", "loss.ot_max_iter=0"],
+            "loss.ot_max_iter",
+        ),
+        (
+            &["loss.coupling=schrodinger-bridge", "loss.sigma=-0.1"],
+            "loss.sigma",
+        ),
+        (&["model.score=true"], "model.score"),
+        (
+            &["loss.coupling=schrodinger-bridge", "eval.sde_gammas=[0.5]"],
+            "eval.sde_gammas",
+        ),
+        (
+            &["loss.coupling=schrodinger-bridge", "loss.path=cosine"],
+            "loss.path",
+        ),
+        (&["loss.ot_draw=sideways"], "loss.ot_draw"),
+    ];
+    for (sets, key) in cases {
+        let (o, _) = run("bad", sets);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{sets:?} succeeded");
+        assert!(
+            err.starts_with(&format!("error: {key}:")),
+            "{sets:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}

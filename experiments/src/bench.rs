@@ -89,6 +89,7 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchReport> {
         hidden: 64,
         activation: Activation::Gelu,
         span: false,
+        score: false,
         classes: 0,
     };
     spec.check_memory(&model)?;

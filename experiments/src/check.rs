@@ -12,11 +12,11 @@ use crate::device::DeviceRequest;
 use flowmatch_data::Distribution;
 use flowmatch_losses::{
     validate_ema, validate_label_drop, AffinePath, CouplingSpec, LabelDraw, LossError, LrSchedule,
-    Objective, ObjectiveOptions, OptimConfig, TimeOptions, TimeSampler,
+    Objective, ObjectiveOptions, OptimConfig, Schedule, TimeOptions, TimeSampler,
 };
 use flowmatch_models::{ModelError, ModelOptions, ModelSpec};
 use flowmatch_reflow::{ReflowMode, ReflowSpec};
-use flowmatch_solvers::{Divergence, NoiseSchedule, SolverError, SolverSpec, Tolerances};
+use flowmatch_solvers::{Divergence, NoiseSchedule, SdeScore, SolverError, SolverSpec, Tolerances};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -82,8 +82,10 @@ pub struct Plan {
     pub nll: Option<NllSpec>,
     /// The opt-in metrics the evaluation measures (`eval.metrics`).
     pub metrics: Vec<&'static crate::metrics::Metric>,
-    /// The stochastic rows of the eval table, and their step count.
+    /// The stochastic rows of the eval table, their step count and where their score comes
+    /// from.
     pub sde: Vec<NoiseSchedule>,
+    pub sde_score: Option<SdeScore>,
     pub sde_steps: usize,
     /// The source's standard deviation when it is an isotropic Gaussian (the likelihood and
     /// the stochastic sampler's score need its density).
@@ -388,6 +390,7 @@ impl ModelConfig {
                 attention: self.attention,
                 activation: self.activation,
                 classes: self.classes,
+                score: self.score,
             },
         );
         if model.is_image() {
@@ -431,6 +434,21 @@ impl LossConfig {
         coupling
             .validate()
             .map_err(|e| loss_key(COUPLING_KEYS, "loss.coupling", e))?;
+        if let CouplingSpec::SchrodingerBridge { .. } = coupling {
+            // The bridge is its own path around the linear one.
+            if self.path != Schedule::Linear {
+                return Err((
+                    "loss.path",
+                    "loss.coupling = \"schrodinger-bridge\" trains on the Brownian bridge around the linear path; set loss.path = \"linear\"".into(),
+                ));
+            }
+            if self.sigma_min != 0.0 {
+                return Err((
+                    "loss.sigma_min",
+                    "loss.coupling = \"schrodinger-bridge\" has its own noise, loss.sigma; leave loss.sigma_min at 0".into(),
+                ));
+            }
+        }
         Ok((path, coupling, time))
     }
 }
@@ -626,11 +644,11 @@ impl EvalConfig {
     }
 
     /// The stochastic rows.
-    pub fn check_sde(&self, source_std: Option<f64>) -> Result<Vec<NoiseSchedule>, Bad> {
-        if !self.sde_gammas.is_empty() && source_std.is_none() {
+    pub fn check_sde(&self, score: Option<SdeScore>) -> Result<Vec<NoiseSchedule>, Bad> {
+        if !self.sde_gammas.is_empty() && score.is_none() {
             return Err((
                 "eval.sde_gammas",
-                "the stochastic sampler's score needs a Gaussian source (data.source = gaussian or gaussian-nd)".into(),
+                "the stochastic sampler's score needs a Gaussian source (data.source = gaussian or gaussian-nd) or a score head (model.score)".into(),
             ));
         }
         check_list_len("eval.sde_gammas", self.sde_gammas.len(), "noise scales")?;
@@ -720,6 +738,52 @@ fn check_guidance(key: &'static str, w: f64) -> Result<(), Bad> {
 }
 
 impl Config {
+    /// Where the stochastic sampler's score comes from: the score head, which needs the
+    /// Schrödinger bridge to train on (and a plain flow-matching MLP), or the velocity of a
+    /// linear path from a Gaussian source. A bridge without a head has no score to sample with.
+    fn check_score(
+        &self,
+        model: &ModelSpec,
+        coupling: &CouplingSpec,
+        source_std: Option<f64>,
+    ) -> Result<Option<SdeScore>, Bad> {
+        let bridge = match coupling {
+            CouplingSpec::SchrodingerBridge { sigma, .. } => Some(*sigma),
+            _ => None,
+        };
+        if !self.model.score {
+            if bridge.is_some() && !self.eval.sde_gammas.is_empty() {
+                return Err((
+                    "eval.sde_gammas",
+                    "a Schrödinger-bridge flow samples stochastically with its learned score; set model.score = true".into(),
+                ));
+            }
+            return Ok(source_std.map(|source_std| SdeScore::FromVelocity { source_std }));
+        }
+        let Some(sigma) = bridge else {
+            return Err((
+                "model.score",
+                "the score head trains on the Brownian bridge's noise; it needs loss.coupling = \"schrodinger-bridge\"".into(),
+            ));
+        };
+        if !model.score() {
+            return Err((
+                "model.score",
+                format!(
+                    "applies to velocity-net and velocity-mlp, not {}",
+                    model.kind().name()
+                ),
+            ));
+        }
+        if model.classes() > 0 || model.span() {
+            return Err((
+                "model.score",
+                "applies to an unconditional flow-matching model (model.classes = 0, loss.objective = \"cfm\")".into(),
+            ));
+        }
+        Ok(Some(SdeScore::Head { sigma }))
+    }
+
     /// The conditioning of a model of `classes` labels on `target`: the training labels,
     /// the headline guidance scale and the evaluation's other scales. Every conditioning key
     /// is refused on an unconditional model, and `model.classes` must match the target's.
@@ -819,7 +883,8 @@ impl Config {
             DataSpec::Mnist => None,
         };
         let nll = self.eval.check_nll(source.dim(), source_std, solver.tol)?;
-        let sde = self.eval.check_sde(source_std)?;
+        let sde_score = self.check_score(&model, &coupling, source_std)?;
+        let sde = self.eval.check_sde(sde_score)?;
         let metrics = self.eval.check_metrics()?;
         let logging = self.logging.check()?;
         let lim = &self.limits;
@@ -852,6 +917,7 @@ impl Config {
             nll,
             metrics,
             sde,
+            sde_score,
             sde_steps: self.eval.sde_steps,
             source_std,
             train,

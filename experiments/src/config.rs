@@ -7,7 +7,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
 use flowmatch_losses::{
-    CouplingKind, CouplingOptions, LrDecay, ObjectiveKind, OtSolver, Schedule, TimeKind,
+    CouplingKind, CouplingOptions, LrDecay, ObjectiveKind, OtDraw, OtSolver, Schedule, TimeKind,
 };
 use flowmatch_models::{activation::Activation, ModelKind};
 use flowmatch_reflow::{ReflowInit, ReflowMode};
@@ -78,12 +78,20 @@ pub struct ModelConfig {
     pub activation: Option<Activation>,
     /// Class labels the model is conditioned on (0: unconditional); the target's class count.
     pub classes: usize,
+    /// A score head beside the velocity (velocity-net, velocity-mlp), trained on the
+    /// Schrödinger bridge's score and used by the stochastic sampler (SF²M).
+    pub score: bool,
 }
 
 /// The config key of each [`CouplingOptions`] field (named in a coupling's errors).
 pub const COUPLING_KEYS: &[(&str, &str)] = &[
     ("ot_solver", "loss.ot_solver"),
     ("ot_within_class", "loss.ot_within_class"),
+    ("ot_reg", "loss.ot_reg"),
+    ("ot_draw", "loss.ot_draw"),
+    ("ot_tol", "loss.ot_tol"),
+    ("ot_max_iter", "loss.ot_max_iter"),
+    ("sigma", "loss.sigma"),
 ];
 
 impl LossConfig {
@@ -92,6 +100,11 @@ impl LossConfig {
         CouplingOptions {
             ot_solver: self.ot_solver,
             ot_within_class: self.ot_within_class,
+            ot_reg: self.ot_reg,
+            ot_draw: self.ot_draw,
+            ot_tol: self.ot_tol,
+            ot_max_iter: self.ot_max_iter,
+            sigma: self.sigma,
         }
     }
 }
@@ -102,12 +115,22 @@ impl LossConfig {
 pub struct LossConfig {
     /// `linear`, `cosine` or `vp`.
     pub path: Schedule,
-    /// `independent` or `ot`.
+    /// `independent`, `ot`, `sinkhorn` or `schrodinger-bridge`.
     pub coupling: CouplingKind,
     /// The assignment solver of `ot`: `jv` (ours) or `pathfinding` (Kuhn–Munkres).
     pub ot_solver: OtSolver,
     /// Label-aware OT: the assignment within each class (conditional models).
     pub ot_within_class: bool,
+    /// `sinkhorn`: the entropic regularisation ε, relative to the batch's mean cost.
+    pub ot_reg: f64,
+    /// `sinkhorn`, `schrodinger-bridge`: pairs drawn from the plan `with-replacement`
+    /// (TorchCFM) or by `rows` (one target per source point).
+    pub ot_draw: OtDraw,
+    /// Sinkhorn's stopping marginal error (L1) and its iteration cap.
+    pub ot_tol: f64,
+    pub ot_max_iter: usize,
+    /// `schrodinger-bridge`: the bridge's noise σ (pairs from the plan at ε = 2σ²).
+    pub sigma: f64,
     /// The probability that a training label is replaced by "no label" (classifier-free
     /// guidance); default 0.1 for a conditional model.
     pub label_drop: Option<f64>,
@@ -275,6 +298,7 @@ impl Default for Config {
         // The settings' defaults are the libraries' (the papers' choices).
         let time = flowmatch_losses::TimeOptions::default();
         let objective = flowmatch_losses::ObjectiveOptions::default();
+        let coupling = CouplingOptions::default();
         Self {
             name: String::new(),
             device: DeviceRequest::Cpu,
@@ -294,12 +318,18 @@ impl Default for Config {
                 attention: false,
                 activation: None,
                 classes: 0,
+                score: false,
             },
             loss: LossConfig {
                 path: Schedule::Linear,
                 coupling: CouplingKind::Independent,
                 ot_solver: OtSolver::Jv,
                 ot_within_class: false,
+                ot_reg: coupling.ot_reg,
+                ot_draw: coupling.ot_draw,
+                ot_tol: coupling.ot_tol,
+                ot_max_iter: coupling.ot_max_iter,
+                sigma: coupling.sigma,
                 label_drop: None,
                 sigma_min: 0.0,
                 time: TimeKind::Uniform,

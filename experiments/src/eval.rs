@@ -289,11 +289,11 @@ pub fn evaluate_on(
         }
     }
     // Stochastic rows: Euler–Maruyama from the same source samples, noise from eval.seed.
-    if let Some(std) = checked.source_std {
+    if let Some(score) = checked.sde_score {
         let mut rng = rng_from_seed(ev.seed ^ SDE_SEED);
         for g in &checked.sde {
             stop()?;
-            let x = sample_sde(field, x0, checked.sde_steps, *g, std, &mut rng)?;
+            let x = sample_sde(field, x0, checked.sde_steps, *g, score, &mut rng)?;
             let n = checked.sde_steps;
             entries.push((Solver::Sde(*g), n, n, x.to_device(&Device::Cpu)?));
         }

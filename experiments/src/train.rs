@@ -37,7 +37,7 @@ fn build_trainer(checked: &Experiment, setup: Setup) -> Result<(Trainer, LrSched
     });
     let trainer = Trainer::new(
         model,
-        Box::new(checked.path),
+        checked.coupling.path(checked.path),
         coupling,
         setup.time.unwrap_or(checked.time),
         t.batch_size,
@@ -271,6 +271,11 @@ pub fn train_stage(
         if let Some(hook) = opts.after_step {
             hook(step);
         }
+    }
+    if let Some(w) = l.trainer.coupling_report() {
+        // An entropic plan that stopped at its iteration cap: said once, and kept in the log.
+        l.log.record(&json!({"warning": w}))?;
+        pb.suspend(|| eprintln!("warning: {}: {w}", checked.name));
     }
     let train_secs = started.elapsed().as_secs_f64() - l.score_secs;
     let model = l.trainer.into_model();

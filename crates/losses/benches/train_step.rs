@@ -56,6 +56,7 @@ fn lesson() -> ModelSpec {
         layers: 3,
         activation: Activation::Silu,
         span: false,
+        score: false,
         classes: 0,
     }
 }
@@ -68,6 +69,7 @@ fn train_steps(c: &mut Criterion) {
                 hidden: 64,
                 activation: Activation::Gelu,
                 span: false,
+                score: false,
                 classes: 0,
             },
             "spiral",

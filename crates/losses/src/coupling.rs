@@ -1,5 +1,7 @@
 //! How source and target samples are paired for one training batch.
 
+use crate::entropic::{EntropicOt, Epsilon, OtDraw};
+use crate::path::{AffinePath, BrownianBridge, ProbabilityPath};
 use crate::LossError;
 use candle_core::{Device, Tensor};
 use flowmatch_data::{Rng, Sampler};
@@ -18,6 +20,12 @@ pub trait Coupling: Send {
     /// The deterministic stage that turns a draw into pairs; `None` when the draw is the pairs.
     /// It is the same stage on every call (the trainer's prefetch worker asks once).
     fn pairing(&self) -> Option<Arc<dyn Pairing>> {
+        None
+    }
+
+    /// A warning about the batches paired so far (an entropic plan that hit its iteration
+    /// cap), for the run's log; `None` when there is nothing to say.
+    fn report(&self) -> Option<String> {
         None
     }
 
@@ -56,6 +64,8 @@ pub struct Draw {
     pub x1: Option<Tensor>,
     /// The targets' class labels, when the coupling draws them (a dropped label is `classes`).
     pub y: Option<Vec<u32>>,
+    /// Uniforms in [0, 1) for a pairing that samples (one per pair; empty otherwise).
+    pub u: Vec<f64>,
 }
 
 /// A batch of training pairs and, for a conditional model, the targets' labels.
@@ -151,6 +161,7 @@ impl Coupling for Independent {
                 x0,
                 x1: Some(x1),
                 y: None,
+                u: vec![],
             });
         };
         let (v, mut y) = self
@@ -167,6 +178,7 @@ impl Coupling for Independent {
             x0,
             x1: Some(x1),
             y: Some(y),
+            u: vec![],
         })
     }
 }
@@ -179,12 +191,16 @@ pub enum CouplingKind {
     Independent,
     /// [`MinibatchOt`].
     Ot,
+    /// Entropic OT ([`crate::EntropicOt`]) at `loss.ot_reg` × the mean cost.
+    Sinkhorn,
+    /// The Schrödinger bridge: the entropic plan at `ε = 2σ²` and the Brownian-bridge path.
+    SchrodingerBridge,
 }
 
 /// A coupling chosen by name, with its settings: a new coupling is one variant here (with its
 /// settings in [`CouplingOptions`], its label and its check) and one [`Coupling`] impl; the
 /// config adds its keys. (Reflow's teacher couplings are built by the reflow stages.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CouplingSpec {
     /// Independent pairs (I-CFM).
     Independent,
@@ -194,25 +210,66 @@ pub enum CouplingSpec {
         solver: OtSolver,
         within_class: bool,
     },
+    /// Entropic minibatch OT: pairs sampled from the Sinkhorn plan.
+    Sinkhorn(EntropicOt),
+    /// Schrödinger-bridge CFM (SF²M, Tong et al. 2024): pairs from the entropic plan at
+    /// `ε = 2σ²` (`ot.eps` is that), trained on the Brownian bridge of std `σ`.
+    SchrodingerBridge { sigma: f64, ot: EntropicOt },
 }
 
 /// The settings of every coupling (each kind reads its own).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CouplingOptions {
     /// The exact assignment's solver (OT).
     pub ot_solver: OtSolver,
     /// OT within each class (conditional training).
     pub ot_within_class: bool,
+    /// Entropic OT: `ε` relative to the batch's mean cost (Sinkhorn).
+    pub ot_reg: f64,
+    /// Entropic OT: how pairs are drawn from the plan.
+    pub ot_draw: OtDraw,
+    /// Entropic OT: the marginal error at which Sinkhorn stops, and its iteration cap.
+    pub ot_tol: f64,
+    pub ot_max_iter: usize,
+    /// The Schrödinger bridge's noise `σ`.
+    pub sigma: f64,
+}
+
+impl Default for CouplingOptions {
+    /// TorchCFM's defaults: `reg = 0.05`, draws with replacement, `σ = 1` for the bridge;
+    /// POT's cap of 1000 iterations, at a marginal error (L1) of 1e-4.
+    fn default() -> Self {
+        Self {
+            ot_solver: OtSolver::Jv,
+            ot_within_class: false,
+            ot_reg: 0.05,
+            ot_draw: OtDraw::WithReplacement,
+            ot_tol: 1e-4,
+            ot_max_iter: 1000,
+            sigma: 1.0,
+        }
+    }
 }
 
 impl CouplingSpec {
     /// The spec of `kind` with its settings.
     pub fn of(kind: CouplingKind, o: CouplingOptions) -> Self {
+        let entropic = |eps| EntropicOt {
+            eps,
+            draw: o.ot_draw,
+            tol: o.ot_tol,
+            max_iter: o.ot_max_iter,
+        };
         match kind {
             CouplingKind::Independent => Self::Independent,
             CouplingKind::Ot => Self::Ot {
                 solver: o.ot_solver,
                 within_class: o.ot_within_class,
+            },
+            CouplingKind::Sinkhorn => Self::Sinkhorn(entropic(Epsilon::OfMeanCost(o.ot_reg))),
+            CouplingKind::SchrodingerBridge => Self::SchrodingerBridge {
+                sigma: o.sigma,
+                ot: entropic(Epsilon::Absolute(2.0 * o.sigma * o.sigma)),
             },
         }
     }
@@ -221,11 +278,32 @@ impl CouplingSpec {
     pub fn validate(&self) -> Result<(), LossError> {
         match self {
             Self::Independent | Self::Ot { .. } => Ok(()),
+            Self::Sinkhorn(ot) => ot.validate(),
+            Self::SchrodingerBridge { sigma, ot } => {
+                if !(sigma.is_finite() && *sigma > 0.0) {
+                    return Err(LossError::setting(
+                        "sigma",
+                        format!("the bridge's noise must be a positive number, got {sigma}"),
+                    ));
+                }
+                ot.validate()
+            }
+        }
+    }
+
+    /// The path the coupling trains on: `affine` (the config's), or the Brownian bridge.
+    pub fn path(&self, affine: AffinePath) -> Box<dyn ProbabilityPath> {
+        match *self {
+            Self::SchrodingerBridge { sigma, .. } => Box::new(BrownianBridge { sigma }),
+            _ => Box::new(affine),
         }
     }
 
     /// The spec whose [`label`](Self::label) is `s`.
     pub fn from_label(s: &str) -> Option<Self> {
+        if let Some(c) = Self::entropic_from_label(s) {
+            return Some(c);
+        }
         let (s, within_class) = match s.strip_suffix("-within-class") {
             Some(s) => (s, true),
             None => (s, false),
@@ -253,6 +331,7 @@ impl CouplingSpec {
         let inner = Independent::new(source, target).with_labels(labels);
         match self {
             Self::Independent => Box::new(inner),
+            Self::Sinkhorn(ot) | Self::SchrodingerBridge { ot, .. } => Box::new(ot.coupling(inner)),
             Self::Ot {
                 solver,
                 within_class,
@@ -280,11 +359,56 @@ impl CouplingSpec {
                 let tail = if within_class { "-within-class" } else { "" };
                 format!("{name}{tail}")
             }
+            Self::Sinkhorn(ot) => format!("sinkhorn-eps{}{}", ot.eps.value(), ot.label_tail()),
+            Self::SchrodingerBridge { sigma, ot } => {
+                format!("schrodinger-bridge-sigma{sigma}{}", ot.label_tail())
+            }
         }
+    }
+
+    /// An entropic coupling's label read back: `sinkhorn-eps0.05`, `schrodinger-bridge-sigma1`,
+    /// then `-rows`, `-tol…` and `-iter…` where they differ from the defaults.
+    fn entropic_from_label(s: &str) -> Option<Self> {
+        let d = CouplingOptions::default();
+        let (s, max_iter) = match s.rsplit_once("-iter") {
+            Some((s, n)) => (s, n.parse().ok()?),
+            None => (s, d.ot_max_iter),
+        };
+        let (s, tol) = match s.rsplit_once("-tol") {
+            Some((s, t)) => (s, t.parse().ok()?),
+            None => (s, d.ot_tol),
+        };
+        let (s, draw) = match s.strip_suffix("-rows") {
+            Some(s) => (s, OtDraw::Rows),
+            None => (s, OtDraw::WithReplacement),
+        };
+        let o = CouplingOptions {
+            ot_draw: draw,
+            ot_tol: tol,
+            ot_max_iter: max_iter,
+            ..d
+        };
+        if let Some(e) = s.strip_prefix("sinkhorn-eps") {
+            let ot_reg = e.parse().ok()?;
+            return Some(Self::of(
+                CouplingKind::Sinkhorn,
+                CouplingOptions { ot_reg, ..o },
+            ));
+        }
+        let sigma = s.strip_prefix("schrodinger-bridge-sigma")?.parse().ok()?;
+        Some(Self::of(
+            CouplingKind::SchrodingerBridge,
+            CouplingOptions { sigma, ..o },
+        ))
     }
 
     /// Whether batches pair by optimal transport (the batch² cost matrix, for estimates).
     pub fn is_ot(self) -> bool {
+        !matches!(self, Self::Independent)
+    }
+
+    /// Whether batches pair by the exact assignment (its n³ time, for estimates).
+    pub fn is_exact_ot(self) -> bool {
         matches!(self, Self::Ot { .. })
     }
 }
@@ -469,7 +593,7 @@ mod tests {
         }
         let pathfinding = CouplingOptions {
             ot_solver: OtSolver::Pathfinding,
-            ot_within_class: false,
+            ..Default::default()
         };
         let within = CouplingOptions {
             ot_within_class: true,
@@ -486,9 +610,37 @@ mod tests {
             CouplingSpec::Independent,
             CouplingSpec::of(CouplingKind::Ot, pathfinding),
             CouplingSpec::of(CouplingKind::Ot, within),
+            CouplingSpec::of(CouplingKind::Sinkhorn, Default::default()),
+            CouplingSpec::of(
+                CouplingKind::Sinkhorn,
+                CouplingOptions {
+                    ot_reg: 0.01,
+                    ot_draw: OtDraw::Rows,
+                    ot_tol: 1e-9,
+                    ot_max_iter: 50,
+                    ..Default::default()
+                },
+            ),
+            CouplingSpec::of(
+                CouplingKind::SchrodingerBridge,
+                CouplingOptions {
+                    sigma: 0.25,
+                    ot_tol: 1e-7,
+                    ..Default::default()
+                },
+            ),
         ] {
-            assert_eq!(CouplingSpec::from_label(&c.label()), Some(c));
+            assert_eq!(
+                CouplingSpec::from_label(&c.label()),
+                Some(c),
+                "{}",
+                c.label()
+            );
         }
+        assert_eq!(
+            CouplingSpec::of(CouplingKind::Sinkhorn, Default::default()).label(),
+            "sinkhorn-eps0.05"
+        );
         assert_eq!(
             CouplingSpec::of(CouplingKind::Ot, within).label(),
             "ot-pathfinding-within-class"

@@ -12,6 +12,7 @@
 
 mod adamw;
 pub mod coupling;
+pub mod entropic;
 mod error;
 pub mod lr;
 pub mod objective;
@@ -25,10 +26,11 @@ pub use coupling::{
     validate_label_drop, within_groups, Coupling, CouplingKind, CouplingOptions, CouplingSpec,
     Draw, Independent, LabelDraw, MinibatchOt, Pairing, Pairs,
 };
+pub use entropic::{EntropicOt, Epsilon, OtDraw};
 pub use error::LossError;
 pub use flowmatch_metrics::ot::OtSolver;
 pub use lr::{LrDecay, LrSchedule};
 pub use objective::{Draws, Objective, ObjectiveKind, ObjectiveOptions};
-pub use path::{AffinePath, PathSample, ProbabilityPath, Schedule};
+pub use path::{AffinePath, BrownianBridge, PathSample, ProbabilityPath, Schedule, ScoreTarget};
 pub use time::{TimeKind, TimeOptions, TimeSampler};
 pub use train::{validate_ema, OptimConfig, Trainer, TrainerState};

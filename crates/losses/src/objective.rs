@@ -230,10 +230,22 @@ impl Objective {
         };
         let t = column(&draws.t)?;
         match *self {
-            Self::Cfm => {
-                let v = model.velocity(x, &t)?;
-                Ok((v - &p.dx_t)?.sqr()?.mean_all()?)
-            }
+            Self::Cfm => match (&p.score, model.has_score()) {
+                // SF²M: the flow's loss plus the score head's, `mean |λ_t·s + ε|²`.
+                (Some(target), true) => {
+                    let (v, score) = model.velocity_and_score(x, &t)?;
+                    let score = score.ok_or_else(|| {
+                        LossError::Invalid("the model's score head gave no output".into())
+                    })?;
+                    let flow = (v - &p.dx_t)?.sqr()?.mean_all()?;
+                    let resid = (score.broadcast_mul(&target.lambda)? + &target.noise)?;
+                    Ok((flow + resid.sqr()?.mean_all()?)?)
+                }
+                _ => {
+                    let v = model.velocity(x, &t)?;
+                    Ok((v - &p.dx_t)?.sqr()?.mean_all()?)
+                }
+            },
             Self::MeanFlow { adaptive_p, .. } => {
                 let h = column(&draws.h)?;
                 let u = model.mean_velocity(x, &t, &h)?;

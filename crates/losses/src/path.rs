@@ -84,6 +84,18 @@ pub struct PathSample {
     pub x_t: Tensor,
     /// Target velocity `dx_t/dt`.
     pub dx_t: Tensor,
+    /// What a score head regresses on (the Brownian bridge's noise), where the path has one.
+    pub score: Option<ScoreTarget>,
+}
+
+/// The Brownian bridge's score target in SF²M's form: a score head `s` (which stands for
+/// `σ²/2·∇log p_t`) is trained on `mean |λ_t·s + ε|²`, `λ_t = 2σ_t/σ²`.
+#[derive(Debug, Clone)]
+pub struct ScoreTarget {
+    /// `λ_t` per pair, a `(B, 1, …)` column.
+    pub lambda: Tensor,
+    /// The standard normal noise `ε` of `x_t`.
+    pub noise: Tensor,
 }
 
 /// A conditional probability path between paired source and target points.
@@ -139,14 +151,7 @@ impl ProbabilityPath for AffinePath {
         t: &[f32],
         rng: &mut Rng,
     ) -> Result<PathSample, LossError> {
-        if x0.dims() != x1.dims() || x0.dim(0)? != t.len() {
-            return Err(LossError::Invalid(format!(
-                "path: x0 {:?}, x1 {:?} and {} times do not fit",
-                x0.dims(),
-                x1.dims(),
-                t.len()
-            )));
-        }
+        check_fit(x0, x1, t)?;
         let c: Vec<Coefficients> = t.iter().map(|&ti| self.schedule.at(ti as f64)).collect();
         let col = |f: fn(&Coefficients) -> f64| column(c.iter().map(|k| f(k) as f32).collect(), x0);
         let (a, s, da, ds) = (
@@ -172,8 +177,78 @@ impl ProbabilityPath for AffinePath {
             Schedule::Linear => (x1 - x0)?,
             _ => (x0.broadcast_mul(&ds)? + x1.broadcast_mul(&da)?)?,
         };
-        Ok(PathSample { x_t, dx_t })
+        Ok(PathSample {
+            x_t,
+            dx_t,
+            score: None,
+        })
     }
+}
+
+/// The Brownian bridge of std `σ` between paired points (SB-CFM, TorchCFM's
+/// `SchrodingerBridgeConditionalFlowMatcher`): `x_t = (1 − t)x_0 + t·x_1 + σ_t ε` with
+/// `σ_t = σ√(t(1 − t))`, and the flow target `x_1 − x_0 + σ̇_t/σ_t·(x_t − μ_t)`,
+/// `σ̇_t/σ_t = (1 − 2t)/(2t(1 − t))` (with TorchCFM's 1e-8 in the denominator).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BrownianBridge {
+    pub sigma: f64,
+}
+
+impl ProbabilityPath for BrownianBridge {
+    fn sample(
+        &self,
+        x0: &Tensor,
+        x1: &Tensor,
+        t: &[f32],
+        rng: &mut Rng,
+    ) -> Result<PathSample, LossError> {
+        check_fit(x0, x1, t)?;
+        let sd: Vec<f64> = t
+            .iter()
+            .map(|&ti| {
+                let ti = ti as f64;
+                self.sigma * (ti * (1.0 - ti)).max(0.0).sqrt()
+            })
+            .collect();
+        let col = |f: &dyn Fn(usize, f64) -> f64| {
+            column(
+                t.iter()
+                    .enumerate()
+                    .map(|(i, &ti)| f(i, ti as f64) as f32)
+                    .collect(),
+                x0,
+            )
+        };
+        let (a, s) = (col(&|_, t| t)?, col(&|_, t| 1.0 - t)?);
+        let sd_col = col(&|i, _| sd[i])?;
+        let rate = col(&|i, t| (1.0 - 2.0 * t) * sd[i] / (2.0 * t * (1.0 - t) + 1e-8))?;
+        let lambda = col(&|i, _| 2.0 * sd[i] / (self.sigma * self.sigma))?;
+        let noise: Vec<f32> = (0..x0.elem_count())
+            .map(|_| <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng) as f32)
+            .collect();
+        let noise = Tensor::from_vec(noise, x0.shape(), x0.device())?.to_dtype(x0.dtype())?;
+        let mu = (x0.broadcast_mul(&s)? + x1.broadcast_mul(&a)?)?;
+        let x_t = (mu + noise.broadcast_mul(&sd_col)?)?;
+        let dx_t = ((x1 - x0)? + noise.broadcast_mul(&rate)?)?;
+        Ok(PathSample {
+            x_t,
+            dx_t,
+            score: Some(ScoreTarget { lambda, noise }),
+        })
+    }
+}
+
+/// Checks that pairs and times fit one another.
+fn check_fit(x0: &Tensor, x1: &Tensor, t: &[f32]) -> Result<(), LossError> {
+    if x0.dims() != x1.dims() || x0.dim(0)? != t.len() {
+        return Err(LossError::Invalid(format!(
+            "path: x0 {:?}, x1 {:?} and {} times do not fit",
+            x0.dims(),
+            x1.dims(),
+            t.len()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -269,5 +344,59 @@ mod tests {
         assert!((dev - 0.1).abs() < 0.003, "{dev}");
         assert_eq!(p.dx_t.min_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
         assert!(AffinePath::new(Schedule::Linear, -0.1).is_err());
+    }
+
+    /// The bridge's marginal at t is N((1 − t)x_0 + t·x_1, σ²t(1 − t)) per coordinate, its flow
+    /// target averages to x_1 − x_0 with the closed-form spread σ|1 − 2t|/(2√(t(1 − t))), and
+    /// `λ_t·s + ε = 0` holds for the true scaled score `s = σ²/2·∇log p = −σ²(x_t − μ_t)/(2σ_t²)`.
+    #[test]
+    fn brownian_bridge_moments_match_the_closed_form() {
+        let n = 40_000;
+        let x0 = Tensor::full(-1.0f32, (n, 2), &Device::Cpu).unwrap();
+        let x1 = Tensor::full(3.0f32, (n, 2), &Device::Cpu).unwrap();
+        let sigma = 0.7;
+        for t in [0.1f32, 0.5, 0.8] {
+            let p = BrownianBridge { sigma }
+                .sample(&x0, &x1, &vec![t; n], &mut rng_from_seed(4))
+                .unwrap();
+            let stats = |x: &Tensor| {
+                let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let mean = v.iter().map(|&a| a as f64).sum::<f64>() / v.len() as f64;
+                let var =
+                    v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+                (mean, var.sqrt())
+            };
+            let t = t as f64;
+            let sd = sigma * (t * (1.0 - t)).sqrt();
+            let (m, s) = stats(&p.x_t);
+            assert!(
+                (m - (4.0 * t - 1.0)).abs() < 4.0 * sd / (2.0 * n as f64).sqrt(),
+                "t {t}: mean {m}"
+            );
+            assert!((s / sd - 1.0).abs() < 0.02, "t {t}: std {s} vs {sd}");
+            let (m, s) = stats(&p.dx_t);
+            let spread = sigma * (1.0 - 2.0 * t).abs() / (2.0 * (t * (1.0 - t)).sqrt());
+            assert!(
+                (m - 4.0).abs() < 4.0 * spread.max(1e-3) / (2.0 * n as f64).sqrt() + 1e-5,
+                "t {t}: {m}"
+            );
+            assert!(
+                (s - spread).abs() < 0.02 * spread + 1e-4,
+                "t {t}: {s} vs {spread}"
+            );
+            let target = p.score.unwrap();
+            let mu = (4.0 * t - 1.0) as f32;
+            let true_score =
+                ((p.x_t - mu as f64).unwrap() * (-sigma * sigma / (2.0 * sd * sd))).unwrap();
+            let resid = (true_score.broadcast_mul(&target.lambda).unwrap() + target.noise)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(resid < 1e-4, "t {t}: {resid}");
+        }
     }
 }

@@ -258,6 +258,11 @@ impl Trainer {
         self.opt.learning_rate()
     }
 
+    /// The coupling's warning about the batches paired so far ([`Coupling::report`]).
+    pub fn coupling_report(&self) -> Option<String> {
+        self.coupling.report()
+    }
+
     /// Steps taken so far.
     pub fn steps_done(&self) -> usize {
         self.steps_done
@@ -419,6 +424,7 @@ mod tests {
                 layers: 2,
                 activation: Activation::Silu,
                 span: objective.needs_span(),
+                score: false,
                 classes: 8,
             }
             .build(2, 0, &Device::Cpu)
@@ -456,6 +462,7 @@ mod tests {
             layers: 2,
             activation: Activation::Silu,
             span: false,
+            score: false,
             classes: 0,
         }
         .build(2, 0, &Device::Cpu)
@@ -521,6 +528,7 @@ mod tests {
                 layers: 2,
                 activation: Activation::Silu,
                 span: objective.needs_span(),
+                score: false,
                 classes: 0,
             };
             let model = spec.build(2, 0, &Device::Cpu).unwrap();
@@ -679,6 +687,7 @@ mod tests {
             hidden: 8,
             activation: Activation::Gelu,
             span: false,
+            score: false,
             classes: 0,
         }
         .build(2, 0, &Device::Cpu)

@@ -25,6 +25,17 @@ fn sinkhorn(c: &mut Criterion) {
     group.bench_function("n4096_eps0.05_100iter", |b| {
         b.iter(|| sinkhorn_log(&w, &w, &cost, 0.05 * mean, 0.0, 100).unwrap())
     });
+    let small = 1024;
+    let cost_small: Vec<f64> = (0..small * small)
+        .map(|k| {
+            let (p, q) = (pt(k / small, 0.0), pt(k % small, 1.3));
+            (p.0 - q.0).powi(2) + (p.1 - q.1).powi(2)
+        })
+        .collect();
+    let w_small = vec![1.0 / small as f64; small];
+    group.bench_function("n1024_eps0.05_20iter", |b| {
+        b.iter(|| sinkhorn_log(&w_small, &w_small, &cost_small, 0.05 * mean, 0.0, 20).unwrap())
+    });
     group.finish();
 }
 

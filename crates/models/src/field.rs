@@ -52,6 +52,18 @@ pub trait VelocityField: Send + Sync {
         finite_difference_jvp(&|x, t, h| self.mean_velocity(x, t, h), x, t, h, tangent)
     }
 
+    /// The velocity and, for a model with a score head ([`has_score`](Self::has_score)), its
+    /// second output: SF²M's scaled score `σ²/2·∇log p_t` of the Schrödinger bridge it was
+    /// trained on. One forward pass for both.
+    fn velocity_and_score(&self, x: &Tensor, t: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((self.velocity(x, t)?, None))
+    }
+
+    /// Whether the model has a score head.
+    fn has_score(&self) -> bool {
+        false
+    }
+
     /// The class labels a conditional model reads (0: it reads none). Label `classes()`
     /// means "no label" (classifier-free guidance's unconditional velocity).
     fn classes(&self) -> usize {
@@ -134,6 +146,16 @@ macro_rules! forward_field {
                 tangent: (&Tensor, f64, f64),
             ) -> Result<(Tensor, Tensor)> {
                 (**self).mean_velocity_jvp(x, t, h, tangent)
+            }
+            fn velocity_and_score(
+                &self,
+                x: &Tensor,
+                t: &Tensor,
+            ) -> Result<(Tensor, Option<Tensor>)> {
+                (**self).velocity_and_score(x, t)
+            }
+            fn has_score(&self) -> bool {
+                (**self).has_score()
             }
             fn classes(&self) -> usize {
                 (**self).classes()

@@ -103,6 +103,7 @@ mod tests {
                     hidden: 16,
                     activation: act,
                     span,
+                    score: false,
                     classes: 0,
                 });
                 out.push(ModelSpec::VelocityMlp {
@@ -110,6 +111,7 @@ mod tests {
                     layers: 2,
                     activation: act,
                     span,
+                    score: false,
                     classes: 0,
                 });
             }

@@ -17,6 +17,21 @@ pub struct VelocityNet {
     /// `(K + 1, hidden)`: each label's row, added to the first layer's pre-activation (the
     /// last row is "no label").
     class_emb: ClassTable,
+    /// A second output beside the velocity, read from the same last hidden layer (SF²M).
+    score_out: Option<Linear>,
+}
+
+/// A second output layer `score_out` beside `out`, from the same last hidden layer.
+fn score_head(
+    p: &mut Params,
+    out: &Linear,
+    on: bool,
+) -> std::result::Result<Option<Linear>, ModelError> {
+    if !on {
+        return Ok(None);
+    }
+    let (d_out, d_in) = out.weight().dims2()?;
+    Ok(Some(p.linear("score_out", d_in, d_out)?))
 }
 
 impl VelocityNet {
@@ -37,7 +52,14 @@ impl VelocityNet {
             act,
             span,
             class_emb: ClassTable::default(),
+            score_out: None,
         })
+    }
+
+    /// The same with a score head (`on`): one more output layer beside the velocity's.
+    pub fn with_score(mut self, p: &mut Params, on: bool) -> std::result::Result<Self, ModelError> {
+        self.score_out = score_head(p, &self.fc_out, on)?;
+        Ok(self)
     }
 
     /// `[x, t]`, or `[x, t, h]` with a span input (`h = 0` when none is given).
@@ -55,10 +77,14 @@ impl VelocityNet {
     }
 
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.fc_out.forward(&self.hidden(input)?)
+    }
+
+    /// The last hidden layer's activations.
+    fn hidden(&self, input: &Tensor) -> Result<Tensor> {
         let h = self.fc_in.forward_with(input, self.act)?;
         let h = self.fc2.forward_with(&h, self.act)?;
-        let h = self.fc3.forward_with(&h, self.act)?;
-        self.fc_out.forward(&h)
+        self.fc3.forward_with(&h, self.act)
     }
 
     /// One time (and span) for the batch; the hidden layers fused with their activation
@@ -75,6 +101,16 @@ impl VelocityNet {
 impl VelocityField for VelocityNet {
     fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.forward(&self.input(x, t, None)?)
+    }
+
+    fn velocity_and_score(&self, x: &Tensor, t: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let h = self.hidden(&self.input(x, t, None)?)?;
+        let score = self.score_out.as_ref().map(|l| l.forward(&h)).transpose()?;
+        Ok((self.fc_out.forward(&h)?, score))
+    }
+
+    fn has_score(&self) -> bool {
+        self.score_out.is_some()
     }
 
     fn classes(&self) -> usize {
@@ -178,6 +214,8 @@ pub struct VelocityMlp {
     /// `(K + 1, hidden)`: each label's row, added to the time embedding (the last row is
     /// "no label").
     class_emb: ClassTable,
+    /// A second output beside the velocity (SF²M's score head).
+    score_out: Option<Linear>,
 }
 
 impl VelocityMlp {
@@ -212,7 +250,14 @@ impl VelocityMlp {
             act,
             span,
             class_emb: ClassTable::default(),
+            score_out: None,
         })
+    }
+
+    /// The same with a score head (`on`): one more output layer beside the velocity's.
+    pub fn with_score(mut self, p: &mut Params, on: bool) -> std::result::Result<Self, ModelError> {
+        self.score_out = score_head(p, &self.net[self.net.len() - 1], on)?;
+        Ok(self)
     }
 
     fn forward(&self, x: &Tensor, t: &Tensor, h: Option<&Tensor>) -> Result<Tensor> {
@@ -221,6 +266,17 @@ impl VelocityMlp {
 
     /// The forward pass; with labels `y`, their rows join the time embedding.
     fn forward_labeled(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        h: Option<&Tensor>,
+        y: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.net[self.net.len() - 1].forward(&self.hidden(x, t, h, y)?)
+    }
+
+    /// The last hidden layer's activations (labels `y` join the time embedding).
+    fn hidden(
         &self,
         x: &Tensor,
         t: &Tensor,
@@ -238,7 +294,7 @@ impl VelocityMlp {
         for layer in &self.net[..last] {
             h = layer.forward_with(&h, self.act)?;
         }
-        self.net[last].forward(&h)
+        Ok(h)
     }
 
     /// One time (and span) for the whole batch: the embedding and its share of the first
@@ -278,6 +334,16 @@ impl VelocityMlp {
 impl VelocityField for VelocityMlp {
     fn velocity(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.forward(x, t, None)
+    }
+
+    fn velocity_and_score(&self, x: &Tensor, t: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let h = self.hidden(x, t, None, None)?;
+        let score = self.score_out.as_ref().map(|l| l.forward(&h)).transpose()?;
+        Ok((self.net[self.net.len() - 1].forward(&h)?, score))
+    }
+
+    fn has_score(&self) -> bool {
+        self.score_out.is_some()
     }
 
     fn classes(&self) -> usize {

@@ -20,6 +20,9 @@ pub enum ModelSpec {
         activation: Activation,
         #[serde(default, skip_serializing_if = "is_false")]
         span: bool,
+        /// A score head beside the velocity (SF²M; the Schrödinger-bridge coupling).
+        #[serde(default, skip_serializing_if = "is_false")]
+        score: bool,
         /// Conditioning on `classes` labels (0: none), with one more row for "no label".
         #[serde(default, skip_serializing_if = "is_zero")]
         classes: usize,
@@ -32,6 +35,9 @@ pub enum ModelSpec {
         activation: Activation,
         #[serde(default, skip_serializing_if = "is_false")]
         span: bool,
+        /// A score head beside the velocity (SF²M; the Schrödinger-bridge coupling).
+        #[serde(default, skip_serializing_if = "is_false")]
+        score: bool,
         /// Conditioning on `classes` labels (0: none), with one more row for "no label".
         #[serde(default, skip_serializing_if = "is_zero")]
         classes: usize,
@@ -102,6 +108,8 @@ pub struct ModelOptions {
     pub activation: Option<Activation>,
     /// Class labels the model is conditioned on (0: unconditional).
     pub classes: usize,
+    /// A score head beside the velocity (the MLPs).
+    pub score: bool,
 }
 
 impl Default for ModelOptions {
@@ -113,6 +121,7 @@ impl Default for ModelOptions {
             attention: false,
             activation: None,
             classes: 0,
+            score: false,
         }
     }
 }
@@ -167,12 +176,14 @@ impl ModelSpec {
             attention,
             activation,
             classes,
+            score,
         } = o;
         match kind {
             ModelKind::VelocityNet => Self::VelocityNet {
                 hidden,
                 activation: activation.unwrap_or(Activation::Gelu),
                 span: false,
+                score,
                 classes,
             },
             ModelKind::VelocityMlp => Self::VelocityMlp {
@@ -180,6 +191,7 @@ impl ModelSpec {
                 layers,
                 activation: activation.unwrap_or(Activation::Silu),
                 span: false,
+                score,
                 classes,
             },
             ModelKind::UNet => Self::UNet {
@@ -195,6 +207,14 @@ impl ModelSpec {
                 classes,
             },
         }
+    }
+
+    /// Whether the model has a score head.
+    pub fn score(&self) -> bool {
+        matches!(
+            self,
+            Self::VelocityNet { score: true, .. } | Self::VelocityMlp { score: true, .. }
+        )
     }
 
     /// The same architecture with (or without) the span input.
@@ -281,20 +301,24 @@ impl ModelSpec {
                 hidden,
                 activation,
                 span,
+                score,
                 classes,
             } => Box::new(
                 VelocityNet::new(&mut params, dim, hidden, activation, span)?
-                    .with_classes(&mut params, classes)?,
+                    .with_classes(&mut params, classes)?
+                    .with_score(&mut params, score)?,
             ),
             Self::VelocityMlp {
                 hidden,
                 layers,
                 activation,
                 span,
+                score,
                 classes,
             } => Box::new(
                 VelocityMlp::new(&mut params, dim, hidden, layers, activation, span)?
-                    .with_classes(&mut params, classes)?,
+                    .with_classes(&mut params, classes)?
+                    .with_score(&mut params, score)?,
             ),
             Self::UNet {
                 hidden,
@@ -383,6 +407,12 @@ impl VelocityField for Model {
     ) -> Result<(Tensor, Tensor)> {
         self.net.mean_velocity_jvp(x, t, h, tangent)
     }
+    fn velocity_and_score(&self, x: &Tensor, t: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        self.net.velocity_and_score(x, t)
+    }
+    fn has_score(&self) -> bool {
+        self.net.has_score()
+    }
     fn classes(&self) -> usize {
         self.net.classes()
     }
@@ -422,12 +452,14 @@ mod tests {
                 layers: 3,
                 activation: Activation::Silu,
                 span: false,
+                score: false,
                 classes: 0,
             },
             ModelSpec::VelocityNet {
                 hidden: 16,
                 activation: Activation::Gelu,
                 span: false,
+                score: false,
                 classes: 0,
             },
         ] {
@@ -450,6 +482,7 @@ mod tests {
             hidden: 64,
             activation: Activation::Gelu,
             span: false,
+            score: false,
             classes: 0,
         }
         .build(2, 0, &Device::Cpu)
@@ -461,6 +494,7 @@ mod tests {
             layers: 3,
             activation: Activation::Silu,
             span: false,
+            score: false,
             classes: 0,
         }
         .build(2, 0, &Device::Cpu)
@@ -509,6 +543,7 @@ mod tests {
             layers: 2,
             activation: Activation::Silu,
             span: false,
+            score: false,
             classes: 0,
         };
         let (x, t) = input(4);
@@ -556,6 +591,7 @@ mod tests {
             layers: 2,
             activation: Activation::Silu,
             span: false,
+            score: false,
             classes: 0,
         };
         assert!(matches!(

@@ -88,7 +88,12 @@ impl Coupling for TeacherCoupling {
     fn draw(&mut self, batch: usize, rng: &mut Rng, device: &Device) -> Result<Draw, LossError> {
         let x0 = self.source.sample(batch, rng, device)?;
         let y = self.labels.map(|l| l.sample(batch, rng));
-        Ok(Draw { x0, x1: None, y })
+        Ok(Draw {
+            x0,
+            x1: None,
+            y,
+            u: vec![],
+        })
     }
 
     fn pairing(&self) -> Option<Arc<dyn Pairing>> {
@@ -215,6 +220,7 @@ impl Coupling for PairSet {
             x0,
             x1: Some(x1),
             y,
+            u: vec![],
         })
     }
 }
@@ -410,6 +416,7 @@ mod tests {
             layers: 2,
             activation: Activation::Silu,
             span: false,
+            score: false,
             classes: 0,
         }
         .build(2, 0, &Device::Cpu)

@@ -16,6 +16,7 @@ fn sampling(c: &mut Criterion) {
         layers: 3,
         activation: Activation::Silu,
         span: false,
+        score: false,
         classes: 0,
     };
     let model = spec.build(2, 0, &Device::Cpu).unwrap();

@@ -24,7 +24,7 @@ pub use dopri5::{dopri5, Tolerances};
 pub use error::SolverError;
 pub use grid::{check_warp as grid_check_warp, warp_time, warp_time_deriv, TimeGrid};
 pub use likelihood::{log_likelihood, Divergence};
-pub use sde::{sample_sde, NoiseSchedule};
+pub use sde::{sample_sde, NoiseSchedule, SdeScore};
 pub use solve::{integrate, solve, Method, Solution, SolverSpec};
 pub use stepper::{Euler, Heun, Midpoint, Rk4, Stepper};
 

@@ -63,15 +63,25 @@ pub fn score_from_velocity(
     (x - v.affine(t, 0.0)?)?.affine(-1.0 / ((1.0 - t) * source_std * source_std), 0.0)
 }
 
+/// Where the SDE's score `∇log p_t` comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SdeScore {
+    /// [`score_from_velocity`]: the linear path from `N(0, source_std²I)`.
+    FromVelocity { source_std: f64 },
+    /// The model's score head, trained on a Schrödinger bridge of noise `sigma` (SF²M): it
+    /// outputs `σ²/2·∇log p_t`.
+    Head { sigma: f64 },
+}
+
 /// Euler–Maruyama from `x0` at `t = 0` to `t = 1` in `steps` uniform steps, with the noise
-/// drawn from `rng`. With `g = 0` it is the Euler ODE sampler (of the flow's instantaneous
-/// velocity). Returns the end state.
+/// drawn from `rng` and the score from `score`. With `g = 0` it is the Euler ODE sampler (of
+/// the flow's instantaneous velocity). Returns the end state.
 pub fn sample_sde(
     field: &dyn VelocityField,
     x0: &Tensor,
     steps: usize,
     g: NoiseSchedule,
-    source_std: f64,
+    score: SdeScore,
     rng: &mut Rng,
 ) -> Result<Tensor, SolverError> {
     g.validate()?;
@@ -84,13 +94,26 @@ pub fn sample_sde(
     let mut x = x0.clone();
     for k in 0..steps {
         let t = k as f64 * dt;
-        let v = field.velocity_at(&x, t)?;
         let gt = g.at(t);
-        if gt == 0.0 {
-            x = (x + v.affine(dt, 0.0)?)?;
-            continue;
-        }
-        let score = score_from_velocity(&x, &v, t, source_std)?;
+        let (v, score) = match score {
+            SdeScore::Head { sigma } if gt != 0.0 => {
+                let tt = Tensor::full(t as f32, x.dim(0)?, x.device())?.to_dtype(x.dtype())?;
+                let (v, s) = field.velocity_and_score(&x, &tt)?;
+                let s = s.ok_or_else(|| {
+                    SolverError::Invalid("the model has no score head to sample with".into())
+                })?;
+                (v, s.affine(2.0 / (sigma * sigma), 0.0)?)
+            }
+            SdeScore::FromVelocity { source_std } if gt != 0.0 => {
+                let v = field.velocity_at(&x, t)?;
+                let s = score_from_velocity(&x, &v, t, source_std)?;
+                (v, s)
+            }
+            _ => {
+                x = (&x + field.velocity_at(&x, t)?.affine(dt, 0.0)?)?;
+                continue;
+            }
+        };
         let drift = (v + score.affine(0.5 * gt * gt, 0.0)?)?;
         let noise: Vec<f32> = (0..x.elem_count())
             .map(|_| {
@@ -143,7 +166,8 @@ mod tests {
             NoiseSchedule::Constant { gamma: 1.0 },
             NoiseSchedule::Decaying { gamma: 1.5 },
         ] {
-            let x1 = sample_sde(&field, &x0, 400, g, 1.0, &mut rng).unwrap();
+            let score = SdeScore::FromVelocity { source_std: 1.0 };
+            let x1 = sample_sde(&field, &x0, 400, g, score, &mut rng).unwrap();
             let (m, sd) = moments(&x1);
             // Monte-Carlo error ≈ s/√n = 0.0025 on the mean; the Euler–Maruyama bias is O(dt).
             assert!((m - mu).abs() < 0.02, "{g:?}: mean {m}, expected {mu}");
@@ -161,5 +185,59 @@ mod tests {
         // (the field reads t through f32, hence 1e-6)
         assert!((got - (-(0.7 - t * mu) / var)).abs() < 1e-6);
         assert!(NoiseSchedule::Constant { gamma: -1.0 }.validate().is_err());
+    }
+
+    /// A score head is read as `σ²/2·∇log p`: a field that stands still (`v = 0`) on
+    /// `N(0, 1)` with the head `σ²/2·(−x)` keeps the samples at unit variance under any noise.
+    #[test]
+    fn a_score_head_drives_the_drift() {
+        struct Still(f64);
+        impl VelocityField for Still {
+            fn velocity(&self, x: &Tensor, _t: &Tensor) -> candle_core::Result<Tensor> {
+                x.zeros_like()
+            }
+            fn velocity_and_score(
+                &self,
+                x: &Tensor,
+                t: &Tensor,
+            ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+                Ok((
+                    self.velocity(x, t)?,
+                    Some(x.affine(-self.0 * self.0 / 2.0, 0.0)?),
+                ))
+            }
+            fn has_score(&self) -> bool {
+                true
+            }
+        }
+        let sigma = 0.6;
+        let mut rng = rng_from_seed(3);
+        let n = 20_000;
+        let z: Vec<f32> = (0..n)
+            .map(|_| {
+                <StandardNormal as Distribution<f64>>::sample(&StandardNormal, &mut rng) as f32
+            })
+            .collect();
+        let x0 = Tensor::from_vec(z, (n, 1), &Device::Cpu).unwrap();
+        let g = NoiseSchedule::Constant { gamma: 1.5 };
+        let x1 = sample_sde(
+            &Still(sigma),
+            &x0,
+            200,
+            g,
+            SdeScore::Head { sigma },
+            &mut rng,
+        )
+        .unwrap();
+        let var = x1
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((var - 1.0).abs() < 0.05, "{var}");
+        // Without the head's scale the variance would drift: σ²/2 ≠ 1 here.
+        assert!((sigma * sigma / 2.0 - 1.0f64).abs() > 0.5);
     }
 }
