@@ -928,6 +928,9 @@ impl Config {
             guidance_rows,
             config: Arc::new(self.clone()),
         };
+        if let Some(msg) = crate::limits::exact_ot_too_slow(&plan) {
+            return Err(("train.batch_size", msg));
+        }
         let need = crate::limits::estimate(&plan);
         if need.bytes > lim.memory_gb * 1e9 {
             return Err((

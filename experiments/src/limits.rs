@@ -76,7 +76,7 @@ pub fn grid_bytes(steps: usize) -> f64 {
 /// the likelihood and stochastic rows of the evaluation) and the key behind its largest term.
 pub fn estimate(plan: &Plan) -> Need {
     let (model, dim, images) = (&plan.model, plan.source.dim(), plan.images());
-    let ot = plan.coupling.is_ot();
+    let (ot, exact) = (plan.coupling.is_ot(), plan.coupling.is_exact_ot());
     let offline =
         plan.reflow.is_reflow() && plan.reflow.mode == flowmatch_reflow::ReflowMode::Offline;
     let d = dim as f64;
@@ -130,10 +130,13 @@ pub fn estimate(plan: &Plan) -> Need {
         ));
     }
     if ot {
+        // The exact assignment holds the costs and its copy; Sinkhorn the costs, −M/ε, its
+        // transpose, the plan and the plan's running sum.
+        let copies = if exact { 2.0 } else { 5.0 };
         terms.push((
-            2.0 * batch * batch * F64,
+            copies * batch * batch * F64,
             "train.batch_size",
-            format!("{batch}² costs for the OT coupling"),
+            format!("{copies} × {batch}² values for the OT coupling"),
         ));
     }
     if offline {
@@ -170,6 +173,33 @@ pub fn estimate(plan: &Plan) -> Need {
         key
     };
     Need { bytes, key, what }
+}
+
+/// The longest a batch's exact assignment may take, estimated, before a run is refused.
+pub const EXACT_OT_SECONDS: f64 = 10.0;
+
+/// Seconds per `n³` of each exact solver, measured on one core of the 2-core AMD EPYC
+/// (n = 1024: JV 20 ms, Kuhn–Munkres 68 ms), rounded up. JV often does better than `n³`.
+fn seconds_per_cube(solver: flowmatch_losses::OtSolver) -> f64 {
+    match solver {
+        flowmatch_losses::OtSolver::Jv => 2e-11,
+        flowmatch_losses::OtSolver::Pathfinding => 7e-11,
+    }
+}
+
+/// The error for an exact OT coupling whose batch would take longer than
+/// [`EXACT_OT_SECONDS`] per assignment by its `n³` estimate (`None` when it fits).
+pub fn exact_ot_too_slow(plan: &Plan) -> Option<String> {
+    let flowmatch_losses::CouplingSpec::Ot { solver, .. } = plan.coupling else {
+        return None;
+    };
+    let n = plan.train.batch_size as f64;
+    let secs = seconds_per_cube(solver) * n * n * n;
+    (secs > EXACT_OT_SECONDS).then(|| {
+        format!(
+            "the exact OT assignment of {n} pairs would take about {secs:.0} s per batch (n³), over {EXACT_OT_SECONDS} s; use loss.coupling = \"sinkhorn\" for batches this large, or a smaller batch"
+        )
+    })
 }
 
 /// For sizes that no config bounds (`bench`, `plot SWEEP --what samples:K`): when the sum of
@@ -254,5 +284,32 @@ mod tests {
         assert!(n.bytes > 1e12 && n.key == "eval.steps", "{n:?}");
         assert_eq!(human(2.5e12), "2.5 TB");
         assert_eq!(human(3.21e9), "3.2 GB");
+    }
+
+    /// Sinkhorn at batch 4096 fits the default 16 GB and counts its five n² arrays; the exact
+    /// assignment at 16384 is refused for its n³ time with a hint at Sinkhorn, and the slower
+    /// Kuhn–Munkres sooner than JV.
+    #[test]
+    fn large_ot_batches_take_sinkhorn_and_refuse_the_exact_assignment() {
+        let mut cfg = Config {
+            name: "t".into(),
+            ..Config::default()
+        };
+        cfg.loss.coupling = flowmatch_losses::CouplingKind::Sinkhorn;
+        cfg.train.batch_size = 4096;
+        let plan = cfg.check().unwrap();
+        let n = estimate(&plan);
+        assert!(n.bytes > 5.0 * 4096.0 * 4096.0 * 8.0 && n.bytes < 2e9, "{n:?}");
+        assert!(exact_ot_too_slow(&plan).is_none());
+        cfg.loss.coupling = flowmatch_losses::CouplingKind::Ot;
+        assert!(cfg.check().is_ok(), "exact OT at 4096 is allowed");
+        cfg.train.batch_size = 16384;
+        let (key, msg) = cfg.check().unwrap_err();
+        assert_eq!(key, "train.batch_size");
+        assert!(msg.contains("sinkhorn") && msg.contains("n³"), "{msg}");
+        cfg.train.batch_size = 6000;
+        assert!(cfg.check().is_ok(), "JV at 6000");
+        cfg.loss.ot_solver = flowmatch_losses::OtSolver::Pathfinding;
+        assert_eq!(cfg.check().unwrap_err().0, "train.batch_size");
     }
 }
