@@ -299,7 +299,10 @@ mod tests {
         cfg.train.batch_size = 4096;
         let plan = cfg.check().unwrap();
         let n = estimate(&plan);
-        assert!(n.bytes > 5.0 * 4096.0 * 4096.0 * 8.0 && n.bytes < 2e9, "{n:?}");
+        assert!(
+            n.bytes > 5.0 * 4096.0 * 4096.0 * 8.0 && n.bytes < 2e9,
+            "{n:?}"
+        );
         assert!(exact_ot_too_slow(&plan).is_none());
         cfg.loss.coupling = flowmatch_losses::CouplingKind::Ot;
         assert!(cfg.check().is_ok(), "exact OT at 4096 is allowed");

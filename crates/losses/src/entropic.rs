@@ -2,7 +2,7 @@
 //! is re-paired by sampling from the Sinkhorn plan of its squared-Euclidean costs, in place of
 //! the exact assignment. The Schrödinger-bridge coupling is the same plan at `ε = 2σ²`.
 //!
-//! The plan is deterministic; the sampling from it takes one uniform per pair, drawn with the
+//! The plan ([`flowmatch_metrics::sinkhorn_stabilized`]) is deterministic; the sampling from it takes one uniform per pair, drawn with the
 //! batch ([`Coupling::draw`]), so the pairing stage stays free of randomness and can be
 //! prefetched on a second thread with the same numbers.
 
@@ -11,7 +11,7 @@ use crate::{Coupling, LossError};
 use candle_core::{Device, Tensor};
 use flowmatch_data::Rng;
 use flowmatch_metrics::ot::sq_cost_matrix;
-use flowmatch_metrics::{rows, sinkhorn_log};
+use flowmatch_metrics::{rows, sinkhorn_stabilized};
 use rand::Rng as _;
 use std::sync::{Arc, Mutex};
 
@@ -214,7 +214,7 @@ fn entropic_pairs(
             r * if mean > 0.0 { mean } else { 1.0 }
         }
     };
-    let s = sinkhorn_log(
+    let s = sinkhorn_stabilized(
         &vec![1.0 / n as f64; n],
         &vec![1.0 / m as f64; m],
         &cost,
@@ -356,7 +356,7 @@ mod tests {
     fn a_huge_eps_plan_is_the_product_of_the_marginals() {
         let a: Vec<f64> = (0..16).map(|k| (k as f64 * 0.3).sin()).collect();
         let b: Vec<f64> = (0..16).map(|k| (k as f64 * 0.7).cos() * 3.0).collect();
-        let s = sinkhorn_log(
+        let s = flowmatch_metrics::sinkhorn_log(
             &[1.0 / 8.0; 8],
             &[1.0 / 8.0; 8],
             &sq_cost_matrix(&a, &b, 2),

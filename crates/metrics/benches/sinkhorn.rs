@@ -2,7 +2,7 @@
 //! check; POT's `ot.sinkhorn(…, method="sinkhorn_log", numItermax=100)` is the reference).
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use flowmatch_metrics::sinkhorn_log;
+use flowmatch_metrics::{sinkhorn_log, sinkhorn_stabilized};
 
 fn sinkhorn(c: &mut Criterion) {
     let n = 4096;
@@ -25,6 +25,9 @@ fn sinkhorn(c: &mut Criterion) {
     group.bench_function("n4096_eps0.05_100iter", |b| {
         b.iter(|| sinkhorn_log(&w, &w, &cost, 0.05 * mean, 0.0, 100).unwrap())
     });
+    group.bench_function("stabilized_n4096_eps0.05_100iter", |b| {
+        b.iter(|| sinkhorn_stabilized(&w, &w, &cost, 0.05 * mean, 0.0, 100).unwrap())
+    });
     let small = 1024;
     let cost_small: Vec<f64> = (0..small * small)
         .map(|k| {
@@ -35,6 +38,11 @@ fn sinkhorn(c: &mut Criterion) {
     let w_small = vec![1.0 / small as f64; small];
     group.bench_function("n1024_eps0.05_20iter", |b| {
         b.iter(|| sinkhorn_log(&w_small, &w_small, &cost_small, 0.05 * mean, 0.0, 20).unwrap())
+    });
+    group.bench_function("stabilized_n1024_eps0.05_20iter", |b| {
+        b.iter(|| {
+            sinkhorn_stabilized(&w_small, &w_small, &cost_small, 0.05 * mean, 0.0, 20).unwrap()
+        })
     });
     group.finish();
 }

@@ -15,7 +15,7 @@ pub mod trajectory;
 pub use distance::{energy_distance, median_bandwidth, mmd_rbf, nn_accuracy, w2, Reference};
 pub use error::MetricsError;
 pub use frechet::frechet_distance;
-pub use sinkhorn::{sinkhorn_log, Sinkhorn};
+pub use sinkhorn::{sinkhorn_log, sinkhorn_stabilized, Sinkhorn};
 pub use trajectory::{normalized_path_energy, path_energy, rf_straightness, straightness};
 
 use candle_core::{DType, Tensor};
