@@ -142,5 +142,6 @@ print(f"\nLesson run: flowmatch `run configs/lesson_moons.toml` (5000 steps, the
       f"the PyTorch + SciPy script (`bench_reference.py --lesson-run --metrics`: the same training, "
       f"then the same metrics, W2 by SciPy's linear_sum_assignment).")
 EOF
+scripts/bench_sinkhorn.sh
 echo "== wrote results/BENCHMARKS.md"
 cat results/BENCHMARKS.md

@@ -895,6 +895,12 @@ impl Config {
             ));
         }
         let reflow = self.reflow.check(&self.train, solver.tol, lim)?;
+        if reflow.is_reflow() && matches!(coupling, CouplingSpec::SchrodingerBridge { .. }) {
+            return Err((
+                "reflow.iterations",
+                "reflow's students train on straight paths between the teacher's pairs; it does not follow loss.coupling = \"schrodinger-bridge\" (reflow a run of another coupling)".into(),
+            ));
+        }
         let (labels, guidance, guidance_rows) =
             self.check_conditioning(&target, model.classes(), &coupling)?;
         let plan = Plan {
