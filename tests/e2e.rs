@@ -1264,7 +1264,10 @@ fn sinkhorn_and_the_schrodinger_bridge_train_and_bad_keys_name_themselves() {
             "loss.path",
         ),
         (&["loss.ot_draw=sideways"], "loss.ot_draw"),
-        (&["loss.coupling=schrodinger-bridge", "reflow.iterations=1"], "reflow.iterations"),
+        (
+            &["loss.coupling=schrodinger-bridge", "reflow.iterations=1"],
+            "reflow.iterations",
+        ),
     ];
     for (sets, key) in cases {
         let (o, _) = run("bad", sets);

@@ -624,4 +624,60 @@ mod tests {
         assert!(matches!(assignment(&c, 2), Err(MetricsError::NonFinite(_))));
         assert!(ot_pairing(&[0.0, 1.0], &[0.0], 1).is_err());
     }
+
+    /// The exact assignment's cost agrees with POT's `ot.emd2` (network simplex) to 1e-6
+    /// relative at n = 256 and 512, for both solvers (POT from PyPI, which `.ci/run` installs;
+    /// "skipped" without it).
+    #[test]
+    fn exact_cost_agrees_with_pot_emd2() {
+        let have = std::process::Command::new("python3")
+            .args(["-c", "import ot"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !have {
+            eprintln!("test exact OT against POT's emd2 ... skipped: python3 with POT (pip install pot) is not here");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("fm-emd2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in [256usize, 512] {
+            let pt = |k: usize, s: f64| {
+                let h = ((k as f64 + s) * 12.9898).sin() * 43_758.545_3;
+                let g = ((k as f64 + s) * 78.233).sin() * 12_345.678_9;
+                [h - h.floor() - 0.5, (g - g.floor()) * 2.0 - 1.0]
+            };
+            let a: Vec<f64> = (0..n).flat_map(|k| pt(k, 0.0)).collect();
+            let b: Vec<f64> = (0..n).flat_map(|k| pt(k, 0.5)).collect();
+            let cost = sq_cost_matrix(&a, &b, 2);
+            let input = dir.join(format!("cost{n}.txt"));
+            let text: Vec<String> = cost.iter().map(|c| format!("{c:e}")).collect();
+            std::fs::write(&input, text.join(" ")).unwrap();
+            let script = format!(
+                "import numpy as np, ot\n\
+                 M = np.loadtxt('{}').reshape({n}, {n})\n\
+                 w = np.ones({n}) / {n}\n\
+                 print(repr(float(ot.emd2(w, w, M, numItermax=10_000_000))))",
+                input.display()
+            );
+            let o = std::process::Command::new("python3")
+                .args(["-c", &script])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let theirs: f64 = String::from_utf8(o.stdout).unwrap().trim().parse().unwrap();
+            for solver in [OtSolver::Jv, OtSolver::Pathfinding] {
+                let perm = solver.assign(&cost, n).unwrap();
+                let ours = perm
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &j)| cost[i * n + j])
+                    .sum::<f64>()
+                    / n as f64;
+                let rel = (ours - theirs).abs() / theirs;
+                eprintln!("exact OT ({solver:?}) vs POT's emd2, n = {n}: {rel:.1e} relative");
+                assert!(rel < 1e-6, "{solver:?}, n = {n}: {ours} against {theirs}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
