@@ -7,6 +7,7 @@
 #   scripts/gpu-checks.sh [OUT_DIR]   # bench, lesson_moons, mnist (MNIST_STEPS, default 20000,
 #                                      # stopped after MNIST_LIMIT s, default 330)
 #   SKIP_BENCH=1 scripts/gpu-checks.sh # the runs only
+#   SKIP_COMPARE=1 …                   # without the side-by-side with PyTorch (gpu-compare.sh)
 #
 # Writes the console output, summaries and timings to OUT_DIR (default $OUT or /tmp/gpu-out).
 set -uo pipefail
@@ -30,6 +31,11 @@ export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 } 2>&1 | tee "$OUT/env.txt"
 RUNS=/tmp/gpu-runs
 rm -rf "$RUNS"
+
+# Side by side with PyTorch first (issue 32: measure first), then the owed runs.
+if [ -z "${SKIP_COMPARE:-}" ]; then
+  scripts/gpu-compare.sh "$BIN" "$OUT" 2>&1 | tee "$OUT/compare.txt"
+fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then
 echo "== flowmatch bench --device cuda" | tee "$OUT/bench.txt"
