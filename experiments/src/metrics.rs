@@ -107,6 +107,16 @@ pub static METRICS: &[Metric] = &[
     of("mmd_euler_4", "MMD @4 Euler steps", Better::Lower, |s| {
         euler(s, 4, |r| r.mmd)
     }),
+    of(
+        "w2_sde",
+        "W2 of the first stochastic row",
+        Better::Lower,
+        |s| {
+            let sde =
+                |r: &&crate::report::TableRow| matches!(r.solver, crate::report::Solver::Sde(_));
+            s.eval.table.iter().find(sde).map_or(f64::NAN, |r| r.w2)
+        },
+    ),
     of("nll", "NLL of real samples (nats)", Better::Lower, |s| {
         s.eval.nll.as_ref().map_or(f64::NAN, |n| n.nats)
     }),

@@ -280,10 +280,11 @@ impl CouplingSpec {
             Self::Independent | Self::Ot { .. } => Ok(()),
             Self::Sinkhorn(ot) => ot.validate(),
             Self::SchrodingerBridge { sigma, ot } => {
-                if !(sigma.is_finite() && *sigma > 0.0) {
+                let eps = 2.0 * sigma * sigma;
+                if !(sigma.is_finite() && *sigma > 0.0 && eps.is_finite() && eps > 0.0) {
                     return Err(LossError::setting(
                         "sigma",
-                        format!("the bridge's noise must be a positive number, got {sigma}"),
+                        format!("the bridge's noise must be a positive number whose 2σ² is a positive float, got {sigma:e}"),
                     ));
                 }
                 ot.validate()
