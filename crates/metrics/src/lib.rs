@@ -36,3 +36,17 @@ pub(crate) fn skipped(test: &str, why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "test {test} ... skipped: {why}");
 }
+
+/// Whether `python3` can import POT (the reference of the OT tests, which `.ci/run` installs);
+/// says the test `what` is skipped when it cannot.
+#[cfg(test)]
+pub(crate) fn pot_here(what: &str) -> bool {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import ot"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("test {what} ... skipped: python3 with POT (pip install pot) is not here");
+    }
+    have
+}

@@ -630,12 +630,7 @@ mod tests {
     /// "skipped" without it).
     #[test]
     fn exact_cost_agrees_with_pot_emd2() {
-        let have = std::process::Command::new("python3")
-            .args(["-c", "import ot"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !have {
-            eprintln!("test exact OT against POT's emd2 ... skipped: python3 with POT (pip install pot) is not here");
+        if !crate::pot_here("exact OT against POT's emd2") {
             return;
         }
         let dir = std::env::temp_dir().join(format!("fm-emd2-{}", std::process::id()));

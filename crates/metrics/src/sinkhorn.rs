@@ -634,12 +634,7 @@ mod tests {
     /// `.ci/run` installs; "skipped" without it).
     #[test]
     fn agrees_with_pot() {
-        let have = std::process::Command::new("python3")
-            .args(["-c", "import ot"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !have {
-            eprintln!("test sinkhorn against POT ... skipped: python3 with POT (pip install pot) is not here");
+        if !crate::pot_here("sinkhorn against POT") {
             return;
         }
         let (a, b, cost) = problem(256, 256);
