@@ -342,8 +342,6 @@ mod tests {
             assert!(cost > last * 0.95, "eps {eps}: {cost} after {last}");
             last = cost;
         }
-        let (g, m) = samplers();
-        let _ = (g, m);
         assert!(
             (last - independent).abs() < 0.25 * independent,
             "ε = 100 × mean: {last}, independent {independent}"

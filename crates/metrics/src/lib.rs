@@ -50,3 +50,14 @@ pub(crate) fn pot_here(what: &str) -> bool {
     }
     have
 }
+
+/// The standard output of `python3 -c script` (a POT reference), which must succeed.
+#[cfg(test)]
+pub(crate) fn python(script: &str) -> String {
+    let o = std::process::Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}

@@ -654,12 +654,8 @@ mod tests {
                  print(repr(float(ot.emd2(w, w, M, numItermax=10_000_000))))",
                 input.display()
             );
-            let o = std::process::Command::new("python3")
-                .args(["-c", &script])
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            let theirs: f64 = String::from_utf8(o.stdout).unwrap().trim().parse().unwrap();
+            let stdout = crate::python(&script);
+            let theirs: f64 = stdout.trim().parse().unwrap();
             for solver in [OtSolver::Jv, OtSolver::Pathfinding] {
                 let perm = solver.assign(&cost, n).unwrap();
                 let ours = perm

@@ -654,13 +654,8 @@ mod tests {
                  print(' '.join(repr(float(x)) for x in P.ravel()))",
                 input.display()
             );
-            let o = std::process::Command::new("python3")
-                .args(["-c", &script])
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            let theirs: Vec<f64> = String::from_utf8(o.stdout)
-                .unwrap()
+            let stdout = crate::python(&script);
+            let theirs: Vec<f64> = stdout
                 .split_whitespace()
                 .map(|v| v.parse().unwrap())
                 .collect();
