@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::Rng as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The IDX files `load_dir` reads, with their magic numbers.
 pub const IDX_FILES: [(&str, u32); 4] = [
@@ -86,6 +86,9 @@ pub struct Mnist {
     pub test_labels: Vec<u8>,
     /// Where the digits came from (a folder, or "hub").
     pub origin: String,
+    /// The training images as one `(len, 784)` tensor on an accelerator, copied there once by
+    /// the first batch drawn for it ([`MnistSampler`] gathers batches there).
+    on_device: Mutex<Option<Tensor>>,
 }
 
 impl Mnist {
@@ -135,6 +138,7 @@ impl Mnist {
             test_images: images(&ds.test_images)?,
             test_labels: labels(&ds.test_labels)?,
             origin: dir.to_string(),
+            on_device: Mutex::new(None),
         };
         if m.train_labels.is_empty() {
             return Err(bad(Path::new(dir), "the training set is empty"));
@@ -176,13 +180,45 @@ impl Mnist {
 pub struct MnistSampler(pub Arc<Mnist>);
 
 impl MnistSampler {
+    /// The indices of `n` digits drawn uniformly with replacement (the draws of
+    /// [`sample_labelled`](Self::sample_labelled)).
+    fn indices(&self, n: usize, rng: &mut Rng) -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.random_range(0..self.0.len()) as u32)
+            .collect()
+    }
+
+    /// Draws `n` digits on `device` by gathering them from the training set held there: the
+    /// set is copied to the device once, and each batch moves only its `n` indices (drawn by
+    /// the host RNG, so the digits are those [`sample_vec`](Sampler::sample_vec) draws).
+    pub fn sample_gathered(
+        &self,
+        n: usize,
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Tensor, DataError> {
+        let idx = self.indices(n, rng);
+        let m = &self.0;
+        let mut held = m.on_device.lock().unwrap_or_else(|e| e.into_inner());
+        let images = match held.as_ref() {
+            Some(t) if t.device().same_device(device) => t.clone(),
+            _ => {
+                let t = Tensor::from_slice(&m.train_images, (m.len(), PIXELS), device)?;
+                *held = Some(t.clone());
+                t
+            }
+        };
+        drop(held);
+        Ok(images.index_select(&Tensor::from_vec(idx, n, device)?, 0)?)
+    }
+
     /// Draws `n` digits and their labels.
     pub fn sample_labelled(&self, n: usize, rng: &mut Rng) -> (Vec<f32>, Vec<u8>) {
         let m = &self.0;
         let mut x = Vec::with_capacity(n * PIXELS);
         let mut y = Vec::with_capacity(n);
-        for _ in 0..n {
-            let i = rng.random_range(0..m.len());
+        for i in self.indices(n, rng) {
+            let i = i as usize;
             x.extend_from_slice(&m.train_images[i * PIXELS..(i + 1) * PIXELS]);
             y.push(m.train_labels[i]);
         }
@@ -196,6 +232,15 @@ impl Sampler for MnistSampler {
     }
     fn sample_vec(&self, n: usize, rng: &mut Rng) -> Vec<f32> {
         self.sample_labelled(n, rng).0
+    }
+    /// On the CPU the batch is copied from the host set; on an accelerator it is gathered
+    /// from the set held there ([`MnistSampler::sample_gathered`]).
+    fn sample(&self, n: usize, rng: &mut Rng, device: &Device) -> Result<Tensor, DataError> {
+        if device.is_cpu() {
+            let v = self.sample_vec(n, rng);
+            return Ok(Tensor::from_vec(v, (n, PIXELS), device)?);
+        }
+        self.sample_gathered(n, rng, device)
     }
     fn classes(&self) -> usize {
         10
@@ -263,6 +308,21 @@ mod tests {
         assert_eq!(x.dims(), &[8, 784]);
         let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|p| (-1.0..=1.0).contains(p)));
+        // The gathered batch (the accelerator's path, here on the CPU) holds the same digits
+        // from the same draws, and the set is copied once.
+        let host = s.sample_vec(8, &mut rng_from_seed(5));
+        let gathered = s
+            .sample_gathered(8, &mut rng_from_seed(5), &Device::Cpu)
+            .unwrap();
+        assert_eq!(
+            gathered.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            host
+        );
+        let again = s
+            .sample_gathered(3, &mut rng_from_seed(6), &Device::Cpu)
+            .unwrap();
+        assert_eq!(again.dims(), &[3, 784]);
+        assert!(s.0.on_device.lock().unwrap().is_some());
         std::fs::remove_dir_all(&dir).ok();
     }
 

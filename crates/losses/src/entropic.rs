@@ -538,7 +538,10 @@ mod tests {
                 .zip(&dev.plan)
                 .map(|(p, q)| (p - q).abs())
                 .fold(0.0, f64::max);
-            eprintln!("tensor iterations against the host plan, ε = {r}: {:.1e} of the largest entry", diff / top);
+            eprintln!(
+                "tensor iterations against the host plan, ε = {r}: {:.1e} of the largest entry",
+                diff / top
+            );
             assert!(diff < 1e-4 * top, "ε = {r}: {diff} of {top}");
         }
     }
