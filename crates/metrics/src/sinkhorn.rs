@@ -290,7 +290,10 @@ pub fn sinkhorn_stabilized(
                 }
             }
             if redo {
-                log_iteration_from_cost(cost, inv, a, b, &mut f, &mut g);
+                let mr: Vec<f64> = cost.iter().map(|c| -c / reg).collect();
+                let mt = transpose(&mr, n, m);
+                let ln = |w: &[f64]| -> Vec<f64> { w.iter().map(|x| x.ln()).collect() };
+                log_iteration(&mr, &mt, &ln(a), &ln(b), &mut f, &mut g);
             }
             kernel
                 .par_chunks_mut(m)
@@ -385,47 +388,6 @@ fn kernel_row_body(
         *r *= scale;
     }
     a.ln() - top - total.ln()
-}
-
-/// A log-domain iteration on the potentials from the costs (no transpose): `g` from `f` by
-/// columns, in row order with per-column maxima and sums, then `f` from `g` by rows.
-fn log_iteration_from_cost(
-    cost: &[f64],
-    inv: f64,
-    a: &[f64],
-    b: &[f64],
-    f: &mut [f64],
-    g: &mut [f64],
-) {
-    let m = g.len();
-    let mut top = vec![f64::NEG_INFINITY; m];
-    for (i, fi) in f.iter().enumerate() {
-        for (t, cj) in top.iter_mut().zip(&cost[i * m..(i + 1) * m]) {
-            let x = fi - cj * inv;
-            *t = if x > *t { x } else { *t };
-        }
-    }
-    let mut sum = vec![0f64; m];
-    for (i, fi) in f.iter().enumerate() {
-        for ((s, t), cj) in sum.iter_mut().zip(&top).zip(&cost[i * m..(i + 1) * m]) {
-            *s += exp(fi - cj * inv - t);
-        }
-    }
-    for j in 0..m {
-        g[j] = b[j].ln() - top[j] - sum[j].ln();
-    }
-    let g: &[f64] = g;
-    let mut scratch = vec![0f64; m];
-    for (i, fi) in f.iter_mut().enumerate() {
-        *fi = kernel_row(
-            &cost[i * m..(i + 1) * m],
-            inv,
-            0.0,
-            g,
-            Some(a[i]),
-            &mut scratch,
-        );
-    }
 }
 
 /// `Σ_j x_j y_j` in [`LANES`] partial sums (a fixed order; vectorised with AVX2).
@@ -529,7 +491,7 @@ fn column_error(mt: &[f64], u: &[f64], v: &[f64], b: &[f64]) -> f64 {
         .into_par_iter()
         .map(|j| {
             let col = &mt[j * n..(j + 1) * n];
-            (log_sum_exp(col, u).exp() * v[j].exp() - b[j]).abs()
+            ((log_sum_exp(col, u) + v[j]).exp() - b[j]).abs()
         })
         .collect();
     per.iter().sum()
@@ -722,5 +684,28 @@ mod tests {
                 assert!(diff < 1e-6 * top, "{n}×{m}, ε = {rel}: {diff} of {top}");
             }
         }
+    }
+
+    /// A target far from every source: its column's log-sum-exp is about −800 and its potential
+    /// about +800, so the error check must add them before exponentiating (not multiply 0 by
+    /// ∞); both solvers reach the same plan.
+    #[test]
+    fn a_far_target_keeps_the_marginal_error_finite() {
+        let (n, m) = (12, 12);
+        let (a, b, mut cost) = problem(n, m);
+        for i in 0..n {
+            cost[i * m + m - 1] += 400.0;
+        }
+        let p = sinkhorn_log(&a, &b, &cost, 0.5, 1e-10, 200_000).unwrap();
+        let q = sinkhorn_stabilized(&a, &b, &cost, 0.5, 1e-10, 200_000).unwrap();
+        assert!(p.converged && q.converged);
+        let top = p.plan.iter().cloned().fold(0.0, f64::max);
+        let diff = p
+            .plan
+            .iter()
+            .zip(&q.plan)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(diff < 1e-6 * top, "{diff} of {top}");
     }
 }
