@@ -12,7 +12,8 @@ use crate::run::{Setup, Trained};
 use crate::signals::{self, Stopped};
 use anyhow::{anyhow, Result};
 use flowmatch_data::{rng_from_seed, Rng};
-use flowmatch_losses::{LossError, LrSchedule, Trainer};
+use candle_core::Tensor;
+use flowmatch_losses::{read_losses, LossError, LrSchedule, Trainer};
 use indicatif::ProgressBar;
 use serde_json::json;
 use std::path::Path;
@@ -92,8 +93,13 @@ struct Loop<'a> {
     trainer: Trainer,
     schedule: LrSchedule,
     rng: Rng,
-    /// The losses so far (the last 100 make `final_loss`).
+    /// The losses read so far (the last 100 make `final_loss`).
     recent: Vec<f32>,
+    /// On an accelerator: the losses not read yet, with their steps. They are read in one
+    /// transfer when logged, checkpointed or at the end, so that steps do not wait for the
+    /// host; on the CPU each step's loss is read (and checked) at once.
+    pending: Vec<Tensor>,
+    pending_steps: Vec<usize>,
     progress: Vec<ProgressRow>,
     log: RunLog,
     /// The step this process started after.
@@ -144,6 +150,8 @@ impl<'a> Loop<'a> {
             schedule,
             rng,
             recent,
+            pending: vec![],
+            pending_steps: vec![],
             progress,
             log,
             start,
@@ -152,9 +160,36 @@ impl<'a> Loop<'a> {
         })
     }
 
-    /// One optimiser step; a non-finite loss ends the run with the last checkpoint named.
-    fn step(&mut self, step: usize) -> Result<f32> {
-        match self.trainer.step(&mut self.rng) {
+    /// One optimiser step: its loss read at once on the CPU, kept on the device elsewhere.
+    fn step(&mut self, step: usize) -> Result<()> {
+        if self.trainer.model().params.device().is_cpu() {
+            let loss = self.trainer.step(&mut self.rng);
+            let loss = self.checked_loss(step, loss.map(|l| vec![l]))?;
+            self.recent.extend(loss);
+        } else {
+            self.pending.push(self.trainer.step_deferred(&mut self.rng)?);
+            self.pending_steps.push(step);
+        }
+        Ok(())
+    }
+
+    /// The losses kept on the device, read in one transfer and checked.
+    fn read_pending(&mut self, step: usize) -> Result<()> {
+        let read = read_losses(&self.pending, &self.pending_steps);
+        let losses = self.checked_loss(step, read)?;
+        self.recent.extend(losses);
+        self.pending.clear();
+        self.pending_steps.clear();
+        Ok(())
+    }
+
+    /// Losses as read: a non-finite one ends the run with the last checkpoint named.
+    fn checked_loss(
+        &mut self,
+        step: usize,
+        read: Result<Vec<f32>, LossError>,
+    ) -> Result<Vec<f32>> {
+        match read {
             Ok(l) => Ok(l),
             Err(e @ LossError::NonFiniteLoss(..)) => {
                 self.log
@@ -173,11 +208,14 @@ impl<'a> Loop<'a> {
     }
 
     /// Hook: the loss (and learning rate) every `logging.every` steps and at the last one.
-    fn log_step(&mut self, step: usize, loss: f32) -> Result<()> {
+    fn log_step(&mut self, step: usize) -> Result<()> {
         let last = self.checked.train.steps;
+        self.pb.set_position(step as u64);
         if !step.is_multiple_of(self.checked.logging.every) && step != last {
             return Ok(());
         }
+        self.read_pending(step)?;
+        let loss = self.recent[self.recent.len() - 1];
         if self.schedule.is_constant() {
             self.log.record(&json!({"step": step, "loss": loss}))?;
         } else {
@@ -187,7 +225,6 @@ impl<'a> Loop<'a> {
             self.log.scalar("train/lr", lr, step);
         }
         self.log.scalar("train/loss", loss as f64, step);
-        self.pb.set_position(step as u64);
         self.pb.set_message(format!("loss {loss:.4}"));
         Ok(())
     }
@@ -219,6 +256,7 @@ impl<'a> Loop<'a> {
         if !((every > 0 && (step.is_multiple_of(every) || step == last)) || stop) {
             return Ok(());
         }
+        self.read_pending(step)?;
         checkpoint::save_model(self.trainer.model(), &self.paths.model())?;
         let state = self.trainer.state()?;
         let keep = self.recent.len().min(100);
@@ -255,9 +293,8 @@ pub fn train_stage(
     pb.set_length(checked.train.steps as u64);
     pb.set_position(l.start as u64);
     for step in l.start + 1..=checked.train.steps {
-        let loss = l.step(step)?;
-        l.recent.push(loss);
-        l.log_step(step, loss)?;
+        l.step(step)?;
+        l.log_step(step)?;
         l.score_progress(step, set)?;
         let stop = signals::stop_requested();
         l.checkpoint(step, stop)?;

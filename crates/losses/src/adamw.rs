@@ -7,11 +7,38 @@
 //! Parameters that are not CPU f32 tensors take candle-nn's `AdamW` rule as tensor ops.
 //! Both keep their moments where [`FusedAdamW::state`] can read them, so a checkpoint can
 //! hold the optimiser and a resumed run continues with the same numbers.
+//!
+//! On the CPU all parameters are updated in one parallel loop once a model has
+//! [`PARALLEL_MIN`] weights: the parameters, and chunks of the large ones, spread over
+//! rayon's threads. Each weight's arithmetic is the same wherever it runs, so every thread
+//! count gives the same bits as the serial loop (tested).
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
+use rayon::prelude::*;
 use std::cell::RefCell;
+
+/// A model with at least this many weights updates them on rayon's threads (below it, the
+/// calling thread's loop is faster than handing work out).
+pub const PARALLEL_MIN: usize = 1 << 15;
+
+/// The weights of one parameter that one thread updates at a time.
+pub(crate) const CHUNK: usize = 1 << 13;
+
+/// Runs `f` on each item, on rayon's threads when `parallel` (every item independent, so the
+/// result is the same either way).
+pub(crate) fn for_each<T: Send>(
+    items: Vec<T>,
+    parallel: bool,
+    f: impl Fn(T) -> Result<()> + Send + Sync,
+) -> Result<()> {
+    if parallel {
+        items.into_par_iter().try_for_each(f)
+    } else {
+        items.into_iter().try_for_each(f)
+    }
+}
 
 /// AdamW (decoupled weight decay, bias-corrected moments), as `candle_nn::AdamW`.
 pub enum FusedAdamW {
@@ -159,6 +186,10 @@ pub struct CpuAdamW {
     vars: Vec<(Var, Vec<f32>, Vec<f32>)>,
     params: ParamsAdamW,
     step_t: usize,
+    /// The parameters' weights in all.
+    weights: usize,
+    /// Forces the parallel (Some(true)) or the serial loop (tests); None: by `weights`.
+    parallel: Option<bool>,
 }
 
 impl Optimizer for FusedAdamW {
@@ -172,6 +203,7 @@ impl Optimizer for FusedAdamW {
         if !cpu {
             return Ok(Self::Tensors(TensorAdamW::new(vars, params)?));
         }
+        let weights = vars.iter().map(|v| v.elem_count()).sum();
         let vars = vars
             .into_iter()
             .map(|v| {
@@ -183,6 +215,8 @@ impl Optimizer for FusedAdamW {
             vars,
             params,
             step_t: 0,
+            weights,
+            parallel: None,
         }))
     }
 
@@ -216,20 +250,24 @@ impl Optimizer for FusedAdamW {
             lr: p.lr,
             eps: p.eps,
         };
-        for (var, m, v) in o.vars.iter_mut() {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g.contiguous()?;
-                var.as_tensor().inplace_op2(
-                    &g,
-                    &Update {
-                        m: RefCell::new(m),
-                        v: RefCell::new(v),
-                        h,
-                    },
-                )?;
-            }
-        }
-        Ok(())
+        let parallel = o.parallel.unwrap_or(o.weights >= PARALLEL_MIN);
+        let work: Vec<_> = o
+            .vars
+            .iter_mut()
+            .filter_map(|(var, m, v)| grads.get(var.as_tensor()).map(|g| (&*var, m, v, g)))
+            .collect();
+        for_each(work, parallel, |(var, m, v, g)| {
+            let g = g.contiguous()?;
+            var.as_tensor().inplace_op2(
+                &g,
+                &Update {
+                    m: RefCell::new(m),
+                    v: RefCell::new(v),
+                    h,
+                    parallel,
+                },
+            )
+        })
     }
 }
 
@@ -250,6 +288,8 @@ struct Update<'a> {
     m: RefCell<&'a mut Vec<f32>>,
     v: RefCell<&'a mut Vec<f32>>,
     h: Hyper,
+    /// Split a large parameter into chunks for rayon's threads.
+    parallel: bool,
 }
 
 impl InplaceOp2 for Update<'_> {
@@ -288,13 +328,25 @@ impl InplaceOp2 for Update<'_> {
             h.lr as f32,
             h.eps as f32,
         );
-        for (((t, &gj), mj), vj) in theta.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let next_m = *mj * b1 + gj * c1;
-            let next_v = *vj * b2 + (gj * gj) * c2;
-            *mj = next_m;
-            *vj = next_v;
-            let adjusted = (next_m * sm) / ((next_v * sv).sqrt() + eps);
-            *t = *t * decay - adjusted * lr;
+        let update = |theta: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+            for (((t, &gj), mj), vj) in theta.iter_mut().zip(g).zip(m).zip(v) {
+                let next_m = *mj * b1 + gj * c1;
+                let next_v = *vj * b2 + (gj * gj) * c2;
+                *mj = next_m;
+                *vj = next_v;
+                let adjusted = (next_m * sm) / ((next_v * sv).sqrt() + eps);
+                *t = *t * decay - adjusted * lr;
+            }
+        };
+        if self.parallel && g.len() > CHUNK {
+            theta
+                .par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((t, g), m), v)| update(t, g, m, v));
+        } else {
+            update(theta, g, &mut m[..], &mut v[..]);
         }
         Ok(())
     }
@@ -388,6 +440,65 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap()
+    }
+
+    #[test]
+    fn the_parallel_update_gives_the_serial_bits() {
+        // A parameter of several chunks (split over threads), and small ones beside it.
+        let dev = Device::Cpu;
+        let shapes: [&[usize]; 3] = [&[CHUNK * 3 + 17], &[5, 7], &[1]];
+        let inits: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| Tensor::randn(0f32, 1.0, *s, &dev).unwrap())
+            .collect();
+        let params = ParamsAdamW {
+            lr: 0.01,
+            weight_decay: 0.05,
+            ..Default::default()
+        };
+        let run = |parallel: bool| {
+            let vars: Vec<Var> = inits.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let mut opt = FusedAdamW::new(vars.clone(), params.clone()).unwrap();
+            if let FusedAdamW::Cpu(o) = &mut opt {
+                o.parallel = Some(parallel);
+            }
+            for step in 1..=5 {
+                // A loss whose gradient differs per weight: Σ sin(k·θ)·θ².
+                let loss = vars
+                    .iter()
+                    .map(|v| {
+                        let t = v.as_tensor();
+                        (t.affine(step as f64, 0.0).unwrap().sin().unwrap() * t.sqr().unwrap())
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                    })
+                    .reduce(|a, b| (a + b).unwrap())
+                    .unwrap();
+                opt.backward_step(&loss).unwrap();
+            }
+            let flat: Vec<u32> = vars
+                .iter()
+                .flat_map(|v| values(v).into_iter().map(|x| (x as f32).to_bits()))
+                .collect();
+            (flat, opt.state().unwrap())
+        };
+        let (serial, s_state) = run(false);
+        let (parallel, p_state) = run(true);
+        assert_eq!(serial, parallel);
+        for ((a, b), (c, d)) in s_state.moments.iter().zip(&p_state.moments) {
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!((bits(a), bits(b)), (bits(c), bits(d)));
+        }
+        assert_ne!(serial[..10], inits[0].to_vec1::<f32>().unwrap()[..10].iter().map(|x| x.to_bits()).collect::<Vec<_>>()[..]);
     }
 
     #[test]

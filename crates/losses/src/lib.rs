@@ -12,6 +12,7 @@
 
 mod adamw;
 pub mod coupling;
+mod ema;
 pub mod entropic;
 mod error;
 pub mod lr;
@@ -33,4 +34,4 @@ pub use lr::{LrDecay, LrSchedule};
 pub use objective::{Draws, Objective, ObjectiveKind, ObjectiveOptions};
 pub use path::{AffinePath, BrownianBridge, PathSample, ProbabilityPath, Schedule, ScoreTarget};
 pub use time::{TimeKind, TimeOptions, TimeSampler};
-pub use train::{validate_ema, OptimConfig, Trainer, TrainerState};
+pub use train::{read_losses, validate_ema, OptimConfig, Trainer, TrainerState};

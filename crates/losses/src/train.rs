@@ -1,6 +1,7 @@
 //! The one training step of flow matching, generic over path, coupling and time sampler.
 
 use crate::adamw::AdamState;
+use crate::ema::Ema;
 use crate::lr::LrSchedule;
 use crate::prefetch::Prefetcher;
 use crate::FusedAdamW;
@@ -105,23 +106,6 @@ pub struct TrainerState {
     pub tensors: Vec<(String, Tensor)>,
 }
 
-/// An exponential moving average of the weights, `θ̄ ← d·θ̄ + (1 − d)·θ` after every step.
-struct Ema {
-    decay: f64,
-    model: Model,
-}
-
-impl Ema {
-    fn update(&self, live: &Model) -> Result<(), LossError> {
-        for (e, w) in self.model.params.vars().iter().zip(live.params.vars()) {
-            let next = (e.as_tensor().affine(self.decay, 0.0)?
-                + w.as_tensor().detach().affine(1.0 - self.decay, 0.0)?)?;
-            e.set(&next)?;
-        }
-        Ok(())
-    }
-}
-
 impl Trainer {
     /// Sets up training of `model` with batches of `batch` pairs.
     pub fn new(
@@ -217,6 +201,28 @@ impl Trainer {
     /// One optimisation step; returns the loss before the update. A non-finite loss is an
     /// error and leaves the weights untouched.
     pub fn step(&mut self, rng: &mut Rng) -> Result<f32, LossError> {
+        let loss = self.loss(rng)?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(LossError::NonFiniteLoss(value, self.steps_done + 1));
+        }
+        self.update(&loss)?;
+        Ok(value)
+    }
+
+    /// One optimisation step that does not read the loss back: returns it as a detached
+    /// scalar on the model's device, so that a GPU runs on without waiting for the host.
+    /// Read such losses in batches with [`read_losses`], which checks them: a non-finite loss
+    /// shows there, after the update it fed. On the CPU the weights are the same bits as
+    /// [`Self::step`]'s (tested).
+    pub fn step_deferred(&mut self, rng: &mut Rng) -> Result<Tensor, LossError> {
+        let loss = self.loss(rng)?;
+        self.update(&loss)?;
+        Ok(loss.detach())
+    }
+
+    /// This step's batch, times and path sample, and the objective's loss on them.
+    fn loss(&mut self, rng: &mut Rng) -> Result<Tensor, LossError> {
         let device = self.model.params.device().clone();
         let ready = self.prefetch.as_mut().and_then(Prefetcher::take);
         let (x0, x1, y) = match ready {
@@ -231,26 +237,26 @@ impl Trainer {
             self.serial_rng = Some(rng.clone());
             worker.start(self.coupling.draw(self.batch, rng, &device)?)?;
         }
-        let loss = match y {
+        Ok(match y {
             // A conditional model regresses on its labels' velocity.
             Some(y) => {
                 let field = Labeled::new(&self.model, label_tensor(&y, &device)?);
                 self.objective.loss(&field, &p, &draws)?
             }
             None => self.objective.loss(&self.model, &p, &draws)?,
-        };
-        let value = loss.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            return Err(LossError::NonFiniteLoss(value, self.steps_done + 1));
-        }
+        })
+    }
+
+    /// The optimiser's step on `loss` at this step's learning rate, then the weight average.
+    fn update(&mut self, loss: &Tensor) -> Result<(), LossError> {
         self.opt
             .set_learning_rate(self.lr * self.schedule.factor(self.steps_done));
-        self.opt.backward_step(&loss)?;
+        self.opt.backward_step(loss)?;
         if let Some(ema) = &self.ema {
             ema.update(&self.model)?;
         }
         self.steps_done += 1;
-        Ok(value)
+        Ok(())
     }
 
     /// The learning rate of the last step taken (the base rate before the first).
@@ -361,6 +367,21 @@ impl Trainer {
             Some(e) => e.model,
             None => self.model,
         }
+    }
+}
+
+/// Reads the losses of [`Trainer::step_deferred`], taken at `steps`, in one transfer: their
+/// values in order, or the first non-finite one as [`LossError::NonFiniteLoss`] with its step.
+pub fn read_losses(losses: &[Tensor], steps: &[usize]) -> Result<Vec<f32>, LossError> {
+    if losses.is_empty() {
+        return Ok(vec![]);
+    }
+    let values = Tensor::stack(losses, 0)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    match values.iter().zip(steps).find(|(v, _)| !v.is_finite()) {
+        Some((&v, &step)) => Err(LossError::NonFiniteLoss(v, step)),
+        None => Ok(values),
     }
 }
 
@@ -597,6 +618,34 @@ mod tests {
         let mut tr = trainer_sigma(false, 0.1).with_prefetch(true);
         tr.step(&mut rng).unwrap();
         assert!(!tr.prefetch.as_ref().is_some_and(Prefetcher::pending));
+    }
+
+    #[test]
+    fn deferred_steps_give_the_same_bits_and_read_their_losses_in_one_go() {
+        // OT, path noise and EMA: the deferred step takes the same draws and updates.
+        let make = || trainer_sigma(true, 0.1).with_ema(0.9).unwrap();
+        let (mut plain, mut deferred) = (make(), make());
+        let (mut r1, mut r2) = (rng_from_seed(5), rng_from_seed(5));
+        let want: Vec<f32> = (0..6).map(|_| plain.step(&mut r1).unwrap()).collect();
+        let pending: Vec<Tensor> = (0..6)
+            .map(|_| deferred.step_deferred(&mut r2).unwrap())
+            .collect();
+        let steps: Vec<usize> = (1..=6).collect();
+        assert_eq!(read_losses(&pending, &steps).unwrap(), want);
+        assert_eq!(deferred.steps_done(), 6);
+        assert_eq!(flat_weights(plain.model()), flat_weights(deferred.model()));
+        assert!(read_losses(&[], &[]).unwrap().is_empty());
+        // A non-finite loss is named with its step.
+        let dev = Device::Cpu;
+        let bad = [
+            Tensor::new(1.5f32, &dev).unwrap(),
+            Tensor::new(f32::NAN, &dev).unwrap(),
+            Tensor::new(f32::INFINITY, &dev).unwrap(),
+        ];
+        match read_losses(&bad, &[7, 8, 9]) {
+            Err(LossError::NonFiniteLoss(v, 8)) => assert!(v.is_nan()),
+            other => panic!("expected the NaN of step 8, got {other:?}"),
+        }
     }
 
     fn flat_weights(m: &Model) -> Vec<f32> {
