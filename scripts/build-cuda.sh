@@ -2,17 +2,21 @@
 # Builds `flowmatch` with CUDA (`--features cuda`) on a machine that has no nvcc and no GPU.
 #
 #   scripts/build-cuda.sh            # -> target-cuda/release/flowmatch{,.xz} (+ .cuda/ toolchain)
+#   CUDA_FEATURES=cuda scripts/build-cuda.sh   # without cuDNN (the default is `cudnn`)
 #
-# 1. Installs a CUDA 13.0 toolchain from PyPI wheels into .cuda/venv (the GPU machines run driver
-#    580 = CUDA 13.0; PTX from a newer nvcc would not load there, so the series is pinned).
+# 1. Installs a CUDA 13.0 toolchain and cuDNN 9 from PyPI wheels into .cuda/venv (the GPU machines
+#    run driver 580 = CUDA 13.0; PTX from a newer nvcc would not load there, so the series is
+#    pinned). cuDNN is PyTorch's own wheel, nvidia-cudnn-cu13, which the GPU machines also hold.
 # 2. Lays the wheels out as one CUDA root, .cuda/root/{bin,include,lib}, with the unversioned
 #    library names the linker looks for, and a stub libcuda.so (soname libcuda.so.1) generated
 #    from cudarc's driver bindings: candle's `cuda` feature forces cudarc's dynamic linking, so
 #    the binary needs -lcuda at link time, but the real driver library is only needed at run
 #    time, on the GPU machine.
-# 3. Builds with CUDA_COMPUTE_CAP=90 (H100 / H200) into a target dir of its own.
+# 3. Builds with CUDA_COMPUTE_CAP=90 (H100 / H200) into a target dir of its own, with the
+#    `cudnn` feature (candle's convolutions through cuDNN) unless CUDA_FEATURES says otherwise.
 #
-# Environment: CUDA_SERIES (default 13.0.2, the cuda-toolkit meta-package version),
+# Environment: CUDA_SERIES (default 13.0.2, the cuda-toolkit meta-package version), CUDNN_VERSION
+# (default 9.13.0.50, of nvidia-cudnn-cu13), CUDA_FEATURES (default cudnn),
 # CUDA_COMPUTE_CAP (default 90), CUDA_TARGET_DIR (default $HOME/.cache/flowmatch-target-cuda).
 # Run the binary on the GPU machine with LD_LIBRARY_PATH pointing at CUDA 13 libcublas, libcurand
 # and libnvrtc (the system CUDA, or PyTorch's nvidia wheels); `ldd` on it lists what it needs.
@@ -20,6 +24,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT_DIR=$(pwd)
 CUDA_SERIES=${CUDA_SERIES:-13.0.2}
+CUDNN_VERSION=${CUDNN_VERSION:-9.13.0.50}
+CUDA_FEATURES=${CUDA_FEATURES:-cudnn}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 TARGET=${CUDA_TARGET_DIR:-$HOME/.cache/flowmatch-target-cuda}
 VENV=$ROOT_DIR/.cuda/venv
@@ -34,6 +40,11 @@ if [ ! -f "$VENV/.installed-$CUDA_SERIES" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q "cuda-toolkit[nvcc,cudart,nvrtc,cublas,curand,crt,cccl,nvvm]==$CUDA_SERIES"
   touch "$VENV/.installed-$CUDA_SERIES"
+fi
+if [ "$CUDA_FEATURES" = cudnn ] && [ ! -f "$VENV/.installed-cudnn-$CUDNN_VERSION" ]; then
+  echo "== installing cuDNN $CUDNN_VERSION wheels from PyPI"
+  "$VENV/bin/pip" install -q --no-deps "nvidia-cudnn-cu13==$CUDNN_VERSION"
+  touch "$VENV/.installed-cudnn-$CUDNN_VERSION"
 fi
 
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -73,8 +84,8 @@ export PATH=$CROOT/bin:$PATH
 export LIBRARY_PATH=$CROOT/lib:$CROOT/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 nvcc --version | tail -2
 
-echo "== cargo build --release --features cuda (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP) -> $TARGET"
-CARGO_TARGET_DIR=$TARGET cargo build --release -p flowmatch-experiments --features cuda
+echo "== cargo build --release --features $CUDA_FEATURES (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP) -> $TARGET"
+CARGO_TARGET_DIR=$TARGET cargo build --release -p flowmatch-experiments --features "$CUDA_FEATURES"
 BIN=$TARGET/release/flowmatch
 mkdir -p target-cuda/release
 cp "$BIN" target-cuda/release/flowmatch

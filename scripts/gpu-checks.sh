@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 BIN=/tmp/flowmatch-cuda
 xz -d -c target-cuda/release/flowmatch.xz > "$BIN" && chmod +x "$BIN" || exit 1
 libdirs=""
-for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
+for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13 libcudnn.so.9; do
   f=$(find / -xdev \( -name "$lib" -o -name "$lib.*" \) -not -path '/proc/*' 2>/dev/null | head -1)
   [ -n "$f" ] && libdirs="$libdirs:$(dirname "$f")"
 done
@@ -27,7 +27,7 @@ export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-  ldd "$BIN" | grep -E 'cuda|cublas|curand|nvrtc|not found'
+  ldd "$BIN" | grep -E 'cuda|cublas|curand|nvrtc|cudnn|not found'
 } 2>&1 | tee "$OUT/env.txt"
 RUNS=/tmp/gpu-runs
 rm -rf "$RUNS"

@@ -11,8 +11,8 @@ use crate::report::{ProgressRow, RunCoupling};
 use crate::run::{Setup, Trained};
 use crate::signals::{self, Stopped};
 use anyhow::{anyhow, Result};
-use flowmatch_data::{rng_from_seed, Rng};
 use candle_core::Tensor;
+use flowmatch_data::{rng_from_seed, Rng};
 use flowmatch_losses::{read_losses, LossError, LrSchedule, Trainer};
 use indicatif::ProgressBar;
 use serde_json::json;
@@ -167,7 +167,8 @@ impl<'a> Loop<'a> {
             let loss = self.checked_loss(step, loss.map(|l| vec![l]))?;
             self.recent.extend(loss);
         } else {
-            self.pending.push(self.trainer.step_deferred(&mut self.rng)?);
+            self.pending
+                .push(self.trainer.step_deferred(&mut self.rng)?);
             self.pending_steps.push(step);
         }
         Ok(())
@@ -184,11 +185,7 @@ impl<'a> Loop<'a> {
     }
 
     /// Losses as read: a non-finite one ends the run with the last checkpoint named.
-    fn checked_loss(
-        &mut self,
-        step: usize,
-        read: Result<Vec<f32>, LossError>,
-    ) -> Result<Vec<f32>> {
+    fn checked_loss(&mut self, step: usize, read: Result<Vec<f32>, LossError>) -> Result<Vec<f32>> {
         match read {
             Ok(l) => Ok(l),
             Err(e @ LossError::NonFiniteLoss(..)) => {

@@ -498,7 +498,13 @@ mod tests {
             };
             assert_eq!((bits(a), bits(b)), (bits(c), bits(d)));
         }
-        assert_ne!(serial[..10], inits[0].to_vec1::<f32>().unwrap()[..10].iter().map(|x| x.to_bits()).collect::<Vec<_>>()[..]);
+        assert_ne!(
+            serial[..10],
+            inits[0].to_vec1::<f32>().unwrap()[..10]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()[..]
+        );
     }
 
     #[test]

@@ -36,7 +36,8 @@ impl Ema {
         };
         let pairs: Vec<(&Var, &Var)> = avg.iter().zip(&live).collect();
         for_each(pairs, parallel, |(e, w)| {
-            e.as_tensor().inplace_op2(&w.as_tensor().contiguous()?, &blend)
+            e.as_tensor()
+                .inplace_op2(&w.as_tensor().contiguous()?, &blend)
         })?;
         Ok(())
     }
@@ -113,11 +114,16 @@ mod tests {
     fn the_in_place_blend_gives_the_tensor_ops_bits() {
         let dev = Device::Cpu;
         for n in [5, CHUNK * 2 + 3] {
-            let mut avg = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
-            let live = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
-            // Signed zeros too: −0·d + 0 is +0 in candle's affine.
-            avg = avg.slice_assign(&[0..2], &Tensor::new(&[-0f32, 0.0], &dev).unwrap()).unwrap();
-            let live = live.slice_assign(&[0..2], &Tensor::new(&[-0f32, -0.0], &dev).unwrap()).unwrap();
+            // Signed zeros first: −0·d + 0 is +0 in candle's affine.
+            let draw = |zeros: [f32; 2]| {
+                let mut v = Tensor::randn(0f32, 1.0, n, &dev)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                v[..2].copy_from_slice(&zeros);
+                Tensor::new(v, &dev).unwrap()
+            };
+            let (avg, live) = (draw([-0.0, 0.0]), draw([-0.0, -0.0]));
             for decay in [0.9, 0.999, 0.5] {
                 let want = blended(&avg, &live, decay).unwrap();
                 for parallel in [false, true] {
