@@ -283,6 +283,26 @@ struct Hyper {
     eps: f64,
 }
 
+/// The contiguous f32 data of an in-place op's two tensors, of one size.
+pub(crate) fn same_size_f32<'a>(
+    s1: &'a mut CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+    name: &str,
+) -> Result<(&'a mut [f32], &'a [f32])> {
+    let (CpuStorage::F32(x), CpuStorage::F32(y)) = (s1, s2) else {
+        candle_core::bail!("{name}: expected f32 tensors");
+    };
+    let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        candle_core::bail!("{name}: expected contiguous tensors");
+    };
+    if b - a != d - c {
+        candle_core::bail!("{name}: shape mismatch");
+    }
+    Ok((&mut x[a..b], &y[c..d]))
+}
+
 /// `θ` in place, given `g`: candle-nn's AdamW step for one parameter.
 struct Update<'a> {
     m: RefCell<&'a mut Vec<f32>>,
@@ -304,17 +324,9 @@ impl InplaceOp2 for Update<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let (theta, g) = match (s1, s2) {
-            (CpuStorage::F32(t), CpuStorage::F32(g)) => (t, g),
-            _ => candle_core::bail!("adamw-update: expected f32 tensors"),
-        };
-        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("adamw-update: expected contiguous tensors");
-        };
-        let (theta, g) = (&mut theta[a..b], &g[c..d]);
+        let (theta, g) = same_size_f32(s1, l1, s2, l2, self.name())?;
         let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
-        if theta.len() != g.len() || m.len() != g.len() {
+        if m.len() != g.len() {
             candle_core::bail!("adamw-update: shape mismatch");
         }
         let h = self.h;
@@ -353,7 +365,7 @@ impl InplaceOp2 for Update<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_nn::AdamW;
 
@@ -442,6 +454,17 @@ mod tests {
             .unwrap()
     }
 
+    /// A tensor's f32 values as bits (to compare them exactly).
+    pub(crate) fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    }
+
     #[test]
     fn the_parallel_update_gives_the_serial_bits() {
         // A parameter of several chunks (split over threads), and small ones beside it.
@@ -487,15 +510,6 @@ mod tests {
         let (parallel, p_state) = run(true);
         assert_eq!(serial, parallel);
         for ((a, b), (c, d)) in s_state.moments.iter().zip(&p_state.moments) {
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .into_iter()
-                    .map(f32::to_bits)
-                    .collect::<Vec<_>>()
-            };
             assert_eq!((bits(a), bits(b)), (bits(c), bits(d)));
         }
         assert_ne!(

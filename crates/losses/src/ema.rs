@@ -3,7 +3,7 @@
 //! `affine` arithmetic, so it gives the bits of the tensor-op form it replaced (tested);
 //! elsewhere it runs as those tensor ops.
 
-use crate::adamw::{for_each, CHUNK, PARALLEL_MIN};
+use crate::adamw::{for_each, same_size_f32, CHUNK, PARALLEL_MIN};
 use crate::LossError;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 use flowmatch_models::Model;
@@ -66,17 +66,7 @@ impl InplaceOp2 for Blend {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(avg), CpuStorage::F32(live)) = (s1, s2) else {
-            candle_core::bail!("ema-blend: expected f32 tensors");
-        };
-        let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("ema-blend: expected contiguous tensors");
-        };
-        let (avg, live) = (&mut avg[a..b], &live[c..d]);
-        if avg.len() != live.len() {
-            candle_core::bail!("ema-blend: shape mismatch");
-        }
+        let (avg, live) = same_size_f32(s1, l1, s2, l2, self.name())?;
         // candle's affine: x·(mul as f32) + (add as f32), the + 0 included (it turns −0 to 0).
         let (d, e) = (self.decay as f32, (1.0 - self.decay) as f32);
         let blend = |avg: &mut [f32], live: &[f32]| {
@@ -98,17 +88,8 @@ impl InplaceOp2 for Blend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adamw::tests::bits;
     use candle_core::Device;
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f32::to_bits)
-            .collect()
-    }
 
     #[test]
     fn the_in_place_blend_gives_the_tensor_ops_bits() {
