@@ -394,6 +394,10 @@ impl CustomOp3 for ConvGrad {
             return Ok((CpuStorage::F32(out), Shape::from(n_dx + o * k + n_db)));
         }
         let unfolded = path == Path::Strided;
+        let wt = match path {
+            Path::Padded if want_dx => padded::flip_transpose(&g, o, false, ws),
+            _ => vec![],
+        };
         // Per chunk of samples: dx (its own slice), and partial dW and db (db per sample with a
         // per-sample bias).
         let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
@@ -420,7 +424,7 @@ impl CustomOp3 for ConvGrad {
                     };
                     if matches!(path, Path::Direct | Path::Padded) {
                         let (taps, s) = (path == Path::Direct, &mut scratch);
-                        padded::backward(&g, o, taps, (xb, ws, dyb), (dxb, dw, db), s);
+                        padded::backward(&g, o, taps, (xb, ws, &wt, dyb), (dxb, dw, db), s);
                         continue;
                     }
                     let colsb: &[f32] = if path == Path::Pointwise {
@@ -479,9 +483,12 @@ mod tests {
     fn matches_candle_conv2d_forward_and_gradients() {
         let dev = Device::Cpu;
         // At stride 1, output channels 1 and 4 run tap by tap and 6 by a gemm on the padded layout
-        // (conv_padded); at stride 2, all by runs of taps.
+        // (conv_padded), whose data gradient is a conv of dy padded by k − 1 − pad (2 when
+        // unpadded; a padding over k − 1 falls back to folding); at stride 2, all by runs of taps.
         let cases = [
             (3, 1, 1, 8),
+            (3, 1, 0, 8),
+            (3, 1, 3, 3),
             (3, 2, 1, 8),
             (3, 2, 1, 7),
             (1, 1, 0, 5),
@@ -549,12 +556,13 @@ mod tests {
         y
     }
 
-    /// Every 3×3 stride-1 shape the two U-Nets use (Winograd), plus odd sizes, 1 and 3
-    /// channels and batch 1: values against an f64 direct sum, gradients against candle's.
+    /// Every 3×3 stride-1 shape the two U-Nets use, plus odd sizes, 1 and 3 channels and
+    /// batch 1, by both kernels: values against an f64 direct sum, gradients against candle's.
     #[test]
-    fn winograd_matches_the_direct_sum_and_candles_gradients() {
+    fn stride1_kernels_match_the_direct_sum_and_candles_gradients() {
         let dev = Device::Cpu;
-        let (mut worst, mut worst_grad) = (0f64, 0f64);
+        // The largest relative error of each kernel: values, gradients.
+        let mut worst = [[0f64; 2]; 2];
         let cases = [
             (2, 1, 16, 28),
             (2, 16, 16, 28),
@@ -566,7 +574,10 @@ mod tests {
             (1, 1, 5, 9),
             (2, 4, 6, 1),
         ];
-        for (b, c, o, hw) in cases {
+        // Both kernels of a 3×3 stride-1 conv: the padded gemm (whose data gradient is a conv)
+        // and Winograd.
+        for ((b, c, o, hw), wino) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
+            let kernel = if wino { "winograd" } else { "padded gemm" };
             let x = Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev).unwrap();
             let x = Var::from_tensor(&x).unwrap();
             let w = Tensor::randn(0f32, 0.3, (o, c, 3, 3), &dev).unwrap();
@@ -574,7 +585,7 @@ mod tests {
             let bias = Var::from_tensor(&Tensor::zeros(o, DType::F32, &dev).unwrap()).unwrap();
             let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1)
                 .unwrap()
-                .with_winograd(true);
+                .with_winograd(wino);
             let ours = conv.forward(x.as_tensor()).unwrap();
             let exact = conv_f64(x.as_tensor(), w.as_tensor(), 1);
             let got: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
@@ -588,10 +599,10 @@ mod tests {
                 .zip(&exact)
                 .map(|(g, e)| (*g as f64 - e).abs())
                 .fold(0f64, f64::max);
-            worst = worst.max(err / scale);
+            worst[wino as usize][0] = worst[wino as usize][0].max(err / scale);
             assert!(
                 err / scale < 1e-5,
-                "b{b} c{c} o{o} hw{hw}: {err} of {scale}"
+                "{kernel} b{b} c{c} o{o} hw{hw}: {err} of {scale}"
             );
             let cfg = candle_nn::Conv2dConfig {
                 padding: 1,
@@ -612,17 +623,19 @@ mod tests {
                 let scale = e.abs().unwrap().max_keepdim(0).unwrap().max_all().unwrap();
                 let scale = scale.to_scalar::<f32>().unwrap().max(1e-30) as f64;
                 let rel = crate::max_abs_diff(a, e) as f64 / scale;
-                worst_grad = worst_grad.max(rel);
+                worst[wino as usize][1] = worst[wino as usize][1].max(rel);
                 assert!(
                     rel < 2e-5,
-                    "winograd b{b} c{c} o{o} hw{hw}, variable {i}: {rel:.2e}"
+                    "{kernel} b{b} c{c} o{o} hw{hw}, variable {i}: {rel:.2e}"
                 );
             }
         }
-        eprintln!(
-            "winograd: largest error {worst:.2e} (values against f64), {worst_grad:.2e} \
-             (gradients against candle), of the largest value"
-        );
+        for (kernel, [v, g]) in ["padded gemm", "winograd"].iter().zip(worst) {
+            eprintln!(
+                "{kernel}: largest error {v:.2e} (values against f64), {g:.2e} (gradients \
+                 against candle), of the largest value"
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //!   long `y += w·x`; the backward runs the same shifts (dx as the adjoint `axpy`s, dW as dot
 //!   products against the gradient laid out the same way, its scratch columns zero).
 //! - Otherwise, unfolding is one copy of `H'·Wp` values per row (no short runs, no padding
-//!   tests) for a gemm `Wp / W'` wider, and folding back one contiguous add per row.
+//!   tests) for a gemm `Wp / W'` wider. The data gradient of such a conv is itself a stride-1
+//!   conv: of `dy`, padded by `k − 1 − pad`, with the flipped kernel whose in and out channels
+//!   are swapped ([`flip_transpose`]). It runs the same way, so its gemm sums over `O·k²`
+//!   rather than `O` and nothing is folded back.
 
 use super::cpu::matmul;
 use super::geometry::Geometry;
@@ -61,6 +64,8 @@ pub(crate) struct Scratch {
     y: Vec<f32>,
     dx: Vec<f32>,
     cols: Vec<f32>,
+    /// The padded gradient of the data gradient's conv (a geometry of its own).
+    dy: Vec<f32>,
 }
 
 /// Whether a conv of geometry `g` runs on the padded layout (stride 1, a kernel wider than 1).
@@ -72,13 +77,49 @@ pub(crate) fn fits(g: &Geometry) -> bool {
 /// from `i·Wp + j` on.
 fn unfold(g: &Geometry, p: &Padded, x: &[f32], s: &mut Scratch) {
     pad_into(g, p, x, &mut s.x);
+    unfold_padded(g, p, &s.x, &mut s.cols);
+}
+
+/// Unfolds a sample already in the padded layout (`src`) into `cols`.
+fn unfold_padded(g: &Geometry, p: &Padded, src: &[f32], cols: &mut Vec<f32>) {
     let (k, span) = (g.k, p.span());
-    s.cols.resize(g.rows() * span, 0.0);
-    for (r, row) in s.cols.chunks_exact_mut(span).enumerate() {
+    cols.resize(g.rows() * span, 0.0);
+    for (r, row) in cols.chunks_exact_mut(span).enumerate() {
         let (ch, i, j) = (r / (k * k), r / k % k, r % k);
         let at = ch * p.plane() + i * p.wp + j;
-        row.copy_from_slice(&s.x[at..at + span]);
+        row.copy_from_slice(&src[at..at + span]);
     }
+}
+
+/// The geometry of the data gradient's conv: `dy` (`O × H' × W'`) padded by `k − 1 − pad`,
+/// which gives back `H × W`. None where the padding exceeds `k − 1`.
+fn transposed(g: &Geometry, o: usize) -> Option<Geometry> {
+    let (ho, wo) = g.out_hw();
+    let pad = (g.k - 1).checked_sub(g.pad)?;
+    Some(Geometry {
+        c: o,
+        h: ho,
+        w: wo,
+        k: g.k,
+        stride: 1,
+        pad,
+    })
+}
+
+/// The data gradient's kernel `(C, O, k, k)` of a conv kernel `w` `(O, C, k, k)`: in and out
+/// channels swapped and each `k×k` window flipped. Empty where the data gradient is not
+/// computed as a conv (tap by tap, or a padding over `k − 1`).
+pub(crate) fn flip_transpose(g: &Geometry, o: usize, taps: bool, w: &[f32]) -> Vec<f32> {
+    if taps || transposed(g, o).is_none() {
+        return vec![];
+    }
+    let (c, k) = (g.c, g.k);
+    let mut wt = vec![0f32; w.len()];
+    for (at, &v) in w.iter().enumerate() {
+        let (oc, ch, i, j) = (at / (c * k * k), at / (k * k) % c, at / k % k, at % k);
+        wt[((ch * o + oc) * k + (k - 1 - i)) * k + (k - 1 - j)] = v;
+    }
+    wt
 }
 
 /// `dy` (`O × H' × W'`) into `dst` in the `Wp`-wide layout, zero in the scratch columns (never
@@ -111,29 +152,19 @@ pub(crate) fn forward(
         forward_taps(g, &p, o, w, s);
     } else {
         unfold(g, &p, x, s);
-        let (rows, span) = (g.rows(), p.span());
-        s.y.resize(o * span, 0.0);
-        matmul(
-            (o, span, rows),
-            &mut s.y,
-            false,
-            w,
-            (rows, 1),
-            &s.cols,
-            (span, 1),
-            1,
-        );
+        gemm_into(g, &p, o, w, &s.cols, &mut s.y);
     }
     narrow_add(&p, &s.y, y);
 }
 
 /// One sample's backward on the padded layout: `dw += dy ⋆ x`, `db += Σ dy`, and, when asked,
-/// `dx += Wᵀ ⋆ dy`; tap by tap (`taps`) or by gemms on the unfolded sample.
+/// `dx += Wᵀ ⋆ dy`; tap by tap (`taps`) or by gemms on the unfolded sample. `wt` is
+/// [`flip_transpose`] of `w`: when it is there, `dx` is the conv of `dy` with it.
 pub(crate) fn backward(
     g: &Geometry,
     o: usize,
     taps: bool,
-    (x, w, dy): (&[f32], &[f32], &[f32]),
+    (x, w, wt, dy): (&[f32], &[f32], &[f32], &[f32]),
     (dx, dw, db): (Option<&mut [f32]>, &mut [f32], &mut [f32]),
     s: &mut Scratch,
 ) {
@@ -142,10 +173,28 @@ pub(crate) fn backward(
     if taps {
         pad_into(g, &p, x, &mut s.x);
         backward_taps(g, &p, w, dw, dx, s);
-    } else {
-        unfold(g, &p, x, s);
-        backward_gemm(g, &p, o, w, dw, dx, s);
+        return;
     }
+    unfold(g, &p, x, s);
+    match (dx, transposed(g, o)) {
+        (Some(dx), Some(gt)) if !wt.is_empty() => {
+            backward_gemm(g, &p, o, w, dw, None, s);
+            let pt = Padded::of(&gt);
+            pad_into(&gt, &pt, dy, &mut s.dy);
+            unfold_padded(&gt, &pt, &s.dy, &mut s.cols);
+            // Into `s.dx`: `s.y` keeps its zero scratch columns for the next sample's `widen`.
+            gemm_into(&gt, &pt, g.c, wt, &s.cols, &mut s.dx);
+            narrow_add(&pt, &s.dx, dx);
+        }
+        (dx, _) => backward_gemm(g, &p, o, w, dw, dx, s),
+    }
+}
+
+/// `y` (`O × H'·Wp`) = `w` (`O × C·k²`) · the unfolded sample `cols`.
+fn gemm_into(g: &Geometry, p: &Padded, o: usize, w: &[f32], cols: &[f32], y: &mut Vec<f32>) {
+    let (rows, span) = (g.rows(), p.span());
+    y.resize(o * span, 0.0);
+    matmul((o, span, rows), y, false, w, (rows, 1), cols, (span, 1), 1);
 }
 
 /// `y` (`O × H' × W'`) `+=` the `Wp`-wide `yp` (`O × H'·Wp`) without its scratch columns.
