@@ -56,128 +56,152 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train one config, evaluate it, write a run folder.
-    Run {
-        /// Config file (TOML).
-        config: PathBuf,
-        /// Override a key: --set train.steps=100 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Device: cpu, cuda, cuda:N, auto (same as --set device=…).
-        #[arg(long)]
-        device: Option<String>,
-        /// Parent folder of the run folder.
-        #[arg(long, default_value = "results/runs")]
-        out: PathBuf,
-        /// A killed run of this name whose config differs: discard it and run this one there
-        /// (without this, that is an error naming the key).
-        #[arg(long)]
-        redo_changed: bool,
-        /// Test hook: stop abruptly after this training step, as if killed.
-        #[arg(long, hide = true)]
-        halt_after: Option<usize>,
-    },
+    Run(RunArgs),
     /// Run the cartesian product of a sweep file.
-    Sweep {
-        /// Sweep file (TOML: base, [set], [axes]).
-        sweep: PathBuf,
-        /// Runs at a time (default: the number of cores).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// Run only share I of N (0-based), e.g. from a Slurm array.
-        #[arg(long, value_name = "I/N")]
-        shard: Option<String>,
-        /// Override a key in every run (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Parent folder of the sweep folder.
-        #[arg(long, default_value = "results/runs")]
-        out: PathBuf,
-        /// Redo the runs whose folder holds another config (without this, such runs are an
-        /// error that names the run and the key, and nothing runs).
-        #[arg(long)]
-        redo_changed: bool,
-        /// Refuse sweeps of more runs than this (the count is checked before planning).
-        #[arg(long, default_value_t = sweep::DEFAULT_MAX_RUNS)]
-        max_runs: usize,
-        /// Test hook: each run stops abruptly after this training step, as if killed.
-        #[arg(long, hide = true)]
-        halt_after: Option<usize>,
-    },
+    Sweep(SweepArgs),
     /// Re-evaluate a saved run with other solvers / steps (--set solver.method=rk4 …).
-    Eval {
-        /// A run folder written by `flowmatch run`.
-        run_dir: PathBuf,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Overwrite an eval file of this solver and step count made with other settings.
-        #[arg(long)]
-        redo_changed: bool,
-    },
+    Eval(EvalArgs),
     /// Reflow a finished run: train k-rectified flows with it as the first teacher
     /// (--set reflow.iterations=K, reflow.mode=offline, …); writes RUN_DIR/reflow/.
-    Reflow {
-        /// A run folder written by `flowmatch run`.
-        run_dir: PathBuf,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// RUN_DIR/reflow holds a reflow of other settings: discard it and reflow again.
-        #[arg(long)]
-        redo_changed: bool,
-    },
+    Reflow(ReflowArgs),
     /// Draw a run folder's figures again (or only some: --what distributions,flow), or a
     /// sweep folder's sweep.png (--what picks its metrics: w2_euler_5,mmd …).
-    Plot {
-        /// A run folder, a reflow parent folder (with reflow.json) or a sweep folder.
-        run_dir: PathBuf,
-        /// Figures: distributions, trajectories, flow_field, steps_grid, flow (default: all);
-        /// for a sweep folder, metric columns of summary.csv (default: straightness,
-        /// w2_euler_1, w2_euler_100).
-        #[arg(long, value_delimiter = ',')]
-        what: Vec<String>,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-    },
+    Plot(PlotArgs),
     /// Train the small MNIST classifier behind the FID-like score (eval.classifier).
-    Classifier {
-        /// Folder of the MNIST IDX files (scripts/fetch-mnist.sh), or `hub`.
-        #[arg(long, default_value = "data/mnist")]
-        data: String,
-        /// Where to save the weights (a JSON with the test accuracy goes beside them).
-        #[arg(long, default_value = "results/mnist_full_classifier.safetensors")]
-        out: PathBuf,
-        #[arg(long, default_value_t = 3000)]
-        steps: usize,
-        #[arg(long, default_value_t = 128)]
-        batch: usize,
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Classifier(ClassifierArgs),
     /// GPU benchmark: the blog's training step at a large batch, and sampling many points
     /// (defaults: batch 65,536 and 1M points, as for a GPU; prints steps/s and points/s).
-    Bench {
-        /// Device: cpu, cuda, cuda:N, auto.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        #[arg(long, default_value_t = 65_536)]
-        batch: usize,
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
-        #[arg(long, default_value_t = 1_000_000)]
-        points: usize,
-        /// Euler steps for the sampling benchmark.
-        #[arg(long, default_value_t = 100)]
-        sample_steps: usize,
-    },
+    Bench(BenchArgs),
     /// Rebuild summary.csv / summary.md of a sweep folder (e.g. after sharded runs).
-    Merge {
-        /// A sweep folder.
-        sweep_dir: PathBuf,
-        /// Refuse plans of more runs than this (as `sweep --max-runs`).
-        #[arg(long, default_value_t = sweep::DEFAULT_MAX_RUNS)]
-        max_runs: usize,
-    },
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Config file (TOML).
+    config: PathBuf,
+    /// Override a key: --set train.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Device: cpu, cuda, cuda:N, auto (same as --set device=…).
+    #[arg(long)]
+    device: Option<String>,
+    /// Parent folder of the run folder.
+    #[arg(long, default_value = "results/runs")]
+    out: PathBuf,
+    /// A killed run of this name whose config differs: discard it and run this one there
+    /// (without this, that is an error naming the key).
+    #[arg(long)]
+    redo_changed: bool,
+    /// Test hook: stop abruptly after this training step, as if killed.
+    #[arg(long, hide = true)]
+    halt_after: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// Sweep file (TOML: base, [set], [axes]).
+    sweep: PathBuf,
+    /// Runs at a time (default: the number of cores).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Run only share I of N (0-based), e.g. from a Slurm array.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// Override a key in every run (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Parent folder of the sweep folder.
+    #[arg(long, default_value = "results/runs")]
+    out: PathBuf,
+    /// Redo the runs whose folder holds another config (without this, such runs are an
+    /// error that names the run and the key, and nothing runs).
+    #[arg(long)]
+    redo_changed: bool,
+    /// Refuse sweeps of more runs than this (the count is checked before planning).
+    #[arg(long, default_value_t = sweep::DEFAULT_MAX_RUNS)]
+    max_runs: usize,
+    /// Test hook: each run stops abruptly after this training step, as if killed.
+    #[arg(long, hide = true)]
+    halt_after: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A run folder written by `flowmatch run`.
+    run_dir: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Overwrite an eval file of this solver and step count made with other settings.
+    #[arg(long)]
+    redo_changed: bool,
+}
+
+#[derive(clap::Args)]
+struct ReflowArgs {
+    /// A run folder written by `flowmatch run`.
+    run_dir: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// RUN_DIR/reflow holds a reflow of other settings: discard it and reflow again.
+    #[arg(long)]
+    redo_changed: bool,
+}
+
+#[derive(clap::Args)]
+struct PlotArgs {
+    /// A run folder, a reflow parent folder (with reflow.json) or a sweep folder.
+    run_dir: PathBuf,
+    /// Figures: distributions, trajectories, flow_field, steps_grid, flow (default: all);
+    /// for a sweep folder, metric columns of summary.csv (default: straightness,
+    /// w2_euler_1, w2_euler_100).
+    #[arg(long, value_delimiter = ',')]
+    what: Vec<String>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ClassifierArgs {
+    /// Folder of the MNIST IDX files (scripts/fetch-mnist.sh), or `hub`.
+    #[arg(long, default_value = "data/mnist")]
+    data: String,
+    /// Where to save the weights (a JSON with the test accuracy goes beside them).
+    #[arg(long, default_value = "results/mnist_full_classifier.safetensors")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 3000)]
+    steps: usize,
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Device: cpu, cuda, cuda:N, auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value_t = 65_536)]
+    batch: usize,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    points: usize,
+    /// Euler steps for the sampling benchmark.
+    #[arg(long, default_value_t = 100)]
+    sample_steps: usize,
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// A sweep folder.
+    sweep_dir: PathBuf,
+    /// Refuse plans of more runs than this (as `sweep --max-runs`).
+    #[arg(long, default_value_t = sweep::DEFAULT_MAX_RUNS)]
+    max_runs: usize,
 }
 
 fn sets_of(raw: &[String]) -> Result<Vec<Override>> {
@@ -238,107 +262,49 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     let show = !cli.quiet;
     match cli.cmd {
-        Cmd::Run {
-            config,
-            sets,
-            device,
-            out,
-            redo_changed,
-            halt_after,
-        } => cmd_run(config, sets, device, out, show, redo_changed, halt_after),
-        Cmd::Reflow {
-            run_dir,
-            sets,
-            redo_changed,
-        } => cmd_reflow(run_dir, sets, show, redo_changed),
-        Cmd::Sweep {
-            sweep: file,
-            jobs,
-            shard,
-            sets,
-            out,
-            redo_changed,
-            max_runs,
-            halt_after,
-        } => {
-            let opts = RunOptions {
-                show,
-                on_change: on_change(redo_changed),
-                after_step: halt_hook(halt_after),
-            };
-            cmd_sweep(file, jobs, shard, sets, out, max_runs, opts)
-        }
-        Cmd::Eval {
-            run_dir,
-            sets,
-            redo_changed,
-        } => cmd_eval(run_dir, sets, redo_changed),
-        Cmd::Plot {
-            run_dir,
-            what,
-            sets,
-        } => cmd_plot(run_dir, what, sets),
-        Cmd::Classifier {
-            data,
-            out,
-            steps,
-            batch,
-            lr,
-            seed,
-        } => cmd_classifier(data, out, steps, batch, lr, seed),
-        Cmd::Bench {
-            device,
-            batch,
-            steps,
-            points,
-            sample_steps,
-        } => cmd_bench(device, batch, steps, points, sample_steps),
-        Cmd::Merge {
-            sweep_dir,
-            max_runs,
-        } => {
-            let m = flowmatch_experiments::sweep_report::merge(&sweep_dir, max_runs)?;
-            let planned = m.finished + m.missing.len();
-            say!(
-                "merged {} of {planned} runs into {}/summary.csv and summary.md",
-                m.finished,
-                sweep_dir.display()
-            );
-            if m.missing.is_empty() {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                note!(
-                    "error: {} planned run(s) have no summary yet: {}",
-                    m.missing.len(),
-                    m.missing.join(", ")
-                );
-                Ok(ExitCode::FAILURE)
-            }
-        }
+        Cmd::Run(a) => cmd_run(a, show),
+        Cmd::Reflow(a) => cmd_reflow(a, show),
+        Cmd::Sweep(a) => cmd_sweep(a, show),
+        Cmd::Eval(a) => cmd_eval(a),
+        Cmd::Plot(a) => cmd_plot(a),
+        Cmd::Classifier(a) => cmd_classifier(a),
+        Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Merge(a) => cmd_merge(a),
     }
 }
 
-fn cmd_run(
-    config: PathBuf,
-    sets: Vec<String>,
-    device: Option<String>,
-    out: PathBuf,
-    show: bool,
-    redo_changed: bool,
-    halt_after: Option<usize>,
-) -> Result<ExitCode> {
-    let mut sets = sets_of(&sets)?;
-    if let Some(d) = device {
+fn cmd_merge(a: MergeArgs) -> Result<ExitCode> {
+    let m = flowmatch_experiments::sweep_report::merge(&a.sweep_dir, a.max_runs)?;
+    let planned = m.finished + m.missing.len();
+    say!(
+        "merged {} of {planned} runs into {}/summary.csv and summary.md",
+        m.finished,
+        a.sweep_dir.display()
+    );
+    if m.missing.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    note!(
+        "error: {} planned run(s) have no summary yet: {}",
+        m.missing.len(),
+        m.missing.join(", ")
+    );
+    Ok(ExitCode::FAILURE)
+}
+
+fn cmd_run(a: RunArgs, show: bool) -> Result<ExitCode> {
+    let mut sets = sets_of(&a.sets)?;
+    if let Some(d) = a.device {
         sets.push(Override::new("device", toml::Value::String(d), "--device"));
     }
     let plan = Config::load(&ConfigSource {
-        file: Some(&config),
+        file: Some(&a.config),
         sets: &sets,
     })
     .map_err(|e| anyhow!(e.0))?;
     let exp = Experiment::build(&plan)?;
     runtime::threads_for(&exp);
-    let (dir, lock) = claim_run_dir(&out, &plan.name)?;
+    let (dir, lock) = claim_run_dir(&a.out, &plan.name)?;
     note!(
         "run {} on {} -> {}",
         plan.name,
@@ -347,8 +313,8 @@ fn cmd_run(
     );
     let opts = RunOptions {
         show,
-        on_change: on_change(redo_changed),
-        after_step: halt_hook(halt_after),
+        on_change: on_change(a.redo_changed),
+        after_step: halt_hook(a.halt_after),
     };
     let s = reflow::run_experiment(&exp, &lock, opts)?;
     say!(
@@ -384,14 +350,14 @@ fn cmd_run(
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Result<ExitCode> {
-    let sets = sets_of(&sets)?;
+fn cmd_reflow(a: ReflowArgs, show: bool) -> Result<ExitCode> {
+    let sets = sets_of(&a.sets)?;
     let opts = RunOptions {
         show,
-        on_change: on_change(redo),
+        on_change: on_change(a.redo_changed),
         after_step: None,
     };
-    let (s, parent) = reflow::reflow_finished(&run_dir, sets, opts)?;
+    let (s, parent) = reflow::reflow_finished(&a.run_dir, sets, opts)?;
     say!(
         "{}",
         reflow::table_markdown(s.reflow.as_deref().unwrap_or(&[])).trim_end()
@@ -400,25 +366,24 @@ fn cmd_reflow(run_dir: PathBuf, sets: Vec<String>, show: bool, redo: bool) -> Re
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_sweep(
-    file: PathBuf,
-    jobs: Option<usize>,
-    shard: Option<String>,
-    sets: Vec<String>,
-    out: PathBuf,
-    max_runs: usize,
-    opts: RunOptions,
-) -> Result<ExitCode> {
-    let sets = sets_of(&sets)?;
-    let shard = match shard {
+fn cmd_sweep(a: SweepArgs, show: bool) -> Result<ExitCode> {
+    let opts = RunOptions {
+        show,
+        on_change: on_change(a.redo_changed),
+        after_step: halt_hook(a.halt_after),
+    };
+    let (file, sets) = (&a.sweep, sets_of(&a.sets)?);
+    let shard = match a.shard {
         Some(s) => sweep::parse_shard(&s).map_err(|e| anyhow!(e))?,
         None => (0, 1),
     };
-    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let jobs = a
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if jobs == 0 {
         return Err(anyhow!("--jobs must be at least 1"));
     }
-    let plan = sweep::plan(&file, &sets, max_runs).map_err(|e| {
+    let plan = sweep::plan(file, &sets, a.max_runs).map_err(|e| {
         if signals::stop_requested() {
             anyhow::Error::new(signals::Interrupted {
                 what: format!("planning sweep {}", file.display()),
@@ -435,7 +400,7 @@ fn cmd_sweep(
         shard.1,
         jobs.min(plan.runs.len())
     );
-    let rep = sweep::execute(&plan, &out, jobs, shard, opts)?;
+    let rep = sweep::execute(&plan, &a.out, jobs, shard, opts)?;
     say!(
         "sweep {}: {} ran, {} already finished, {} running elsewhere, {} failed{}",
         plan.name,
@@ -480,9 +445,9 @@ fn cmd_sweep(
     })
 }
 
-fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode> {
-    let sets = sets_of(&sets)?;
-    let (ev, out) = eval::eval_file(&run_dir, &sets, redo)?;
+fn cmd_eval(a: EvalArgs) -> Result<ExitCode> {
+    let sets = sets_of(&a.sets)?;
+    let (ev, out) = eval::eval_file(&a.run_dir, &sets, a.redo_changed)?;
     say!(
         "{} {} steps: W2 {:.4}  MMD {:.3e}  straightness {:.4}  S {:.4}  nfe {}{}",
         ev.solver,
@@ -507,8 +472,8 @@ fn cmd_eval(run_dir: PathBuf, sets: Vec<String>, redo: bool) -> Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<ExitCode> {
-    let sets = sets_of(&sets)?;
+fn cmd_plot(a: PlotArgs) -> Result<ExitCode> {
+    let (run_dir, what, sets) = (a.run_dir, a.what, sets_of(&a.sets)?);
     if run_dir.join("plan.json").is_file() {
         if !sets.is_empty() {
             return Err(anyhow!(
@@ -542,14 +507,15 @@ fn cmd_plot(run_dir: PathBuf, what: Vec<String>, sets: Vec<String>) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_classifier(
-    data: String,
-    out: PathBuf,
-    steps: usize,
-    batch: usize,
-    lr: f64,
-    seed: u64,
-) -> Result<ExitCode> {
+fn cmd_classifier(a: ClassifierArgs) -> Result<ExitCode> {
+    let ClassifierArgs {
+        data,
+        out,
+        steps,
+        batch,
+        lr,
+        seed,
+    } = a;
     if steps == 0 || batch == 0 || !(lr > 0.0 && lr.is_finite()) {
         return Err(anyhow!("classifier: steps, batch and lr must be positive"));
     }
@@ -584,20 +550,14 @@ fn cmd_classifier(
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_bench(
-    device: String,
-    batch: usize,
-    steps: usize,
-    points: usize,
-    sample_steps: usize,
-) -> Result<ExitCode> {
-    let req = device::parse_device(&device).map_err(|e| anyhow!("--device: {e}"))?;
+fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
+    let req = device::parse_device(&a.device).map_err(|e| anyhow!("--device: {e}"))?;
     let (dev, said) = device::open(req).map_err(|e| anyhow!(e))?;
     let spec = bench::BenchSpec {
-        batch,
-        steps,
-        points,
-        sample_steps,
+        batch: a.batch,
+        steps: a.steps,
+        points: a.points,
+        sample_steps: a.sample_steps,
     };
     say!("bench on {said}");
     let report = bench::run(&spec, &dev)?;
