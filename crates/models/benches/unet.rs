@@ -96,6 +96,27 @@ fn conv_kernels(c: &mut Criterion) {
     group.finish();
 }
 
+/// The lesson U-Net's two up-convolutions (k 4, stride 2, padding 1), forward + backward at
+/// batch 64.
+fn conv_transposes(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("conv_transpose_b64");
+    group.sample_size(10);
+    for (ci, co, side) in [(64, 64, 7), (128, 32, 14)] {
+        let x = Tensor::randn(0f32, 1.0, (64, ci, side, side), &dev).unwrap();
+        let x = Var::from_tensor(&x).unwrap();
+        let mut p = flowmatch_models::Params::new(0, &dev);
+        let up = p.conv_transpose("u", ci, co, 4, 2, 1).unwrap();
+        group.bench_function(format!("c{ci}_to_c{co}_{side}x{side}"), |b| {
+            b.iter(|| {
+                let y = up.forward(x.as_tensor()).unwrap();
+                y.sum_all().unwrap().backward().unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
 /// This core's matrix-product ceiling: one 512³ f32 product with the `gemm` crate the
 /// convolutions use (2·512³ flops; `scripts/bench.sh` reports it in GFLOP/s).
 fn gemm_ceiling(c: &mut Criterion) {
@@ -143,5 +164,5 @@ fn config() -> Criterion {
         .measurement_time(std::time::Duration::from_secs(4))
 }
 
-criterion_group! { name = benches; config = config(); targets = unets, pieces, conv_kernels, gemm_ceiling }
+criterion_group! { name = benches; config = config(); targets = unets, pieces, conv_kernels, conv_transposes, gemm_ceiling }
 criterion_main!(benches);

@@ -1,6 +1,8 @@
 //! Transposed convolution (PyTorch's `ConvTranspose2d`) as a CPU custom op with its own
 //! backward. Its forward is the data gradient of a convolution: per sample, one gemm
-//! `Wᵀ · x` into patch columns, folded onto the output by the conv's col2im. Its backward is
+//! `Wᵀ · x` into patch columns, folded onto the output by the conv's col2im; the U-Nets'
+//! upsampling (k 4, stride 2, padding 1) instead runs as four sub-pixel 2×2 convolutions on
+//! the low-resolution map, one per output phase, with no fold (`sub_pixel_forward`). Its backward is
 //! that convolution's forward (dx: unfold dy, one gemm) plus the weight gradient (x · colsᵀ),
 //! samples in parallel with the weight gradient summed in fixed chunks (the same bits for
 //! any thread count). Other devices run candle's `conv_transpose2d`.
@@ -134,6 +136,18 @@ impl CustomOp3 for ConvTransposeOp {
         let (ci, k, l) = (self.c_in, g.rows(), g.cols());
         let n_out = g.c * g.h * g.w;
         let mut out = vec![0f32; b * n_out];
+        if sub_pixel_fits(&g) {
+            let phases = phase_kernels(ci, g.c, ws);
+            out.par_chunks_mut(n_out)
+                .zip(xs.par_chunks(ci * l))
+                .for_each_init(SubPixel::default, |s, (yb, xb)| {
+                    for (plane, &bv) in yb.chunks_exact_mut(g.h * g.w).zip(bias) {
+                        plane.fill(bv);
+                    }
+                    sub_pixel_forward((ci, g.c), g.out_hw(), xb, &phases, yb, s);
+                });
+            return Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))));
+        }
         out.par_chunks_mut(n_out)
             .zip(xs.par_chunks(ci * l))
             .for_each_init(
@@ -167,6 +181,93 @@ impl CustomOp3 for ConvTransposeOp {
             },
         )?;
         unpack_grads(&packed, [x, w, bias])
+    }
+}
+
+/// Whether a transposed conv runs as four sub-pixel convolutions: k 4, stride 2, padding 1.
+/// Output pixel `(2m + a, 2n + b)` then reads the input rows `m − 1 + a + d` and columns
+/// `n − 1 + b + e` (`d, e ∈ {0, 1}`) through the weight's tap `(3 − a − 2d, 3 − b − 2e)`: for
+/// each phase `(a, b)`, a 2×2 conv of the input padded by 1.
+fn sub_pixel_fits(g: &Geometry) -> bool {
+    g.k == 4 && g.stride == 2 && g.pad == 1
+}
+
+/// The four phases' kernels, each `(C_out, C_in·2·2)`, of a `(C_in, C_out, 4, 4)` weight.
+fn phase_kernels(ci: usize, co: usize, w: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; 4 * co * ci * 4];
+    for (at, v) in out.iter_mut().enumerate() {
+        let (phase, o, c, d, e) = (
+            at / (co * ci * 4),
+            at / (ci * 4) % co,
+            at / 4 % ci,
+            at / 2 % 2,
+            at % 2,
+        );
+        let (i, j) = (3 - phase / 2 - 2 * d, 3 - phase % 2 - 2 * e);
+        *v = w[((c * co + o) * 4 + i) * 4 + j];
+    }
+    out
+}
+
+/// Reused buffers of one worker of [`sub_pixel_forward`].
+#[derive(Default)]
+struct SubPixel {
+    /// The input padded by 1 (`C_in` planes of `(H + 2) × (W + 2)` and 2 floats of slack); its
+    /// border, zeroed when the buffer is made, is never written.
+    x: Vec<f32>,
+    cols: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// One sample of a k-4, stride-2, padding-1 transposed conv: `y` (`C_out × 2H × 2W`, holding
+/// the bias) `+=` the four phases, each one gemm on the input `x` (`C_in × H × W`) unfolded by
+/// its 2×2 taps in the padded layout (rows `W + 2` wide; the 2 columns past each row are
+/// scratch).
+fn sub_pixel_forward(
+    (ci, co): (usize, usize),
+    (h, w): (usize, usize),
+    x: &[f32],
+    phases: &[f32],
+    y: &mut [f32],
+    s: &mut SubPixel,
+) {
+    let (hp, wp) = (h + 2, w + 2);
+    let (plane, span, taps) = (hp * wp, h * wp, ci * 4);
+    s.x.resize(ci * plane + 2, 0.0);
+    for (c, rows) in x.chunks_exact(h * w).enumerate() {
+        for (r, src) in rows.chunks_exact(w).enumerate() {
+            let at = c * plane + (r + 1) * wp + 1;
+            s.x[at..at + w].copy_from_slice(src);
+        }
+    }
+    s.cols.resize(taps * span, 0.0);
+    s.y.resize(co * span, 0.0);
+    for (phase, kernel) in phases.chunks_exact(co * taps).enumerate() {
+        let (a, b) = (phase / 2, phase % 2);
+        for (r, row) in s.cols.chunks_exact_mut(span).enumerate() {
+            let (c, d, e) = (r / 4, r / 2 % 2, r % 2);
+            let at = c * plane + (a + d) * wp + b + e;
+            row.copy_from_slice(&s.x[at..at + span]);
+        }
+        matmul(
+            (co, span, taps),
+            &mut s.y,
+            false,
+            kernel,
+            (taps, 1),
+            &s.cols,
+            (span, 1),
+            1,
+        );
+        // Phase (a, b) is every other pixel from (a, b) of each output plane.
+        for (out, res) in y.chunks_exact_mut(4 * h * w).zip(s.y.chunks_exact(span)) {
+            for (m, src) in res.chunks_exact(wp).enumerate() {
+                let row = &mut out[(2 * m + a) * 2 * w..][..2 * w];
+                for (d, v) in row[b..].iter_mut().step_by(2).zip(&src[..w]) {
+                    *d += v;
+                }
+            }
+        }
     }
 }
 
@@ -242,10 +343,13 @@ mod tests {
     #[test]
     fn matches_candle_conv_transpose2d_forward_and_gradients() {
         let dev = Device::Cpu;
-        // The lesson's up-convolutions (k 4, s 2, p 1), odd and even maps, and stride 1.
+        // The lesson's up-convolutions (k 4, s 2, p 1: sub-pixel), odd and even maps, one
+        // channel, and other geometries (col2im).
         for (k, s, p, hw, ci, co) in [
             (4, 2, 1, 7, 6, 4),
             (4, 2, 1, 14, 8, 3),
+            (4, 2, 1, 1, 1, 1),
+            (4, 2, 1, 3, 1, 5),
             (3, 2, 1, 5, 3, 5),
             (3, 1, 1, 6, 4, 4),
             (2, 2, 0, 4, 2, 3),
