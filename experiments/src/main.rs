@@ -126,12 +126,19 @@ struct SweepArgs {
     halt_after: Option<usize>,
 }
 
+/// A finished run folder and the keys set over its config (`eval`, `reflow`).
 #[derive(clap::Args)]
-struct EvalArgs {
+struct RunDirArgs {
     /// A run folder written by `flowmatch run`.
     run_dir: PathBuf,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    dir: RunDirArgs,
     /// Overwrite an eval file of this solver and step count made with other settings.
     #[arg(long)]
     redo_changed: bool,
@@ -139,10 +146,8 @@ struct EvalArgs {
 
 #[derive(clap::Args)]
 struct ReflowArgs {
-    /// A run folder written by `flowmatch run`.
-    run_dir: PathBuf,
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    sets: Vec<String>,
+    #[command(flatten)]
+    dir: RunDirArgs,
     /// RUN_DIR/reflow holds a reflow of other settings: discard it and reflow again.
     #[arg(long)]
     redo_changed: bool,
@@ -351,13 +356,13 @@ fn cmd_run(a: RunArgs, show: bool) -> Result<ExitCode> {
 }
 
 fn cmd_reflow(a: ReflowArgs, show: bool) -> Result<ExitCode> {
-    let sets = sets_of(&a.sets)?;
+    let sets = sets_of(&a.dir.sets)?;
     let opts = RunOptions {
         show,
         on_change: on_change(a.redo_changed),
         after_step: None,
     };
-    let (s, parent) = reflow::reflow_finished(&a.run_dir, sets, opts)?;
+    let (s, parent) = reflow::reflow_finished(&a.dir.run_dir, sets, opts)?;
     say!(
         "{}",
         reflow::table_markdown(s.reflow.as_deref().unwrap_or(&[])).trim_end()
@@ -446,8 +451,8 @@ fn cmd_sweep(a: SweepArgs, show: bool) -> Result<ExitCode> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<ExitCode> {
-    let sets = sets_of(&a.sets)?;
-    let (ev, out) = eval::eval_file(&a.run_dir, &sets, a.redo_changed)?;
+    let sets = sets_of(&a.dir.sets)?;
+    let (ev, out) = eval::eval_file(&a.dir.run_dir, &sets, a.redo_changed)?;
     say!(
         "{} {} steps: W2 {:.4}  MMD {:.3e}  straightness {:.4}  S {:.4}  nfe {}{}",
         ev.solver,
