@@ -95,11 +95,10 @@ struct Loop<'a> {
     rng: Rng,
     /// The losses read so far (the last 100 make `final_loss`).
     recent: Vec<f32>,
-    /// On an accelerator: the losses not read yet, with their steps. They are read in one
-    /// transfer when logged, checkpointed or at the end, so that steps do not wait for the
-    /// host; on the CPU each step's loss is read (and checked) at once.
+    /// On an accelerator: the losses not read yet, of the steps up to the current one. They
+    /// are read in one transfer when logged, checkpointed or at the end, so that steps do not
+    /// wait for the host; on the CPU each step's loss is read (and checked) at once.
     pending: Vec<Tensor>,
-    pending_steps: Vec<usize>,
     progress: Vec<ProgressRow>,
     log: RunLog,
     /// The step this process started after.
@@ -151,7 +150,6 @@ impl<'a> Loop<'a> {
             rng,
             recent,
             pending: vec![],
-            pending_steps: vec![],
             progress,
             log,
             start,
@@ -169,18 +167,17 @@ impl<'a> Loop<'a> {
         } else {
             self.pending
                 .push(self.trainer.step_deferred(&mut self.rng)?);
-            self.pending_steps.push(step);
         }
         Ok(())
     }
 
-    /// The losses kept on the device, read in one transfer and checked.
+    /// The losses kept on the device (those of the steps up to `step`), read in one transfer
+    /// and checked.
     fn read_pending(&mut self, step: usize) -> Result<()> {
-        let read = read_losses(&self.pending, &self.pending_steps);
+        let read = read_losses(&self.pending, step + 1 - self.pending.len());
         let losses = self.checked_loss(step, read)?;
         self.recent.extend(losses);
         self.pending.clear();
-        self.pending_steps.clear();
         Ok(())
     }
 

@@ -370,17 +370,18 @@ impl Trainer {
     }
 }
 
-/// Reads the losses of [`Trainer::step_deferred`], taken at `steps`, in one transfer: their
-/// values in order, or the first non-finite one as [`LossError::NonFiniteLoss`] with its step.
-pub fn read_losses(losses: &[Tensor], steps: &[usize]) -> Result<Vec<f32>, LossError> {
+/// Reads the losses of [`Trainer::step_deferred`], of consecutive steps from `first_step` on,
+/// in one transfer: their values in order, or the first non-finite one as
+/// [`LossError::NonFiniteLoss`] with its step.
+pub fn read_losses(losses: &[Tensor], first_step: usize) -> Result<Vec<f32>, LossError> {
     if losses.is_empty() {
         return Ok(vec![]);
     }
     let values = Tensor::stack(losses, 0)?
         .to_dtype(candle_core::DType::F32)?
         .to_vec1::<f32>()?;
-    match values.iter().zip(steps).find(|(v, _)| !v.is_finite()) {
-        Some((&v, &step)) => Err(LossError::NonFiniteLoss(v, step)),
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(LossError::NonFiniteLoss(values[i], first_step + i)),
         None => Ok(values),
     }
 }
@@ -630,11 +631,10 @@ mod tests {
         let pending: Vec<Tensor> = (0..6)
             .map(|_| deferred.step_deferred(&mut r2).unwrap())
             .collect();
-        let steps: Vec<usize> = (1..=6).collect();
-        assert_eq!(read_losses(&pending, &steps).unwrap(), want);
+        assert_eq!(read_losses(&pending, 1).unwrap(), want);
         assert_eq!(deferred.steps_done(), 6);
         assert_eq!(flat_weights(plain.model()), flat_weights(deferred.model()));
-        assert!(read_losses(&[], &[]).unwrap().is_empty());
+        assert!(read_losses(&[], 1).unwrap().is_empty());
         // A non-finite loss is named with its step.
         let dev = Device::Cpu;
         let bad = [
@@ -642,7 +642,7 @@ mod tests {
             Tensor::new(f32::NAN, &dev).unwrap(),
             Tensor::new(f32::INFINITY, &dev).unwrap(),
         ];
-        match read_losses(&bad, &[7, 8, 9]) {
+        match read_losses(&bad, 7) {
             Err(LossError::NonFiniteLoss(v, 8)) => assert!(v.is_nan()),
             other => panic!("expected the NaN of step 8, got {other:?}"),
         }
