@@ -177,7 +177,8 @@ enum Path {
     Pointwise,
     /// Stride 1, at most [`padded::MAX_DIRECT_OUT`] output channels: tap by tap.
     Direct,
-    /// Stride 1: unfolded on the padded layout (long copies), one gemm.
+    /// Stride 1, on the padded layout: the direct kernels (AVX2), else unfolded (long
+    /// copies) and one gemm (`conv_padded`).
     Padded,
     /// Stride 2 and more: unfolded by runs of taps, one gemm, folded back by col2im.
     Strided,
@@ -260,6 +261,10 @@ impl CustomOp3 for ConvOp {
             winograd::forward(&g, b, o, xs, ws, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((b, o, ho, wo))));
         }
+        let wp = match path {
+            Path::Padded => padded::pack(o, g.rows(), ws),
+            _ => vec![],
+        };
         out.par_chunks_mut(o * l)
             .zip(xs.par_chunks(n_in))
             .enumerate()
@@ -286,7 +291,7 @@ impl CustomOp3 for ConvOp {
                     }
                     if matches!(path, Path::Direct | Path::Padded) {
                         let taps = path == Path::Direct;
-                        return padded::forward(&g, o, taps, (xb, ws), yb, scratch);
+                        return padded::forward(&g, o, taps, (xb, ws, &wp), yb, scratch);
                     }
                     let cols: &[f32] = if path == Path::Pointwise {
                         xb
@@ -398,6 +403,7 @@ impl CustomOp3 for ConvGrad {
             Path::Padded if want_dx => padded::flip_transpose(&g, o, false, ws),
             _ => vec![],
         };
+        let wtp = padded::pack(g.c, o * g.k * g.k, &wt);
         // Per chunk of samples: dx (its own slice), and partial dW and db (db per sample with a
         // per-sample bias).
         let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
@@ -424,7 +430,7 @@ impl CustomOp3 for ConvGrad {
                     };
                     if matches!(path, Path::Direct | Path::Padded) {
                         let (taps, s) = (path == Path::Direct, &mut scratch);
-                        padded::backward(&g, o, taps, (xb, ws, &wt, dyb), (dxb, dw, db), s);
+                        padded::backward(&g, o, taps, (xb, ws, &wt, &wtp, dyb), (dxb, dw, db), s);
                         continue;
                     }
                     let colsb: &[f32] = if path == Path::Pointwise {
@@ -571,13 +577,14 @@ mod tests {
             (1, 64, 64, 7),
             (2, 64, 128, 7),
             (3, 3, 8, 5),
+            (1, 3, 5, 12),
             (1, 1, 5, 9),
             (2, 4, 6, 1),
         ];
-        // Both kernels of a 3×3 stride-1 conv: the padded gemm (whose data gradient is a conv)
+        // Both kernels of a 3×3 stride-1 conv: the padded one (direct, whose data gradient is a conv)
         // and Winograd.
         for ((b, c, o, hw), wino) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
-            let kernel = if wino { "winograd" } else { "padded gemm" };
+            let kernel = if wino { "winograd" } else { "padded direct" };
             let x = Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev).unwrap();
             let x = Var::from_tensor(&x).unwrap();
             let w = Tensor::randn(0f32, 0.3, (o, c, 3, 3), &dev).unwrap();
@@ -630,7 +637,7 @@ mod tests {
                 );
             }
         }
-        for (kernel, [v, g]) in ["padded gemm", "winograd"].iter().zip(worst) {
+        for (kernel, [v, g]) in ["padded direct", "winograd"].iter().zip(worst) {
             eprintln!(
                 "{kernel}: largest error {v:.2e} (values against f64), {g:.2e} (gradients \
                  against candle), of the largest value"

@@ -6,12 +6,16 @@
 //!   writes `C·k²` rows per pixel for a product with one row, so each tap is instead a single
 //!   long `y += w·x`; the backward runs the same shifts (dx as the adjoint `axpy`s, dW as dot
 //!   products against the gradient laid out the same way, its scratch columns zero).
-//! - Otherwise, unfolding is one copy of `H'·Wp` values per row (no short runs, no padding
-//!   tests) for a gemm `Wp / W'` wider. The data gradient of such a conv is itself a stride-1
-//!   conv: of `dy`, padded by `k − 1 − pad`, with the flipped kernel whose in and out channels
-//!   are swapped ([`flip_transpose`]). It runs the same way, so its gemm sums over `O·k²`
-//!   rather than `O` and nothing is folded back.
+//! - Otherwise, with AVX2, the direct kernels (`conv_direct`) read the shifted slices in
+//!   place: the forward, the data gradient, which is itself a stride-1 conv (of `dy`, padded
+//!   by `k − 1 − pad`, with the flipped kernel whose in and out channels are swapped:
+//!   [`flip_transpose`]), and, on maps of at least `MIN_GRAD_SPAN` pixels, the weight
+//!   gradient. Nothing is unfolded or folded back.
+//! - Elsewhere (and for the weight gradient of small maps), unfolding is one copy of `H'·Wp`
+//!   values per row (no short runs, no padding tests) for a gemm `Wp / W'` wider; the data
+//!   gradient's conv runs the same way, its gemm summing over `O·k²` rather than `O`.
 
+use super::conv_direct::{self, SLACK};
 use super::cpu::matmul;
 use super::geometry::Geometry;
 
@@ -53,7 +57,22 @@ impl Padded {
     }
 
     fn len(&self, c: usize, k: usize) -> usize {
-        c * self.plane() + k
+        c * self.plane() + k + SLACK
+    }
+
+    /// The direct kernel's view of a sample in this layout.
+    fn shape<'a>(&self, c: usize, offsets: &'a [usize]) -> conv_direct::Shape<'a> {
+        conv_direct::Shape {
+            c,
+            plane: self.plane(),
+            offsets,
+            span: self.span(),
+        }
+    }
+
+    /// The taps' offsets `i·Wp + j` of a `k×k` kernel.
+    fn offsets(&self, k: usize) -> Vec<usize> {
+        (0..k * k).map(|t| t / k * self.wp + t % k).collect()
     }
 }
 
@@ -122,27 +141,39 @@ pub(crate) fn flip_transpose(g: &Geometry, o: usize, taps: bool, w: &[f32]) -> V
     wt
 }
 
-/// `dy` (`O × H' × W'`) into `dst` in the `Wp`-wide layout, zero in the scratch columns (never
-/// written, as the border in `pad_into`); adds its row sums to `db`.
-fn widen(p: &Padded, o: usize, dy: &[f32], dst: &mut Vec<f32>, db: &mut [f32]) {
-    dst.resize(o * p.span(), 0.0);
-    for (r, (src, row)) in dy
-        .chunks_exact(p.wo)
-        .zip(dst.chunks_exact_mut(p.wp))
-        .enumerate()
-    {
-        row[..p.wo].copy_from_slice(src);
-        db[r / p.ho] += src.iter().sum::<f32>();
+/// `dy` (`O × H' × W'`) into `dst` in the `Wp`-wide layout, `stride` floats per channel, zero
+/// in the scratch columns and past the span (never written, as the border in `pad_into`);
+/// adds its row sums to `db`.
+fn widen(p: &Padded, o: usize, stride: usize, dy: &[f32], dst: &mut Vec<f32>, db: &mut [f32]) {
+    dst.resize(o * stride, 0.0);
+    let planes = dy.chunks_exact(p.ho * p.wo).zip(dst.chunks_exact_mut(stride));
+    for ((plane, out), d) in planes.zip(db) {
+        for (src, row) in plane.chunks_exact(p.wo).zip(out.chunks_exact_mut(p.wp)) {
+            row[..p.wo].copy_from_slice(src);
+            *d += src.iter().sum::<f32>();
+        }
+    }
+}
+
+/// The weights of a conv on the padded layout as its kernels read them: packed into the
+/// direct kernel's panels where it runs (empty otherwise), for the forward's `w` and the data
+/// gradient's [`flip_transpose`]d one.
+pub(crate) fn pack(o: usize, inner: usize, w: &[f32]) -> Vec<f32> {
+    if conv_direct::available() && !w.is_empty() {
+        conv_direct::pack(o, inner, w)
+    } else {
+        vec![]
     }
 }
 
 /// One sample's forward on the padded layout: `y` (`O × H' × W'`, holding the bias) `+=`
-/// the conv, tap by tap (`taps`) or as one gemm on the unfolded sample.
+/// the conv, tap by tap (`taps`), by the direct kernel (with the [`pack`]ed weights `wp`), or
+/// as one gemm on the unfolded sample.
 pub(crate) fn forward(
     g: &Geometry,
     o: usize,
     taps: bool,
-    (x, w): (&[f32], &[f32]),
+    (x, w, wp): (&[f32], &[f32], &[f32]),
     y: &mut [f32],
     s: &mut Scratch,
 ) {
@@ -150,6 +181,11 @@ pub(crate) fn forward(
     if taps {
         pad_into(g, &p, x, &mut s.x);
         forward_taps(g, &p, o, w, s);
+    } else if !wp.is_empty() {
+        pad_into(g, &p, x, &mut s.x);
+        s.y.resize(o * p.span(), 0.0);
+        let offsets = p.offsets(g.k);
+        conv_direct::forward(&p.shape(g.c, &offsets), o, wp, &s.x, &mut s.y);
     } else {
         unfold(g, &p, x, s);
         gemm_into(g, &p, o, w, &s.cols, &mut s.y);
@@ -159,33 +195,60 @@ pub(crate) fn forward(
 
 /// One sample's backward on the padded layout: `dw += dy ⋆ x`, `db += Σ dy`, and, when asked,
 /// `dx += Wᵀ ⋆ dy`; tap by tap (`taps`) or by gemms on the unfolded sample. `wt` is
-/// [`flip_transpose`] of `w`: when it is there, `dx` is the conv of `dy` with it.
+/// [`flip_transpose`] of `w`: when it is there, `dx` is the conv of `dy` with it, by the
+/// direct kernel where `wtp` ([`pack`] of `wt`) is there.
 pub(crate) fn backward(
     g: &Geometry,
     o: usize,
     taps: bool,
-    (x, w, wt, dy): (&[f32], &[f32], &[f32], &[f32]),
+    (x, w, wt, wtp, dy): (&[f32], &[f32], &[f32], &[f32], &[f32]),
     (dx, dw, db): (Option<&mut [f32]>, &mut [f32], &mut [f32]),
     s: &mut Scratch,
 ) {
     let p = Padded::of(g);
-    widen(&p, o, dy, &mut s.y, db);
+    // The direct kernels where they serve the whole backward (dx, if asked, as a conv) and
+    // the map is large enough for the weight gradient's sums (else unfold + gemm for dW).
+    let direct = !taps
+        && conv_direct::available()
+        && p.span() >= conv_direct::MIN_GRAD_SPAN
+        && (dx.is_none() || !wtp.is_empty());
+    let stride = if direct {
+        p.span().next_multiple_of(conv_direct::GRAD_LANES)
+    } else {
+        p.span()
+    };
+    widen(&p, o, stride, dy, &mut s.y, db);
     if taps {
         pad_into(g, &p, x, &mut s.x);
         backward_taps(g, &p, w, dw, dx, s);
         return;
     }
-    unfold(g, &p, x, s);
+    if direct {
+        pad_into(g, &p, x, &mut s.x);
+        let offsets = p.offsets(g.k);
+        conv_direct::weight_grad(&p.shape(g.c, &offsets), o, (&s.y, stride), &s.x, dw);
+    } else {
+        unfold(g, &p, x, s);
+    }
     match (dx, transposed(g, o)) {
         (Some(dx), Some(gt)) if !wt.is_empty() => {
-            backward_gemm(g, &p, o, w, dw, None, s);
+            if !direct {
+                backward_gemm(g, &p, o, w, dw, None, s);
+            }
             let pt = Padded::of(&gt);
             pad_into(&gt, &pt, dy, &mut s.dy);
-            unfold_padded(&gt, &pt, &s.dy, &mut s.cols);
             // Into `s.dx`: `s.y` keeps its zero scratch columns for the next sample's `widen`.
-            gemm_into(&gt, &pt, g.c, wt, &s.cols, &mut s.dx);
+            if wtp.is_empty() {
+                unfold_padded(&gt, &pt, &s.dy, &mut s.cols);
+                gemm_into(&gt, &pt, g.c, wt, &s.cols, &mut s.dx);
+            } else {
+                s.dx.resize(g.c * pt.span(), 0.0);
+                let offsets = pt.offsets(gt.k);
+                conv_direct::forward(&pt.shape(o, &offsets), g.c, wtp, &s.dy, &mut s.dx);
+            }
             narrow_add(&pt, &s.dx, dx);
         }
+        (None, _) if direct => {}
         (dx, _) => backward_gemm(g, &p, o, w, dw, dx, s),
     }
 }

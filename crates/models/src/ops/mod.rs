@@ -6,7 +6,8 @@
 //! - [`linear`]: `Linear`, and `Linear` + activation as one op.
 //! - [`dense`]: an MLP's layers chained in register tiles, for sampling (no gradient).
 //! - [`conv`]: the U-Nets' convolutions (unfold + gemm, backward by col2im); stride 1 on the
-//!   padded layout, and tap by tap for a few outputs (`conv_padded`).
+//!   padded layout by direct AVX2 kernels (`conv_direct`), and tap by tap for a few outputs
+//!   (`conv_padded`).
 //! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (gemm + col2im).
 //! - `upconv`: a 3×3 conv of a ×2-upsampled map, at the low resolution (`Conv::forward_upsampled`).
 //! - [`norm`]: GroupNorm + SiLU.
@@ -15,6 +16,7 @@
 
 pub mod activation;
 pub mod conv;
+mod conv_direct;
 mod conv_padded;
 pub mod conv_transpose;
 pub(crate) mod cpu;

@@ -1,0 +1,218 @@
+//! A direct kernel for stride-1 convs on the padded layout (`conv_padded`): no unfolding.
+//!
+//! On the `Wp`-wide padded sample, tap `(i, j)` of the output pixels `q..q + 16` is the 16
+//! consecutive inputs from `c·Hp·Wp + i·Wp + j + q` on. So a register tile of 6 output
+//! channels × 16 pixels (12 AVX2 accumulators) sums over every `(c, i, j)` with two unaligned
+//! loads straight from the padded sample and six broadcast weights: the same 12 fused
+//! multiply-adds per step as a gemm's 16 × 6 microkernel, without the `C·k²`-row unfolded copy
+//! that the gemm needs and then packs again.
+//!
+//! The weights are packed once per op into panels of 6 output channels (`pack`). Each sum runs
+//! over `(c, i, j)` in order with one fused multiply-add per term, from zero, per sample, so
+//! the bits do not depend on the thread count.
+
+/// Output channels per register tile.
+const ROWS: usize = 6;
+/// Output pixels per register tile (two AVX2 vectors).
+const LANES: usize = 16;
+/// Floats past the padded planes and their `k` floats of slack that the last tile's loads may
+/// reach (its lanes past the output are never stored).
+pub(crate) const SLACK: usize = LANES;
+
+/// Whether the direct kernel runs on this CPU (x86-64 with AVX2 and FMA).
+pub(crate) fn available() -> bool {
+    super::activation::has_avx2()
+}
+
+/// The weights `(O, C, k, k)` in panels of [`ROWS`] output channels: panel `p` holds, for
+/// every `(c, i, j)` in order, the `ROWS` weights of channels `6p..6p + 6` (zero past `O`).
+pub(crate) fn pack(o: usize, inner: usize, w: &[f32]) -> Vec<f32> {
+    let panels = o.div_ceil(ROWS);
+    let mut out = vec![0f32; panels * inner * ROWS];
+    for oc in 0..o {
+        let (p, r) = (oc / ROWS, oc % ROWS);
+        for t in 0..inner {
+            out[(p * inner + t) * ROWS + r] = w[oc * inner + t];
+        }
+    }
+    out
+}
+
+/// The layout the kernel reads and writes: `c` input planes of `plane` floats, taps at
+/// `offsets` (`i·Wp + j`), `span` output pixels per channel (`H'·Wp`).
+pub(crate) struct Shape<'a> {
+    pub(crate) c: usize,
+    pub(crate) plane: usize,
+    pub(crate) offsets: &'a [usize],
+    pub(crate) span: usize,
+}
+
+/// `y` (`O × span`) `=` the conv of the padded sample `xp` (its planes, `k` floats of slack
+/// and [`SLACK`] more) with the packed weights `wp` of `o` output channels.
+pub(crate) fn forward(s: &Shape, o: usize, wp: &[f32], xp: &[f32], y: &mut [f32]) {
+    let inner = s.c * s.offsets.len();
+    let last = s.offsets.iter().max().copied().unwrap_or(0);
+    let reach = (s.c.max(1) - 1) * s.plane + last + s.span.div_ceil(LANES) * LANES;
+    assert!(available() && wp.len() >= o.div_ceil(ROWS) * inner * ROWS);
+    assert!(xp.len() >= reach && y.len() >= o * s.span);
+    for (p, rows) in y[..o * s.span].chunks_mut(ROWS * s.span).enumerate() {
+        let panel = &wp[p * inner * ROWS..(p + 1) * inner * ROWS];
+        let nr = rows.len() / s.span;
+        let mut q = 0;
+        while q < s.span {
+            let n = LANES.min(s.span - q);
+            // SAFETY: AVX2 and FMA are checked (`available`). The loads reach below
+            // `(C − 1)·plane + max offset + q + 16 ≤ reach`; the stores cover `nr` rows of
+            // `n` pixels from `q`.
+            unsafe { tile_avx2(s, panel, xp, q, rows, nr, n) };
+            q += LANES;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(
+    s: &Shape,
+    panel: &[f32],
+    xp: &[f32],
+    q: usize,
+    y: &mut [f32],
+    nr: usize,
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+    let mut wq = panel.as_ptr();
+    let x0 = xp.as_ptr().add(q);
+    for ch in 0..s.c {
+        let xc = x0.add(ch * s.plane);
+        for &t in s.offsets {
+            let a = _mm256_loadu_ps(xc.add(t));
+            let b = _mm256_loadu_ps(xc.add(t + 8));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let wv = _mm256_broadcast_ss(&*wq.add(r));
+                acc[0] = _mm256_fmadd_ps(wv, a, acc[0]);
+                acc[1] = _mm256_fmadd_ps(wv, b, acc[1]);
+            }
+            wq = wq.add(ROWS);
+        }
+    }
+    let span = y.len() / nr;
+    for (r, acc) in acc.iter().enumerate().take(nr) {
+        let dst = y.as_mut_ptr().add(r * span + q);
+        if n == LANES {
+            _mm256_storeu_ps(dst, acc[0]);
+            _mm256_storeu_ps(dst.add(8), acc[1]);
+        } else {
+            let mut tmp = [0f32; LANES];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_avx2(_: &Shape, _: &[f32], _: &[f32], _: usize, _: &mut [f32], _: usize, _: usize) {
+    unreachable!("the direct kernel runs only where `available` holds")
+}
+
+/// Output channels per weight-gradient tile.
+const GRAD_ROWS: usize = 4;
+/// Taps per weight-gradient tile.
+const GRAD_TAPS: usize = 3;
+/// Pixels per step of the weight gradient's sums (one AVX2 vector).
+pub(crate) const GRAD_LANES: usize = 8;
+/// The fewest pixels of the `Wp`-wide span for which [`weight_grad`] runs: below it (a 7×7
+/// map's 63), its 12 folds per tile cost more than the unfolded gemm (measured: c64 and
+/// c128 at 7×7 ran 10–20 % slower; at 14×14 and 28×28, 5–25 % faster).
+pub(crate) const MIN_GRAD_SPAN: usize = 128;
+
+/// `dw` (`O × C·taps`) `+=` the weight gradient of one sample: `Σ_q dy[o, q] · xp[c·plane +
+/// offsets[t] + q]`. `dy` has `o` rows of `stride` floats (a multiple of [`GRAD_LANES`], at
+/// least the span, zero past each row's pixels and in its scratch columns).
+///
+/// A tile of 4 output channels × 3 taps keeps 12 vector sums over the pixels, 8 at a time
+/// (lane `l` sums the pixels `≡ l mod 8` in order), folded to one number each in a fixed tree
+/// at the end of the sample.
+pub(crate) fn weight_grad(
+    s: &Shape,
+    o: usize,
+    (dy, stride): (&[f32], usize),
+    xp: &[f32],
+    dw: &mut [f32],
+) {
+    let taps = s.offsets.len();
+    let inner = s.c * taps;
+    let last = s.offsets.iter().max().copied().unwrap_or(0);
+    assert!(available() && stride % GRAD_LANES == 0 && stride >= s.span);
+    assert!(dy.len() >= o * stride && dw.len() >= o * inner);
+    assert!(xp.len() >= (s.c.max(1) - 1) * s.plane + last + stride);
+    let zero = vec![0f32; stride];
+    for ob in (0..o).step_by(GRAD_ROWS) {
+        let rows: [&[f32]; GRAD_ROWS] = std::array::from_fn(|r| {
+            let oc = ob + r;
+            if oc < o {
+                &dy[oc * stride..(oc + 1) * stride]
+            } else {
+                &zero[..]
+            }
+        });
+        for ch in 0..s.c {
+            for t0 in (0..taps).step_by(GRAD_TAPS) {
+                let offs: [usize; GRAD_TAPS] =
+                    std::array::from_fn(|j| ch * s.plane + s.offsets[(t0 + j).min(taps - 1)]);
+                // SAFETY: AVX2 and FMA are checked (`available`); every row has `stride`
+                // floats, and each `x` read ends below `(C − 1)·plane + last + stride`.
+                let sums = unsafe { grad_tile_avx2(rows, offs, xp, stride / GRAD_LANES) };
+                for (r, row) in sums.iter().enumerate().take(o - ob) {
+                    for (j, v) in row.iter().enumerate().take(taps - t0) {
+                        dw[(ob + r) * inner + ch * taps + t0 + j] += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_tile_avx2(
+    rows: [&[f32]; GRAD_ROWS],
+    offs: [usize; GRAD_TAPS],
+    xp: &[f32],
+    steps: usize,
+) -> [[f32; GRAD_TAPS]; GRAD_ROWS] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); GRAD_TAPS]; GRAD_ROWS];
+    let x = offs.map(|t| xp.as_ptr().add(t));
+    let d = rows.map(|r| r.as_ptr());
+    for step in 0..steps {
+        let q = step * GRAD_LANES;
+        let xv = x.map(|p| _mm256_loadu_ps(p.add(q)));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let dv = _mm256_loadu_ps(d[r].add(q));
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(dv, xv[j], *a);
+            }
+        }
+    }
+    acc.map(|row| {
+        row.map(|v| {
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+        })
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn grad_tile_avx2(
+    _: [&[f32]; GRAD_ROWS],
+    _: [usize; GRAD_TAPS],
+    _: &[f32],
+    _: usize,
+) -> [[f32; GRAD_TAPS]; GRAD_ROWS] {
+    unreachable!("the direct kernel runs only where `available` holds")
+}
