@@ -404,6 +404,11 @@ impl CustomOp3 for ConvGrad {
             _ => vec![],
         };
         let wtp = padded::pack(g.c, o * g.k * g.k, &wt);
+        let weights = padded::Weights {
+            w: ws,
+            wt: &wt,
+            wtp: &wtp,
+        };
         // Per chunk of samples: dx (its own slice), and partial dW and db (db per sample with a
         // per-sample bias).
         let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
@@ -430,7 +435,7 @@ impl CustomOp3 for ConvGrad {
                     };
                     if matches!(path, Path::Direct | Path::Padded) {
                         let (taps, s) = (path == Path::Direct, &mut scratch);
-                        padded::backward(&g, o, taps, (xb, ws, &wt, &wtp, dyb), (dxb, dw, db), s);
+                        padded::backward(&g, o, taps, (xb, &weights, dyb), (dxb, dw, db), s);
                         continue;
                     }
                     let colsb: &[f32] = if path == Path::Pointwise {

@@ -146,7 +146,9 @@ pub(crate) fn flip_transpose(g: &Geometry, o: usize, taps: bool, w: &[f32]) -> V
 /// adds its row sums to `db`.
 fn widen(p: &Padded, o: usize, stride: usize, dy: &[f32], dst: &mut Vec<f32>, db: &mut [f32]) {
     dst.resize(o * stride, 0.0);
-    let planes = dy.chunks_exact(p.ho * p.wo).zip(dst.chunks_exact_mut(stride));
+    let planes = dy
+        .chunks_exact(p.ho * p.wo)
+        .zip(dst.chunks_exact_mut(stride));
     for ((plane, out), d) in planes.zip(db) {
         for (src, row) in plane.chunks_exact(p.wo).zip(out.chunks_exact_mut(p.wp)) {
             row[..p.wo].copy_from_slice(src);
@@ -193,18 +195,28 @@ pub(crate) fn forward(
     narrow_add(&p, &s.y, y);
 }
 
+/// A conv's weights as its backward reads them: `w`; `wt`, [`flip_transpose`] of `w` (empty
+/// where the data gradient is not a conv); `wtp`, [`pack`] of `wt` (empty where the direct
+/// kernel does not run).
+#[derive(Clone, Copy)]
+pub(crate) struct Weights<'a> {
+    pub(crate) w: &'a [f32],
+    pub(crate) wt: &'a [f32],
+    pub(crate) wtp: &'a [f32],
+}
+
 /// One sample's backward on the padded layout: `dw += dy ⋆ x`, `db += Σ dy`, and, when asked,
-/// `dx += Wᵀ ⋆ dy`; tap by tap (`taps`) or by gemms on the unfolded sample. `wt` is
-/// [`flip_transpose`] of `w`: when it is there, `dx` is the conv of `dy` with it, by the
-/// direct kernel where `wtp` ([`pack`] of `wt`) is there.
+/// `dx += Wᵀ ⋆ dy`; tap by tap (`taps`), by the direct kernels, or by gemms on the unfolded
+/// sample. Where `wt` is there, `dx` is the conv of `dy` with it.
 pub(crate) fn backward(
     g: &Geometry,
     o: usize,
     taps: bool,
-    (x, w, wt, wtp, dy): (&[f32], &[f32], &[f32], &[f32], &[f32]),
+    (x, ws, dy): (&[f32], &Weights, &[f32]),
     (dx, dw, db): (Option<&mut [f32]>, &mut [f32], &mut [f32]),
     s: &mut Scratch,
 ) {
+    let Weights { w, wt, wtp } = *ws;
     let p = Padded::of(g);
     // The direct kernels where they serve the whole backward (dx, if asked, as a conv) and
     // the map is large enough for the weight gradient's sums (else unfold + gemm for dW).
