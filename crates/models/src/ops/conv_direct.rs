@@ -55,18 +55,19 @@ pub(crate) fn forward(s: &Shape, o: usize, wp: &[f32], xp: &[f32], y: &mut [f32]
     let reach = (s.c.max(1) - 1) * s.plane + last + s.span.div_ceil(LANES) * LANES;
     assert!(available() && wp.len() >= o.div_ceil(ROWS) * inner * ROWS);
     assert!(xp.len() >= reach && y.len() >= o * s.span);
-    for (p, rows) in y[..o * s.span].chunks_mut(ROWS * s.span).enumerate() {
-        let panel = &wp[p * inner * ROWS..(p + 1) * inner * ROWS];
-        let nr = rows.len() / s.span;
-        let mut q = 0;
-        while q < s.span {
-            let n = LANES.min(s.span - q);
+    // Pixel tiles outside, panels inside: a tile's inputs stay in L1 across the panels.
+    let mut q = 0;
+    while q < s.span {
+        let n = LANES.min(s.span - q);
+        for (p, rows) in y[..o * s.span].chunks_mut(ROWS * s.span).enumerate() {
+            let panel = &wp[p * inner * ROWS..(p + 1) * inner * ROWS];
+            let nr = rows.len() / s.span;
             // SAFETY: AVX2 and FMA are checked (`available`). The loads reach below
             // `(C − 1)·plane + max offset + q + 16 ≤ reach`; the stores cover `nr` rows of
             // `n` pixels from `q`.
             unsafe { tile_avx2(s, panel, xp, q, rows, nr, n) };
-            q += LANES;
         }
+        q += LANES;
     }
 }
 
@@ -184,27 +185,40 @@ unsafe fn grad_tile_avx2(
     xp: &[f32],
     steps: usize,
 ) -> [[f32; GRAD_TAPS]; GRAD_ROWS] {
+    // Plain loops only: a closure here would be compiled without AVX2 and not inlined.
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); GRAD_TAPS]; GRAD_ROWS];
-    let x = offs.map(|t| xp.as_ptr().add(t));
-    let d = rows.map(|r| r.as_ptr());
+    let mut x = [xp.as_ptr(); GRAD_TAPS];
+    for j in 0..GRAD_TAPS {
+        x[j] = xp.as_ptr().add(offs[j]);
+    }
+    let mut d = [rows[0].as_ptr(); GRAD_ROWS];
+    for r in 0..GRAD_ROWS {
+        d[r] = rows[r].as_ptr();
+    }
     for step in 0..steps {
         let q = step * GRAD_LANES;
-        let xv = x.map(|p| _mm256_loadu_ps(p.add(q)));
-        for (r, acc) in acc.iter_mut().enumerate() {
+        let mut xv = [_mm256_setzero_ps(); GRAD_TAPS];
+        for j in 0..GRAD_TAPS {
+            xv[j] = _mm256_loadu_ps(x[j].add(q));
+        }
+        for r in 0..GRAD_ROWS {
             let dv = _mm256_loadu_ps(d[r].add(q));
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(dv, xv[j], *a);
+            for j in 0..GRAD_TAPS {
+                acc[r][j] = _mm256_fmadd_ps(dv, xv[j], acc[r][j]);
             }
         }
     }
-    acc.map(|row| {
-        row.map(|v| {
+    let mut out = [[0f32; GRAD_TAPS]; GRAD_ROWS];
+    for r in 0..GRAD_ROWS {
+        for j in 0..GRAD_TAPS {
+            let v = acc[r][j];
             let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
-        })
-    })
+            out[r][j] = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+        }
+    }
+    out
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -2,11 +2,13 @@
 //! backward. Its forward is the data gradient of a convolution: per sample, one gemm
 //! `Wᵀ · x` into patch columns, folded onto the output by the conv's col2im; the U-Nets'
 //! upsampling (k 4, stride 2, padding 1) instead runs as four sub-pixel 2×2 convolutions on
-//! the low-resolution map, one per output phase, with no fold (`sub_pixel_forward`). Its backward is
-//! that convolution's forward (dx: unfold dy, one gemm) plus the weight gradient (x · colsᵀ),
+//! the low-resolution map, one per output phase, with no fold (`sub_pixel_forward`; by the
+//! direct kernel of `conv_direct` where AVX2 is there). Its backward is that convolution's
+//! forward (dx: unfold dy, one gemm) plus the weight gradient (x · colsᵀ),
 //! samples in parallel with the weight gradient summed in fixed chunks (the same bits for
 //! any thread count). Other devices run candle's `conv_transpose2d`.
 
+use super::conv_direct::{self, SLACK};
 use super::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
 use super::geometry::Geometry;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -138,13 +140,25 @@ impl CustomOp3 for ConvTransposeOp {
         let mut out = vec![0f32; b * n_out];
         if sub_pixel_fits(&g) {
             let phases = phase_kernels(ci, g.c, ws);
+            // Packed for the direct kernel where it runs.
+            let direct = conv_direct::available();
+            let phases = if direct {
+                let per_phase = g.c * ci * 4;
+                let packed: Vec<f32> = phases
+                    .chunks_exact(per_phase)
+                    .flat_map(|k| conv_direct::pack(g.c, ci * 4, k))
+                    .collect();
+                packed
+            } else {
+                phases
+            };
             out.par_chunks_mut(n_out)
                 .zip(xs.par_chunks(ci * l))
                 .for_each_init(SubPixel::default, |s, (yb, xb)| {
                     for (plane, &bv) in yb.chunks_exact_mut(g.h * g.w).zip(bias) {
                         plane.fill(bv);
                     }
-                    sub_pixel_forward((ci, g.c), g.out_hw(), xb, &phases, yb, s);
+                    sub_pixel_forward((ci, g.c), g.out_hw(), xb, (&phases, direct), yb, s);
                 });
             return Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))));
         }
@@ -220,30 +234,43 @@ struct SubPixel {
 }
 
 /// One sample of a k-4, stride-2, padding-1 transposed conv: `y` (`C_out × 2H × 2W`, holding
-/// the bias) `+=` the four phases, each one gemm on the input `x` (`C_in × H × W`) unfolded by
-/// its 2×2 taps in the padded layout (rows `W + 2` wide; the 2 columns past each row are
-/// scratch).
+/// the bias) `+=` the four phases, each a 2×2 conv of the input `x` (`C_in × H × W`) in the
+/// padded layout (rows `W + 2` wide; the 2 columns past each row are scratch): by the direct
+/// kernel (`direct`: `phases` packed for it), else one gemm on `x` unfolded by its taps.
 fn sub_pixel_forward(
     (ci, co): (usize, usize),
     (h, w): (usize, usize),
     x: &[f32],
-    phases: &[f32],
+    (phases, direct): (&[f32], bool),
     y: &mut [f32],
     s: &mut SubPixel,
 ) {
     let (hp, wp) = (h + 2, w + 2);
     let (plane, span, taps) = (hp * wp, h * wp, ci * 4);
-    s.x.resize(ci * plane + 2, 0.0);
+    s.x.resize(ci * plane + 2 + SLACK, 0.0);
     for (c, rows) in x.chunks_exact(h * w).enumerate() {
         for (r, src) in rows.chunks_exact(w).enumerate() {
             let at = c * plane + (r + 1) * wp + 1;
             s.x[at..at + w].copy_from_slice(src);
         }
     }
-    s.cols.resize(taps * span, 0.0);
     s.y.resize(co * span, 0.0);
-    for (phase, kernel) in phases.chunks_exact(co * taps).enumerate() {
+    let per_phase = phases.len() / 4;
+    for (phase, kernel) in phases.chunks_exact(per_phase).enumerate() {
         let (a, b) = (phase / 2, phase % 2);
+        if direct {
+            let offsets: Vec<usize> = (0..4).map(|t| (a + t / 2) * wp + b + t % 2).collect();
+            let shape = conv_direct::Shape {
+                c: ci,
+                plane,
+                offsets: &offsets,
+                span,
+            };
+            conv_direct::forward(&shape, co, kernel, &s.x, &mut s.y);
+            interleave_add(h, w, (a, b), &s.y, y);
+            continue;
+        }
+        s.cols.resize(taps * span, 0.0);
         for (r, row) in s.cols.chunks_exact_mut(span).enumerate() {
             let (c, d, e) = (r / 4, r / 2 % 2, r % 2);
             let at = c * plane + (a + d) * wp + b + e;
@@ -259,13 +286,19 @@ fn sub_pixel_forward(
             (span, 1),
             1,
         );
-        // Phase (a, b) is every other pixel from (a, b) of each output plane.
-        for (out, res) in y.chunks_exact_mut(4 * h * w).zip(s.y.chunks_exact(span)) {
-            for (m, src) in res.chunks_exact(wp).enumerate() {
-                let row = &mut out[(2 * m + a) * 2 * w..][..2 * w];
-                for (d, v) in row[b..].iter_mut().step_by(2).zip(&src[..w]) {
-                    *d += v;
-                }
+        interleave_add(h, w, (a, b), &s.y, y);
+    }
+}
+
+/// Phase `(a, b)` of a sub-pixel transposed conv (`C_out` planes of `H` rows `W + 2` wide in
+/// `yp`) added onto every other pixel from `(a, b)` of each output plane of `y`.
+fn interleave_add(h: usize, w: usize, (a, b): (usize, usize), yp: &[f32], y: &mut [f32]) {
+    let wp = w + 2;
+    for (out, res) in y.chunks_exact_mut(4 * h * w).zip(yp.chunks_exact(h * wp)) {
+        for (m, src) in res.chunks_exact(wp).enumerate() {
+            let row = &mut out[(2 * m + a) * 2 * w..][..2 * w];
+            for (d, v) in row[b..].iter_mut().step_by(2).zip(&src[..w]) {
+                *d += v;
             }
         }
     }
@@ -396,17 +429,21 @@ mod tests {
     #[test]
     fn gradients_do_not_depend_on_the_thread_count() {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 4, 7, 7), &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f32, 0.3, (4, 3, 4, 4), &dev).unwrap();
-        let w = Var::from_tensor(&w).unwrap();
-        let bias = Var::from_tensor(&Tensor::zeros(3, DType::F32, &dev).unwrap()).unwrap();
-        let op = ConvTranspose::new(w.as_tensor().clone(), bias.as_tensor().clone(), 2, 1).unwrap();
-        let grads = |threads: usize| {
-            crate::grads_on_threads(threads, &[&x, &w, &bias], || {
-                let y = op.forward(x.as_tensor()).unwrap();
-                y.sqr().unwrap().sum_all().unwrap()
-            })
-        };
-        assert_eq!(grads(1), grads(3));
+        for hw in [7, 14] {
+            let x = Tensor::randn(0f32, 1.0, (9, 4, hw, hw), &dev).unwrap();
+            let x = Var::from_tensor(&x).unwrap();
+            let w = Tensor::randn(0f32, 0.3, (4, 3, 4, 4), &dev).unwrap();
+            let w = Var::from_tensor(&w).unwrap();
+            let bias = Var::from_tensor(&Tensor::zeros(3, DType::F32, &dev).unwrap()).unwrap();
+            let op =
+                ConvTranspose::new(w.as_tensor().clone(), bias.as_tensor().clone(), 2, 1).unwrap();
+            let grads = |threads: usize| {
+                crate::grads_on_threads(threads, &[&x, &w, &bias], || {
+                    let y = op.forward(x.as_tensor()).unwrap();
+                    y.sqr().unwrap().sum_all().unwrap()
+                })
+            };
+            assert_eq!(grads(1), grads(3), "{hw}×{hw}");
+        }
     }
 }
