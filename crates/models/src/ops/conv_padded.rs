@@ -18,6 +18,7 @@
 use super::conv_direct::{self, SLACK};
 use super::cpu::matmul;
 use super::geometry::Geometry;
+use std::mem::MaybeUninit;
 
 /// Output channels up to which a stride-1 conv runs tap by tap instead of im2col + gemm.
 pub(crate) const MAX_DIRECT_OUT: usize = 4;
@@ -168,15 +169,16 @@ pub(crate) fn pack(o: usize, inner: usize, w: &[f32]) -> Vec<f32> {
     }
 }
 
-/// One sample's forward on the padded layout: `y` (`O × H' × W'`, holding the bias) `+=`
-/// the conv, tap by tap (`taps`), by the direct kernel (with the [`pack`]ed weights `wp`), or
-/// as one gemm on the unfolded sample.
+/// One sample's forward on the padded layout: `y` (`O × H' × W'`, every value written) `=`
+/// the `bias` `+` the conv, tap by tap (`taps`), by the direct kernel (with the [`pack`]ed
+/// weights `wp`), or as one gemm on the unfolded sample.
 pub(crate) fn forward(
     g: &Geometry,
     o: usize,
     taps: bool,
     (x, w, wp): (&[f32], &[f32], &[f32]),
-    y: &mut [f32],
+    bias: &[f32],
+    y: &mut [MaybeUninit<f32>],
     s: &mut Scratch,
 ) {
     let p = Padded::of(g);
@@ -192,7 +194,22 @@ pub(crate) fn forward(
         unfold(g, &p, x, s);
         gemm_into(g, &p, o, w, &s.cols, &mut s.y);
     }
-    narrow_add(&p, &s.y, y);
+    narrow_bias(&p, &s.y, bias, y);
+}
+
+/// `y` (`O × H' × W'`) `=` `bias` `+` the `Wp`-wide `yp` (`O × H'·Wp`) without its scratch
+/// columns.
+fn narrow_bias(p: &Padded, yp: &[f32], bias: &[f32], y: &mut [MaybeUninit<f32>]) {
+    let planes = y
+        .chunks_exact_mut(p.ho * p.wo)
+        .zip(yp.chunks_exact(p.span()));
+    for ((out, src), &b) in planes.zip(bias) {
+        for (row, from) in out.chunks_exact_mut(p.wo).zip(src.chunks_exact(p.wp)) {
+            for (d, v) in row.iter_mut().zip(from) {
+                d.write(b + v);
+            }
+        }
+    }
 }
 
 /// A conv's weights as its backward reads them: `w`; `wt`, [`flip_transpose`] of `w` (empty
