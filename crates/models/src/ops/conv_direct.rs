@@ -230,3 +230,46 @@ unsafe fn grad_tile_avx2(
 ) -> [[f32; GRAD_TAPS]; GRAD_ROWS] {
     unreachable!("the direct kernel runs only where `available` holds")
 }
+
+/// The space-to-depth layout of a stride-2 conv's input: each channel of `x` (`C × H × W`),
+/// zero-padded by `pad`, as its four 2×2 phases `(α, β)`, each a plane of `hq × wq` (pixel
+/// `(2u + α, 2v + β)` of the padded map at `(u, v)`), and [`SLACK`] floats after the last.
+/// A stride-2 conv is then a stride-1 one over these planes (taps by [`phase_offsets`]).
+/// `dst` serves one geometry: what is never written (the padding) stays zero.
+pub(crate) fn split_phases(
+    x: &[f32],
+    (c, h, w): (usize, usize, usize),
+    pad: usize,
+    dst: &mut Vec<f32>,
+) -> (usize, usize) {
+    let (hq, wq) = ((h + 2 * pad).div_ceil(2), (w + 2 * pad).div_ceil(2));
+    dst.resize(c * 4 * hq * wq + SLACK, 0.0);
+    for (ch, plane) in x.chunks_exact(h * w).enumerate() {
+        for (r, row) in plane.chunks_exact(w).enumerate() {
+            let (alpha, u) = ((r + pad) % 2, (r + pad) / 2);
+            for beta in 0..2 {
+                // The columns n with (n + pad) % 2 == β, from n0 on, land at v = (n + pad) / 2.
+                let n0 = (beta + 2 - pad % 2) % 2;
+                if n0 >= w {
+                    continue;
+                }
+                let at = ((ch * 4 + alpha * 2 + beta) * hq + u) * wq + (n0 + pad) / 2;
+                for (d, v) in dst[at..].iter_mut().zip(row[n0..].iter().step_by(2)) {
+                    *d = *v;
+                }
+            }
+        }
+    }
+    (hq, wq)
+}
+
+/// The taps `(i, j)` of a `k×k` stride-2 kernel on [`split_phases`] planes of `hq × wq`:
+/// phase `(i mod 2, j mod 2)`, shifted by `(i / 2, j / 2)`.
+pub(crate) fn phase_offsets(k: usize, hq: usize, wq: usize) -> Vec<usize> {
+    (0..k * k)
+        .map(|t| {
+            let (i, j) = (t / k, t % k);
+            ((i % 2) * 2 + j % 2) * hq * wq + (i / 2) * wq + j / 2
+        })
+        .collect()
+}

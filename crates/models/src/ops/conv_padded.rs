@@ -93,6 +93,73 @@ pub(crate) fn fits(g: &Geometry) -> bool {
     g.stride == 1 && !g.is_pointwise()
 }
 
+/// Whether a conv runs on its input's 2×2 phases (`conv_direct::split_phases`): stride 2, a
+/// kernel wider than 1, and the direct kernel (AVX2).
+pub(crate) fn phases_fit(g: &Geometry) -> bool {
+    g.stride == 2 && g.k >= 2 && conv_direct::available()
+}
+
+/// Whether its weight gradient does too: an output of at least `MIN_GRAD_SPAN` pixels in rows
+/// one phase wide (14×14 and up).
+pub(crate) fn phases_grad_fit(g: &Geometry) -> bool {
+    let (ho, _) = g.out_hw();
+    phases_fit(g) && ho * (g.w + 2 * g.pad).div_ceil(2) >= conv_direct::MIN_GRAD_SPAN
+}
+
+/// The phases of one sample into `s.x`: the layout of the output in rows `wq` wide, and the
+/// direct kernel's view of the phases.
+fn split(g: &Geometry, x: &[f32], s: &mut Scratch) -> (Padded, Vec<usize>) {
+    // A channel's four phases lie one after another: the kernel's `plane` is all four.
+    let (hq, wq) = conv_direct::split_phases(x, (g.c, g.h, g.w), g.pad, &mut s.x);
+    let (ho, wo) = g.out_hw();
+    let p = Padded {
+        hp: hq,
+        wp: wq,
+        ho,
+        wo,
+    };
+    (p, conv_direct::phase_offsets(g.k, hq, wq))
+}
+
+/// One sample's forward of a stride-2 conv on its input's phases: `y` (every value written)
+/// `=` `bias` `+` the conv, by the direct kernel with the [`pack`]ed weights `wp`.
+pub(crate) fn forward_phases(
+    g: &Geometry,
+    o: usize,
+    (x, wp): (&[f32], &[f32]),
+    bias: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    s: &mut Scratch,
+) {
+    let (p, offsets) = split(g, x, s);
+    s.y.resize(o * p.span(), 0.0);
+    let shape = conv_direct::Shape {
+        plane: 4 * p.plane(),
+        ..p.shape(g.c, &offsets)
+    };
+    conv_direct::forward(&shape, o, wp, &s.x, &mut s.y);
+    narrow_bias(&p, &s.y, bias, y);
+}
+
+/// One sample's weight gradient of a stride-2 conv on its input's phases ([`phases_grad_fit`]):
+/// `dw += dy ⋆ x`, `db += Σ dy`.
+pub(crate) fn weight_grad_phases(
+    g: &Geometry,
+    o: usize,
+    (x, dy): (&[f32], &[f32]),
+    (dw, db): (&mut [f32], &mut [f32]),
+    s: &mut Scratch,
+) {
+    let (p, offsets) = split(g, x, s);
+    let stride = p.span().next_multiple_of(conv_direct::GRAD_LANES);
+    widen(&p, o, stride, dy, &mut s.y, db);
+    let shape = conv_direct::Shape {
+        plane: 4 * p.plane(),
+        ..p.shape(g.c, &offsets)
+    };
+    conv_direct::weight_grad(&shape, o, (&s.y, stride), &s.x, dw);
+}
+
 /// Unfolds one sample into `s.cols` (`C·k² × H'·Wp`): row `(c, i, j)` is the padded plane `c`
 /// from `i·Wp + j` on.
 fn unfold(g: &Geometry, p: &Padded, x: &[f32], s: &mut Scratch) {
