@@ -10,6 +10,12 @@
 //! The weights are packed once per op into panels of 6 output channels (`pack`). Each sum runs
 //! over `(c, i, j)` in order with one fused multiply-add per term, from zero, per sample, so
 //! the bits do not depend on the thread count.
+//!
+//! The same kernel serves every conv whose taps are fixed offsets into a sample's planes: the
+//! data gradient of a stride-1 conv (a conv with the flipped kernel), the four sub-pixel phases
+//! of a k-4 stride-2 transposed conv, and stride-2 convs on their input's 2×2 phases
+//! ([`split_phases`], [`phase_offsets`]). [`weight_grad`] sums the weight gradient of such a
+//! conv in the same layout.
 
 /// Output channels per register tile.
 const ROWS: usize = 6;
