@@ -109,7 +109,6 @@ pub(crate) fn phases_grad_fit(g: &Geometry) -> bool {
 /// The phases of one sample into `s.x`: the layout of the output in rows `wq` wide, and the
 /// direct kernel's view of the phases.
 fn split(g: &Geometry, x: &[f32], s: &mut Scratch) -> (Padded, Vec<usize>) {
-    // A channel's four phases lie one after another: the kernel's `plane` is all four.
     let (hq, wq) = conv_direct::split_phases(x, (g.c, g.h, g.w), g.pad, &mut s.x);
     let (ho, wo) = g.out_hw();
     let p = Padded {
@@ -119,6 +118,15 @@ fn split(g: &Geometry, x: &[f32], s: &mut Scratch) -> (Padded, Vec<usize>) {
         wo,
     };
     (p, conv_direct::phase_offsets(g.k, hq, wq))
+}
+
+/// The direct kernel's view of [`split`]'s phases: a channel's four phase planes are one
+/// `plane` of the kernel.
+fn phase_shape<'a>(g: &Geometry, p: &Padded, offsets: &'a [usize]) -> conv_direct::Shape<'a> {
+    conv_direct::Shape {
+        plane: 4 * p.plane(),
+        ..p.shape(g.c, offsets)
+    }
 }
 
 /// One sample's forward of a stride-2 conv on its input's phases: `y` (every value written)
@@ -133,11 +141,7 @@ pub(crate) fn forward_phases(
 ) {
     let (p, offsets) = split(g, x, s);
     s.y.resize(o * p.span(), 0.0);
-    let shape = conv_direct::Shape {
-        plane: 4 * p.plane(),
-        ..p.shape(g.c, &offsets)
-    };
-    conv_direct::forward(&shape, o, wp, &s.x, &mut s.y);
+    conv_direct::forward(&phase_shape(g, &p, &offsets), o, wp, &s.x, &mut s.y);
     narrow_bias(&p, &s.y, bias, y);
 }
 
@@ -153,11 +157,7 @@ pub(crate) fn weight_grad_phases(
     let (p, offsets) = split(g, x, s);
     let stride = p.span().next_multiple_of(conv_direct::GRAD_LANES);
     widen(&p, o, stride, dy, &mut s.y, db);
-    let shape = conv_direct::Shape {
-        plane: 4 * p.plane(),
-        ..p.shape(g.c, &offsets)
-    };
-    conv_direct::weight_grad(&shape, o, (&s.y, stride), &s.x, dw);
+    conv_direct::weight_grad(&phase_shape(g, &p, &offsets), o, (&s.y, stride), &s.x, dw);
 }
 
 /// Unfolds one sample into `s.cols` (`C·k² × H'·Wp`): row `(c, i, j)` is the padded plane `c`
@@ -319,34 +319,36 @@ pub(crate) fn backward(
         backward_taps(g, &p, w, dw, dx, s);
         return;
     }
+    // dx is a conv of dy where `wt` is there (then `transposed` is too), else folded back
+    // from the gemm's columns.
+    let (dx_conv, dx_fold) = if wt.is_empty() {
+        (None, dx)
+    } else {
+        (dx, None)
+    };
     if direct {
         pad_into(g, &p, x, &mut s.x);
         let offsets = p.offsets(g.k);
         conv_direct::weight_grad(&p.shape(g.c, &offsets), o, (&s.y, stride), &s.x, dw);
     } else {
         unfold(g, &p, x, s);
+        backward_gemm(g, &p, o, w, dw, dx_fold, s);
     }
-    match (dx, transposed(g, o)) {
-        (Some(dx), Some(gt)) if !wt.is_empty() => {
-            if !direct {
-                backward_gemm(g, &p, o, w, dw, None, s);
-            }
-            let pt = Padded::of(&gt);
-            pad_into(&gt, &pt, dy, &mut s.dy);
-            // Into `s.dx`: `s.y` keeps its zero scratch columns for the next sample's `widen`.
-            if wtp.is_empty() {
-                unfold_padded(&gt, &pt, &s.dy, &mut s.cols);
-                gemm_into(&gt, &pt, g.c, wt, &s.cols, &mut s.dx);
-            } else {
-                s.dx.resize(g.c * pt.span(), 0.0);
-                let offsets = pt.offsets(gt.k);
-                conv_direct::forward(&pt.shape(o, &offsets), g.c, wtp, &s.dy, &mut s.dx);
-            }
-            narrow_add(&pt, &s.dx, dx);
-        }
-        (None, _) if direct => {}
-        (dx, _) => backward_gemm(g, &p, o, w, dw, dx, s),
+    let (Some(dx), Some(gt)) = (dx_conv, transposed(g, o)) else {
+        return;
+    };
+    let pt = Padded::of(&gt);
+    pad_into(&gt, &pt, dy, &mut s.dy);
+    // Into `s.dx`: `s.y` keeps its zero scratch columns for the next sample's `widen`.
+    if wtp.is_empty() {
+        unfold_padded(&gt, &pt, &s.dy, &mut s.cols);
+        gemm_into(&gt, &pt, g.c, wt, &s.cols, &mut s.dx);
+    } else {
+        s.dx.resize(g.c * pt.span(), 0.0);
+        let offsets = pt.offsets(gt.k);
+        conv_direct::forward(&pt.shape(o, &offsets), g.c, wtp, &s.dy, &mut s.dx);
     }
+    narrow_add(&pt, &s.dx, dx);
 }
 
 /// `y` (`O × H'·Wp`) = `w` (`O × C·k²`) · the unfolded sample `cols`.

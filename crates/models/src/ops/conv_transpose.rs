@@ -143,12 +143,10 @@ impl CustomOp3 for ConvTransposeOp {
             // Packed for the direct kernel where it runs.
             let direct = conv_direct::available();
             let phases = if direct {
-                let per_phase = g.c * ci * 4;
-                let packed: Vec<f32> = phases
-                    .chunks_exact(per_phase)
+                phases
+                    .chunks_exact(g.c * ci * 4)
                     .flat_map(|k| conv_direct::pack(g.c, ci * 4, k))
-                    .collect();
-                packed
+                    .collect()
             } else {
                 phases
             };
