@@ -7,7 +7,8 @@
 //! multiply-adds per step as a gemm's 16 × 6 microkernel, without the `C·k²`-row unfolded copy
 //! that the gemm needs and then packs again.
 //!
-//! The weights are packed once per op into panels of 6 output channels (`pack`). Each sum runs
+//! The weights are packed once per op into panels of at most 6 output channels, the rows
+//! spread evenly over them, so no tile sums rows of zeros (`pack`). Each sum runs
 //! over `(c, i, j)` in order with one fused multiply-add per term, from zero, per sample, so
 //! the bits do not depend on the thread count.
 //!
@@ -30,15 +31,24 @@ pub(crate) fn available() -> bool {
     super::activation::has_avx2()
 }
 
-/// The weights `(O, C, k, k)` in panels of [`ROWS`] output channels: panel `p` holds, for
-/// every `(c, i, j)` in order, the `ROWS` weights of channels `6p..6p + 6` (zero past `O`).
+/// The panels of `o` output channels, as `(first row, rows)`: as few as tiles of [`ROWS`]
+/// need, with the rows spread evenly (16 channels are 6 + 5 + 5, not 6 + 6 + 4 with two
+/// rows of zeros), so no tile sums rows that are never stored.
+fn panels(o: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = o.div_ceil(ROWS);
+    let (base, extra) = (o / n.max(1), o % n.max(1));
+    (0..n).map(move |p| (p * base + p.min(extra), base + usize::from(p < extra)))
+}
+
+/// The weights `(O, C, k, k)` in [`panels`]: the panel of rows `r0..r0 + nr` starts at
+/// `r0·inner` and holds, for every `(c, i, j)` in order, the `nr` weights of its channels.
 pub(crate) fn pack(o: usize, inner: usize, w: &[f32]) -> Vec<f32> {
-    let panels = o.div_ceil(ROWS);
-    let mut out = vec![0f32; panels * inner * ROWS];
-    for oc in 0..o {
-        let (p, r) = (oc / ROWS, oc % ROWS);
-        for t in 0..inner {
-            out[(p * inner + t) * ROWS + r] = w[oc * inner + t];
+    let mut out = vec![0f32; o * inner];
+    for (r0, nr) in panels(o) {
+        for r in 0..nr {
+            for t in 0..inner {
+                out[r0 * inner + t * nr + r] = w[(r0 + r) * inner + t];
+            }
         }
     }
     out
@@ -59,37 +69,46 @@ pub(crate) fn forward(s: &Shape, o: usize, wp: &[f32], xp: &[f32], y: &mut [f32]
     let inner = s.c * s.offsets.len();
     let last = s.offsets.iter().max().copied().unwrap_or(0);
     let reach = (s.c.max(1) - 1) * s.plane + last + s.span.div_ceil(LANES) * LANES;
-    assert!(available() && wp.len() >= o.div_ceil(ROWS) * inner * ROWS);
+    assert!(available() && wp.len() >= o * inner);
     assert!(xp.len() >= reach && y.len() >= o * s.span);
     // Pixel tiles outside, panels inside: a tile's inputs stay in L1 across the panels.
     let mut q = 0;
     while q < s.span {
         let n = LANES.min(s.span - q);
-        for (p, rows) in y[..o * s.span].chunks_mut(ROWS * s.span).enumerate() {
-            let panel = &wp[p * inner * ROWS..(p + 1) * inner * ROWS];
-            let nr = rows.len() / s.span;
+        for (r0, nr) in panels(o) {
+            let panel = &wp[r0 * inner..(r0 + nr) * inner];
+            let rows = &mut y[r0 * s.span..(r0 + nr) * s.span];
             // SAFETY: AVX2 and FMA are checked (`available`). The loads reach below
             // `(C − 1)·plane + max offset + q + 16 ≤ reach`; the stores cover `nr` rows of
             // `n` pixels from `q`.
-            unsafe { tile_avx2(s, panel, xp, q, rows, nr, n) };
+            unsafe {
+                match nr {
+                    1 => tile_avx2::<1>(s, panel, xp, q, rows, n),
+                    2 => tile_avx2::<2>(s, panel, xp, q, rows, n),
+                    3 => tile_avx2::<3>(s, panel, xp, q, rows, n),
+                    4 => tile_avx2::<4>(s, panel, xp, q, rows, n),
+                    5 => tile_avx2::<5>(s, panel, xp, q, rows, n),
+                    _ => tile_avx2::<ROWS>(s, panel, xp, q, rows, n),
+                }
+            }
         }
         q += LANES;
     }
 }
 
+/// One tile: `NR` output channels (the panel's rows) × 16 pixels from `q`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(
+unsafe fn tile_avx2<const NR: usize>(
     s: &Shape,
     panel: &[f32],
     xp: &[f32],
     q: usize,
     y: &mut [f32],
-    nr: usize,
     n: usize,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+    let mut acc = [[_mm256_setzero_ps(); 2]; NR];
     let mut wq = panel.as_ptr();
     let x0 = xp.as_ptr().add(q);
     for ch in 0..s.c {
@@ -102,11 +121,11 @@ unsafe fn tile_avx2(
                 acc[0] = _mm256_fmadd_ps(wv, a, acc[0]);
                 acc[1] = _mm256_fmadd_ps(wv, b, acc[1]);
             }
-            wq = wq.add(ROWS);
+            wq = wq.add(NR);
         }
     }
-    let span = y.len() / nr;
-    for (r, acc) in acc.iter().enumerate().take(nr) {
+    let span = y.len() / NR;
+    for (r, acc) in acc.iter().enumerate() {
         let dst = y.as_mut_ptr().add(r * span + q);
         if n == LANES {
             _mm256_storeu_ps(dst, acc[0]);
@@ -121,7 +140,14 @@ unsafe fn tile_avx2(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_avx2(_: &Shape, _: &[f32], _: &[f32], _: usize, _: &mut [f32], _: usize, _: usize) {
+unsafe fn tile_avx2<const NR: usize>(
+    _: &Shape,
+    _: &[f32],
+    _: &[f32],
+    _: usize,
+    _: &mut [f32],
+    _: usize,
+) {
     unreachable!("the direct kernel runs only where `available` holds")
 }
 
@@ -156,27 +182,38 @@ pub(crate) fn weight_grad(
     assert!(available() && stride % GRAD_LANES == 0 && stride >= s.span);
     assert!(dy.len() >= o * stride && dw.len() >= o * inner);
     assert!(xp.len() >= (s.c.max(1) - 1) * s.plane + last + stride);
-    let zero = vec![0f32; stride];
     for ob in (0..o).step_by(GRAD_ROWS) {
-        let rows: [&[f32]; GRAD_ROWS] = std::array::from_fn(|r| {
-            let oc = ob + r;
-            if oc < o {
-                &dy[oc * stride..(oc + 1) * stride]
-            } else {
-                &zero[..]
-            }
-        });
-        for ch in 0..s.c {
-            for t0 in (0..taps).step_by(GRAD_TAPS) {
-                let offs: [usize; GRAD_TAPS] =
-                    std::array::from_fn(|j| ch * s.plane + s.offsets[(t0 + j).min(taps - 1)]);
-                // SAFETY: AVX2 and FMA are checked (`available`); every row has `stride`
-                // floats, and each `x` read ends below `(C − 1)·plane + last + stride`.
-                let sums = unsafe { grad_tile_avx2(rows, offs, xp, stride / GRAD_LANES) };
-                for (r, row) in sums.iter().enumerate().take(o - ob) {
-                    for (j, v) in row.iter().enumerate().take(taps - t0) {
-                        dw[(ob + r) * inner + ch * taps + t0 + j] += v;
-                    }
+        // The last tile takes only the rows that are left.
+        match (o - ob).min(GRAD_ROWS) {
+            1 => grad_rows::<1>(s, ob, (dy, stride), xp, dw),
+            2 => grad_rows::<2>(s, ob, (dy, stride), xp, dw),
+            3 => grad_rows::<3>(s, ob, (dy, stride), xp, dw),
+            _ => grad_rows::<GRAD_ROWS>(s, ob, (dy, stride), xp, dw),
+        }
+    }
+}
+
+/// [`weight_grad`]'s tiles of the `NR` output channels from `ob`.
+fn grad_rows<const NR: usize>(
+    s: &Shape,
+    ob: usize,
+    (dy, stride): (&[f32], usize),
+    xp: &[f32],
+    dw: &mut [f32],
+) {
+    let taps = s.offsets.len();
+    let inner = s.c * taps;
+    let rows: [&[f32]; NR] = std::array::from_fn(|r| &dy[(ob + r) * stride..(ob + r + 1) * stride]);
+    for ch in 0..s.c {
+        for t0 in (0..taps).step_by(GRAD_TAPS) {
+            let offs: [usize; GRAD_TAPS] =
+                std::array::from_fn(|j| ch * s.plane + s.offsets[(t0 + j).min(taps - 1)]);
+            // SAFETY: AVX2 and FMA are checked (`available`); every row has `stride`
+            // floats, and each `x` read ends below `(C − 1)·plane + last + stride`.
+            let sums = unsafe { grad_tile_avx2(rows, offs, xp, stride / GRAD_LANES) };
+            for (r, row) in sums.iter().enumerate() {
+                for (j, v) in row.iter().enumerate().take(taps - t0) {
+                    dw[(ob + r) * inner + ch * taps + t0 + j] += v;
                 }
             }
         }
@@ -185,21 +222,21 @@ pub(crate) fn weight_grad(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn grad_tile_avx2(
-    rows: [&[f32]; GRAD_ROWS],
+unsafe fn grad_tile_avx2<const NR: usize>(
+    rows: [&[f32]; NR],
     offs: [usize; GRAD_TAPS],
     xp: &[f32],
     steps: usize,
-) -> [[f32; GRAD_TAPS]; GRAD_ROWS] {
+) -> [[f32; GRAD_TAPS]; NR] {
     // Plain loops only: a closure here would be compiled without AVX2 and not inlined.
     use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); GRAD_TAPS]; GRAD_ROWS];
+    let mut acc = [[_mm256_setzero_ps(); GRAD_TAPS]; NR];
     let mut x = [xp.as_ptr(); GRAD_TAPS];
     for j in 0..GRAD_TAPS {
         x[j] = xp.as_ptr().add(offs[j]);
     }
-    let mut d = [rows[0].as_ptr(); GRAD_ROWS];
-    for r in 0..GRAD_ROWS {
+    let mut d = [rows[0].as_ptr(); NR];
+    for r in 0..NR {
         d[r] = rows[r].as_ptr();
     }
     for step in 0..steps {
@@ -208,15 +245,15 @@ unsafe fn grad_tile_avx2(
         for j in 0..GRAD_TAPS {
             xv[j] = _mm256_loadu_ps(x[j].add(q));
         }
-        for r in 0..GRAD_ROWS {
+        for r in 0..NR {
             let dv = _mm256_loadu_ps(d[r].add(q));
             for j in 0..GRAD_TAPS {
                 acc[r][j] = _mm256_fmadd_ps(dv, xv[j], acc[r][j]);
             }
         }
     }
-    let mut out = [[0f32; GRAD_TAPS]; GRAD_ROWS];
-    for r in 0..GRAD_ROWS {
+    let mut out = [[0f32; GRAD_TAPS]; NR];
+    for r in 0..NR {
         for j in 0..GRAD_TAPS {
             let v = acc[r][j];
             let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -228,12 +265,12 @@ unsafe fn grad_tile_avx2(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn grad_tile_avx2(
-    _: [&[f32]; GRAD_ROWS],
+unsafe fn grad_tile_avx2<const NR: usize>(
+    _: [&[f32]; NR],
     _: [usize; GRAD_TAPS],
     _: &[f32],
     _: usize,
-) -> [[f32; GRAD_TAPS]; GRAD_ROWS] {
+) -> [[f32; GRAD_TAPS]; NR] {
     unreachable!("the direct kernel runs only where `available` holds")
 }
 
