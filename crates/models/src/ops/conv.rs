@@ -13,6 +13,7 @@ use super::geometry::Geometry;
 use super::winograd;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// A `k×k` convolution with stride 1 or 2 and zero padding; weights in PyTorch's
 /// `(out, in, k, k)` layout.
@@ -418,15 +419,9 @@ impl CustomOp3 for ConvGrad {
         let n_dx = if want_dx { b * n_in } else { 0 };
         // The bias gradient: one row of o, or one per sample (written by its chunk).
         let n_db = if self.per_sample_bias { b * o } else { o };
-        let mut out = vec![0f32; n_dx + o * k + n_db];
-        // Each chunk of samples writes its own slice of dx, when there is one.
-        let dx: Vec<Option<&mut [f32]>> = if want_dx {
-            out[..n_dx].chunks_mut(CHUNK * n_in).map(Some).collect()
-        } else {
-            (0..b.div_ceil(CHUNK)).map(|_| None).collect()
-        };
         let path = Path::of(&g, o, self.winograd);
         if path == Path::Winograd {
+            let mut out = vec![0f32; n_dx + o * k + n_db];
             let (head, rest) = out.split_at_mut(n_dx);
             let (dw, db) = rest.split_at_mut(o * k);
             // db: each plane's sum, added over the samples in order.
@@ -438,6 +433,18 @@ impl CustomOp3 for ConvGrad {
             winograd::backward(&g, b, o, (xs, ws, dy), dw, dx);
             return Ok((CpuStorage::F32(out), Shape::from(n_dx + o * k + n_db)));
         }
+        // dx starts uninitialised: the padded backward writes each value once, and the other
+        // paths, which add onto it, zero their chunk first.
+        let mut out = Vec::with_capacity(n_dx + o * k + n_db);
+        // Each chunk of samples writes its own slice of dx, when there is one.
+        let dx: Vec<Option<&mut [MaybeUninit<f32>]>> = if want_dx {
+            out.spare_capacity_mut()[..n_dx]
+                .chunks_mut(CHUNK * n_in)
+                .map(Some)
+                .collect()
+        } else {
+            (0..b.div_ceil(CHUNK)).map(|_| None).collect()
+        };
         // dW on the input's phases (no unfolding), or by gemm on the unfolded sample.
         let phase_grad = path == Path::Phases && padded::phases_grad_fit(&g);
         let unfolded = path == Path::Strided || path == Path::Phases && !phase_grad;
@@ -481,6 +488,7 @@ impl CustomOp3 for ConvGrad {
                         padded::backward(&g, o, taps, (xb, &weights, dyb), (dxb, dw, db), s);
                         continue;
                     }
+                    let dxb = dxb.map(zeroed);
                     if phase_grad {
                         padded::weight_grad_phases(&g, o, (xb, dyb), (dw, db), &mut scratch);
                     } else {
@@ -508,6 +516,9 @@ impl CustomOp3 for ConvGrad {
                 (dw, dbc)
             })
             .collect();
+        // SAFETY: every chunk of dx is written (above); dW and db follow as zeros.
+        unsafe { out.set_len(n_dx) };
+        out.resize(n_dx + o * k + n_db, 0.0);
         let (dw_out, db_out) = out[n_dx..].split_at_mut(o * k);
         let mut at = 0;
         for (pw, pb) in &partials {
@@ -521,6 +532,13 @@ impl CustomOp3 for ConvGrad {
         }
         Ok((CpuStorage::F32(out), Shape::from(n_dx + o * k + n_db)))
     }
+}
+
+/// `d` filled with zeros, as floats.
+fn zeroed(d: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    d.fill(MaybeUninit::new(0.0));
+    // SAFETY: every value was just written.
+    unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast::<f32>(), d.len()) }
 }
 
 /// Nearest-neighbour ×2 upsampling `(B, C, H, W)` → `(B, C, 2H, 2W)` (backward: a sum).

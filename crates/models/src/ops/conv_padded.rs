@@ -290,14 +290,14 @@ pub(crate) struct Weights<'a> {
 }
 
 /// One sample's backward on the padded layout: `dw += dy ⋆ x`, `db += Σ dy`, and, when asked,
-/// `dx += Wᵀ ⋆ dy`; tap by tap (`taps`), by the direct kernels, or by gemms on the unfolded
+/// `dx = 0 + Wᵀ ⋆ dy` (every value written once, the bits of an add onto zeros); tap by tap (`taps`), by the direct kernels, or by gemms on the unfolded
 /// sample. Where `wt` is there, `dx` is the conv of `dy` with it.
 pub(crate) fn backward(
     g: &Geometry,
     o: usize,
     taps: bool,
     (x, ws, dy): (&[f32], &Weights, &[f32]),
-    (dx, dw, db): (Option<&mut [f32]>, &mut [f32], &mut [f32]),
+    (dx, dw, db): (Option<&mut [MaybeUninit<f32>]>, &mut [f32], &mut [f32]),
     s: &mut Scratch,
 ) {
     let Weights { w, wt, wtp } = *ws;
@@ -348,7 +348,7 @@ pub(crate) fn backward(
         let offsets = pt.offsets(gt.k);
         conv_direct::forward(&pt.shape(o, &offsets), g.c, wtp, &s.dy, &mut s.dx);
     }
-    narrow_add(&pt, &s.dx, dx);
+    narrow_write(&pt, &s.dx, dx);
 }
 
 /// `y` (`O × H'·Wp`) = `w` (`O × C·k²`) · the unfolded sample `cols`.
@@ -358,11 +358,12 @@ fn gemm_into(g: &Geometry, p: &Padded, o: usize, w: &[f32], cols: &[f32], y: &mu
     matmul((o, span, rows), y, false, w, (rows, 1), cols, (span, 1), 1);
 }
 
-/// `y` (`O × H' × W'`) `+=` the `Wp`-wide `yp` (`O × H'·Wp`) without its scratch columns.
-fn narrow_add(p: &Padded, yp: &[f32], y: &mut [f32]) {
+/// `y` (`O × H' × W'`) `= 0 +` the `Wp`-wide `yp` (`O × H'·Wp`) without its scratch columns.
+/// (`0 + v` is `v` with −0 made +0: the bits of an add onto a zeroed output.)
+fn narrow_write(p: &Padded, yp: &[f32], y: &mut [MaybeUninit<f32>]) {
     for (row, src) in y.chunks_exact_mut(p.wo).zip(yp.chunks_exact(p.wp)) {
         for (d, v) in row.iter_mut().zip(src) {
-            *d += v;
+            d.write(0.0 + v);
         }
     }
 }
@@ -374,7 +375,7 @@ fn backward_gemm(
     o: usize,
     w: &[f32],
     dw: &mut [f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<&mut [MaybeUninit<f32>]>,
     s: &mut Scratch,
 ) {
     let (k, rows, span) = (g.k, g.rows(), p.span());
@@ -412,14 +413,14 @@ fn backward_gemm(
     crop_interior(g, p, &s.dx, dx);
 }
 
-/// `dx += ` the interior of the padded planes `dxp`.
-fn crop_interior(g: &Geometry, p: &Padded, dxp: &[f32], dx: &mut [f32]) {
+/// `dx = 0 +` the interior of the padded planes `dxp` (as [`narrow_write`]).
+fn crop_interior(g: &Geometry, p: &Padded, dxp: &[f32], dx: &mut [MaybeUninit<f32>]) {
     for ch in 0..g.c {
         for r in 0..g.h {
             let from = ch * p.plane() + (r + g.pad) * p.wp + g.pad;
             let to = (ch * g.h + r) * g.w;
             for (d, v) in dx[to..to + g.w].iter_mut().zip(&dxp[from..from + g.w]) {
-                *d += v;
+                d.write(0.0 + v);
             }
         }
     }
@@ -550,7 +551,7 @@ fn backward_taps(
     p: &Padded,
     w: &[f32],
     dw: &mut [f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<&mut [MaybeUninit<f32>]>,
     s: &mut Scratch,
 ) {
     let k = g.k;

@@ -9,6 +9,7 @@ use super::activation::{forward, has_avx2, silu_derivative, Kind};
 use super::cpu::{f32_slices3, unpack_grads, CHUNK};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// `SiLU(GroupNorm(x))` for `(B, C, …)` tensors: per-channel affine `weight`, `bias` `(C,)`.
 pub struct GroupNormSilu {
@@ -106,7 +107,14 @@ fn stats(xs: &[f32], eps: f64) -> (f32, f32) {
 macro_rules! kernels {
     ($fwd:ident, $bwd:ident, $fma:literal $(, #[$attr:meta])?) => {
         $(#[$attr])?
-        unsafe fn $fwd(g: Geometry, eps: f64, x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+        unsafe fn $fwd(
+            g: Geometry,
+            eps: f64,
+            x: &[f32],
+            w: &[f32],
+            b: &[f32],
+            out: &mut [MaybeUninit<f32>],
+        ) {
             let (cg, hw, n) = (g.channels / g.groups, g.spatial, g.group_len());
             for (gi, (xs, os)) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate() {
                 let c0 = (gi % g.groups) * cg;
@@ -116,13 +124,13 @@ macro_rules! kernels {
                     let a = w[c0 + j] * rstd;
                     let c = b[c0 + j] - mean * a;
                     for (o, &v) in oc.iter_mut().zip(xc) {
-                        *o = forward::<$fma>(Kind::Silu, v * a + c);
+                        o.write(forward::<$fma>(Kind::Silu, v * a + c));
                     }
                 }
             }
         }
 
-        /// Writes dx into `dx` and accumulates dγ, dβ into `dw`, `db`.
+        /// Writes every value of `dx` and accumulates dγ, dβ into `dw`, `db`.
         $(#[$attr])?
         #[allow(clippy::too_many_arguments)]
         unsafe fn $bwd(
@@ -132,7 +140,7 @@ macro_rules! kernels {
             w: &[f32],
             b: &[f32],
             dy: &[f32],
-            dx: &mut [f32],
+            dx: &mut [MaybeUninit<f32>],
             dw: &mut [f64],
             db: &mut [f64],
         ) {
@@ -164,10 +172,10 @@ macro_rules! kernels {
                         // Fixed-size arrays: no bounds checks, so the 8 lanes become one vector.
                         let xv: &[f32; 8] = xv.try_into().expect("8 lanes");
                         let gv: &[f32; 8] = gv.try_into().expect("8 lanes");
-                        let dv: &mut [f32; 8] = dv.try_into().expect("8 lanes");
+                        let dv: &mut [MaybeUninit<f32>; 8] = dv.try_into().expect("8 lanes");
                         for l in 0..8 {
                             let dz = gv[l] * silu_derivative::<$fma>(xv[l] * a + c);
-                            dv[l] = dz;
+                            dv[l].write(dz);
                             sdz[l] += dz;
                             sdzx[l] += dz * xv[l];
                         }
@@ -176,7 +184,7 @@ macro_rules! kernels {
                     for q in m..hw {
                         let v = xc[q];
                         let dz = gc[q] * silu_derivative::<$fma>(v * a + c);
-                        dc[q] = dz;
+                        dc[q].write(dz);
                         tdz += dz;
                         tdzx += dz * v;
                     }
@@ -189,6 +197,8 @@ macro_rules! kernels {
                 }
                 // Pass 2: dx = (dz·γ − mean(g) − x̂·mean(g·x̂)) / σ.
                 let (mg, mgx) = (sum_g / n as f32, sum_gx / n as f32);
+                // SAFETY: pass 1 wrote every value of the group.
+                let ds = std::slice::from_raw_parts_mut(ds.as_mut_ptr().cast::<f32>(), n);
                 for j in 0..cg {
                     let wc = w[c0 + j];
                     let r = j * hw..(j + 1) * hw;
@@ -225,10 +235,11 @@ impl CustomOp3 for Fused {
         if w.len() != g.channels || b.len() != g.channels {
             candle_core::bail!("{op}: affine parameters must have {} values", g.channels);
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = Vec::with_capacity(x.len());
         // Samples in parallel: each is whole groups.
         let per = g.channels * g.spatial;
-        out.par_chunks_mut(per.max(1))
+        out.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(per.max(1))
             .zip(x.par_chunks(per.max(1)))
             .for_each(|(os, xs)| {
                 // SAFETY: the AVX2 path runs only where the CPU reports AVX2 and FMA.
@@ -240,6 +251,8 @@ impl CustomOp3 for Fused {
                     fwd_base(g, self.eps, xs, w, b, os);
                 }
             });
+        // SAFETY: the kernels write every value of every sample.
+        unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -285,11 +298,11 @@ impl CustomOp3 for FusedGrad {
             candle_core::bail!("{op}: shape mismatch");
         }
         let (w, b) = wb.split_at(g.channels);
-        let mut dx = vec![0f32; x.len() + 2 * g.channels];
+        let mut dx = Vec::with_capacity(x.len() + 2 * g.channels);
         // Chunks of samples in parallel, each with its own dγ, dβ partial sums, added in
         // chunk order: the same bits for any thread count.
         let span = (CHUNK * g.channels * g.spatial).max(1);
-        let partials: Vec<(Vec<f64>, Vec<f64>)> = dx[..x.len()]
+        let partials: Vec<(Vec<f64>, Vec<f64>)> = dx.spare_capacity_mut()[..x.len()]
             .par_chunks_mut(span)
             .zip(x.par_chunks(span))
             .zip(dy.par_chunks(span))
@@ -312,11 +325,9 @@ impl CustomOp3 for FusedGrad {
             dw.iter_mut().zip(pw).for_each(|(t, v)| *t += v);
             db.iter_mut().zip(pb).for_each(|(t, v)| *t += v);
         }
-        let tail = &mut dx[x.len()..];
-        for c in 0..g.channels {
-            tail[c] = dw[c] as f32;
-            tail[g.channels + c] = db[c] as f32;
-        }
+        // SAFETY: the kernels wrote every value of dx.
+        unsafe { dx.set_len(x.len()) };
+        dx.extend(dw.iter().chain(&db).map(|&v| v as f32));
         Ok((CpuStorage::F32(dx), Shape::from(x.len() + 2 * g.channels)))
     }
 }
