@@ -231,7 +231,7 @@ fn padded_forward(
     let wp = if taps {
         vec![]
     } else {
-        padded::pack(o, g.rows(), ws)
+        padded::pack(&g, o, ws)
     };
     let mut out = Vec::with_capacity(b * n_out);
     out.spare_capacity_mut()[..b * n_out]
@@ -453,7 +453,7 @@ impl CustomOp3 for ConvGrad {
             Path::Padded if want_dx => padded::flip_transpose(&g, o, false, ws),
             _ => vec![],
         };
-        let wtp = padded::pack(g.c, o * g.k * g.k, &wt);
+        let wtp = padded::pack_transposed(&g, o, &wt);
         let weights = padded::Weights {
             w: ws,
             wt: &wt,

@@ -34,7 +34,7 @@ pub(crate) fn available() -> bool {
 /// The panels of `o` output channels, as `(first row, rows)`: as few as tiles of [`ROWS`]
 /// need, with the rows spread evenly (16 channels are 6 + 5 + 5, not 6 + 6 + 4 with two
 /// rows of zeros), so no tile sums rows that are never stored.
-fn panels(o: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(crate) fn panels(o: usize) -> impl Iterator<Item = (usize, usize)> {
     let n = o.div_ceil(ROWS);
     let (base, extra) = (o / n.max(1), o % n.max(1));
     (0..n).map(move |p| (p * base + p.min(extra), base + usize::from(p < extra)))

@@ -16,6 +16,7 @@
 //!   gradient's conv runs the same way, its gemm summing over `O·k²` rather than `O`.
 
 use super::conv_direct::{self, SLACK};
+use super::conv_winograd;
 use super::cpu::matmul;
 use super::geometry::Geometry;
 use std::mem::MaybeUninit;
@@ -86,6 +87,8 @@ pub(crate) struct Scratch {
     cols: Vec<f32>,
     /// The padded gradient of the data gradient's conv (a geometry of its own).
     dy: Vec<f32>,
+    /// The Winograd kernel's transformed inputs.
+    v: Vec<f32>,
 }
 
 /// Whether a conv of geometry `g` runs on the padded layout (stride 1, a kernel wider than 1).
@@ -225,14 +228,61 @@ fn widen(p: &Padded, o: usize, stride: usize, dy: &[f32], dst: &mut Vec<f32>, db
     }
 }
 
-/// The weights of a conv on the padded layout as its kernels read them: packed into the
-/// direct kernel's panels where it runs (empty otherwise), for the forward's `w` and the data
-/// gradient's [`flip_transpose`]d one.
-pub(crate) fn pack(o: usize, inner: usize, w: &[f32]) -> Vec<f32> {
-    if conv_direct::available() && !w.is_empty() {
-        conv_direct::pack(o, inner, w)
+/// The weights `w` of a conv of geometry `g` with `o` outputs on the padded layout as its
+/// kernels read them: transformed for the Winograd kernel where it serves the conv, else
+/// packed into the direct kernel's panels where that runs (empty otherwise).
+pub(crate) fn pack(g: &Geometry, o: usize, w: &[f32]) -> Vec<f32> {
+    if winograd_fits(g) && !w.is_empty() {
+        conv_winograd::pack(o, g.c, w)
+    } else if conv_direct::available() && !w.is_empty() {
+        conv_direct::pack(o, g.rows(), w)
     } else {
         vec![]
+    }
+}
+
+/// [`pack`] for the data gradient's conv: its [`flip_transpose`]d kernel `wt` (empty where
+/// the data gradient is not a conv).
+pub(crate) fn pack_transposed(g: &Geometry, o: usize, wt: &[f32]) -> Vec<f32> {
+    match transposed(g, o) {
+        Some(gt) if !wt.is_empty() => pack(&gt, g.c, wt),
+        _ => vec![],
+    }
+}
+
+/// Whether the Winograd kernel serves a conv of geometry `g` (3×3, stride 1, padding 1, even
+/// sides).
+fn winograd_fits(g: &Geometry) -> bool {
+    conv_winograd::fits(g.k, g.stride, g.pad, g.out_hw())
+}
+
+/// `y` (`O × H'·Wp`) `=` the conv of the padded sample `xp` with the [`pack`]ed `wp`, by the
+/// Winograd kernel or the direct one; `xp` grows to what the kernel reads (zeros).
+fn conv_packed(
+    g: &Geometry,
+    p: &Padded,
+    o: usize,
+    wp: &[f32],
+    xp: &mut Vec<f32>,
+    y: &mut Vec<f32>,
+    v: &mut Vec<f32>,
+) {
+    y.resize(o * p.span(), 0.0);
+    if winograd_fits(g) {
+        let shape = conv_winograd::Shape {
+            c: g.c,
+            plane: p.plane(),
+            wp: p.wp,
+            ho: p.ho,
+            wo: p.wo,
+        };
+        if xp.len() < shape.reach() {
+            xp.resize(shape.reach(), 0.0);
+        }
+        conv_winograd::forward(&shape, o, wp, xp, y, v);
+    } else {
+        let offsets = p.offsets(g.k);
+        conv_direct::forward(&p.shape(g.c, &offsets), o, wp, xp, y);
     }
 }
 
@@ -254,9 +304,7 @@ pub(crate) fn forward(
         forward_taps(g, &p, o, w, s);
     } else if !wp.is_empty() {
         pad_into(g, &p, x, &mut s.x);
-        s.y.resize(o * p.span(), 0.0);
-        let offsets = p.offsets(g.k);
-        conv_direct::forward(&p.shape(g.c, &offsets), o, wp, &s.x, &mut s.y);
+        conv_packed(g, &p, o, wp, &mut s.x, &mut s.y, &mut s.v);
     } else {
         unfold(g, &p, x, s);
         gemm_into(g, &p, o, w, &s.cols, &mut s.y);
@@ -344,9 +392,7 @@ pub(crate) fn backward(
         unfold_padded(&gt, &pt, &s.dy, &mut s.cols);
         gemm_into(&gt, &pt, g.c, wt, &s.cols, &mut s.dx);
     } else {
-        s.dx.resize(g.c * pt.span(), 0.0);
-        let offsets = pt.offsets(gt.k);
-        conv_direct::forward(&pt.shape(o, &offsets), g.c, wtp, &s.dy, &mut s.dx);
+        conv_packed(&gt, &pt, g.c, wtp, &mut s.dy, &mut s.dx, &mut s.v);
     }
     narrow_write(&pt, &s.dx, dx);
 }

@@ -19,6 +19,7 @@ pub mod conv;
 mod conv_direct;
 mod conv_padded;
 pub mod conv_transpose;
+mod conv_winograd;
 pub(crate) mod cpu;
 pub(crate) mod dense;
 mod geometry;
