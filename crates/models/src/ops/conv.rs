@@ -10,7 +10,6 @@
 use super::conv_padded::{self as padded, Scratch};
 use super::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
 use super::geometry::Geometry;
-use super::winograd;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -25,9 +24,6 @@ pub struct Conv {
     pub(super) k: usize,
     pub(super) stride: usize,
     pub(super) pad: usize,
-    /// Run a 3×3 stride-1 conv by Winograd F(2×2, 3×3) on the CPU (off by default: see
-    /// [`Conv::with_winograd`]).
-    winograd: bool,
 }
 
 impl Conv {
@@ -40,17 +36,7 @@ impl Conv {
             k,
             stride,
             pad,
-            winograd: winograd_requested(),
         })
-    }
-
-    /// Runs a 3×3 stride-1 conv with more than four outputs by Winograd F(2×2, 3×3) over the
-    /// batch (`winograd.rs`) instead of the unfolded gemm. Correct to about 1e-6 of the
-    /// output's scale, but with scalar transforms it is slower than the unfolded path today,
-    /// so it is off unless asked for here or with `FLOWMATCH_WINOGRAD=1`.
-    pub fn with_winograd(mut self, on: bool) -> Self {
-        self.winograd = on;
-        self
     }
 
     /// `(B, C, H, W)` → `(B, O, H', W')`.
@@ -98,11 +84,8 @@ impl Conv {
                 self.k
             );
         }
-        x.contiguous()?.apply_op3(
-            &self.weight.contiguous()?,
-            &bias.contiguous()?,
-            ConvOp(geo, self.winograd),
-        )
+        x.contiguous()?
+            .apply_op3(&self.weight.contiguous()?, &bias.contiguous()?, ConvOp(geo))
     }
 
     fn forward_ops(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -178,34 +161,23 @@ enum Path {
     Pointwise,
     /// Stride 1, at most [`padded::MAX_DIRECT_OUT`] output channels: tap by tap.
     Direct,
-    /// Stride 1, on the padded layout: the direct kernels (AVX2), else unfolded (long
-    /// copies) and one gemm (`conv_padded`).
+    /// Stride 1, on the padded layout (`conv_padded`): with AVX2, Winograd F(2×2, 3×3) for
+    /// 3×3 pad 1 on even sides (`conv_winograd`, forward and data gradient) and the direct
+    /// kernels (`conv_direct`) for the rest; else unfolded (long copies) and one gemm.
     Padded,
     /// Stride 2 with AVX2: the direct kernel on the input's 2×2 phases (forward, and the
     /// weight gradient of 14×14 outputs and up); the data gradient as `Strided`.
     Phases,
     /// Stride 2 and more: unfolded by runs of taps, one gemm, folded back by col2im.
     Strided,
-    /// 3×3, stride 1, more than [`padded::MAX_DIRECT_OUT`] outputs: Winograd F(2×2, 3×3) over
-    /// the batch (`winograd`).
-    Winograd,
-}
-
-/// Whether new convs run by Winograd where they can: `FLOWMATCH_WINOGRAD=1` (for side-by-side
-/// benchmarks while the kernel is slower than the unfolded path).
-fn winograd_requested() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FLOWMATCH_WINOGRAD").is_ok_and(|v| v == "1"))
 }
 
 impl Path {
-    fn of(g: &Geometry, o: usize, winograd: bool) -> Self {
+    fn of(g: &Geometry, o: usize) -> Self {
         if g.is_pointwise() {
             Self::Pointwise
         } else if padded::direct_fits(g, o) {
             Self::Direct
-        } else if winograd && winograd::fits(g) {
-            Self::Winograd
         } else if padded::fits(g) {
             Self::Padded
         } else if padded::phases_fit(g) {
@@ -259,7 +231,7 @@ fn padded_forward(
 /// The whole CPU convolution `(x, W, b) → y` as one custom op: per sample, unfold into a
 /// reused buffer and one gemm; samples in parallel (rayon). Memory: one unfolded sample per
 /// thread, instead of the batch's (58 MB for 64 × 32 × 28 × 28).
-struct ConvOp(Geometry, bool);
+struct ConvOp(Geometry);
 
 impl ConvOp {
     fn shapes<'a>(
@@ -298,19 +270,12 @@ impl CustomOp3 for ConvOp {
         let bias = f32_slice(s3, l3, self.name())?;
         let per_sample = bias_per_sample(bias.len(), b, o, self.name())?;
         let (n_in, l, (ho, wo)) = (g.c * g.h * g.w, g.cols(), g.out_hw());
-        let path = Path::of(&g, o, self.1);
+        let path = Path::of(&g, o);
         if matches!(path, Path::Direct | Path::Padded | Path::Phases) {
             let out = padded_forward(&g, (b, o), path, (xs, ws), (bias, per_sample));
             return Ok((CpuStorage::F32(out), Shape::from((b, o, ho, wo))));
         }
         let mut out = vec![0f32; b * o * l];
-        if path == Path::Winograd {
-            out.par_chunks_mut(l).enumerate().for_each(|(i, row)| {
-                row.fill(if per_sample { bias[i] } else { bias[i % o] });
-            });
-            winograd::forward(&g, b, o, xs, ws, &mut out);
-            return Ok((CpuStorage::F32(out), Shape::from((b, o, ho, wo))));
-        }
         out.par_chunks_mut(o * l)
             .zip(xs.par_chunks(n_in))
             .enumerate()
@@ -368,7 +333,6 @@ impl CustomOp3 for ConvOp {
         let want_dx = x.track_op();
         let op = ConvGrad {
             geo: self.0,
-            winograd: self.1,
             want_dx,
             per_sample_bias: bias.rank() == 2,
         };
@@ -389,7 +353,6 @@ impl CustomOp3 for ConvOp {
 /// without dx; db per sample with a per-sample bias).
 struct ConvGrad {
     geo: Geometry,
-    winograd: bool,
     want_dx: bool,
     per_sample_bias: bool,
 }
@@ -409,7 +372,7 @@ impl CustomOp3 for ConvGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo;
-        let (b, o, xs, ws) = ConvOp(g, self.winograd).shapes((s1, l1), (s2, l2), self.name())?;
+        let (b, o, xs, ws) = ConvOp(g).shapes((s1, l1), (s2, l2), self.name())?;
         let dy = f32_slice(s3, l3, self.name())?;
         let (n_in, l, k) = (g.c * g.h * g.w, g.cols(), g.rows());
         if dy.len() != b * o * l {
@@ -419,20 +382,7 @@ impl CustomOp3 for ConvGrad {
         let n_dx = if want_dx { b * n_in } else { 0 };
         // The bias gradient: one row of o, or one per sample (written by its chunk).
         let n_db = if self.per_sample_bias { b * o } else { o };
-        let path = Path::of(&g, o, self.winograd);
-        if path == Path::Winograd {
-            let mut out = vec![0f32; n_dx + o * k + n_db];
-            let (head, rest) = out.split_at_mut(n_dx);
-            let (dw, db) = rest.split_at_mut(o * k);
-            // db: each plane's sum, added over the samples in order.
-            let sums: Vec<f32> = dy.par_chunks(l).map(|p| p.iter().sum::<f32>()).collect();
-            for (i, v) in sums.into_iter().enumerate() {
-                db[if self.per_sample_bias { i } else { i % o }] += v;
-            }
-            let dx = want_dx.then_some(head);
-            winograd::backward(&g, b, o, (xs, ws, dy), dw, dx);
-            return Ok((CpuStorage::F32(out), Shape::from(n_dx + o * k + n_db)));
-        }
+        let path = Path::of(&g, o);
         // dx starts uninitialised: the padded backward writes each value once, and the other
         // paths, which add onto it, zero their chunk first.
         let mut out = Vec::with_capacity(n_dx + o * k + n_db);
@@ -664,18 +614,18 @@ mod tests {
             (1, 1, 5, 9),
             (2, 4, 6, 1),
         ];
-        // Both kernels of a 3×3 stride-1 conv: the padded one (direct, whose data gradient is a conv)
-        // and Winograd.
-        for ((b, c, o, hw), wino) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
+        // Both kernels of a 3×3 stride-1 conv on the padded layout (the data gradient a conv
+        // too): Winograd on even sides, direct on odd ones (more than 4 outputs; 4 and fewer
+        // run tap by tap).
+        for (b, c, o, hw) in cases {
+            let wino = hw % 2 == 0 && o > padded::MAX_DIRECT_OUT;
             let kernel = if wino { "winograd" } else { "padded direct" };
             let x = Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev).unwrap();
             let x = Var::from_tensor(&x).unwrap();
             let w = Tensor::randn(0f32, 0.3, (o, c, 3, 3), &dev).unwrap();
             let w = Var::from_tensor(&w).unwrap();
             let bias = Var::from_tensor(&Tensor::zeros(o, DType::F32, &dev).unwrap()).unwrap();
-            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1)
-                .unwrap()
-                .with_winograd(wino);
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1).unwrap();
             let ours = conv.forward(x.as_tensor()).unwrap();
             let exact = conv_f64(x.as_tensor(), w.as_tensor(), 1);
             let got: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
@@ -732,22 +682,14 @@ mod tests {
     fn a_per_sample_shift_equals_the_broadcast_add() {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 3, 6, 6), &dev).unwrap()).unwrap();
-        // Each path: tap by tap (2 outputs), padded (5), strided (5, stride 2), pointwise.
-        // And Winograd (5 outputs, 3×3, stride 1).
-        for (o, k, s, p, wino) in [
-            (2, 3, 1, 1, false),
-            (5, 3, 1, 1, false),
-            (5, 3, 2, 1, false),
-            (5, 1, 1, 0, false),
-            (5, 3, 1, 1, true),
-        ] {
+        // Each path: tap by tap (2 outputs), padded (5 outputs, Winograd on the 6×6 map),
+        // stride 2 (on the input's phases), pointwise.
+        for (o, k, s, p) in [(2, 3, 1, 1), (5, 3, 1, 1), (5, 3, 2, 1), (5, 1, 1, 0)] {
             let w = Tensor::randn(0f32, 0.3, (o, 3, k, k), &dev).unwrap();
             let w = Var::from_tensor(&w).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
             let shift = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, o), &dev).unwrap()).unwrap();
-            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), s, p)
-                .unwrap()
-                .with_winograd(wino);
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), s, p).unwrap();
             let fused = conv
                 .forward_shifted(x.as_tensor(), Some(shift.as_tensor()))
                 .unwrap();
@@ -783,29 +725,25 @@ mod tests {
     #[test]
     fn gradients_do_not_depend_on_the_thread_count() {
         let dev = Device::Cpu;
-        // 5 output channels on the padded layout and by Winograd, 2 tap by tap, and stride 2;
-        // 8×8 with the weight gradients by gemm, 28×28 by the direct kernels.
-        let cases = [(5, 1, false), (5, 1, true), (2, 1, false), (5, 2, false)];
-        for (hw, (o, stride, wino)) in [8, 28].into_iter().flat_map(|h| cases.map(|c| (h, c))) {
+        // 5 output channels on the padded layout (Winograd on even sides, direct on odd), 2 tap
+        // by tap, and stride 2; 8×8 and 9×9 with the weight gradients by gemm, 28×28 by the
+        // direct kernels.
+        let cases = [(5, 1), (2, 1), (5, 2)];
+        for (hw, (o, stride)) in [8, 9, 28].into_iter().flat_map(|h| cases.map(|c| (h, c))) {
             let x = Tensor::randn(0f32, 1.0, (9, 3, hw, hw), &dev).unwrap();
             let x = Var::from_tensor(&x).unwrap();
             let w = Tensor::randn(0f32, 0.3, (o, 3, 3, 3), &dev).unwrap();
             let w = Var::from_tensor(&w).unwrap();
             let bias = Var::from_tensor(&Tensor::zeros(o, DType::F32, &dev).unwrap()).unwrap();
-            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), stride, 1)
-                .unwrap()
-                .with_winograd(wino);
+            let conv =
+                Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), stride, 1).unwrap();
             let grads = |threads: usize| {
                 crate::grads_on_threads(threads, &[&x, &w, &bias], || {
                     let y = conv.forward(x.as_tensor()).unwrap();
                     y.sqr().unwrap().sum_all().unwrap()
                 })
             };
-            assert_eq!(
-                grads(1),
-                grads(3),
-                "{hw}×{hw} o{o} s{stride} winograd {wino}"
-            );
+            assert_eq!(grads(1), grads(3), "{hw}×{hw} o{o} s{stride}");
         }
     }
 
@@ -817,9 +755,7 @@ mod tests {
             let w =
                 Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, 2, 3, 3), &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
-            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1)
-                .unwrap()
-                .with_winograd(o == 6);
+            let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), 1, 1).unwrap();
             let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let ours = loss(conv.forward_cpu(&x, &conv.bias).unwrap());
             let theirs = loss(conv.forward_ops(&x, &conv.bias).unwrap());

@@ -15,7 +15,7 @@
 
 use super::conv_direct::{available, panels};
 
-/// Input rows of a tile, and taps of the kernel.
+/// The side of an input tile (4×4 inputs for 2×2 outputs).
 const TILE_IN: usize = 4;
 /// Output columns per vector of 8 tiles.
 const COLS: usize = 16;

@@ -6,8 +6,8 @@
 //! - [`linear`]: `Linear`, and `Linear` + activation as one op.
 //! - [`dense`]: an MLP's layers chained in register tiles, for sampling (no gradient).
 //! - [`conv`]: the U-Nets' convolutions (unfold + gemm, backward by col2im); stride 1 on the
-//!   padded layout by direct AVX2 kernels (`conv_direct`), and tap by tap for a few outputs
-//!   (`conv_padded`).
+//!   padded layout by Winograd F(2×2, 3×3) (`conv_winograd`, 3×3 on even sides) and direct
+//!   AVX2 kernels (`conv_direct`), and tap by tap for a few outputs (`conv_padded`).
 //! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (gemm + col2im).
 //! - `upconv`: a 3×3 conv of a ×2-upsampled map, at the low resolution (`Conv::forward_upsampled`).
 //! - [`norm`]: GroupNorm + SiLU.
@@ -26,4 +26,3 @@ mod geometry;
 pub mod linear;
 pub mod norm;
 mod upconv;
-mod winograd;
