@@ -58,6 +58,8 @@ pub struct Plan {
     pub name: String,
     /// The device asked for (opened when the plan is built).
     pub device: DeviceRequest,
+    /// TF32 matrix products where the device is a GPU.
+    pub tf32: bool,
     /// The MNIST folder (read when the plan is built, for MNIST sides only).
     pub data_dir: PathBuf,
     /// The data sides' names as the summary records them.
@@ -870,6 +872,12 @@ impl Config {
     /// Checks every section once and assembles the plan; the error names the offending key.
     pub fn check(&self) -> Result<Plan, Bad> {
         check_name(&self.name).map_err(|m| ("name", m))?;
+        if self.tf32 && self.device == DeviceRequest::Cpu {
+            return Err((
+                "tf32",
+                "TF32 is a mode of CUDA's matrix products; the device is cpu (set device = \"cuda\" or \"auto\")".into(),
+            ));
+        }
         let (source, target) = self.data.check()?;
         let model = self.model.check(source.dim())?;
         let (path, coupling, time) = self.loss.check()?;
@@ -906,6 +914,7 @@ impl Config {
         let plan = Plan {
             name: self.name.clone(),
             device: self.device,
+            tf32: self.tf32,
             data_dir: PathBuf::from(&self.data.dir),
             source_name: self.data.source.clone(),
             target_name: self.data.target.clone(),

@@ -23,6 +23,10 @@ pub struct Config {
     pub name: String,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: DeviceRequest,
+    /// TF32 matrix products on CUDA (opt-in: off, a run's numbers stay f32-exact). Written
+    /// into the resolved config only when on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tf32: bool,
     pub data: DataConfig,
     pub model: ModelConfig,
     pub loss: LossConfig,
@@ -302,6 +306,7 @@ impl Default for Config {
         Self {
             name: String::new(),
             device: DeviceRequest::Cpu,
+            tf32: false,
             data: DataConfig {
                 source: "gaussian".into(),
                 target: "moons".into(),
@@ -787,6 +792,21 @@ mod tests {
             sets: &sets,
         })?;
         Ok((plan.config().clone(), plan))
+    }
+
+    #[test]
+    fn tf32_is_opt_in_for_a_gpu_and_left_out_of_the_record_when_off() {
+        let e = load("tf32 = true\n", &[]).err().unwrap().0;
+        assert!(
+            e.starts_with("tf32:") && e.contains("cpu") && e.contains("exp.toml"),
+            "{e}"
+        );
+        let (cfg, plan) = load("device = \"auto\"\ntf32 = true\n", &[]).unwrap();
+        assert!(cfg.tf32 && plan.tf32);
+        assert!(plan.config_toml().contains("tf32 = true"));
+        let (cfg, plan) = load("", &[]).unwrap();
+        assert!(!cfg.tf32 && !plan.tf32);
+        assert!(!plan.config_toml().contains("tf32"));
     }
 
     #[test]

@@ -44,6 +44,20 @@ pub fn parse_device(s: &str) -> Result<DeviceRequest, String> {
 /// Whether this binary was built with the `cuda` feature.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
+/// Opens the requested device with TF32 matrix products on a GPU or not (a process-wide
+/// setting of candle's cuBLAS calls); `auto` takes CUDA when built with it and a GPU answers.
+/// Returns the device and a one-line description of the choice.
+pub fn open_with(req: DeviceRequest, tf32: bool) -> Result<(Device, String), String> {
+    let (dev, said) = open(req)?;
+    if dev.is_cuda() {
+        candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+        if tf32 {
+            return Ok((dev, format!("{said}, TF32 matmuls")));
+        }
+    }
+    Ok((dev, said))
+}
+
 /// Opens the requested device; `auto` takes CUDA when built with it and a GPU answers.
 /// Returns the device and a one-line description of the choice.
 pub fn open(req: DeviceRequest) -> Result<(Device, String), String> {

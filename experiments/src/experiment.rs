@@ -51,7 +51,8 @@ fn mnist(dir: &Path) -> Result<Arc<Mnist>> {
 impl Experiment {
     /// Reads the data and opens the device of a checked `plan`.
     pub fn build(plan: &Plan) -> Result<Experiment> {
-        let (device, device_label) = device::open(plan.device).map_err(|e| anyhow!(e))?;
+        let (device, device_label) =
+            device::open_with(plan.device, plan.tf32).map_err(|e| anyhow!(e))?;
         let mnist = if plan.images() {
             Some(mnist(&plan.data_dir)?)
         } else {

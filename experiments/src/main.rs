@@ -198,6 +198,9 @@ struct BenchArgs {
     /// Euler steps for the sampling benchmark.
     #[arg(long, default_value_t = 100)]
     sample_steps: usize,
+    /// TF32 matrix products on a GPU (the config's `tf32`).
+    #[arg(long)]
+    tf32: bool,
 }
 
 #[derive(clap::Args)]
@@ -557,7 +560,7 @@ fn cmd_classifier(a: ClassifierArgs) -> Result<ExitCode> {
 
 fn cmd_bench(a: BenchArgs) -> Result<ExitCode> {
     let req = device::parse_device(&a.device).map_err(|e| anyhow!("--device: {e}"))?;
-    let (dev, said) = device::open(req).map_err(|e| anyhow!(e))?;
+    let (dev, said) = device::open_with(req, a.tf32).map_err(|e| anyhow!(e))?;
     let spec = bench::BenchSpec {
         batch: a.batch,
         steps: a.steps,

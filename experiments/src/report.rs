@@ -247,6 +247,9 @@ pub struct Summary {
     /// The training objective, when not plain CFM (`meanflow`, `shortcut`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub objective: Option<String>,
+    /// Whether CUDA's matrix products ran in TF32 (`tf32`; only written when they did).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tf32: bool,
     pub train_steps: usize,
     pub batch_size: usize,
     pub lr: f64,

@@ -117,6 +117,7 @@ fn finish_run(
             .objective
             .needs_span()
             .then(|| checked.objective.name().to_string()),
+        tf32: p.tf32 && checked.device.is_cuda(),
         train_steps: t.steps,
         batch_size: t.batch_size,
         lr: t.optim.lr,
