@@ -337,6 +337,14 @@ pub(crate) struct Weights<'a> {
     pub(crate) wtp: &'a [f32],
 }
 
+/// One sample's gradients as the backward writes them: `dx` (each value once, when asked),
+/// and `dw`, `db` added onto.
+pub(crate) type Grads<'a> = (
+    Option<&'a mut [MaybeUninit<f32>]>,
+    &'a mut [f32],
+    &'a mut [f32],
+);
+
 /// One sample's backward on the padded layout: `dw += dy ⋆ x`, `db += Σ dy`, and, when asked,
 /// `dx = 0 + Wᵀ ⋆ dy` (every value written once, the bits of an add onto zeros); tap by tap (`taps`), by the direct kernels, or by gemms on the unfolded
 /// sample. Where `wt` is there, `dx` is the conv of `dy` with it.
@@ -345,7 +353,7 @@ pub(crate) fn backward(
     o: usize,
     taps: bool,
     (x, ws, dy): (&[f32], &Weights, &[f32]),
-    (dx, dw, db): (Option<&mut [MaybeUninit<f32>]>, &mut [f32], &mut [f32]),
+    (dx, dw, db): Grads,
     s: &mut Scratch,
 ) {
     let Weights { w, wt, wtp } = *ws;

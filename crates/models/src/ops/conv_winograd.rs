@@ -23,7 +23,13 @@ const COLS: usize = 16;
 /// Whether the kernel serves a conv: 3×3 taps, stride 1, padding 1 (output sides = input
 /// sides), and even output sides (whole 2×2 tiles).
 pub(crate) fn fits(k: usize, stride: usize, pad: usize, (ho, wo): (usize, usize)) -> bool {
-    available() && k == 3 && stride == 1 && pad == 1 && ho % 2 == 0 && wo % 2 == 0 && ho > 0
+    available()
+        && k == 3
+        && stride == 1
+        && pad == 1
+        && ho.is_multiple_of(2)
+        && wo.is_multiple_of(2)
+        && ho > 0
 }
 
 /// `U[ξ] = G·g·Gᵀ` of every `(o, c)` kernel of `w` `(O, C, 3, 3)`, for each of the 16 points
@@ -79,7 +85,7 @@ impl Shape {
 /// conv of the padded sample `xp` (at least [`Shape::reach`] floats) with the [`pack`]ed `u`.
 /// `v` is a reused buffer.
 pub(crate) fn forward(s: &Shape, o: usize, u: &[f32], xp: &[f32], y: &mut [f32], v: &mut Vec<f32>) {
-    assert!(available() && s.wp >= s.wo + 2 && s.ho % 2 == 0 && s.wo % 2 == 0);
+    assert!(available() && s.wp >= s.wo + 2 && s.ho.is_multiple_of(2) && s.wo.is_multiple_of(2));
     assert!(u.len() >= 16 * o * s.c && y.len() >= o * s.ho * s.wp);
     assert!(xp.len() >= s.reach());
     // The vectors of 8 tiles: (tile row, first output column), taken two at a time.
@@ -96,7 +102,7 @@ pub(crate) fn forward(s: &Shape, o: usize, u: &[f32], xp: &[f32], y: &mut [f32],
             for (r0, nr) in panels(o) {
                 let panel = (&u[r0 * s.c..], o * s.c);
                 let rows = &mut y[r0 * s.ho * s.wp..];
-                let out = (rows, &pair[..]);
+                let out = (rows, pair);
                 match nr {
                     1 => products::<1>(s, panel, v, out),
                     2 => products::<2>(s, panel, v, out),
@@ -193,6 +199,7 @@ unsafe fn products<const NR: usize>(
         *m = acc;
     }
     let span = s.ho * s.wp;
+    #[allow(clippy::needless_range_loop)] // `r` picks the row in all 16 points' sums
     for r in 0..NR {
         for (half, &(ty, q)) in pair.iter().enumerate() {
             macro_rules! mm {
