@@ -380,7 +380,7 @@ impl CustomOp3 for ConvGrad {
         let n_db = if self.per_sample_bias { b * o } else { o };
         let path = Path::of(&g, o);
         // dx starts uninitialised: the padded backward writes each value once, and the other
-        // paths, which add onto it, zero their chunk first.
+        // paths, which add onto it, zero each sample's part first.
         let mut out = Vec::with_capacity(n_dx + o * k + n_db);
         // Each chunk of samples writes its own slice of dx, when there is one.
         let dx: Vec<Option<&mut [MaybeUninit<f32>]>> = if want_dx {

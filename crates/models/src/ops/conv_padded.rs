@@ -346,8 +346,9 @@ pub(crate) type Grads<'a> = (
 );
 
 /// One sample's backward on the padded layout: `dw += dy ⋆ x`, `db += Σ dy`, and, when asked,
-/// `dx = 0 + Wᵀ ⋆ dy` (every value written once, the bits of an add onto zeros); tap by tap (`taps`), by the direct kernels, or by gemms on the unfolded
-/// sample. Where `wt` is there, `dx` is the conv of `dy` with it.
+/// `dx = 0 + Wᵀ ⋆ dy` (every value written once, the bits of an add onto zeros); tap by tap
+/// (`taps`), by the direct kernels, or by gemms on the unfolded sample. Where `wt` is there,
+/// `dx` is the conv of `dy` with it.
 pub(crate) fn backward(
     g: &Geometry,
     o: usize,

@@ -89,12 +89,14 @@ pub(crate) fn forward(s: &Shape, o: usize, u: &[f32], xp: &[f32], y: &mut [f32],
     assert!(u.len() >= 16 * o * s.c && y.len() >= o * s.ho * s.wp);
     assert!(xp.len() >= s.reach());
     // The vectors of 8 tiles: (tile row, first output column), taken two at a time.
-    let vectors: Vec<(usize, usize)> = (0..s.ho / 2)
-        .flat_map(|ty| (0..s.wo).step_by(COLS).map(move |q| (ty, q)))
-        .collect();
+    let per_row = s.wo.div_ceil(COLS);
+    let count = s.ho / 2 * per_row;
+    let vector = |i: usize| (i / per_row, i % per_row * COLS);
     v.resize(16 * s.c * 16, 0.0);
-    for pair in vectors.chunks(2) {
-        let both = [pair[0], *pair.last().expect("a chunk has one")];
+    for first in (0..count).step_by(2) {
+        // The last of an odd count is transformed twice and stored once.
+        let both = [vector(first), vector((first + 1).min(count - 1))];
+        let pair = &both[..(count - first).min(2)];
         // SAFETY: AVX2 and FMA are checked (`available`); the loads stay inside `xp` (the
         // assert above), and the stores write `min(16, wo − q)` columns of rows below `ho`.
         unsafe {
