@@ -162,7 +162,8 @@ enum Path {
     /// Stride 1, at most [`padded::MAX_DIRECT_OUT`] output channels: tap by tap.
     Direct,
     /// Stride 1, on the padded layout (`conv_padded`): with AVX2, Winograd F(2×2, 3×3) for
-    /// 3×3 pad 1 on even sides (`conv_winograd`, forward and data gradient) and the direct
+    /// 3×3 pad 1 on even sides (`conv_winograd`: forward, data gradient, and the weight
+    /// gradient from 8 input channels) and the direct
     /// kernels (`conv_direct`) for the rest; else unfolded (long copies) and one gemm.
     Padded,
     /// Stride 2 with AVX2: the direct kernel on the input's 2×2 phases (forward, and the
@@ -411,13 +412,14 @@ impl CustomOp3 for ConvGrad {
             .into_par_iter()
             .zip(xs.par_chunks(CHUNK * n_in))
             .zip(dy.par_chunks(CHUNK * o * l))
-            .map(|((mut dxc, xc), dyc)| {
+            // A worker's buffers serve each chunk it takes (one geometry: the padding never
+            // written stays zero).
+            .map_init(Scratch::default, |scratch, ((mut dxc, xc), dyc)| {
                 let mut dw = vec![0f32; o * k];
                 let n = xc.len() / n_in;
                 let mut dbc = vec![0f32; if self.per_sample_bias { n * o } else { o }];
                 let mut cols = vec![0f32; if unfolded { k * l } else { 0 }];
                 let mut dcols = vec![0f32; if folded { k * l } else { 0 }];
-                let mut scratch = Scratch::default();
                 for (i, (xb, dyb)) in xc
                     .chunks_exact(n_in)
                     .zip(dyc.chunks_exact(o * l))
@@ -430,13 +432,13 @@ impl CustomOp3 for ConvGrad {
                         (&mut dw[..], &mut dbc[..])
                     };
                     if matches!(path, Path::Direct | Path::Padded) {
-                        let (taps, s) = (path == Path::Direct, &mut scratch);
+                        let (taps, s) = (path == Path::Direct, &mut *scratch);
                         padded::backward(&g, o, taps, (xb, &weights, dyb), (dxb, dw, db), s);
                         continue;
                     }
                     let dxb = dxb.map(zeroed);
                     if phase_grad {
-                        padded::weight_grad_phases(&g, o, (xb, dyb), (dw, db), &mut scratch);
+                        padded::weight_grad_phases(&g, o, (xb, dyb), (dw, db), scratch);
                     } else {
                         let colsb: &[f32] = if path == Path::Pointwise {
                             xb
@@ -459,6 +461,7 @@ impl CustomOp3 for ConvGrad {
                         g.col2im(&dcols, dxb);
                     }
                 }
+                padded::finish_backward(&g, o, &mut dw, scratch);
                 (dw, dbc)
             })
             .collect();
@@ -591,13 +594,40 @@ mod tests {
         y
     }
 
+    /// The weight gradient `Σ dy ⋆ x` of a 3×3 conv with padding `p`, in f64: the reference for
+    /// Winograd's weight gradient.
+    fn weight_grad_f64(x: &Tensor, dy: &[f32], o: usize, p: usize) -> Vec<f64> {
+        let (b, c, h, wd) = x.dims4().unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let (ho, wo) = (h + 2 * p - 2, wd + 2 * p - 2);
+        let mut dw = vec![0f64; o * c * 9];
+        for (at, d) in dw.iter_mut().enumerate() {
+            let (oc, ch, u, v) = (at / (c * 9), at / 9 % c, at / 3 % 3, at % 3);
+            for s in 0..b {
+                for r in 0..ho {
+                    for q in 0..wo {
+                        let (rr, qq) =
+                            ((r + u) as isize - p as isize, (q + v) as isize - p as isize);
+                        if rr < 0 || qq < 0 || rr as usize >= h || qq as usize >= wd {
+                            continue;
+                        }
+                        let xv = xs[((s * c + ch) * h + rr as usize) * wd + qq as usize] as f64;
+                        *d += dy[((s * o + oc) * ho + r) * wo + q] as f64 * xv;
+                    }
+                }
+            }
+        }
+        dw
+    }
+
     /// Every 3×3 stride-1 shape the two U-Nets use, plus odd sizes, 1 and 3 channels and
     /// batch 1, by both kernels: values against an f64 direct sum, gradients against candle's.
     #[test]
     fn stride1_kernels_match_the_direct_sum_and_candles_gradients() {
         let dev = Device::Cpu;
-        // The largest relative error of each kernel: values, gradients.
-        let mut worst = [[0f64; 2]; 2];
+        // The largest relative error of each kernel: values, gradients, the weight gradient
+        // against f64.
+        let mut worst = [[0f64; 3]; 2];
         let cases = [
             (2, 1, 16, 28),
             (2, 16, 16, 28),
@@ -650,6 +680,27 @@ mod tests {
                     .unwrap();
             let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            // dW against the f64 sum for the same dy (2y): the kernel's own error.
+            let dy: Vec<f32> = got.iter().map(|v| 2.0 * v).collect();
+            let exact = weight_grad_f64(x.as_tensor(), &dy, o, 1);
+            let dw: Vec<f32> = g1
+                .get(w.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = exact.iter().map(|v| v.abs()).fold(1e-30, f64::max);
+            let err = dw
+                .iter()
+                .zip(&exact)
+                .map(|(g, e)| (*g as f64 - e).abs())
+                .fold(0f64, f64::max);
+            worst[wino as usize][2] = worst[wino as usize][2].max(err / scale);
+            assert!(
+                err / scale < 1e-5,
+                "{kernel} b{b} c{c} o{o} hw{hw}, dW against f64: {err} of {scale}"
+            );
             // The weight gradient sums b·H·W products: compared relative to its scale.
             for (i, v) in [&x, &w, &bias].iter().enumerate() {
                 let (a, e) = (
@@ -666,10 +717,10 @@ mod tests {
                 );
             }
         }
-        for (kernel, [v, g]) in ["padded direct", "winograd"].iter().zip(worst) {
+        for (kernel, [v, g, dw]) in ["padded direct", "winograd"].iter().zip(worst) {
             eprintln!(
                 "{kernel}: largest error {v:.2e} (values against f64), {g:.2e} (gradients \
-                 against candle), of the largest value"
+                 against candle), {dw:.2e} (weight gradient against f64), of the largest value"
             );
         }
     }

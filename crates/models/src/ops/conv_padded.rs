@@ -10,7 +10,8 @@
 //!   place: the forward, the data gradient, which is itself a stride-1 conv (of `dy`, padded
 //!   by `k − 1 − pad`, with the flipped kernel whose in and out channels are swapped:
 //!   [`flip_transpose`]), and, on maps of at least `MIN_GRAD_SPAN` pixels, the weight
-//!   gradient. Nothing is unfolded or folded back.
+//!   gradient; Winograd (`conv_winograd`) for 3×3 pad 1 on even sides instead, straight into
+//!   the output. Nothing is unfolded or folded back.
 //! - Elsewhere (and for the weight gradient of small maps), unfolding is one copy of `H'·Wp`
 //!   values per row (no short runs, no padding tests) for a gemm `Wp / W'` wider; the data
 //!   gradient's conv runs the same way, its gemm summing over `O·k²` rather than `O`.
@@ -89,6 +90,10 @@ pub(crate) struct Scratch {
     dy: Vec<f32>,
     /// The Winograd kernel's transformed inputs.
     v: Vec<f32>,
+    /// The Winograd weight gradient's buffers and a chunk's sums ([`finish_backward`]).
+    sums: conv_winograd::GradSums,
+    /// Zeros, the addend of a data gradient written by `conv_packed`.
+    zeros: Vec<f32>,
 }
 
 /// Whether a conv of geometry `g` runs on the padded layout (stride 1, a kernel wider than 1).
@@ -212,6 +217,21 @@ pub(crate) fn flip_transpose(g: &Geometry, o: usize, taps: bool, w: &[f32]) -> V
     wt
 }
 
+/// Adds the row sums of each channel of `dy` (`O × H' × W'`) to `db`, as [`widen`] does.
+fn row_sums(p: &Padded, dy: &[f32], db: &mut [f32]) {
+    for (plane, d) in dy.chunks_exact(p.ho * p.wo).zip(db) {
+        for src in plane.chunks_exact(p.wo) {
+            *d += src.iter().sum::<f32>();
+        }
+    }
+}
+
+/// Ends a chunk of samples' [`backward`]s: adds what the Winograd weight gradient summed over
+/// them to `dw` (nothing for the other kernels, which add each sample's part as they go).
+pub(crate) fn finish_backward(g: &Geometry, o: usize, dw: &mut [f32], s: &mut Scratch) {
+    conv_winograd::finish_grad(&mut s.sums, o, g.c, dw);
+}
+
 /// `dy` (`O × H' × W'`) into `dst` in the `Wp`-wide layout, `stride` floats per channel, zero
 /// in the scratch columns and past the span (never written, as the border in `pad_into`);
 /// adds its row sums to `db`.
@@ -256,33 +276,41 @@ fn winograd_fits(g: &Geometry) -> bool {
     conv_winograd::fits(g.k, g.stride, g.pad, g.out_hw())
 }
 
-/// `y` (`O × H'·Wp`) `=` the conv of the padded sample `xp` with the [`pack`]ed `wp`, by the
-/// Winograd kernel or the direct one; `xp` grows to what the kernel reads (zeros).
+/// The Winograd kernel's view of the padded sample `xp`, which grows to what the kernel reads
+/// (zeros).
+fn winograd_shape(g: &Geometry, p: &Padded, xp: &mut Vec<f32>) -> conv_winograd::Shape {
+    let shape = conv_winograd::Shape {
+        c: g.c,
+        plane: p.plane(),
+        wp: p.wp,
+        ho: p.ho,
+        wo: p.wo,
+    };
+    if xp.len() < shape.reach() {
+        xp.resize(shape.reach(), 0.0);
+    }
+    shape
+}
+
+/// `y` (`O × H' × W'`, every value written once) `=` `add[o]` `+` the conv of the padded
+/// sample `xp` with the [`pack`]ed `wp`: by the Winograd kernel, straight into `y`, or by the
+/// direct one into `wide` (`O × H'·Wp`), then narrowed. `xp` grows to what the kernel reads
+/// (zeros).
 fn conv_packed(
-    g: &Geometry,
-    p: &Padded,
-    o: usize,
+    (g, p, o): (&Geometry, &Padded, usize),
     wp: &[f32],
     xp: &mut Vec<f32>,
-    y: &mut Vec<f32>,
-    v: &mut Vec<f32>,
+    (y, add): (&mut [MaybeUninit<f32>], &[f32]),
+    (wide, v): (&mut Vec<f32>, &mut Vec<f32>),
 ) {
-    y.resize(o * p.span(), 0.0);
     if winograd_fits(g) {
-        let shape = conv_winograd::Shape {
-            c: g.c,
-            plane: p.plane(),
-            wp: p.wp,
-            ho: p.ho,
-            wo: p.wo,
-        };
-        if xp.len() < shape.reach() {
-            xp.resize(shape.reach(), 0.0);
-        }
-        conv_winograd::forward(&shape, o, wp, xp, y, v);
+        let shape = winograd_shape(g, p, xp);
+        conv_winograd::forward(&shape, o, wp, xp, (y, add), v);
     } else {
+        wide.resize(o * p.span(), 0.0);
         let offsets = p.offsets(g.k);
-        conv_direct::forward(&p.shape(g.c, &offsets), o, wp, xp, y);
+        conv_direct::forward(&p.shape(g.c, &offsets), o, wp, xp, wide);
+        narrow_bias(p, wide, add, y);
     }
 }
 
@@ -304,7 +332,8 @@ pub(crate) fn forward(
         forward_taps(g, &p, o, w, s);
     } else if !wp.is_empty() {
         pad_into(g, &p, x, &mut s.x);
-        conv_packed(g, &p, o, wp, &mut s.x, &mut s.y, &mut s.v);
+        conv_packed((g, &p, o), wp, &mut s.x, (y, bias), (&mut s.y, &mut s.v));
+        return;
     } else {
         unfold(g, &p, x, s);
         gemm_into(g, &p, o, w, &s.cols, &mut s.y);
@@ -365,12 +394,19 @@ pub(crate) fn backward(
         && conv_direct::available()
         && p.span() >= conv_direct::MIN_GRAD_SPAN
         && (dx.is_none() || !wtp.is_empty());
+    // Winograd's weight gradient (reading dy as it is) where there are input channels enough
+    // to spread its transforms of dy over.
+    let winograd = direct && winograd_fits(g) && g.c >= conv_winograd::MIN_GRAD_CHANNELS;
     let stride = if direct {
         p.span().next_multiple_of(conv_direct::GRAD_LANES)
     } else {
         p.span()
     };
-    widen(&p, o, stride, dy, &mut s.y, db);
+    if winograd {
+        row_sums(&p, dy, db);
+    } else {
+        widen(&p, o, stride, dy, &mut s.y, db);
+    }
     if taps {
         pad_into(g, &p, x, &mut s.x);
         backward_taps(g, &p, w, dw, dx, s);
@@ -383,7 +419,11 @@ pub(crate) fn backward(
     } else {
         (dx, None)
     };
-    if direct {
+    if winograd {
+        pad_into(g, &p, x, &mut s.x);
+        let shape = winograd_shape(g, &p, &mut s.x);
+        conv_winograd::weight_grad(&shape, o, dy, &s.x, &mut s.sums);
+    } else if direct {
         pad_into(g, &p, x, &mut s.x);
         let offsets = p.offsets(g.k);
         conv_direct::weight_grad(&p.shape(g.c, &offsets), o, (&s.y, stride), &s.x, dw);
@@ -400,10 +440,13 @@ pub(crate) fn backward(
     if wtp.is_empty() {
         unfold_padded(&gt, &pt, &s.dy, &mut s.cols);
         gemm_into(&gt, &pt, g.c, wt, &s.cols, &mut s.dx);
+        narrow_write(&pt, &s.dx, dx);
     } else {
-        conv_packed(&gt, &pt, g.c, wtp, &mut s.dy, &mut s.dx, &mut s.v);
+        // `0 + v` (as `narrow_write`).
+        s.zeros.resize(g.c, 0.0);
+        let out = (dx, &s.zeros[..]);
+        conv_packed((&gt, &pt, g.c), wtp, &mut s.dy, out, (&mut s.dx, &mut s.v));
     }
-    narrow_write(&pt, &s.dx, dx);
 }
 
 /// `y` (`O × H'·Wp`) = `w` (`O × C·k²`) · the unfolded sample `cols`.

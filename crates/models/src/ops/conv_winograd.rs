@@ -7,13 +7,17 @@
 //!   padded inputs, split into even and odd columns) goes into a small buffer `V[ξ][c]`;
 //! - for each panel of output channels and each of the 16 points `ξ`, a register tile of
 //!   up to 6 channels × 16 tiles sums `U[ξ][o][c]·V[ξ][c]` over `c`, as the direct kernel's;
-//! - the output transform `Aᵀ·M·A` gives each tile's 2×2 outputs, interleaved back into rows.
+//! - the output transform `Aᵀ·M·A` gives each tile's 2×2 outputs, interleaved back into rows
+//!   and written once, with the bias, into the output (no `Wp`-wide copy to narrow).
 //!
-//! `U = G·g·Gᵀ` is computed once per op ([`pack`]). Each output is the same fixed sequence of
-//! operations whatever the thread count. The error is f32 round-off of the transforms, about
-//! 1e-6 of the output's scale (tested against the direct sum).
+//! `U = G·g·Gᵀ` is computed once per op ([`pack`]). The weight gradient ([`weight_grad`]) is
+//! the same algebra run backwards: `Gᵀ·(Σ_tiles (A·dy·Aᵀ) ⊙ (Bᵀ·d·B))·G`, 16 products per
+//! tile and channel pair instead of 36. Each output is the same fixed sequence of operations
+//! whatever the thread count. The error is f32 round-off of the transforms, about 1e-6 of the
+//! output's scale (tested against the direct sum in f64, values and weight gradient).
 
 use super::conv_direct::{available, panels};
+use std::mem::MaybeUninit;
 
 /// The side of an input tile (4×4 inputs for 2×2 outputs).
 const TILE_IN: usize = 4;
@@ -81,12 +85,19 @@ impl Shape {
     }
 }
 
-/// `y` (`O × ho·wp`, the `Wp`-wide layout; its scratch columns are left as they are) `=` the
-/// conv of the padded sample `xp` (at least [`Shape::reach`] floats) with the [`pack`]ed `u`.
-/// `v` is a reused buffer.
-pub(crate) fn forward(s: &Shape, o: usize, u: &[f32], xp: &[f32], y: &mut [f32], v: &mut Vec<f32>) {
+/// `y` (`O × ho × wo`, every value written once) `=` `add[o]` `+` the conv of the padded
+/// sample `xp` (at least [`Shape::reach`] floats) with the [`pack`]ed `u`: the bias, or zero
+/// for a data gradient (`0 + v`, the bits of an add onto zeros). `v` is a reused buffer.
+pub(crate) fn forward(
+    s: &Shape,
+    o: usize,
+    u: &[f32],
+    xp: &[f32],
+    (y, add): (&mut [MaybeUninit<f32>], &[f32]),
+    v: &mut Vec<f32>,
+) {
     assert!(available() && s.wp >= s.wo + 2 && s.ho.is_multiple_of(2) && s.wo.is_multiple_of(2));
-    assert!(u.len() >= 16 * o * s.c && y.len() >= o * s.ho * s.wp);
+    assert!(u.len() >= 16 * o * s.c && y.len() >= o * s.ho * s.wo && add.len() >= o);
     assert!(xp.len() >= s.reach());
     // The vectors of 8 tiles: (tile row, first output column), taken two at a time.
     let per_row = s.wo.div_ceil(COLS);
@@ -100,11 +111,11 @@ pub(crate) fn forward(s: &Shape, o: usize, u: &[f32], xp: &[f32], y: &mut [f32],
         // SAFETY: AVX2 and FMA are checked (`available`); the loads stay inside `xp` (the
         // assert above), and the stores write `min(16, wo − q)` columns of rows below `ho`.
         unsafe {
-            input_transform(s, xp, both, v);
+            input_transform(s, xp, both, (v, 16, 0));
             for (r0, nr) in panels(o) {
                 let panel = (&u[r0 * s.c..], o * s.c);
-                let rows = &mut y[r0 * s.ho * s.wp..];
-                let out = (rows, pair);
+                let rows = &mut y[r0 * s.ho * s.wo..];
+                let out = (rows, &add[r0..], pair);
                 match nr {
                     1 => products::<1>(s, panel, v, out),
                     2 => products::<2>(s, panel, v, out),
@@ -118,10 +129,295 @@ pub(crate) fn forward(s: &Shape, o: usize, u: &[f32], xp: &[f32], y: &mut [f32],
     }
 }
 
-/// `V[ξ][c][16]` `=` `Bᵀ·d·B` of the 4×4 patches of the two vectors of tiles `both`.
+/// The fewest input channels for which [`weight_grad`] runs: its transforms of the gradient
+/// cost as much as the products of a few channels (the direct kernel's 9 taps serve a
+/// one-channel input better).
+pub(crate) const MIN_GRAD_CHANNELS: usize = 8;
+
+/// The weight gradient's buffers of one worker: the transformed inputs `V` and gradients
+/// `M` of one block of tiles, the sample's gradient with its channels last, and the sums
+/// `U[ξ][c][o]` of a chunk of samples until [`finish_grad`].
+#[derive(Default)]
+pub(crate) struct GradSums {
+    v: Vec<f32>,
+    /// `ho·wo × O'` (`O'`: the channels rounded up to 16, the rest zero).
+    dyt: Vec<f32>,
+    /// `M[ξ][slot][O']` of the block's 16 tiles.
+    m: Vec<f32>,
+    u: Vec<f32>,
+}
+
+/// The gradient of `U = G·g·Gᵀ` over one sample, added to `sums`:
+/// `U[ξ][c][o] += Σ_tiles (A·dy·Aᵀ)[ξ][o] · (Bᵀ·d·B)[ξ][c]`, with `dy` `O × ho × wo`, and the
+/// padded sample `xp` (at least [`Shape::reach`] floats). [`finish_grad`] turns the sums into
+/// the weight gradient, `Gᵀ·U·G`, once per chunk of samples.
+///
+/// Per block of 16 tiles (the forward's two vectors): both transforms into small buffers,
+/// then per point `ξ` register tiles of up to 6 input channels × 16 output channels summed
+/// over the block's tiles in order and added to `U` (the gradient's transform has the output
+/// channels in the lanes, so no lanes are folded). 16 products per tile and channel pair
+/// instead of the direct sum's 36.
+pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mut GradSums) {
+    assert!(available() && s.ho.is_multiple_of(2) && s.wo.is_multiple_of(2));
+    assert!(dy.len() >= o * s.ho * s.wo && xp.len() >= s.reach());
+    let op = o.next_multiple_of(COLS);
+    let per_row = s.wo.div_ceil(COLS);
+    let count = s.ho / 2 * per_row;
+    let vector = |i: usize| (i / per_row, i % per_row * COLS);
+    // Channels last; the channels past `o` are never written (zero).
+    let pixels = s.ho * s.wo;
+    sums.dyt.resize(pixels * op, 0.0);
+    // SAFETY: AVX2 is checked; `dy` holds `o` planes of `pixels`, `dyt` `pixels` rows of `op`.
+    unsafe { channels_last(&dy[..o * pixels], (o, pixels, op), &mut sums.dyt) };
+    sums.v.resize(16 * s.c * 16, 0.0);
+    sums.m.resize(16 * 16 * op, 0.0);
+    if sums.u.is_empty() {
+        sums.u.resize(16 * s.c * op, 0.0);
+    }
+    for first in (0..count).step_by(2) {
+        let both = [vector(first), vector((first + 1).min(count - 1))];
+        // The tiles of each vector inside the output (the rest of its 8 slots unused).
+        let valid = |i: usize| match both.get(i) {
+            Some(&(_, q)) if first + i < count => 8.min((s.wo - q) / 2),
+            _ => 0,
+        };
+        let slots = [valid(0), valid(1)];
+        // SAFETY: AVX2 and FMA are checked; the loads stay inside `xp` (the assert above),
+        // `dyt` holds `ho·wo` rows of `op` and the slots written lie inside the output; the
+        // stores stay in `v` (`16·c` rows of 16) and `m` (`16·16` rows of `op`).
+        unsafe {
+            input_transform(s, xp, both, (&mut sums.v, 16, 0));
+            grad_transform(s, op, &sums.dyt, (both, slots), &mut sums.m);
+        }
+        for xi in 0..16 {
+            let v = &sums.v[xi * s.c * 16..];
+            let m = &sums.m[xi * 16 * op..];
+            for ob in (0..op).step_by(COLS) {
+                for (c0, nr) in panels(s.c) {
+                    let panel = &v[c0 * 16..];
+                    let grad = (&m[ob..], op, slots);
+                    let u = &mut sums.u[(xi * s.c + c0) * op + ob..];
+                    // SAFETY: AVX2 and FMA are checked; the panel's rows, the slots and the
+                    // 16 channels from `ob` are inside `v`, `m` and `u` (their sizes above).
+                    unsafe {
+                        match nr {
+                            1 => grad_products::<1>(panel, grad, u),
+                            2 => grad_products::<2>(panel, grad, u),
+                            3 => grad_products::<3>(panel, grad, u),
+                            4 => grad_products::<4>(panel, grad, u),
+                            5 => grad_products::<5>(panel, grad, u),
+                            _ => grad_products::<6>(panel, grad, u),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dw` (`O × C·9`) `+=` `Gᵀ·U·G` of the sums [`weight_grad`] added up, which start again
+/// from zero. Nothing where no sample was added.
+pub(crate) fn finish_grad(sums: &mut GradSums, o: usize, c: usize, dw: &mut [f32]) {
+    if sums.u.is_empty() {
+        return;
+    }
+    let op = o.next_multiple_of(COLS);
+    // Per input channel, vectors over the output channels: `T = Gᵀ·U` (3 × 4 rows), then
+    // `T·G` (3 × 3 taps). `G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]`.
+    let mut t = vec![0f32; 12 * o];
+    let mut tap = vec![0f32; o];
+    for ch in 0..c {
+        let row = |xi: usize| &sums.u[(xi * c + ch) * op..][..o];
+        for b in 0..4 {
+            let (u0, u1, u2, u3) = (row(b), row(4 + b), row(8 + b), row(12 + b));
+            let (t0, rest) = t[b * o..].split_at_mut(4 * o);
+            let (t1, t2) = rest.split_at_mut(4 * o);
+            for k in 0..o {
+                let (s12, d12) = (u1[k] + u2[k], u1[k] - u2[k]);
+                t0[k] = u0[k] + 0.5 * s12;
+                t1[k] = 0.5 * d12;
+                t2[k] = 0.5 * s12 + u3[k];
+            }
+        }
+        for i in 0..3 {
+            let tr = |b: usize| &t[(i * 4 + b) * o..][..o];
+            let (t0, t1, t2, t3) = (tr(0), tr(1), tr(2), tr(3));
+            for j in 0..3 {
+                for k in 0..o {
+                    let (s12, d12) = (t1[k] + t2[k], t1[k] - t2[k]);
+                    tap[k] = match j {
+                        0 => t0[k] + 0.5 * s12,
+                        1 => 0.5 * d12,
+                        _ => 0.5 * s12 + t3[k],
+                    };
+                }
+                for (oc, v) in tap.iter().enumerate() {
+                    dw[(oc * c + ch) * 9 + i * 3 + j] += v;
+                }
+            }
+        }
+    }
+    sums.u.clear();
+}
+
+/// `dst[p·op + k] = src[k·pixels + p]` for the `o` planes of `src` (the rest of `dst` as it
+/// is): 8 × 8 blocks transposed in registers, the edges one by one.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn input_transform(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v: &mut [f32]) {
+unsafe fn channels_last(src: &[f32], (o, pixels, op): (usize, usize, usize), dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    let (ob, pb) = (o / 8 * 8, pixels / 8 * 8);
+    for k0 in (0..ob).step_by(8) {
+        for p0 in (0..pb).step_by(8) {
+            let r: [__m256; 8] =
+                std::array::from_fn(|k| _mm256_loadu_ps(sp.add((k0 + k) * pixels + p0)));
+            // 8 × 8 transpose: pairs, quads, then 128-bit halves.
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let q0 = _mm256_shuffle_ps::<0b01_00_01_00>(t0, t2);
+            let q1 = _mm256_shuffle_ps::<0b11_10_11_10>(t0, t2);
+            let q2 = _mm256_shuffle_ps::<0b01_00_01_00>(t1, t3);
+            let q3 = _mm256_shuffle_ps::<0b11_10_11_10>(t1, t3);
+            let q4 = _mm256_shuffle_ps::<0b01_00_01_00>(t4, t6);
+            let q5 = _mm256_shuffle_ps::<0b11_10_11_10>(t4, t6);
+            let q6 = _mm256_shuffle_ps::<0b01_00_01_00>(t5, t7);
+            let q7 = _mm256_shuffle_ps::<0b11_10_11_10>(t5, t7);
+            let cols = [
+                _mm256_permute2f128_ps::<0x20>(q0, q4),
+                _mm256_permute2f128_ps::<0x20>(q1, q5),
+                _mm256_permute2f128_ps::<0x20>(q2, q6),
+                _mm256_permute2f128_ps::<0x20>(q3, q7),
+                _mm256_permute2f128_ps::<0x31>(q0, q4),
+                _mm256_permute2f128_ps::<0x31>(q1, q5),
+                _mm256_permute2f128_ps::<0x31>(q2, q6),
+                _mm256_permute2f128_ps::<0x31>(q3, q7),
+            ];
+            for (p, v) in cols.iter().enumerate() {
+                _mm256_storeu_ps(dp.add((p0 + p) * op + k0), *v);
+            }
+        }
+        for p in pb..pixels {
+            for k in k0..k0 + 8 {
+                *dp.add(p * op + k) = *sp.add(k * pixels + p);
+            }
+        }
+    }
+    for k in ob..o {
+        for p in 0..pixels {
+            *dp.add(p * op + k) = *sp.add(k * pixels + p);
+        }
+    }
+}
+
+/// `M[ξ][slot][·] = A·dy·Aᵀ` of the tiles of the two vectors `both` (slot `8·half + l`, the
+/// first `slots[half]` of each) from the channels-last gradient `dyt`, eight channels at a
+/// time: `A = [1 0; 1 1; 1 −1; 0 −1]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_transform(
+    s: &Shape,
+    op: usize,
+    dyt: &[f32],
+    (both, slots): ([(usize, usize); 2], [usize; 2]),
+    m: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (d, mp) = (dyt.as_ptr(), m.as_mut_ptr());
+    let zero = _mm256_setzero_ps();
+    for (half, &(ty, q)) in both.iter().enumerate() {
+        for l in 0..slots[half] {
+            let slot = half * 8 + l;
+            let p00 = (2 * ty * s.wo + q + 2 * l) * op;
+            let (p01, p10) = (p00 + op, p00 + s.wo * op);
+            let p11 = p10 + op;
+            for ob in (0..op).step_by(8) {
+                let g = [
+                    [
+                        _mm256_loadu_ps(d.add(p00 + ob)),
+                        _mm256_loadu_ps(d.add(p01 + ob)),
+                    ],
+                    [
+                        _mm256_loadu_ps(d.add(p10 + ob)),
+                        _mm256_loadu_ps(d.add(p11 + ob)),
+                    ],
+                ];
+                // Rows: A·dy.
+                let mut t = [[zero; 2]; 4];
+                for j in 0..2 {
+                    t[0][j] = g[0][j];
+                    t[1][j] = _mm256_add_ps(g[0][j], g[1][j]);
+                    t[2][j] = _mm256_sub_ps(g[0][j], g[1][j]);
+                    t[3][j] = _mm256_sub_ps(zero, g[1][j]);
+                }
+                // Columns: ·Aᵀ.
+                for (a, t) in t.iter().enumerate() {
+                    let row = [
+                        t[0],
+                        _mm256_add_ps(t[0], t[1]),
+                        _mm256_sub_ps(t[0], t[1]),
+                        _mm256_sub_ps(zero, t[1]),
+                    ];
+                    for (b, v) in row.iter().enumerate() {
+                        let xi = a * TILE_IN + b;
+                        _mm256_storeu_ps(mp.add((xi * 16 + slot) * op + ob), *v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `U[c0 + r][ob..ob + 16] += Σ_slots V[c0 + r][slot] · M[slot][ob..ob + 16]` for the panel of
+/// `NR` input channels at `v` (rows of 16 slots) and the 16 channels at `m` (slots `op`
+/// apart; the first `slots[half]` of each half); `u`'s rows are `op` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_products<const NR: usize>(
+    v: &[f32],
+    (m, op, slots): (&[f32], usize, [usize; 2]),
+    u: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; NR];
+    for (half, &n) in slots.iter().enumerate() {
+        for slot in half * 8..half * 8 + n {
+            let mq = m.as_ptr().add(slot * op);
+            let (a, b) = (_mm256_loadu_ps(mq), _mm256_loadu_ps(mq.add(8)));
+            let vq = v.as_ptr().add(slot);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*vq.add(r * 16));
+                acc[0] = _mm256_fmadd_ps(x, a, acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, b, acc[1]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let dst = u.as_mut_ptr().add(r * op);
+        _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), acc[0]));
+        _mm256_storeu_ps(
+            dst.add(8),
+            _mm256_add_ps(_mm256_loadu_ps(dst.add(8)), acc[1]),
+        );
+    }
+}
+
+/// `V[ξ][c][at..at + 16]` (rows of `lanes` floats) `=` `Bᵀ·d·B` of the 4×4 patches of the two
+/// vectors of tiles `both`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_transform(
+    s: &Shape,
+    xp: &[f32],
+    both: [(usize, usize); 2],
+    (v, lanes, at): (&mut [f32], usize, usize),
+) {
     use std::arch::x86_64::*;
     // Even and odd lanes of the 16 consecutive floats from `p` (a macro, not a function or a
     // closure: those would be compiled without AVX2 and not inlined).
@@ -164,22 +460,26 @@ unsafe fn input_transform(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v: &
                 ];
                 for (j, w) in w.iter().enumerate() {
                     let xi = i * TILE_IN + j;
-                    _mm256_storeu_ps(vp.add((xi * s.c + ch) * 16 + half * 8), *w);
+                    _mm256_storeu_ps(vp.add((xi * s.c + ch) * lanes + at + half * 8), *w);
                 }
             }
         }
     }
 }
 
+/// A panel's outputs: its rows of `y`, their addends, and the vectors of tiles to store.
+type Out<'a> = (&'a mut [MaybeUninit<f32>], &'a [f32], &'a [(usize, usize)]);
+
 /// For the panel of `NR` output channels at `u` (point `ξ`'s values `ξ·stride` further on):
-/// `M[ξ] = Σ_c U[ξ][·][c]·V[ξ][c]` in registers, then `Aᵀ·M·A` into the rows of `y`.
+/// `M[ξ] = Σ_c U[ξ][·][c]·V[ξ][c]` in registers, then `add[r] + Aᵀ·M·A` into the rows of `y`
+/// (`NR` planes of `ho × wo`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn products<const NR: usize>(
     s: &Shape,
     (u, stride): (&[f32], usize),
     v: &[f32],
-    (y, pair): (&mut [f32], &[(usize, usize)]),
+    (y, add, pair): Out,
 ) {
     use std::arch::x86_64::*;
     let mut m = [[[_mm256_setzero_ps(); 2]; NR]; 16];
@@ -200,9 +500,11 @@ unsafe fn products<const NR: usize>(
         }
         *m = acc;
     }
-    let span = s.ho * s.wp;
+    let plane = s.ho * s.wo;
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     #[allow(clippy::needless_range_loop)] // `r` picks the row in all 16 points' sums
     for r in 0..NR {
+        let bias = _mm256_set1_ps(add[r]);
         for (half, &(ty, q)) in pair.iter().enumerate() {
             macro_rules! mm {
                 ($i:expr, $j:expr) => {
@@ -215,23 +517,29 @@ unsafe fn products<const NR: usize>(
                 sr[0][j] = _mm256_add_ps(_mm256_add_ps(mm!(0, j), mm!(1, j)), mm!(2, j));
                 sr[1][j] = _mm256_sub_ps(_mm256_sub_ps(mm!(1, j), mm!(2, j)), mm!(3, j));
             }
+            // The columns from `q` inside the row: all 16, or the first `n` (masked).
+            let n = COLS.min(s.wo - q);
+            let masks = [
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane),
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32 - 8), lane),
+            ];
             for (a, sr) in sr.iter().enumerate() {
                 let y0 = _mm256_add_ps(_mm256_add_ps(sr[0], sr[1]), sr[2]);
                 let y1 = _mm256_sub_ps(_mm256_sub_ps(sr[1], sr[2]), sr[3]);
                 // Tile t's two columns side by side: 16 consecutive outputs.
                 let (lo, hi) = (_mm256_unpacklo_ps(y0, y1), _mm256_unpackhi_ps(y0, y1));
-                let first = _mm256_permute2f128_ps::<0x20>(lo, hi);
-                let second = _mm256_permute2f128_ps::<0x31>(lo, hi);
-                let dst = y.as_mut_ptr().add(r * span + (2 * ty + a) * s.wp + q);
-                let n = COLS.min(s.wo - q);
-                if q + COLS <= s.wp {
+                let first = _mm256_add_ps(bias, _mm256_permute2f128_ps::<0x20>(lo, hi));
+                let second = _mm256_add_ps(bias, _mm256_permute2f128_ps::<0x31>(lo, hi));
+                let dst = y
+                    .as_mut_ptr()
+                    .cast::<f32>()
+                    .add(r * plane + (2 * ty + a) * s.wo + q);
+                if n == COLS {
                     _mm256_storeu_ps(dst, first);
                     _mm256_storeu_ps(dst.add(8), second);
                 } else {
-                    let mut tmp = [0f32; COLS];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), first);
-                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), second);
-                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
+                    _mm256_maskstore_ps(dst, masks[0], first);
+                    _mm256_maskstore_ps(dst.add(8), masks[1], second);
                 }
             }
         }
@@ -239,16 +547,37 @@ unsafe fn products<const NR: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn input_transform(_: &Shape, _: &[f32], _: [(usize, usize); 2], _: &mut [f32]) {
+unsafe fn input_transform(
+    _: &Shape,
+    _: &[f32],
+    _: [(usize, usize); 2],
+    _: (&mut [f32], usize, usize),
+) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn products<const NR: usize>(
+unsafe fn products<const NR: usize>(_: &Shape, _: (&[f32], usize), _: &[f32], _: Out) {
+    unreachable!("the Winograd kernel runs only where `available` holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn grad_transform(
     _: &Shape,
-    _: (&[f32], usize),
+    _: usize,
     _: &[f32],
-    _: (&mut [f32], &[(usize, usize)]),
+    _: ([(usize, usize); 2], [usize; 2]),
+    _: &mut [f32],
 ) {
+    unreachable!("the Winograd kernel runs only where `available` holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn grad_products<const NR: usize>(_: &[f32], _: (&[f32], usize, [usize; 2]), _: &mut [f32]) {
+    unreachable!("the Winograd kernel runs only where `available` holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn channels_last(_: &[f32], _: (usize, usize, usize), _: &mut [f32]) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
