@@ -208,11 +208,16 @@ pub(crate) fn flip_transpose(g: &Geometry, o: usize, taps: bool, w: &[f32]) -> V
     if taps || transposed(g, o).is_none() {
         return vec![];
     }
-    let (c, k) = (g.c, g.k);
+    let kk = g.k * g.k;
     let mut wt = vec![0f32; w.len()];
-    for (at, &v) in w.iter().enumerate() {
-        let (oc, ch, i, j) = (at / (c * k * k), at / (k * k) % c, at / k % k, at % k);
-        wt[((ch * o + oc) * k + (k - 1 - i)) * k + (k - 1 - j)] = v;
+    // Kernel `(oc, ch)` reversed (tap `t` to `k² − 1 − t`) into place `(ch, oc)`.
+    for (oc, kernels) in w.chunks_exact(g.c * kk).enumerate() {
+        for (ch, taps) in kernels.chunks_exact(kk).enumerate() {
+            let dst = &mut wt[(ch * o + oc) * kk..][..kk];
+            dst.iter_mut()
+                .zip(taps.iter().rev())
+                .for_each(|(d, v)| *d = *v);
+        }
     }
     wt
 }
