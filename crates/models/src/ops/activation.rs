@@ -173,6 +173,21 @@ kernels!(fwd_avx2, bwd_avx2, true, #[target_feature(enable = "avx2,fma")]);
 #[cfg(target_arch = "x86_64")]
 kernels!(fwd_avx512, bwd_avx512, true, #[target_feature(enable = "avx512f,avx2,fma")]);
 
+/// Tests set it to run the conv kernels' AVX2 code on a CPU with AVX-512 (to compare bits).
+#[cfg(test)]
+pub(crate) static AVX2_ONLY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the conv kernels run their AVX-512 code: the CPU has it (and, in tests, it is not
+/// turned off by `AVX2_ONLY`).
+pub(crate) fn wide_kernels() -> bool {
+    #[cfg(test)]
+    if AVX2_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    has_avx512()
+}
+
 /// Whether the CPU has AVX-512F (with AVX2 and FMA), checked once.
 pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -795,6 +795,51 @@ mod tests {
     }
 
     #[test]
+    fn the_avx512_kernels_give_the_avx2_kernels_bits() {
+        use crate::ops::activation::{has_avx512, AVX2_ONLY};
+        use std::sync::atomic::Ordering;
+        if !has_avx512() {
+            eprintln!("skipped: this CPU has no AVX-512, so only the AVX2 kernels run here");
+            return;
+        }
+        let dev = Device::Cpu;
+        // Winograd (forward, data and weight gradients) on 28×28, 14×14 and 6×6; the direct
+        // kernel on 7×7 and 9×9 and on a stride-2 conv's phases.
+        for (c, o, hw, stride) in [
+            (16, 16, 28, 1),
+            (32, 24, 14, 1),
+            (8, 5, 6, 1),
+            (16, 32, 7, 1),
+            (3, 7, 9, 1),
+            (16, 32, 28, 2),
+        ] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, c, hw, hw), &dev).unwrap()).unwrap();
+            let w =
+                Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, 3, 3), &dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
+            let conv =
+                Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), stride, 1).unwrap();
+            let run = |avx2: bool| {
+                AVX2_ONLY.store(avx2, Ordering::Relaxed);
+                let y = conv.forward(x.as_tensor()).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                AVX2_ONLY.store(false, Ordering::Relaxed);
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                    v.iter().map(|f| f.to_bits()).collect()
+                };
+                let mut all = bits(&y);
+                for v in [&x, &w, &bias] {
+                    all.extend(bits(g.get(v.as_tensor()).unwrap()));
+                }
+                all
+            };
+            assert!(run(true) == run(false), "c{c} o{o} {hw}×{hw} s{stride}");
+        }
+    }
+
+    #[test]
     fn an_input_without_gradient_skips_dx_and_keeps_dw() {
         let dev = Device::Cpu;
         for o in [1, 6] {

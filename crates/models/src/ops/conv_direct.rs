@@ -72,6 +72,8 @@ pub(crate) fn forward(s: &Shape, o: usize, wp: &[f32], xp: &[f32], y: &mut [f32]
     assert!(available() && wp.len() >= o * inner);
     assert!(xp.len() >= reach && y.len() >= o * s.span);
     // Pixel tiles outside, panels inside: a tile's inputs stay in L1 across the panels.
+    // AVX-512 where the CPU has it (the same bits).
+    let wide = super::activation::wide_kernels();
     let mut q = 0;
     while q < s.span {
         let n = LANES.min(s.span - q);
@@ -82,13 +84,19 @@ pub(crate) fn forward(s: &Shape, o: usize, wp: &[f32], xp: &[f32], y: &mut [f32]
             // `(C − 1)·plane + max offset + q + 16 ≤ reach`; the stores cover `nr` rows of
             // `n` pixels from `q`.
             unsafe {
-                match nr {
-                    1 => tile_avx2::<1>(s, panel, xp, q, rows, n),
-                    2 => tile_avx2::<2>(s, panel, xp, q, rows, n),
-                    3 => tile_avx2::<3>(s, panel, xp, q, rows, n),
-                    4 => tile_avx2::<4>(s, panel, xp, q, rows, n),
-                    5 => tile_avx2::<5>(s, panel, xp, q, rows, n),
-                    _ => tile_avx2::<ROWS>(s, panel, xp, q, rows, n),
+                match (nr, wide) {
+                    (1, false) => tile_avx2::<1>(s, panel, xp, q, rows, n),
+                    (2, false) => tile_avx2::<2>(s, panel, xp, q, rows, n),
+                    (3, false) => tile_avx2::<3>(s, panel, xp, q, rows, n),
+                    (4, false) => tile_avx2::<4>(s, panel, xp, q, rows, n),
+                    (5, false) => tile_avx2::<5>(s, panel, xp, q, rows, n),
+                    (_, false) => tile_avx2::<ROWS>(s, panel, xp, q, rows, n),
+                    (1, true) => tile_avx512::<1>(s, panel, xp, q, rows, n),
+                    (2, true) => tile_avx512::<2>(s, panel, xp, q, rows, n),
+                    (3, true) => tile_avx512::<3>(s, panel, xp, q, rows, n),
+                    (4, true) => tile_avx512::<4>(s, panel, xp, q, rows, n),
+                    (5, true) => tile_avx512::<5>(s, panel, xp, q, rows, n),
+                    (_, true) => tile_avx512::<ROWS>(s, panel, xp, q, rows, n),
                 }
             }
         }
@@ -137,6 +145,52 @@ unsafe fn tile_avx2<const NR: usize>(
             std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
         }
     }
+}
+
+/// [`tile_avx2`] with AVX-512: the 16 pixels in one vector, half the loads and multiply-adds;
+/// each lane runs the same operations in the same order (the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tile_avx512<const NR: usize>(
+    s: &Shape,
+    panel: &[f32],
+    xp: &[f32],
+    q: usize,
+    y: &mut [f32],
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); NR];
+    let mut wq = panel.as_ptr();
+    let x0 = xp.as_ptr().add(q);
+    for ch in 0..s.c {
+        let xc = x0.add(ch * s.plane);
+        for &t in s.offsets {
+            let a = _mm512_loadu_ps(xc.add(t));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*wq.add(r)), a, *acc);
+            }
+            wq = wq.add(NR);
+        }
+    }
+    let span = y.len() / NR;
+    // The first `n` lanes (all 16 but at a row's end).
+    let mask: __mmask16 = if n >= LANES { !0 } else { (1u16 << n) - 1 };
+    for (r, acc) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(y.as_mut_ptr().add(r * span + q), mask, *acc);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_avx512<const NR: usize>(
+    _: &Shape,
+    _: &[f32],
+    _: &[f32],
+    _: usize,
+    _: &mut [f32],
+    _: usize,
+) {
+    unreachable!("the direct kernel runs only where `available` holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -104,6 +104,8 @@ pub(crate) fn forward(
     let count = s.ho / 2 * per_row;
     let vector = |i: usize| (i / per_row, i % per_row * COLS);
     v.resize(16 * s.c * 16, 0.0);
+    // AVX-512 where the CPU has it (the same bits).
+    let wide = super::activation::wide_kernels();
     for first in (0..count).step_by(2) {
         // The last of an odd count is transformed twice and stored once.
         let both = [vector(first), vector((first + 1).min(count - 1))];
@@ -116,13 +118,19 @@ pub(crate) fn forward(
                 let panel = (&u[r0 * s.c..], o * s.c);
                 let rows = &mut y[r0 * s.ho * s.wo..];
                 let out = (rows, &add[r0..], pair);
-                match nr {
-                    1 => products::<1>(s, panel, v, out),
-                    2 => products::<2>(s, panel, v, out),
-                    3 => products::<3>(s, panel, v, out),
-                    4 => products::<4>(s, panel, v, out),
-                    5 => products::<5>(s, panel, v, out),
-                    _ => products::<6>(s, panel, v, out),
+                match (nr, wide) {
+                    (1, false) => products::<1>(s, panel, v, out),
+                    (2, false) => products::<2>(s, panel, v, out),
+                    (3, false) => products::<3>(s, panel, v, out),
+                    (4, false) => products::<4>(s, panel, v, out),
+                    (5, false) => products::<5>(s, panel, v, out),
+                    (_, false) => products::<6>(s, panel, v, out),
+                    (1, true) => products512::<1>(s, panel, v, out),
+                    (2, true) => products512::<2>(s, panel, v, out),
+                    (3, true) => products512::<3>(s, panel, v, out),
+                    (4, true) => products512::<4>(s, panel, v, out),
+                    (5, true) => products512::<5>(s, panel, v, out),
+                    (_, true) => products512::<6>(s, panel, v, out),
                 }
             }
         }
@@ -171,6 +179,8 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
     unsafe { channels_last(&dy[..o * pixels], (o, pixels, op), &mut sums.dyt) };
     sums.v.resize(16 * s.c * 16, 0.0);
     sums.m.resize(16 * 16 * op, 0.0);
+    // AVX-512 where the CPU has it (the same bits).
+    let wide = super::activation::wide_kernels();
     if sums.u.is_empty() {
         sums.u.resize(16 * s.c * op, 0.0);
     }
@@ -200,13 +210,19 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
                     // SAFETY: AVX2 and FMA are checked; the panel's rows, the slots and the
                     // 16 channels from `ob` are inside `v`, `m` and `u` (their sizes above).
                     unsafe {
-                        match nr {
-                            1 => grad_products::<1>(panel, grad, u),
-                            2 => grad_products::<2>(panel, grad, u),
-                            3 => grad_products::<3>(panel, grad, u),
-                            4 => grad_products::<4>(panel, grad, u),
-                            5 => grad_products::<5>(panel, grad, u),
-                            _ => grad_products::<6>(panel, grad, u),
+                        match (nr, wide) {
+                            (1, false) => grad_products::<1>(panel, grad, u),
+                            (2, false) => grad_products::<2>(panel, grad, u),
+                            (3, false) => grad_products::<3>(panel, grad, u),
+                            (4, false) => grad_products::<4>(panel, grad, u),
+                            (5, false) => grad_products::<5>(panel, grad, u),
+                            (_, false) => grad_products::<6>(panel, grad, u),
+                            (1, true) => grad_products512::<1>(panel, grad, u),
+                            (2, true) => grad_products512::<2>(panel, grad, u),
+                            (3, true) => grad_products512::<3>(panel, grad, u),
+                            (4, true) => grad_products512::<4>(panel, grad, u),
+                            (5, true) => grad_products512::<5>(panel, grad, u),
+                            (_, true) => grad_products512::<6>(panel, grad, u),
                         }
                     }
                 }
@@ -374,6 +390,32 @@ unsafe fn grad_transform(
     }
 }
 
+/// [`grad_products`] with AVX-512: the 16 output channels in one vector; each lane runs the
+/// same operations in the same order (the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn grad_products512<const NR: usize>(
+    v: &[f32],
+    (m, op, slots): (&[f32], usize, [usize; 2]),
+    u: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); NR];
+    for (half, &n) in slots.iter().enumerate() {
+        for slot in half * 8..half * 8 + n {
+            let a = _mm512_loadu_ps(m.as_ptr().add(slot * op));
+            let vq = v.as_ptr().add(slot);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*vq.add(r * 16)), a, *acc);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let dst = u.as_mut_ptr().add(r * op);
+        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), *acc));
+    }
+}
+
 /// `U[c0 + r][ob..ob + 16] += Σ_slots V[c0 + r][slot] · M[slot][ob..ob + 16]` for the panel of
 /// `NR` input channels at `v` (rows of 16 slots) and the 16 channels at `m` (slots `op`
 /// apart; the first `slots[half]` of each half); `u`'s rows are `op` apart.
@@ -475,12 +517,7 @@ type Out<'a> = (&'a mut [MaybeUninit<f32>], &'a [f32], &'a [(usize, usize)]);
 /// (`NR` planes of `ho × wo`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn products<const NR: usize>(
-    s: &Shape,
-    (u, stride): (&[f32], usize),
-    v: &[f32],
-    (y, add, pair): Out,
-) {
+unsafe fn products<const NR: usize>(s: &Shape, (u, stride): (&[f32], usize), v: &[f32], out: Out) {
     use std::arch::x86_64::*;
     let mut m = [[[_mm256_setzero_ps(); 2]; NR]; 16];
     for (xi, m) in m.iter_mut().enumerate() {
@@ -500,6 +537,51 @@ unsafe fn products<const NR: usize>(
         }
         *m = acc;
     }
+    store_tiles(s, &m, out);
+}
+
+/// [`products`] with AVX-512: the 16 tiles in one vector, so half the multiply-adds and loads
+/// of the tiles; each lane runs the same operations in the same order (the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn products512<const NR: usize>(
+    s: &Shape,
+    (u, stride): (&[f32], usize),
+    v: &[f32],
+    out: Out,
+) {
+    use std::arch::x86_64::*;
+    let mut m = [[[_mm256_setzero_ps(); 2]; NR]; 16];
+    for (xi, m) in m.iter_mut().enumerate() {
+        let mut acc = [_mm512_setzero_ps(); NR];
+        let mut wq = u.as_ptr().add(xi * stride);
+        let mut vq = v.as_ptr().add(xi * s.c * 16);
+        for _ in 0..s.c {
+            let a = _mm512_loadu_ps(vq);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*wq.add(r)), a, *acc);
+            }
+            wq = wq.add(NR);
+            vq = vq.add(16);
+        }
+        for (m, acc) in m.iter_mut().zip(&acc) {
+            let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*acc));
+            *m = [_mm512_castps512_ps256(*acc), _mm256_castpd_ps(high)];
+        }
+    }
+    store_tiles(s, &m, out);
+}
+
+/// `add[r] + Aᵀ·M·A` of the sums `m` (per point, row and vector of 8 tiles) into the rows of
+/// `y` (`NR` planes of `ho × wo`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_tiles<const NR: usize>(
+    s: &Shape,
+    m: &[[[std::arch::x86_64::__m256; 2]; NR]; 16],
+    (y, add, pair): Out,
+) {
+    use std::arch::x86_64::*;
     let plane = s.ho * s.wo;
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     #[allow(clippy::needless_range_loop)] // `r` picks the row in all 16 points' sums
@@ -558,6 +640,20 @@ unsafe fn input_transform(
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn products<const NR: usize>(_: &Shape, _: (&[f32], usize), _: &[f32], _: Out) {
+    unreachable!("the Winograd kernel runs only where `available` holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn grad_products512<const NR: usize>(
+    _: &[f32],
+    _: (&[f32], usize, [usize; 2]),
+    _: &mut [f32],
+) {
+    unreachable!("the Winograd kernel runs only where `available` holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn products512<const NR: usize>(_: &Shape, _: (&[f32], usize), _: &[f32], _: Out) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
 
