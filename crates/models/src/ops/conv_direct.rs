@@ -7,6 +7,9 @@
 //! multiply-adds per step as a gemm's 16 × 6 microkernel, without the `C·k²`-row unfolded copy
 //! that the gemm needs and then packs again.
 //!
+//! With AVX-512 a tile's 16 pixels are one vector (`tile_avx512`): half the loads and
+//! multiply-adds, each lane the same operations in the same order (the same bits).
+//!
 //! The weights are packed once per op into panels of at most 6 output channels, the rows
 //! spread evenly over them, so no tile sums rows of zeros (`pack`). Each sum runs
 //! over `(c, i, j)` in order with one fused multiply-add per term, from zero, per sample, so

@@ -10,6 +10,9 @@
 //! - the output transform `Aᵀ·M·A` gives each tile's 2×2 outputs, interleaved back into rows
 //!   and written once, with the bias, into the output (no `Wp`-wide copy to narrow).
 //!
+//! With AVX-512 the 16 tiles of a block are one vector (and the weight gradient's 16 output
+//! channels), each lane running the AVX2 code's operations in the same order: the same bits.
+//!
 //! `U = G·g·Gᵀ` is computed once per op ([`pack`]). The weight gradient ([`weight_grad`]) is
 //! the same algebra run backwards: `Gᵀ·(Σ_tiles (A·dy·Aᵀ) ⊙ (Bᵀ·d·B))·G`, 16 products per
 //! tile and channel pair instead of 36. Each output is the same fixed sequence of operations
