@@ -594,6 +594,18 @@ mod tests {
         y
     }
 
+    /// The largest absolute error of `got` against `exact`, and the largest `|exact|` (at least
+    /// 1e-30), the scale it is read against.
+    fn error_of(got: &[f32], exact: &[f64]) -> (f64, f64) {
+        let scale = exact.iter().map(|v| v.abs()).fold(1e-30, f64::max);
+        let err = got
+            .iter()
+            .zip(exact)
+            .map(|(g, e)| (*g as f64 - e).abs())
+            .fold(0f64, f64::max);
+        (err, scale)
+    }
+
     /// The weight gradient `Σ dy ⋆ x` of a 3×3 conv with padding `p`, in f64: the reference for
     /// Winograd's weight gradient.
     fn weight_grad_f64(x: &Tensor, dy: &[f32], o: usize, p: usize) -> Vec<f64> {
@@ -655,16 +667,7 @@ mod tests {
             let ours = conv.forward(x.as_tensor()).unwrap();
             let exact = conv_f64(x.as_tensor(), w.as_tensor(), 1);
             let got: Vec<f32> = ours.flatten_all().unwrap().to_vec1().unwrap();
-            let scale = exact
-                .iter()
-                .map(|v| v.abs())
-                .fold(0f64, f64::max)
-                .max(1e-30);
-            let err = got
-                .iter()
-                .zip(&exact)
-                .map(|(g, e)| (*g as f64 - e).abs())
-                .fold(0f64, f64::max);
+            let (err, scale) = error_of(&got, &exact);
             worst[wino as usize][0] = worst[wino as usize][0].max(err / scale);
             assert!(
                 err / scale < 1e-5,
@@ -690,12 +693,7 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let scale = exact.iter().map(|v| v.abs()).fold(1e-30, f64::max);
-            let err = dw
-                .iter()
-                .zip(&exact)
-                .map(|(g, e)| (*g as f64 - e).abs())
-                .fold(0f64, f64::max);
+            let (err, scale) = error_of(&dw, &exact);
             worst[wino as usize][2] = worst[wino as usize][2].max(err / scale);
             assert!(
                 err / scale < 1e-5,
