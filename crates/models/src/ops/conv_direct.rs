@@ -43,6 +43,22 @@ pub(crate) fn panels(o: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).map(move |p| (p * base + p.min(extra), base + usize::from(p < extra)))
 }
 
+/// Calls `f::<NR>(args)` for a panel of `nr` rows (1 to 6): the kernels' register tiles are
+/// sized at compile time.
+macro_rules! by_rows {
+    ($nr:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $nr {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            _ => $f::<6>($($arg),*),
+        }
+    };
+}
+pub(crate) use by_rows;
+
 /// The weights `(O, C, k, k)` in [`panels`]: the panel of rows `r0..r0 + nr` starts at
 /// `r0·inner` and holds, for every `(c, i, j)` in order, the `nr` weights of its channels.
 pub(crate) fn pack(o: usize, inner: usize, w: &[f32]) -> Vec<f32> {
@@ -87,19 +103,10 @@ pub(crate) fn forward(s: &Shape, o: usize, wp: &[f32], xp: &[f32], y: &mut [f32]
             // `(C − 1)·plane + max offset + q + 16 ≤ reach`; the stores cover `nr` rows of
             // `n` pixels from `q`.
             unsafe {
-                match (nr, wide) {
-                    (1, false) => tile_avx2::<1>(s, panel, xp, q, rows, n),
-                    (2, false) => tile_avx2::<2>(s, panel, xp, q, rows, n),
-                    (3, false) => tile_avx2::<3>(s, panel, xp, q, rows, n),
-                    (4, false) => tile_avx2::<4>(s, panel, xp, q, rows, n),
-                    (5, false) => tile_avx2::<5>(s, panel, xp, q, rows, n),
-                    (_, false) => tile_avx2::<ROWS>(s, panel, xp, q, rows, n),
-                    (1, true) => tile_avx512::<1>(s, panel, xp, q, rows, n),
-                    (2, true) => tile_avx512::<2>(s, panel, xp, q, rows, n),
-                    (3, true) => tile_avx512::<3>(s, panel, xp, q, rows, n),
-                    (4, true) => tile_avx512::<4>(s, panel, xp, q, rows, n),
-                    (5, true) => tile_avx512::<5>(s, panel, xp, q, rows, n),
-                    (_, true) => tile_avx512::<ROWS>(s, panel, xp, q, rows, n),
+                if wide {
+                    by_rows!(nr, tile_avx512(s, panel, xp, q, rows, n))
+                } else {
+                    by_rows!(nr, tile_avx2(s, panel, xp, q, rows, n))
                 }
             }
         }

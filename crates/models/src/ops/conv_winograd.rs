@@ -19,7 +19,7 @@
 //! whatever the thread count. The error is f32 round-off of the transforms, about 1e-6 of the
 //! output's scale (tested against the direct sum in f64, values and weight gradient).
 
-use super::conv_direct::{available, panels};
+use super::conv_direct::{available, by_rows, panels};
 use std::mem::MaybeUninit;
 
 /// The side of an input tile (4×4 inputs for 2×2 outputs).
@@ -116,24 +116,15 @@ pub(crate) fn forward(
         // SAFETY: AVX2 and FMA are checked (`available`); the loads stay inside `xp` (the
         // assert above), and the stores write `min(16, wo − q)` columns of rows below `ho`.
         unsafe {
-            input_transform(s, xp, both, (v, 16, 0));
+            input_transform(s, xp, both, v);
             for (r0, nr) in panels(o) {
                 let panel = (&u[r0 * s.c..], o * s.c);
                 let rows = &mut y[r0 * s.ho * s.wo..];
                 let out = (rows, &add[r0..], pair);
-                match (nr, wide) {
-                    (1, false) => products::<1>(s, panel, v, out),
-                    (2, false) => products::<2>(s, panel, v, out),
-                    (3, false) => products::<3>(s, panel, v, out),
-                    (4, false) => products::<4>(s, panel, v, out),
-                    (5, false) => products::<5>(s, panel, v, out),
-                    (_, false) => products::<6>(s, panel, v, out),
-                    (1, true) => products512::<1>(s, panel, v, out),
-                    (2, true) => products512::<2>(s, panel, v, out),
-                    (3, true) => products512::<3>(s, panel, v, out),
-                    (4, true) => products512::<4>(s, panel, v, out),
-                    (5, true) => products512::<5>(s, panel, v, out),
-                    (_, true) => products512::<6>(s, panel, v, out),
+                if wide {
+                    by_rows!(nr, products512(s, panel, v, out))
+                } else {
+                    by_rows!(nr, products(s, panel, v, out))
                 }
             }
         }
@@ -190,16 +181,19 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
     for first in (0..count).step_by(2) {
         let both = [vector(first), vector((first + 1).min(count - 1))];
         // The tiles of each vector inside the output (the rest of its 8 slots unused).
-        let valid = |i: usize| match both.get(i) {
-            Some(&(_, q)) if first + i < count => 8.min((s.wo - q) / 2),
-            _ => 0,
+        let valid = |i: usize| {
+            if first + i < count {
+                8.min((s.wo - both[i].1) / 2)
+            } else {
+                0
+            }
         };
         let slots = [valid(0), valid(1)];
         // SAFETY: AVX2 and FMA are checked; the loads stay inside `xp` (the assert above),
         // `dyt` holds `ho·wo` rows of `op` and the slots written lie inside the output; the
         // stores stay in `v` (`16·c` rows of 16) and `m` (`16·16` rows of `op`).
         unsafe {
-            input_transform(s, xp, both, (&mut sums.v, 16, 0));
+            input_transform(s, xp, both, &mut sums.v);
             grad_transform(s, op, &sums.dyt, (both, slots), &mut sums.m);
         }
         for xi in 0..16 {
@@ -213,19 +207,10 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
                     // SAFETY: AVX2 and FMA are checked; the panel's rows, the slots and the
                     // 16 channels from `ob` are inside `v`, `m` and `u` (their sizes above).
                     unsafe {
-                        match (nr, wide) {
-                            (1, false) => grad_products::<1>(panel, grad, u),
-                            (2, false) => grad_products::<2>(panel, grad, u),
-                            (3, false) => grad_products::<3>(panel, grad, u),
-                            (4, false) => grad_products::<4>(panel, grad, u),
-                            (5, false) => grad_products::<5>(panel, grad, u),
-                            (_, false) => grad_products::<6>(panel, grad, u),
-                            (1, true) => grad_products512::<1>(panel, grad, u),
-                            (2, true) => grad_products512::<2>(panel, grad, u),
-                            (3, true) => grad_products512::<3>(panel, grad, u),
-                            (4, true) => grad_products512::<4>(panel, grad, u),
-                            (5, true) => grad_products512::<5>(panel, grad, u),
-                            (_, true) => grad_products512::<6>(panel, grad, u),
+                        if wide {
+                            by_rows!(nr, grad_products512(panel, grad, u))
+                        } else {
+                            by_rows!(nr, grad_products(panel, grad, u))
                         }
                     }
                 }
@@ -453,16 +438,10 @@ unsafe fn grad_products<const NR: usize>(
     }
 }
 
-/// `V[ξ][c][at..at + 16]` (rows of `lanes` floats) `=` `Bᵀ·d·B` of the 4×4 patches of the two
-/// vectors of tiles `both`.
+/// `V[ξ][c][16]` `=` `Bᵀ·d·B` of the 4×4 patches of the two vectors of tiles `both`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn input_transform(
-    s: &Shape,
-    xp: &[f32],
-    both: [(usize, usize); 2],
-    (v, lanes, at): (&mut [f32], usize, usize),
-) {
+unsafe fn input_transform(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v: &mut [f32]) {
     use std::arch::x86_64::*;
     // Even and odd lanes of the 16 consecutive floats from `p` (a macro, not a function or a
     // closure: those would be compiled without AVX2 and not inlined).
@@ -505,7 +484,7 @@ unsafe fn input_transform(
                 ];
                 for (j, w) in w.iter().enumerate() {
                     let xi = i * TILE_IN + j;
-                    _mm256_storeu_ps(vp.add((xi * s.c + ch) * lanes + at + half * 8), *w);
+                    _mm256_storeu_ps(vp.add((xi * s.c + ch) * 16 + half * 8), *w);
                 }
             }
         }
@@ -632,12 +611,7 @@ unsafe fn store_tiles<const NR: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn input_transform(
-    _: &Shape,
-    _: &[f32],
-    _: [(usize, usize); 2],
-    _: (&mut [f32], usize, usize),
-) {
+unsafe fn input_transform(_: &Shape, _: &[f32], _: [(usize, usize); 2], _: &mut [f32]) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
 
