@@ -115,6 +115,40 @@ fn conv_transposes(c: &mut Criterion) {
     group.finish();
 }
 
+/// Each layer of the lesson U-Net (hidden 32) on its own, forward + backward at batch 64: where
+/// its step's time goes, layer by layer, to set beside PyTorch's.
+fn lesson_layers(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("lesson_layers_b64");
+    group.sample_size(10);
+    // (name, in, out, kernel, stride, side of the input, transposed)
+    for (name, ci, co, k, s, side, up) in [
+        ("enc1_c1_to_c32_28", 1, 32, 3, 1, 28, false),
+        ("enc2_c32_to_c64_28s2", 32, 64, 3, 2, 28, false),
+        ("enc3_c64_to_c64_14s2", 64, 64, 3, 2, 14, false),
+        ("dec3_c64_to_c64_7up", 64, 64, 4, 2, 7, true),
+        ("dec2_c128_to_c32_14up", 128, 32, 4, 2, 14, true),
+        ("dec1_c64_to_c1_28", 64, 1, 3, 1, 28, false),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (64, ci, side, side), &dev).unwrap();
+        let x = Var::from_tensor(&x).unwrap();
+        let mut p = flowmatch_models::Params::new(0, &dev);
+        if up {
+            let op = p.conv_transpose("u", ci, co, k, s, 1).unwrap();
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    let y = op.forward(x.as_tensor()).unwrap();
+                    y.sum_all().unwrap().backward().unwrap()
+                })
+            });
+        } else {
+            let conv = p.conv("c", ci, co, k, s, 1).unwrap();
+            group.bench_function(name, |b| b.iter(|| conv_step(&conv, &x)));
+        }
+    }
+    group.finish();
+}
+
 /// This core's matrix-product ceiling: one 512³ f32 product with the `gemm` crate the
 /// convolutions use (2·512³ flops; `scripts/bench.sh` reports it in GFLOP/s).
 fn gemm_ceiling(c: &mut Criterion) {
@@ -162,5 +196,5 @@ fn config() -> Criterion {
         .measurement_time(std::time::Duration::from_secs(4))
 }
 
-criterion_group! { name = benches; config = config(); targets = unets, pieces, conv_kernels, conv_transposes, gemm_ceiling }
+criterion_group! { name = benches; config = config(); targets = unets, pieces, conv_kernels, conv_transposes, lesson_layers, gemm_ceiling }
 criterion_main!(benches);

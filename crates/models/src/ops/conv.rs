@@ -166,8 +166,9 @@ enum Path {
     /// gradient from 8 input channels) and the direct
     /// kernels (`conv_direct`) for the rest; else unfolded (long copies) and one gemm.
     Padded,
-    /// Stride 2 with AVX2: the direct kernel on the input's 2×2 phases (forward, and the
-    /// weight gradient of 14×14 outputs and up); the data gradient as `Strided`.
+    /// Stride 2 with AVX2: the direct kernel on the input's 2×2 phases (forward), and the
+    /// weight gradient there with the output channels in the lanes (`conv_wgrad`, from 8 of
+    /// them); the data gradient as `Strided`.
     Phases,
     /// Stride 2 and more: unfolded by runs of taps, one gemm, folded back by col2im.
     Strided,
@@ -393,7 +394,7 @@ impl CustomOp3 for ConvGrad {
             (0..b.div_ceil(CHUNK)).map(|_| None).collect()
         };
         // dW on the input's phases (no unfolding), or by gemm on the unfolded sample.
-        let phase_grad = path == Path::Phases && padded::phases_grad_fit(&g);
+        let phase_grad = path == Path::Phases && padded::phases_grad_fit(&g, o);
         let unfolded = path == Path::Strided || path == Path::Phases && !phase_grad;
         let folded = matches!(path, Path::Strided | Path::Phases) && want_dx;
         let wt = match path {
@@ -438,7 +439,7 @@ impl CustomOp3 for ConvGrad {
                     }
                     let dxb = dxb.map(zeroed);
                     if phase_grad {
-                        padded::weight_grad_phases(&g, o, (xb, dyb), (dw, db), scratch);
+                        padded::weight_grad_phases(&g, o, (xb, dyb), db, scratch);
                     } else {
                         let colsb: &[f32] = if path == Path::Pointwise {
                             xb
@@ -525,11 +526,22 @@ mod tests {
             (1, 1, 0, 5),
             (5, 1, 2, 9),
         ];
-        for ((k, s, p, hw), o) in cases.into_iter().flat_map(|c| [(c, 1), (c, 4), (c, 6)]) {
+        // 20 outputs: the stride-2 weight gradient with the channels in the lanes. Then the
+        // U-Nets' own stride-2 convs: the lesson's 32 → 64 on 28×28 and 64 → 64 on 14×14, the
+        // unet's 16 → 16 and 32 → 32.
+        let mut all: Vec<_> = cases
+            .into_iter()
+            .flat_map(|c| [1, 4, 6, 20].map(|o| (c, 3, o)))
+            .collect();
+        all.extend(
+            [(28, 32, 64), (14, 64, 64), (28, 16, 16), (14, 32, 32)]
+                .map(|(hw, c, o)| ((3, 2, 1, hw), c, o)),
+        );
+        for ((k, s, p, hw), c, o) in all {
             let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 3, hw, hw), &dev).unwrap()).unwrap();
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, c, hw, hw), &dev).unwrap()).unwrap();
             let w =
-                Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, 3, k, k), &dev).unwrap()).unwrap();
+                Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
             let conv = Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), s, p).unwrap();
             let cfg = candle_nn::Conv2dConfig {
@@ -550,7 +562,11 @@ mod tests {
                 ),
                 ("ops", conv.forward_ops(x.as_tensor(), &conv.bias).unwrap()),
             ] {
-                assert_eq!(ours.dims(), theirs.dims(), "{path} k{k} s{s} p{p} hw{hw}");
+                assert_eq!(
+                    ours.dims(),
+                    theirs.dims(),
+                    "{path} c{c} k{k} s{s} p{p} hw{hw}"
+                );
                 let d = crate::max_abs_diff(&ours, &theirs);
                 assert!(d < 1e-4, "{path} forward k{k} s{s}: {d}");
                 let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
@@ -560,7 +576,7 @@ mod tests {
                     let d = crate::grad_diff(&g1, &g2, v) / scale;
                     assert!(
                         d < 2e-5,
-                        "{path} o{o} k{k} s{s} p{p} hw{hw}, variable {i}: {d}"
+                        "{path} c{c} o{o} k{k} s{s} p{p} hw{hw}, variable {i}: {d}"
                     );
                 }
             }
@@ -802,25 +818,45 @@ mod tests {
         }
         let dev = Device::Cpu;
         // Winograd (forward, data and weight gradients) on 28×28, 14×14 and 6×6; the direct
-        // kernel on 7×7 and 9×9 and on a stride-2 conv's phases.
-        for (c, o, hw, stride) in [
-            (16, 16, 28, 1),
-            (32, 24, 14, 1),
-            (8, 5, 6, 1),
-            (16, 32, 7, 1),
-            (3, 7, 9, 1),
-            (16, 32, 28, 2),
+        // kernel on 7×7, 9×9 and 11×11 with every kind of register tile (1 to 32 output
+        // channels), on a stride-2 conv's phases and in a transposed conv's sub-pixel phases
+        // (k 4: `up`).
+        for (c, o, hw, stride, up) in [
+            (16, 16, 28, 1, false),
+            (32, 24, 14, 1, false),
+            (8, 5, 6, 1, false),
+            (16, 32, 7, 1, false),
+            (3, 7, 9, 1, false),
+            (16, 32, 28, 2, false),
+            (4, 1, 7, 1, false),
+            (4, 2, 9, 1, false),
+            (5, 3, 7, 1, false),
+            (6, 8, 7, 1, false),
+            (6, 13, 11, 1, false),
+            (3, 1, 28, 2, false),
+            (8, 12, 7, 2, true),
+            (6, 3, 14, 2, true),
         ] {
             let x =
                 Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, c, hw, hw), &dev).unwrap()).unwrap();
-            let w =
-                Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, 3, 3), &dev).unwrap()).unwrap();
+            let (k, shape) = if up {
+                (4, (c, o, 4, 4))
+            } else {
+                (3, (o, c, 3, 3))
+            };
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, shape, &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
-            let conv =
-                Conv::new(w.as_tensor().clone(), bias.as_tensor().clone(), stride, 1).unwrap();
+            let (wt, bt) = (w.as_tensor().clone(), bias.as_tensor().clone());
+            let op: Box<dyn Fn(&Tensor) -> Tensor> = if up {
+                let up = super::super::conv_transpose::ConvTranspose::new(wt, bt, 2, 1).unwrap();
+                Box::new(move |x| up.forward(x).unwrap())
+            } else {
+                let conv = Conv::new(wt, bt, stride, 1).unwrap();
+                Box::new(move |x| conv.forward(x).unwrap())
+            };
             let run = |avx2: bool| {
                 AVX2_ONLY.store(avx2, Ordering::Relaxed);
-                let y = conv.forward(x.as_tensor()).unwrap();
+                let y = op(x.as_tensor());
                 let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
                 AVX2_ONLY.store(false, Ordering::Relaxed);
                 let bits = |t: &Tensor| -> Vec<u32> {
@@ -833,7 +869,10 @@ mod tests {
                 }
                 all
             };
-            assert!(run(true) == run(false), "c{c} o{o} {hw}×{hw} s{stride}");
+            assert!(
+                run(true) == run(false),
+                "c{c} o{o} k{k} {hw}×{hw} s{stride}"
+            );
         }
     }
 

@@ -7,8 +7,9 @@
 //! multiply-adds per step as a gemm's 16 × 6 microkernel, without the `C·k²`-row unfolded copy
 //! that the gemm needs and then packs again.
 //!
-//! With AVX-512 a tile's 16 pixels are one vector (`tile_avx512`): half the loads and
-//! multiply-adds, each lane the same operations in the same order (the same bits).
+//! With AVX-512 (`forward_wide`) a register tile covers up to 12 output channels × 32 pixels
+//! (24 of the 32 vector registers), each value the same operations in the same order (the
+//! same bits).
 //!
 //! The weights are packed once per op into panels of at most 6 output channels, the rows
 //! spread evenly over them, so no tile sums rows of zeros (`pack`). Each sum runs
@@ -92,7 +93,11 @@ pub(crate) fn forward(s: &Shape, o: usize, wp: &[f32], xp: &[f32], y: &mut [f32]
     assert!(xp.len() >= reach && y.len() >= o * s.span);
     // Pixel tiles outside, panels inside: a tile's inputs stay in L1 across the panels.
     // AVX-512 where the CPU has it (the same bits).
-    let wide = super::activation::wide_kernels();
+    if super::activation::wide_kernels() {
+        // SAFETY: as below; `forward_wide` reads what the tiles here read.
+        unsafe { forward_wide(s, o, wp, xp, y) };
+        return;
+    }
     let mut q = 0;
     while q < s.span {
         let n = LANES.min(s.span - q);
@@ -102,16 +107,146 @@ pub(crate) fn forward(s: &Shape, o: usize, wp: &[f32], xp: &[f32], y: &mut [f32]
             // SAFETY: AVX2 and FMA are checked (`available`). The loads reach below
             // `(C − 1)·plane + max offset + q + 16 ≤ reach`; the stores cover `nr` rows of
             // `n` pixels from `q`.
-            unsafe {
-                if wide {
-                    by_rows!(nr, tile_avx512(s, panel, xp, q, rows, n))
-                } else {
-                    by_rows!(nr, tile_avx2(s, panel, xp, q, rows, n))
-                }
-            }
+            unsafe { by_rows!(nr, tile_avx2(s, panel, xp, q, rows, n)) }
         }
         q += LANES;
     }
+}
+
+/// [`forward`] with AVX-512 and its 32 vector registers: a register tile covers two adjacent
+/// panels (up to 12 output channels) and 32 to 128 pixels (`NV` vectors: 2 for 7 rows and
+/// more, 4 for 4 to 6, 8 for 1 to 3), so 8 to 24 independent sums hide the multiply-add's
+/// latency and each loaded input vector serves up to 12 of them (the 16-pixel tile had 6 sums
+/// per load). Every output value is still one fused multiply-add chain over `(c, i, j)` in
+/// order from zero: the same bits. The last tile of a span loads and stores under a mask.
+///
+/// # Safety
+/// AVX-512F, AVX2 and FMA; the bounds [`forward`] asserts.
+#[cfg(target_arch = "x86_64")]
+unsafe fn forward_wide(s: &Shape, o: usize, wp: &[f32], xp: &[f32], y: &mut [f32]) {
+    let inner = s.c * s.offsets.len();
+    let list: Vec<(usize, usize)> = panels(o).collect();
+    for pair in list.chunks(2) {
+        let (ra, na) = pair[0];
+        let nb = pair.get(1).map_or(0, |p| p.1);
+        let a = Panel {
+            w: &wp[ra * inner..(ra + na) * inner],
+            y: y.as_mut_ptr().add(ra * s.span),
+        };
+        let b = Panel {
+            w: &wp[(ra + na) * inner..(ra + na + nb) * inner],
+            y: y.as_mut_ptr().add((ra + na) * s.span),
+        };
+        by_pair!(na, nb, tiles_avx512(s, &a, &b, xp));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn forward_wide(_: &Shape, _: usize, _: &[f32], _: &[f32], _: &mut [f32]) {
+    unreachable!("the direct kernel runs only where `available` holds")
+}
+
+/// One panel of a [`forward_wide`] tile: its packed weights and its first output row (`span`
+/// floats per row).
+struct Panel<'a> {
+    w: &'a [f32],
+    y: *mut f32,
+}
+
+/// Calls `f::<NA, NB, NV>(args)` for a pair of panels of `na` and `nb` rows (`nb` is `na`,
+/// `na − 1` or 0, as [`panels`] spreads them), with `NV` vectors of pixels per tile.
+macro_rules! by_pair {
+    ($na:expr, $nb:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match ($na, $nb) {
+            (6, 6) => $f::<6, 6, 2>($($arg),*),
+            (6, 5) => $f::<6, 5, 2>($($arg),*),
+            (5, 5) => $f::<5, 5, 2>($($arg),*),
+            (5, 4) => $f::<5, 4, 2>($($arg),*),
+            (4, 4) => $f::<4, 4, 2>($($arg),*),
+            (4, 3) => $f::<4, 3, 2>($($arg),*),
+            (3, 3) => $f::<3, 3, 4>($($arg),*),
+            (3, 2) => $f::<3, 2, 4>($($arg),*),
+            (2, 2) => $f::<2, 2, 4>($($arg),*),
+            (2, 1) => $f::<2, 1, 8>($($arg),*),
+            (1, 1) => $f::<1, 1, 8>($($arg),*),
+            (6, _) => $f::<6, 0, 4>($($arg),*),
+            (5, _) => $f::<5, 0, 4>($($arg),*),
+            (4, _) => $f::<4, 0, 4>($($arg),*),
+            (3, _) => $f::<3, 0, 8>($($arg),*),
+            (2, _) => $f::<2, 0, 8>($($arg),*),
+            _ => $f::<1, 0, 8>($($arg),*),
+        }
+    };
+}
+use by_pair;
+
+/// The tiles of [`forward_wide`] for one pair of panels, over the whole span.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tiles_avx512<const NA: usize, const NB: usize, const NV: usize>(
+    s: &Shape,
+    a: &Panel,
+    b: &Panel,
+    xp: &[f32],
+) {
+    use std::arch::x86_64::*;
+    let x0 = xp.as_ptr();
+    let mut q = 0;
+    while q < s.span {
+        // Lanes of each vector inside the span; a vector wholly past it loads nothing.
+        let mask: [__mmask16; NV] = std::array::from_fn(|v| {
+            let left = s.span.saturating_sub(q + v * LANES);
+            if left >= LANES {
+                !0
+            } else {
+                ((1u32 << left) - 1) as __mmask16
+            }
+        });
+        let mut acc_a = [[_mm512_setzero_ps(); NV]; NA];
+        let mut acc_b = [[_mm512_setzero_ps(); NV]; NB];
+        let (mut wa, mut wb) = (a.w.as_ptr(), b.w.as_ptr());
+        for ch in 0..s.c {
+            let xc = x0.add(ch * s.plane + q);
+            for &t in s.offsets {
+                let xv: [__m512; NV] = std::array::from_fn(|v| {
+                    _mm512_maskz_loadu_ps(mask[v], xc.add(t + v * LANES))
+                });
+                for (r, acc) in acc_a.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*wa.add(r));
+                    for (a, x) in acc.iter_mut().zip(&xv) {
+                        *a = _mm512_fmadd_ps(w, *x, *a);
+                    }
+                }
+                for (r, acc) in acc_b.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*wb.add(r));
+                    for (a, x) in acc.iter_mut().zip(&xv) {
+                        *a = _mm512_fmadd_ps(w, *x, *a);
+                    }
+                }
+                wa = wa.add(NA);
+                wb = wb.add(NB);
+            }
+        }
+        for (panel, acc) in [(a, &acc_a[..]), (b, &acc_b[..])] {
+            for (r, acc) in acc.iter().enumerate() {
+                for (v, (a, m)) in acc.iter().zip(mask).enumerate() {
+                    let dst = panel.y.add(r * s.span + q + v * LANES);
+                    _mm512_mask_storeu_ps(dst, m, *a);
+                }
+            }
+        }
+        q += NV * LANES;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tiles_avx512<const NA: usize, const NB: usize, const NV: usize>(
+    _: &Shape,
+    _: &Panel,
+    _: &Panel,
+    _: &[f32],
+) {
+    unreachable!("the direct kernel runs only where `available` holds")
 }
 
 /// One tile: `NR` output channels (the panel's rows) × 16 pixels from `q`.
@@ -155,52 +290,6 @@ unsafe fn tile_avx2<const NR: usize>(
             std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
         }
     }
-}
-
-/// [`tile_avx2`] with AVX-512: the 16 pixels in one vector, half the loads and multiply-adds;
-/// each lane runs the same operations in the same order (the same bits).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn tile_avx512<const NR: usize>(
-    s: &Shape,
-    panel: &[f32],
-    xp: &[f32],
-    q: usize,
-    y: &mut [f32],
-    n: usize,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); NR];
-    let mut wq = panel.as_ptr();
-    let x0 = xp.as_ptr().add(q);
-    for ch in 0..s.c {
-        let xc = x0.add(ch * s.plane);
-        for &t in s.offsets {
-            let a = _mm512_loadu_ps(xc.add(t));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*wq.add(r)), a, *acc);
-            }
-            wq = wq.add(NR);
-        }
-    }
-    let span = y.len() / NR;
-    // The first `n` lanes (all 16 but at a row's end).
-    let mask: __mmask16 = if n >= LANES { !0 } else { (1u16 << n) - 1 };
-    for (r, acc) in acc.iter().enumerate() {
-        _mm512_mask_storeu_ps(y.as_mut_ptr().add(r * span + q), mask, *acc);
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_avx512<const NR: usize>(
-    _: &Shape,
-    _: &[f32],
-    _: &[f32],
-    _: usize,
-    _: &mut [f32],
-    _: usize,
-) {
-    unreachable!("the direct kernel runs only where `available` holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

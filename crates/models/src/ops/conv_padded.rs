@@ -17,6 +17,7 @@
 //!   gradient's conv runs the same way, its gemm summing over `O·k²` rather than `O`.
 
 use super::conv_direct::{self, SLACK};
+use super::conv_wgrad;
 use super::conv_winograd;
 use super::cpu::matmul;
 use super::geometry::Geometry;
@@ -73,6 +74,15 @@ impl Padded {
         }
     }
 
+    /// The output pixels in this layout, for `conv_wgrad`.
+    fn pixels(&self) -> conv_wgrad::Pixels {
+        conv_wgrad::Pixels {
+            ho: self.ho,
+            wo: self.wo,
+            wp: self.wp,
+        }
+    }
+
     /// The taps' offsets `i·Wp + j` of a `k×k` kernel.
     fn offsets(&self, k: usize) -> Vec<usize> {
         (0..k * k).map(|t| t / k * self.wp + t % k).collect()
@@ -94,6 +104,8 @@ pub(crate) struct Scratch {
     sums: conv_winograd::GradSums,
     /// Zeros, the addend of a data gradient written by `conv_packed`.
     zeros: Vec<f32>,
+    /// The channels-last weight gradient's sums (`conv_wgrad`), over a chunk.
+    wsums: conv_wgrad::Sums,
 }
 
 /// Whether a conv of geometry `g` runs on the padded layout (stride 1, a kernel wider than 1).
@@ -107,12 +119,14 @@ pub(crate) fn phases_fit(g: &Geometry) -> bool {
     g.stride == 2 && g.k >= 2 && conv_direct::available()
 }
 
-/// Whether its weight gradient does too: an output of at least `MIN_GRAD_SPAN` pixels in rows
-/// one phase wide (14×14 and up).
-pub(crate) fn phases_grad_fit(g: &Geometry) -> bool {
-    let (ho, _) = g.out_hw();
-    phases_fit(g) && ho * (g.w + 2 * g.pad).div_ceil(2) >= conv_direct::MIN_GRAD_SPAN
+/// Whether its weight gradient does too: with the output channels in the lanes
+/// (`conv_wgrad`), from 8 of them (fewer would leave most of each vector's lanes empty).
+pub(crate) fn phases_grad_fit(g: &Geometry, o: usize) -> bool {
+    phases_fit(g) && o >= MIN_WGRAD_OUT
 }
+
+/// The fewest output channels for which the weight gradient runs channels-last.
+const MIN_WGRAD_OUT: usize = 8;
 
 /// The phases of one sample into `s.x`: the layout of the output in rows `wq` wide, and the
 /// direct kernel's view of the phases.
@@ -154,18 +168,45 @@ pub(crate) fn forward_phases(
 }
 
 /// One sample's weight gradient of a stride-2 conv on its input's phases ([`phases_grad_fit`]):
-/// `dw += dy ⋆ x`, `db += Σ dy`.
+/// `dy ⋆ x` added to the chunk's sums ([`finish_backward`] hands them out), `db += Σ dy`.
 pub(crate) fn weight_grad_phases(
     g: &Geometry,
     o: usize,
     (x, dy): (&[f32], &[f32]),
-    (dw, db): (&mut [f32], &mut [f32]),
+    db: &mut [f32],
     s: &mut Scratch,
 ) {
     let (p, offsets) = split(g, x, s);
-    let stride = p.span().next_multiple_of(conv_direct::GRAD_LANES);
-    widen(&p, o, stride, dy, &mut s.y, db);
-    conv_direct::weight_grad(&phase_shape(g, &p, &offsets), o, (&s.y, stride), &s.x, dw);
+    for (d, plane) in db.iter_mut().zip(dy.chunks_exact(p.ho * p.wo)) {
+        for row in plane.chunks_exact(p.wo) {
+            *d += row.iter().sum::<f32>();
+        }
+    }
+    let shape = phase_shape(g, &p, &offsets);
+    conv_wgrad::accumulate(&shape, p.pixels(), o, dy, &s.x, &mut s.wsums);
+}
+
+/// One sample's backward of a transposed conv that is the data gradient of the stride-2 conv
+/// `g` (`dy` → `x`), on `dy`'s phases: `dx` (every value written) `=` that conv of `dy` with
+/// the [`pack`]ed `wp` (`ci` outputs: a k-4 stride-2 transposed conv's data gradient is a k-4
+/// stride-2 conv with the same weights), and, with `weight_grad`, its weight gradient with `x`
+/// as the output's gradient added to the chunk's sums ([`finish_backward`] hands them out).
+/// `dy` is split into phases once for both.
+pub(crate) fn transposed_backward_phases(
+    g: &Geometry,
+    ci: usize,
+    (dy, x, wp): (&[f32], &[f32], &[f32]),
+    (dx, weight_grad): (&mut [MaybeUninit<f32>], bool),
+    s: &mut Scratch,
+) {
+    let (p, offsets) = split(g, dy, s);
+    let shape = phase_shape(g, &p, &offsets);
+    s.y.resize(ci * p.span(), 0.0);
+    conv_direct::forward(&shape, ci, wp, &s.x, &mut s.y);
+    narrow_write(&p, &s.y, dx);
+    if weight_grad {
+        conv_wgrad::accumulate(&shape, p.pixels(), ci, x, &s.x, &mut s.wsums);
+    }
 }
 
 /// Unfolds one sample into `s.cols` (`C·k² × H'·Wp`): row `(c, i, j)` is the padded plane `c`
@@ -235,20 +276,30 @@ fn row_sums(p: &Padded, dy: &[f32], db: &mut [f32]) {
 /// them to `dw` (nothing for the other kernels, which add each sample's part as they go).
 pub(crate) fn finish_backward(g: &Geometry, o: usize, dw: &mut [f32], s: &mut Scratch) {
     conv_winograd::finish_grad(&mut s.sums, o, g.c, dw);
+    conv_wgrad::finish(&mut s.wsums, dw);
 }
 
 /// `dy` (`O × H' × W'`) into `dst` in the `Wp`-wide layout, `stride` floats per channel, zero
 /// in the scratch columns and past the span (never written, as the border in `pad_into`);
-/// adds its row sums to `db`.
-fn widen(p: &Padded, o: usize, stride: usize, dy: &[f32], dst: &mut Vec<f32>, db: &mut [f32]) {
+/// adds its row sums to `db` when there is one.
+fn widen(
+    p: &Padded,
+    o: usize,
+    stride: usize,
+    dy: &[f32],
+    dst: &mut Vec<f32>,
+    mut db: Option<&mut [f32]>,
+) {
     dst.resize(o * stride, 0.0);
     let planes = dy
         .chunks_exact(p.ho * p.wo)
         .zip(dst.chunks_exact_mut(stride));
-    for ((plane, out), d) in planes.zip(db) {
+    for (ch, (plane, out)) in planes.enumerate() {
         for (src, row) in plane.chunks_exact(p.wo).zip(out.chunks_exact_mut(p.wp)) {
             row[..p.wo].copy_from_slice(src);
-            *d += src.iter().sum::<f32>();
+            if let Some(db) = db.as_deref_mut() {
+                db[ch] += src.iter().sum::<f32>();
+            }
         }
     }
 }
@@ -410,7 +461,7 @@ pub(crate) fn backward(
     if winograd {
         row_sums(&p, dy, db);
     } else {
-        widen(&p, o, stride, dy, &mut s.y, db);
+        widen(&p, o, stride, dy, &mut s.y, Some(db));
     }
     if taps {
         pad_into(g, &p, x, &mut s.x);

@@ -4,15 +4,19 @@
 //! upsampling (k 4, stride 2, padding 1) instead runs as four sub-pixel 2×2 convolutions on
 //! the low-resolution map, one per output phase, with no fold (`sub_pixel_forward`; by the
 //! direct kernel of `conv_direct` where AVX2 is there). Its backward is that convolution's
-//! forward (dx: unfold dy, one gemm) plus the weight gradient (x · colsᵀ),
-//! samples in parallel with the weight gradient summed in fixed chunks (the same bits for
-//! any thread count). Other devices run candle's `conv_transpose2d`.
+//! forward (dx) plus the weight gradient (x against dy's patches). For the sub-pixel case both
+//! run on dy's 2×2 phases with no unfolding (dx: a k-4 stride-2 conv of dy, by the direct
+//! kernel; dW: `conv_wgrad`, the output channels in the lanes); otherwise dy is unfolded
+//! (im2col) for two gemms. Samples run in parallel with the weight gradient summed in fixed
+//! chunks (the same bits for any thread count). Other devices run candle's `conv_transpose2d`.
 
 use super::conv_direct::{self, SLACK};
+use super::conv_padded::{self as padded, Scratch};
 use super::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
 use super::geometry::Geometry;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// A `k×k` transposed convolution with stride and zero padding (no output padding, no
 /// dilation); weights in PyTorch's `(in, out, k, k)` layout.
@@ -302,6 +306,12 @@ fn interleave_add(h: usize, w: usize, (a, b): (usize, usize), yp: &[f32], y: &mu
     }
 }
 
+/// `d` as slots that are written again (the floats stay valid).
+fn as_uninit(d: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: the same memory and layout; only initialised floats are written through it.
+    unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast(), d.len()) }
+}
+
 /// Backward of [`ConvTransposeOp`]: inputs x, W, dy; output `[dx; dW; db]` flattened.
 struct ConvTransposeGrad {
     g: Geometry,
@@ -333,28 +343,48 @@ impl CustomOp3 for ConvTransposeGrad {
         }
         let mut out = vec![0f32; b * n_in + ci * k + g.c];
         let (dx, _) = out.split_at_mut(b * n_in);
+        // The sub-pixel transposed conv's data gradient is a k-4 stride-2 conv of dy with the
+        // same weights: on dy's phases by the direct kernel (no unfolding), and its weight
+        // gradient there too from 14×14 inputs; else unfolded dy and gemms.
+        let phases = sub_pixel_fits(&g) && padded::phases_fit(&g);
+        let phase_grad = phases && padded::phases_grad_fit(&g, ci);
+        let wp = if phases {
+            conv_direct::pack(ci, k, ws)
+        } else {
+            vec![]
+        };
         let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(CHUNK * n_in)
             .zip(xs.par_chunks(CHUNK * n_in))
             .zip(dy.par_chunks(CHUNK * n_out))
-            .map(|((dxc, xc), dyc)| {
+            .map_init(Scratch::default, |scratch, ((dxc, xc), dyc)| {
                 let mut acc = vec![0f32; ci * k + g.c];
-                let mut cols = vec![0f32; k * l];
+                let mut cols = vec![0f32; if phase_grad { 0 } else { k * l }];
                 for ((dxb, xb), dyb) in dxc
                     .chunks_exact_mut(n_in)
                     .zip(xc.chunks_exact(n_in))
                     .zip(dyc.chunks_exact(n_out))
                 {
-                    g.im2col(dyb, &mut cols);
                     let (dw, db) = acc.split_at_mut(ci * k);
-                    // dx (ci×l) = W (ci×k) · cols (k×l): the adjoint conv's forward.
-                    matmul((ci, l, k), dxb, false, ws, (k, 1), &cols, (l, 1), 1);
-                    // dW (ci×k) += x (ci×l) · colsᵀ (l×k).
-                    matmul((ci, k, l), dw, true, xb, (l, 1), &cols, (1, l), 1);
+                    if phases {
+                        let dxb = as_uninit(dxb);
+                        let (dyxw, s) = ((dyb, xb, &wp[..]), &mut *scratch);
+                        padded::transposed_backward_phases(&g, ci, dyxw, (dxb, phase_grad), s);
+                    }
+                    if !phase_grad {
+                        g.im2col(dyb, &mut cols);
+                        if !phases {
+                            // dx (ci×l) = W (ci×k) · cols (k×l): the adjoint conv's forward.
+                            matmul((ci, l, k), dxb, false, ws, (k, 1), &cols, (l, 1), 1);
+                        }
+                        // dW (ci×k) += x (ci×l) · colsᵀ (l×k).
+                        matmul((ci, k, l), dw, true, xb, (l, 1), &cols, (1, l), 1);
+                    }
                     for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(hw)) {
                         *d += plane.iter().sum::<f32>();
                     }
                 }
+                padded::finish_backward(&g, ci, &mut acc[..ci * k], scratch);
                 acc
             })
             .collect();
@@ -374,9 +404,12 @@ mod tests {
     #[test]
     fn matches_candle_conv_transpose2d_forward_and_gradients() {
         let dev = Device::Cpu;
-        // The lesson's up-convolutions (k 4, s 2, p 1: sub-pixel), odd and even maps, one
-        // channel, and other geometries (col2im).
+        // The lesson's up-convolutions (k 4, s 2, p 1: sub-pixel forward, backward on dy's
+        // phases) at their own sizes, odd and even maps, one channel, and other geometries
+        // (col2im).
         for (k, s, p, hw, ci, co) in [
+            (4, 2, 1, 7, 64, 64),
+            (4, 2, 1, 14, 128, 32),
             (4, 2, 1, 7, 6, 4),
             (4, 2, 1, 14, 8, 3),
             (4, 2, 1, 1, 1, 1),

@@ -7,8 +7,11 @@
 //! - [`dense`]: an MLP's layers chained in register tiles, for sampling (no gradient).
 //! - [`conv`]: the U-Nets' convolutions (unfold + gemm, backward by col2im); stride 1 on the
 //!   padded layout by Winograd F(2×2, 3×3) (`conv_winograd`, 3×3 on even sides) and direct
-//!   AVX2 kernels (`conv_direct`), and tap by tap for a few outputs (`conv_padded`).
-//! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (gemm + col2im).
+//!   AVX2 / AVX-512 kernels (`conv_direct`), and tap by tap for a few outputs (`conv_padded`).
+//! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (sub-pixel phases by the
+//!   direct kernels; gemm + col2im for other geometries).
+//! - `conv_wgrad`: a conv's weight gradient on the direct layout, the output channels in the
+//!   vector lanes (stride-2 convs and the transposed convs).
 //! - `upconv`: a 3×3 conv of a ×2-upsampled map, at the low resolution (`Conv::forward_upsampled`).
 //! - [`norm`]: GroupNorm + SiLU.
 //! - `geometry`: a convolution's shape, unfold (im2col) and fold (col2im).
@@ -19,6 +22,7 @@ pub mod conv;
 mod conv_direct;
 mod conv_padded;
 pub mod conv_transpose;
+mod conv_wgrad;
 mod conv_winograd;
 pub(crate) mod cpu;
 pub(crate) mod dense;
