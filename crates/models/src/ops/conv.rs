@@ -8,6 +8,7 @@
 //! `pad` / `narrow` / `stack` and one batched matmul.
 
 use super::conv_padded::{self as padded, Scratch};
+use super::conv_subpixel::SubPixel;
 use super::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
 use super::geometry::Geometry;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -396,7 +397,10 @@ impl CustomOp3 for ConvGrad {
         // dW on the input's phases (no unfolding), or by gemm on the unfolded sample.
         let phase_grad = path == Path::Phases && padded::phases_grad_fit(&g, o);
         let unfolded = path == Path::Strided || path == Path::Phases && !phase_grad;
-        let folded = matches!(path, Path::Strided | Path::Phases) && want_dx;
+        // dx of a stride-2 conv as four sub-pixel convs of dy where the direct kernel runs
+        // (planned once here), else folded back from the unfolded product by col2im.
+        let sub = (path == Path::Phases && want_dx).then(|| SubPixel::new(&g, o, ws));
+        let folded = path == Path::Strided && want_dx;
         let wt = match path {
             Path::Padded if want_dx => padded::flip_transpose(&g, o, false, ws),
             _ => vec![],
@@ -437,7 +441,13 @@ impl CustomOp3 for ConvGrad {
                         padded::backward(&g, o, taps, (xb, &weights, dyb), (dxb, dw, db), s);
                         continue;
                     }
-                    let dxb = dxb.map(zeroed);
+                    let dxb = match (&sub, dxb) {
+                        (Some(sub), Some(dxb)) => {
+                            padded::data_grad_sub_pixel(sub, dyb, dxb, scratch);
+                            None
+                        }
+                        (_, dxb) => dxb.map(zeroed),
+                    };
                     if phase_grad {
                         padded::weight_grad_phases(&g, o, (xb, dyb), db, scratch);
                     } else {

@@ -17,6 +17,7 @@
 //!   gradient's conv runs the same way, its gemm summing over `O·k²` rather than `O`.
 
 use super::conv_direct::{self, SLACK};
+use super::conv_subpixel::SubPixel;
 use super::conv_wgrad;
 use super::conv_winograd;
 use super::cpu::matmul;
@@ -165,6 +166,21 @@ pub(crate) fn forward_phases(
     s.y.resize(o * p.span(), 0.0);
     conv_direct::forward(&phase_shape(g, &p, &offsets), o, wp, &s.x, &mut s.y);
     narrow_bias(&p, &s.y, bias, y);
+}
+
+/// One sample's data gradient of a stride-2 conv by the [`SubPixel`] plan `sub`: `dx` (every
+/// value written) from `dy`.
+pub(crate) fn data_grad_sub_pixel(
+    sub: &SubPixel,
+    dy: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    s: &mut Scratch,
+) {
+    let c = sub.channels();
+    if s.zeros.len() < c {
+        s.zeros.resize(c, 0.0);
+    }
+    sub.apply(dy, (dx, &s.zeros[..c]), (&mut s.dy, &mut s.y));
 }
 
 /// One sample's weight gradient of a stride-2 conv on its input's phases ([`phases_grad_fit`]):

@@ -1,17 +1,17 @@
 //! Transposed convolution (PyTorch's `ConvTranspose2d`) as a CPU custom op with its own
-//! backward. Its forward is the data gradient of a convolution: per sample, one gemm
-//! `Wᵀ · x` into patch columns, folded onto the output by the conv's col2im; the U-Nets'
-//! upsampling (k 4, stride 2, padding 1) instead runs as four sub-pixel 2×2 convolutions on
-//! the low-resolution map, one per output phase, with no fold (`sub_pixel_forward`; by the
-//! direct kernel of `conv_direct` where AVX2 is there). Its backward is that convolution's
-//! forward (dx) plus the weight gradient (x against dy's patches). For the sub-pixel case both
-//! run on dy's 2×2 phases with no unfolding (dx: a k-4 stride-2 conv of dy, by the direct
-//! kernel; dW: `conv_wgrad`, the output channels in the lanes); otherwise dy is unfolded
-//! (im2col) for two gemms. Samples run in parallel with the weight gradient summed in fixed
-//! chunks (the same bits for any thread count). Other devices run candle's `conv_transpose2d`.
+//! backward. It is the data gradient of a convolution (the "adjoint conv", output → input).
+//! With stride 2 (the U-Nets' upsampling: k 4, padding 1) and the direct kernel, everything
+//! runs on 2×2 phases with nothing unfolded or folded back: the forward as four sub-pixel
+//! convolutions of x (`conv_subpixel`), the data gradient as the adjoint conv of dy on dy's
+//! phases (direct kernel), and the weight gradient there with the output channels in the lanes
+//! (`conv_wgrad`). Other geometries unfold: the forward is one gemm `Wᵀ · x` into patch
+//! columns folded onto the output by col2im, the backward im2col of dy and two gemms. Samples
+//! run in parallel with the weight gradient summed in fixed chunks (the same bits for any
+//! thread count). Other devices run candle's `conv_transpose2d`.
 
-use super::conv_direct::{self, SLACK};
+use super::conv_direct;
 use super::conv_padded::{self as padded, Scratch};
+use super::conv_subpixel::SubPixel;
 use super::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
 use super::geometry::Geometry;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -141,29 +141,23 @@ impl CustomOp3 for ConvTransposeOp {
         let bias = f32_slice(s3, l3, self.name())?;
         let (ci, k, l) = (self.c_in, g.rows(), g.cols());
         let n_out = g.c * g.h * g.w;
-        let mut out = vec![0f32; b * n_out];
-        if sub_pixel_fits(&g) {
-            let phases = phase_kernels(ci, g.c, ws);
-            // Packed for the direct kernel where it runs.
-            let direct = conv_direct::available();
-            let phases = if direct {
-                phases
-                    .chunks_exact(g.c * ci * 4)
-                    .flat_map(|k| conv_direct::pack(g.c, ci * 4, k))
-                    .collect()
-            } else {
-                phases
-            };
-            out.par_chunks_mut(n_out)
+        if padded::phases_fit(&g) {
+            // The data gradient of the stride-2 conv `g` with these weights, as four sub-pixel
+            // convs of x, the bias written with each value.
+            let sub = SubPixel::new(&g, ci, ws);
+            let mut out = Vec::with_capacity(b * n_out);
+            out.spare_capacity_mut()[..b * n_out]
+                .par_chunks_mut(n_out)
                 .zip(xs.par_chunks(ci * l))
-                .for_each_init(SubPixel::default, |s, (yb, xb)| {
-                    for (plane, &bv) in yb.chunks_exact_mut(g.h * g.w).zip(bias) {
-                        plane.fill(bv);
-                    }
-                    sub_pixel_forward((ci, g.c), g.out_hw(), xb, (&phases, direct), yb, s);
-                });
+                .for_each_init(
+                    || (vec![], vec![]),
+                    |bufs, (yb, xb)| sub.apply(xb, (yb, bias), (&mut bufs.0, &mut bufs.1)),
+                );
+            // SAFETY: every value of every sample was written (`SubPixel::apply`).
+            unsafe { out.set_len(b * n_out) };
             return Ok((CpuStorage::F32(out), Shape::from((b, g.c, g.h, g.w))));
         }
+        let mut out = vec![0f32; b * n_out];
         out.par_chunks_mut(n_out)
             .zip(xs.par_chunks(ci * l))
             .for_each_init(
@@ -197,112 +191,6 @@ impl CustomOp3 for ConvTransposeOp {
             },
         )?;
         unpack_grads(&packed, [x, w, bias])
-    }
-}
-
-/// Whether a transposed conv runs as four sub-pixel convolutions: k 4, stride 2, padding 1.
-/// Output pixel `(2m + a, 2n + b)` then reads the input rows `m − 1 + a + d` and columns
-/// `n − 1 + b + e` (`d, e ∈ {0, 1}`) through the weight's tap `(3 − a − 2d, 3 − b − 2e)`: for
-/// each phase `(a, b)`, a 2×2 conv of the input padded by 1.
-fn sub_pixel_fits(g: &Geometry) -> bool {
-    g.k == 4 && g.stride == 2 && g.pad == 1
-}
-
-/// The four phases' kernels, each `(C_out, C_in·2·2)`, of a `(C_in, C_out, 4, 4)` weight.
-fn phase_kernels(ci: usize, co: usize, w: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; 4 * co * ci * 4];
-    for (at, v) in out.iter_mut().enumerate() {
-        let (phase, o, c, d, e) = (
-            at / (co * ci * 4),
-            at / (ci * 4) % co,
-            at / 4 % ci,
-            at / 2 % 2,
-            at % 2,
-        );
-        let (i, j) = (3 - phase / 2 - 2 * d, 3 - phase % 2 - 2 * e);
-        *v = w[((c * co + o) * 4 + i) * 4 + j];
-    }
-    out
-}
-
-/// Reused buffers of one worker of [`sub_pixel_forward`].
-#[derive(Default)]
-struct SubPixel {
-    /// The input padded by 1 (`C_in` planes of `(H + 2) × (W + 2)` and 2 floats of slack); its
-    /// border, zeroed when the buffer is made, is never written.
-    x: Vec<f32>,
-    cols: Vec<f32>,
-    y: Vec<f32>,
-}
-
-/// One sample of a k-4, stride-2, padding-1 transposed conv: `y` (`C_out × 2H × 2W`, holding
-/// the bias) `+=` the four phases, each a 2×2 conv of the input `x` (`C_in × H × W`) in the
-/// padded layout (rows `W + 2` wide; the 2 columns past each row are scratch): by the direct
-/// kernel (`direct`: `phases` packed for it), else one gemm on `x` unfolded by its taps.
-fn sub_pixel_forward(
-    (ci, co): (usize, usize),
-    (h, w): (usize, usize),
-    x: &[f32],
-    (phases, direct): (&[f32], bool),
-    y: &mut [f32],
-    s: &mut SubPixel,
-) {
-    let (hp, wp) = (h + 2, w + 2);
-    let (plane, span, taps) = (hp * wp, h * wp, ci * 4);
-    s.x.resize(ci * plane + 2 + SLACK, 0.0);
-    for (c, rows) in x.chunks_exact(h * w).enumerate() {
-        for (r, src) in rows.chunks_exact(w).enumerate() {
-            let at = c * plane + (r + 1) * wp + 1;
-            s.x[at..at + w].copy_from_slice(src);
-        }
-    }
-    s.y.resize(co * span, 0.0);
-    let per_phase = phases.len() / 4;
-    for (phase, kernel) in phases.chunks_exact(per_phase).enumerate() {
-        let (a, b) = (phase / 2, phase % 2);
-        if direct {
-            let offsets: Vec<usize> = (0..4).map(|t| (a + t / 2) * wp + b + t % 2).collect();
-            let shape = conv_direct::Shape {
-                c: ci,
-                plane,
-                offsets: &offsets,
-                span,
-            };
-            conv_direct::forward(&shape, co, kernel, &s.x, &mut s.y);
-            interleave_add(h, w, (a, b), &s.y, y);
-            continue;
-        }
-        s.cols.resize(taps * span, 0.0);
-        for (r, row) in s.cols.chunks_exact_mut(span).enumerate() {
-            let (c, d, e) = (r / 4, r / 2 % 2, r % 2);
-            let at = c * plane + (a + d) * wp + b + e;
-            row.copy_from_slice(&s.x[at..at + span]);
-        }
-        matmul(
-            (co, span, taps),
-            &mut s.y,
-            false,
-            kernel,
-            (taps, 1),
-            &s.cols,
-            (span, 1),
-            1,
-        );
-        interleave_add(h, w, (a, b), &s.y, y);
-    }
-}
-
-/// Phase `(a, b)` of a sub-pixel transposed conv (`C_out` planes of `H` rows `W + 2` wide in
-/// `yp`) added onto every other pixel from `(a, b)` of each output plane of `y`.
-fn interleave_add(h: usize, w: usize, (a, b): (usize, usize), yp: &[f32], y: &mut [f32]) {
-    let wp = w + 2;
-    for (out, res) in y.chunks_exact_mut(4 * h * w).zip(yp.chunks_exact(h * wp)) {
-        for (m, src) in res.chunks_exact(wp).enumerate() {
-            let row = &mut out[(2 * m + a) * 2 * w..][..2 * w];
-            for (d, v) in row[b..].iter_mut().step_by(2).zip(&src[..w]) {
-                *d += v;
-            }
-        }
     }
 }
 
@@ -346,7 +234,7 @@ impl CustomOp3 for ConvTransposeGrad {
         // The sub-pixel transposed conv's data gradient is a k-4 stride-2 conv of dy with the
         // same weights: on dy's phases by the direct kernel (no unfolding), and its weight
         // gradient there too from 14×14 inputs; else unfolded dy and gemms.
-        let phases = sub_pixel_fits(&g) && padded::phases_fit(&g);
+        let phases = padded::phases_fit(&g);
         let phase_grad = phases && padded::phases_grad_fit(&g, ci);
         let wp = if phases {
             conv_direct::pack(ci, k, ws)

@@ -22,6 +22,7 @@ pub mod conv;
 mod conv_direct;
 mod conv_padded;
 pub mod conv_transpose;
+mod conv_subpixel;
 mod conv_wgrad;
 mod conv_winograd;
 pub(crate) mod cpu;

@@ -1,0 +1,157 @@
+//! The data gradient of a stride-2 conv, which is also the forward of a stride-2 transposed
+//! conv, as four sub-pixel convolutions on the low-resolution map: no unfolded columns, no
+//! `col2im` scatter.
+//!
+//! Input row `y = 2u + α` of a stride-2 conv (padding `p`) is read by kernel row `i` of output
+//! row `u + (α + p − i) / 2` for each `i ≡ α + p (mod 2)`: so the rows (and likewise the
+//! columns) of each phase `(α, β)` of `dx` are a small stride-1 conv of `dy` (1 or 2 taps a
+//! side for k 3, 2 for k 4) with its own slice of the kernel. Each phase runs on the direct
+//! kernel (`conv_direct`) over `dy` zero-padded once per sample, and its values go to every
+//! other pixel of `dx`, each written once.
+
+use super::conv_direct::{self, SLACK};
+use super::geometry::Geometry;
+use std::mem::MaybeUninit;
+
+/// One phase `(α, β)`: its rows and columns of `dx`, the taps' offsets in the padded `dy`
+/// and its kernel packed for the direct kernel (`C` rows of `O·taps`).
+struct Phase {
+    alpha: usize,
+    beta: usize,
+    rows: usize,
+    cols: usize,
+    offsets: Vec<usize>,
+    packed: Vec<f32>,
+}
+
+/// The four phases of the data gradient of a stride-2 conv of geometry `g` with `o` outputs,
+/// planned once per op from its weights.
+pub(crate) struct SubPixel {
+    g: Geometry,
+    o: usize,
+    /// `dy`'s zero padding before its first row (column), and its padded height and width.
+    lo: usize,
+    hd: usize,
+    wd: usize,
+    phases: Vec<Phase>,
+}
+
+/// The kernel taps of phase `a` along one side: `(i, shift)` with input `u` reading output
+/// `u + shift` through tap `i`.
+fn taps(a: usize, k: usize, pad: usize) -> Vec<(usize, isize)> {
+    (0..k)
+        .filter(|i| (a + pad + i) % 2 == 0)
+        .map(|i| (i, (a as isize + pad as isize - i as isize) / 2))
+        .collect()
+}
+
+impl SubPixel {
+    /// Plans `g` with `o` outputs and weights `w` (`O × C × k × k`).
+    pub(crate) fn new(g: &Geometry, o: usize, w: &[f32]) -> Self {
+        let (k, pad) = (g.k, g.pad);
+        let (ho, wo) = g.out_hw();
+        let side = |n: usize, a: usize| (n + 1).saturating_sub(a) / 2;
+        // The padding that keeps every read inside: before the first row, the largest
+        // backward shift; after the last, what the last phase row reads past `ho`.
+        let lo = (0..2)
+            .flat_map(|a| taps(a, k, pad))
+            .map(|(_, s)| (-s).max(0) as usize)
+            .max()
+            .unwrap_or(0);
+        let past = |n: usize, out: usize| {
+            (0..2)
+                .flat_map(|a| {
+                    let m = side(n, a);
+                    taps(a, k, pad)
+                        .into_iter()
+                        .map(move |(_, s)| m as isize - 1 + s + 1 - out as isize)
+                })
+                .max()
+                .unwrap_or(0)
+                .max(0) as usize
+        };
+        let (hd, wd) = (ho + lo + past(g.h, ho), wo + lo + past(g.w, wo));
+        let mut phases = Vec::with_capacity(4);
+        for (alpha, beta) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let (rows, cols) = (side(g.h, alpha), side(g.w, beta));
+            if rows == 0 || cols == 0 {
+                continue;
+            }
+            let (ti, tj) = (taps(alpha, k, pad), taps(beta, k, pad));
+            let pairs: Vec<_> = ti.iter().flat_map(|&a| tj.iter().map(move |&b| (a, b))).collect();
+            let at = |s: isize| (s + lo as isize) as usize;
+            let offsets = pairs.iter().map(|&((_, si), (_, sj))| at(si) * wd + at(sj)).collect();
+            // Row c of the phase's kernel: for each output channel, its taps in order.
+            let n = pairs.len();
+            let mut kernel = vec![0f32; g.c * o * n];
+            for (at, v) in kernel.iter_mut().enumerate() {
+                let (c, oc, t) = (at / (o * n), at / n % o, at % n);
+                let ((i, _), (j, _)) = pairs[t];
+                *v = w[((oc * g.c + c) * k + i) * k + j];
+            }
+            phases.push(Phase {
+                alpha,
+                beta,
+                rows,
+                cols,
+                offsets,
+                packed: conv_direct::pack(g.c, o * n, &kernel),
+            });
+        }
+        Self {
+            g: *g,
+            o,
+            lo,
+            hd,
+            wd,
+            phases,
+        }
+    }
+
+    /// Channels of `dx`.
+    pub(crate) fn channels(&self) -> usize {
+        self.g.c
+    }
+
+    /// One sample: `dx` (`C × H × W`, every value written) `=` `add[c]` `+` the conv's data
+    /// gradient of `dy` (`O × H' × W'`). `dyp` and `y` are a worker's buffers (`dyp` serves
+    /// this plan only: its padding is never written).
+    pub(crate) fn apply(
+        &self,
+        dy: &[f32],
+        (dx, add): (&mut [MaybeUninit<f32>], &[f32]),
+        (dyp, y): (&mut Vec<f32>, &mut Vec<f32>),
+    ) {
+        let g = &self.g;
+        let (ho, wo) = g.out_hw();
+        let plane = self.hd * self.wd;
+        let most = self.hd.max(1) * self.wd;
+        dyp.resize(self.o * plane + most + SLACK, 0.0);
+        for (c, src) in dy.chunks_exact(ho * wo).take(self.o).enumerate() {
+            for (r, row) in src.chunks_exact(wo).enumerate() {
+                let at = c * plane + (r + self.lo) * self.wd + self.lo;
+                dyp[at..at + wo].copy_from_slice(row);
+            }
+        }
+        for ph in &self.phases {
+            let span = ph.rows * self.wd;
+            let shape = conv_direct::Shape {
+                c: self.o,
+                plane,
+                offsets: &ph.offsets,
+                span,
+            };
+            y.resize(g.c * span, 0.0);
+            conv_direct::forward(&shape, g.c, &ph.packed, dyp, y);
+            let planes = dx.chunks_exact_mut(g.h * g.w).zip(y.chunks_exact(span));
+            for ((out, res), &b) in planes.zip(add) {
+                for (u, src) in res.chunks_exact(self.wd).enumerate() {
+                    let row = &mut out[(2 * u + ph.alpha) * g.w..][..g.w];
+                    for (d, v) in row[ph.beta..].iter_mut().step_by(2).zip(&src[..ph.cols]) {
+                        d.write(b + v);
+                    }
+                }
+            }
+        }
+    }
+}
