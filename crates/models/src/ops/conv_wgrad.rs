@@ -62,9 +62,13 @@ pub(crate) fn accumulate(s: &Shape, px: Pixels, o: usize, dy: &[f32], xp: &[f32]
     let opad = sums.opad();
     sums.dwt.resize(inner * opad, 0.0);
     sums.dyt.resize(n * opad, 0.0);
-    for (ch, row) in dy.chunks_exact(n).take(o).enumerate() {
-        for (q, &v) in row.iter().enumerate() {
-            sums.dyt[q * opad + ch] = v;
+    // By blocks of 16 pixels: each block's 16 rows of `dyt` stay in L1 over the channels.
+    for q0 in (0..n).step_by(LANES) {
+        let q1 = n.min(q0 + LANES);
+        for (ch, row) in dy.chunks_exact(n).take(o).enumerate() {
+            for (q, &v) in (q0..q1).zip(&row[q0..q1]) {
+                sums.dyt[q * opad + ch] = v;
+            }
         }
     }
     let bases: Vec<usize> = (0..inner)
@@ -110,9 +114,15 @@ pub(crate) fn finish(sums: &mut Sums, dw: &mut [f32]) {
     if sums.dwt.is_empty() {
         return;
     }
-    for (t, row) in sums.dwt.chunks_exact(opad).enumerate() {
-        for (ch, &v) in row[..o].iter().enumerate() {
-            dw[ch * inner + t] += v;
+    // By blocks of 16 taps: each channel's 16 sums are one cache line of `dw` (a tap at a time,
+    // rows `inner` floats apart, would walk one line per value).
+    for t0 in (0..inner).step_by(LANES) {
+        let t1 = inner.min(t0 + LANES);
+        for ch in 0..o {
+            let out = &mut dw[ch * inner + t0..ch * inner + t1];
+            for (d, t) in out.iter_mut().zip(t0..t1) {
+                *d += sums.dwt[t * opad + ch];
+            }
         }
     }
     sums.dwt.fill(0.0);
