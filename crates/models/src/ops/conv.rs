@@ -167,9 +167,9 @@ enum Path {
     /// gradient from 8 input channels) and the direct
     /// kernels (`conv_direct`) for the rest; else unfolded (long copies) and one gemm.
     Padded,
-    /// Stride 2 with AVX2: the direct kernel on the input's 2×2 phases (forward), and the
-    /// weight gradient there with the output channels in the lanes (`conv_wgrad`, from 8 of
-    /// them); the data gradient as `Strided`.
+    /// Stride 2 with AVX2: the direct kernel on the input's 2×2 phases (forward), the weight
+    /// gradient there with the output channels in the lanes (`conv_wgrad`), and the data
+    /// gradient as four sub-pixel convs of dy (`conv_subpixel`).
     Phases,
     /// Stride 2 and more: unfolded by runs of taps, one gemm, folded back by col2im.
     Strided,
@@ -395,8 +395,8 @@ impl CustomOp3 for ConvGrad {
             (0..b.div_ceil(CHUNK)).map(|_| None).collect()
         };
         // dW on the input's phases (no unfolding), or by gemm on the unfolded sample.
-        let phase_grad = path == Path::Phases && padded::phases_grad_fit(&g, o);
-        let unfolded = path == Path::Strided || path == Path::Phases && !phase_grad;
+        let phase_grad = path == Path::Phases;
+        let unfolded = path == Path::Strided;
         // dx of a stride-2 conv as four sub-pixel convs of dy where the direct kernel runs
         // (planned once here), else folded back from the unfolded product by col2im.
         let sub = (path == Path::Phases && want_dx).then(|| SubPixel::new(&g, o, ws));

@@ -18,9 +18,9 @@
 //!
 //! The same kernel serves every conv whose taps are fixed offsets into a sample's planes: the
 //! data gradient of a stride-1 conv (a conv with the flipped kernel), the four sub-pixel phases
-//! of a k-4 stride-2 transposed conv, and stride-2 convs on their input's 2×2 phases
-//! ([`split_phases`], [`phase_offsets`]). [`weight_grad`] sums the weight gradient of such a
-//! conv in the same layout.
+//! of a stride-2 transposed conv or of a stride-2 conv's data gradient (`conv_subpixel`), and
+//! stride-2 convs on their input's 2×2 phases ([`split_phases`], [`phase_offsets`]).
+//! `conv_wgrad` sums the weight gradient of such a conv in the same layout.
 
 /// Output channels per register tile.
 const ROWS: usize = 6;
@@ -208,9 +208,8 @@ unsafe fn tiles_avx512<const NA: usize, const NB: usize, const NV: usize>(
         for ch in 0..s.c {
             let xc = x0.add(ch * s.plane + q);
             for &t in s.offsets {
-                let xv: [__m512; NV] = std::array::from_fn(|v| {
-                    _mm512_maskz_loadu_ps(mask[v], xc.add(t + v * LANES))
-                });
+                let xv: [__m512; NV] =
+                    std::array::from_fn(|v| _mm512_maskz_loadu_ps(mask[v], xc.add(t + v * LANES)));
                 for (r, acc) in acc_a.iter_mut().enumerate() {
                     let w = _mm512_set1_ps(*wa.add(r));
                     for (a, x) in acc.iter_mut().zip(&xv) {
@@ -301,129 +300,6 @@ unsafe fn tile_avx2<const NR: usize>(
     _: &mut [f32],
     _: usize,
 ) {
-    unreachable!("the direct kernel runs only where `available` holds")
-}
-
-/// Output channels per weight-gradient tile.
-const GRAD_ROWS: usize = 4;
-/// Taps per weight-gradient tile.
-const GRAD_TAPS: usize = 3;
-/// Pixels per step of the weight gradient's sums (one AVX2 vector).
-pub(crate) const GRAD_LANES: usize = 8;
-/// The fewest pixels of the `Wp`-wide span for which [`weight_grad`] runs: below it (a 7×7
-/// map's 63), its 12 folds per tile cost more than the unfolded gemm (measured: c64 and
-/// c128 at 7×7 ran 10–20 % slower; at 14×14 and 28×28, 5–25 % faster).
-pub(crate) const MIN_GRAD_SPAN: usize = 128;
-
-/// `dw` (`O × C·taps`) `+=` the weight gradient of one sample: `Σ_q dy[o, q] · xp[c·plane +
-/// offsets[t] + q]`. `dy` has `o` rows of `stride` floats (a multiple of [`GRAD_LANES`], at
-/// least the span, zero past each row's pixels and in its scratch columns).
-///
-/// A tile of 4 output channels × 3 taps keeps 12 vector sums over the pixels, 8 at a time
-/// (lane `l` sums the pixels `≡ l mod 8` in order), folded to one number each in a fixed tree
-/// at the end of the sample.
-pub(crate) fn weight_grad(
-    s: &Shape,
-    o: usize,
-    (dy, stride): (&[f32], usize),
-    xp: &[f32],
-    dw: &mut [f32],
-) {
-    let taps = s.offsets.len();
-    let inner = s.c * taps;
-    let last = s.offsets.iter().max().copied().unwrap_or(0);
-    assert!(available() && stride % GRAD_LANES == 0 && stride >= s.span);
-    assert!(dy.len() >= o * stride && dw.len() >= o * inner);
-    assert!(xp.len() >= (s.c.max(1) - 1) * s.plane + last + stride);
-    for ob in (0..o).step_by(GRAD_ROWS) {
-        // The last tile takes only the rows that are left.
-        match (o - ob).min(GRAD_ROWS) {
-            1 => grad_rows::<1>(s, ob, (dy, stride), xp, dw),
-            2 => grad_rows::<2>(s, ob, (dy, stride), xp, dw),
-            3 => grad_rows::<3>(s, ob, (dy, stride), xp, dw),
-            _ => grad_rows::<GRAD_ROWS>(s, ob, (dy, stride), xp, dw),
-        }
-    }
-}
-
-/// [`weight_grad`]'s tiles of the `NR` output channels from `ob`.
-fn grad_rows<const NR: usize>(
-    s: &Shape,
-    ob: usize,
-    (dy, stride): (&[f32], usize),
-    xp: &[f32],
-    dw: &mut [f32],
-) {
-    let taps = s.offsets.len();
-    let inner = s.c * taps;
-    let rows: [&[f32]; NR] = std::array::from_fn(|r| &dy[(ob + r) * stride..(ob + r + 1) * stride]);
-    for ch in 0..s.c {
-        for t0 in (0..taps).step_by(GRAD_TAPS) {
-            let offs: [usize; GRAD_TAPS] =
-                std::array::from_fn(|j| ch * s.plane + s.offsets[(t0 + j).min(taps - 1)]);
-            // SAFETY: AVX2 and FMA are checked (`available`); every row has `stride`
-            // floats, and each `x` read ends below `(C − 1)·plane + last + stride`.
-            let sums = unsafe { grad_tile_avx2(rows, offs, xp, stride / GRAD_LANES) };
-            for (r, row) in sums.iter().enumerate() {
-                for (j, v) in row.iter().enumerate().take(taps - t0) {
-                    dw[(ob + r) * inner + ch * taps + t0 + j] += v;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn grad_tile_avx2<const NR: usize>(
-    rows: [&[f32]; NR],
-    offs: [usize; GRAD_TAPS],
-    xp: &[f32],
-    steps: usize,
-) -> [[f32; GRAD_TAPS]; NR] {
-    // Plain loops only: a closure here would be compiled without AVX2 and not inlined.
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); GRAD_TAPS]; NR];
-    let mut x = [xp.as_ptr(); GRAD_TAPS];
-    for j in 0..GRAD_TAPS {
-        x[j] = xp.as_ptr().add(offs[j]);
-    }
-    let mut d = [rows[0].as_ptr(); NR];
-    for r in 0..NR {
-        d[r] = rows[r].as_ptr();
-    }
-    for step in 0..steps {
-        let q = step * GRAD_LANES;
-        let mut xv = [_mm256_setzero_ps(); GRAD_TAPS];
-        for j in 0..GRAD_TAPS {
-            xv[j] = _mm256_loadu_ps(x[j].add(q));
-        }
-        for r in 0..NR {
-            let dv = _mm256_loadu_ps(d[r].add(q));
-            for j in 0..GRAD_TAPS {
-                acc[r][j] = _mm256_fmadd_ps(dv, xv[j], acc[r][j]);
-            }
-        }
-    }
-    let mut out = [[0f32; GRAD_TAPS]; NR];
-    for r in 0..NR {
-        for j in 0..GRAD_TAPS {
-            let v = acc[r][j];
-            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            out[r][j] = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
-        }
-    }
-    out
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn grad_tile_avx2<const NR: usize>(
-    _: [&[f32]; NR],
-    _: [usize; GRAD_TAPS],
-    _: &[f32],
-    _: usize,
-) -> [[f32; GRAD_TAPS]; NR] {
     unreachable!("the direct kernel runs only where `available` holds")
 }
 

@@ -9,10 +9,10 @@
 //! - Otherwise, with AVX2, the direct kernels (`conv_direct`) read the shifted slices in
 //!   place: the forward, the data gradient, which is itself a stride-1 conv (of `dy`, padded
 //!   by `k − 1 − pad`, with the flipped kernel whose in and out channels are swapped:
-//!   [`flip_transpose`]), and, on maps of at least `MIN_GRAD_SPAN` pixels, the weight
-//!   gradient; Winograd (`conv_winograd`) for 3×3 pad 1 on even sides instead, straight into
-//!   the output. Nothing is unfolded or folded back.
-//! - Elsewhere (and for the weight gradient of small maps), unfolding is one copy of `H'·Wp`
+//!   [`flip_transpose`]), and the weight gradient with the output channels in the lanes
+//!   (`conv_wgrad`); Winograd (`conv_winograd`) for 3×3 pad 1 on even sides instead, straight
+//!   into the output. Nothing is unfolded or folded back.
+//! - Elsewhere, unfolding is one copy of `H'·Wp`
 //!   values per row (no short runs, no padding tests) for a gemm `Wp / W'` wider; the data
 //!   gradient's conv runs the same way, its gemm summing over `O·k²` rather than `O`.
 
@@ -120,15 +120,6 @@ pub(crate) fn phases_fit(g: &Geometry) -> bool {
     g.stride == 2 && g.k >= 2 && conv_direct::available()
 }
 
-/// Whether its weight gradient does too: with the output channels in the lanes
-/// (`conv_wgrad`), from 8 of them (fewer would leave most of each vector's lanes empty).
-pub(crate) fn phases_grad_fit(g: &Geometry, o: usize) -> bool {
-    phases_fit(g) && o >= MIN_WGRAD_OUT
-}
-
-/// The fewest output channels for which the weight gradient runs channels-last.
-const MIN_WGRAD_OUT: usize = 8;
-
 /// The phases of one sample into `s.x`: the layout of the output in rows `wq` wide, and the
 /// direct kernel's view of the phases.
 fn split(g: &Geometry, x: &[f32], s: &mut Scratch) -> (Padded, Vec<usize>) {
@@ -183,7 +174,7 @@ pub(crate) fn data_grad_sub_pixel(
     sub.apply(dy, (dx, &s.zeros[..c]), (&mut s.dy, &mut s.y));
 }
 
-/// One sample's weight gradient of a stride-2 conv on its input's phases ([`phases_grad_fit`]):
+/// One sample's weight gradient of a stride-2 conv on its input's phases:
 /// `dy ⋆ x` added to the chunk's sums ([`finish_backward`] hands them out), `db += Σ dy`.
 pub(crate) fn weight_grad_phases(
     g: &Geometry,
@@ -205,14 +196,14 @@ pub(crate) fn weight_grad_phases(
 /// One sample's backward of a transposed conv that is the data gradient of the stride-2 conv
 /// `g` (`dy` → `x`), on `dy`'s phases: `dx` (every value written) `=` that conv of `dy` with
 /// the [`pack`]ed `wp` (`ci` outputs: a k-4 stride-2 transposed conv's data gradient is a k-4
-/// stride-2 conv with the same weights), and, with `weight_grad`, its weight gradient with `x`
-/// as the output's gradient added to the chunk's sums ([`finish_backward`] hands them out).
+/// stride-2 conv with the same weights), and its weight gradient with `x` as the output's
+/// gradient added to the chunk's sums ([`finish_backward`] hands them out).
 /// `dy` is split into phases once for both.
 pub(crate) fn transposed_backward_phases(
     g: &Geometry,
     ci: usize,
     (dy, x, wp): (&[f32], &[f32], &[f32]),
-    (dx, weight_grad): (&mut [MaybeUninit<f32>], bool),
+    dx: &mut [MaybeUninit<f32>],
     s: &mut Scratch,
 ) {
     let (p, offsets) = split(g, dy, s);
@@ -220,9 +211,7 @@ pub(crate) fn transposed_backward_phases(
     s.y.resize(ci * p.span(), 0.0);
     conv_direct::forward(&shape, ci, wp, &s.x, &mut s.y);
     narrow_write(&p, &s.y, dx);
-    if weight_grad {
-        conv_wgrad::accumulate(&shape, p.pixels(), ci, x, &s.x, &mut s.wsums);
-    }
+    conv_wgrad::accumulate(&shape, p.pixels(), ci, x, &s.x, &mut s.wsums);
 }
 
 /// Unfolds one sample into `s.cols` (`C·k² × H'·Wp`): row `(c, i, j)` is the padded plane `c`
@@ -460,24 +449,16 @@ pub(crate) fn backward(
 ) {
     let Weights { w, wt, wtp } = *ws;
     let p = Padded::of(g);
-    // The direct kernels where they serve the whole backward (dx, if asked, as a conv) and
-    // the map is large enough for the weight gradient's sums (else unfold + gemm for dW).
-    let direct = !taps
-        && conv_direct::available()
-        && p.span() >= conv_direct::MIN_GRAD_SPAN
-        && (dx.is_none() || !wtp.is_empty());
-    // Winograd's weight gradient (reading dy as it is) where there are input channels enough
-    // to spread its transforms of dy over.
+    // The direct kernels where they serve the whole backward (dx, if asked, as a conv), with
+    // the weight gradient by Winograd (reading dy as it is) where there are input channels
+    // enough to spread its transforms of dy over, else with the output channels in the lanes
+    // (`conv_wgrad`); otherwise unfold + gemm.
+    let direct = !taps && conv_direct::available() && (dx.is_none() || !wtp.is_empty());
     let winograd = direct && winograd_fits(g) && g.c >= conv_winograd::MIN_GRAD_CHANNELS;
-    let stride = if direct {
-        p.span().next_multiple_of(conv_direct::GRAD_LANES)
-    } else {
-        p.span()
-    };
-    if winograd {
+    if direct {
         row_sums(&p, dy, db);
     } else {
-        widen(&p, o, stride, dy, &mut s.y, Some(db));
+        widen(&p, o, p.span(), dy, &mut s.y, Some(db));
     }
     if taps {
         pad_into(g, &p, x, &mut s.x);
@@ -498,7 +479,14 @@ pub(crate) fn backward(
     } else if direct {
         pad_into(g, &p, x, &mut s.x);
         let offsets = p.offsets(g.k);
-        conv_direct::weight_grad(&p.shape(g.c, &offsets), o, (&s.y, stride), &s.x, dw);
+        conv_wgrad::accumulate(
+            &p.shape(g.c, &offsets),
+            p.pixels(),
+            o,
+            dy,
+            &s.x,
+            &mut s.wsums,
+        );
     } else {
         unfold(g, &p, x, s);
         backward_gemm(g, &p, o, w, dw, dx_fold, s);

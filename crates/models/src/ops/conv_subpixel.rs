@@ -78,9 +78,15 @@ impl SubPixel {
                 continue;
             }
             let (ti, tj) = (taps(alpha, k, pad), taps(beta, k, pad));
-            let pairs: Vec<_> = ti.iter().flat_map(|&a| tj.iter().map(move |&b| (a, b))).collect();
+            let pairs: Vec<_> = ti
+                .iter()
+                .flat_map(|&a| tj.iter().map(move |&b| (a, b)))
+                .collect();
             let at = |s: isize| (s + lo as isize) as usize;
-            let offsets = pairs.iter().map(|&((_, si), (_, sj))| at(si) * wd + at(sj)).collect();
+            let offsets = pairs
+                .iter()
+                .map(|&((_, si), (_, sj))| at(si) * wd + at(sj))
+                .collect();
             // Row c of the phase's kernel: for each output channel, its taps in order.
             let n = pairs.len();
             let mut kernel = vec![0f32; g.c * o * n];

@@ -231,11 +231,10 @@ impl CustomOp3 for ConvTransposeGrad {
         }
         let mut out = vec![0f32; b * n_in + ci * k + g.c];
         let (dx, _) = out.split_at_mut(b * n_in);
-        // The sub-pixel transposed conv's data gradient is a k-4 stride-2 conv of dy with the
-        // same weights: on dy's phases by the direct kernel (no unfolding), and its weight
-        // gradient there too from 14×14 inputs; else unfolded dy and gemms.
+        // A stride-2 transposed conv's data gradient is a stride-2 conv of dy with the same
+        // weights: on dy's phases by the direct kernel (no unfolding), and its weight gradient
+        // there too; else unfolded dy and gemms.
         let phases = padded::phases_fit(&g);
-        let phase_grad = phases && padded::phases_grad_fit(&g, ci);
         let wp = if phases {
             conv_direct::pack(ci, k, ws)
         } else {
@@ -247,7 +246,7 @@ impl CustomOp3 for ConvTransposeGrad {
             .zip(dy.par_chunks(CHUNK * n_out))
             .map_init(Scratch::default, |scratch, ((dxc, xc), dyc)| {
                 let mut acc = vec![0f32; ci * k + g.c];
-                let mut cols = vec![0f32; if phase_grad { 0 } else { k * l }];
+                let mut cols = vec![0f32; if phases { 0 } else { k * l }];
                 for ((dxb, xb), dyb) in dxc
                     .chunks_exact_mut(n_in)
                     .zip(xc.chunks_exact(n_in))
@@ -257,14 +256,11 @@ impl CustomOp3 for ConvTransposeGrad {
                     if phases {
                         let dxb = as_uninit(dxb);
                         let (dyxw, s) = ((dyb, xb, &wp[..]), &mut *scratch);
-                        padded::transposed_backward_phases(&g, ci, dyxw, (dxb, phase_grad), s);
-                    }
-                    if !phase_grad {
+                        padded::transposed_backward_phases(&g, ci, dyxw, dxb, s);
+                    } else {
                         g.im2col(dyb, &mut cols);
-                        if !phases {
-                            // dx (ci×l) = W (ci×k) · cols (k×l): the adjoint conv's forward.
-                            matmul((ci, l, k), dxb, false, ws, (k, 1), &cols, (l, 1), 1);
-                        }
+                        // dx (ci×l) = W (ci×k) · cols (k×l): the adjoint conv's forward.
+                        matmul((ci, l, k), dxb, false, ws, (k, 1), &cols, (l, 1), 1);
                         // dW (ci×k) += x (ci×l) · colsᵀ (l×k).
                         matmul((ci, k, l), dw, true, xb, (l, 1), &cols, (1, l), 1);
                     }
