@@ -203,7 +203,11 @@ fn padded_forward(
 ) -> Vec<f32> {
     let (n_in, n_out) = (g.c * g.h * g.w, o * g.cols());
     let taps = path == Path::Direct;
-    let wp = if taps { vec![] } else { padded::pack(g, o, ws) };
+    let wp = if taps {
+        padded::pack_direct(g, o, ws)
+    } else {
+        padded::pack(g, o, ws)
+    };
     let mut out = Vec::with_capacity(b * n_out);
     out.spare_capacity_mut()[..b * n_out]
         .par_chunks_mut(n_out)

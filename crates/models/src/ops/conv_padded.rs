@@ -184,11 +184,7 @@ pub(crate) fn weight_grad_phases(
     s: &mut Scratch,
 ) {
     let (p, offsets) = split(g, x, s);
-    for (d, plane) in db.iter_mut().zip(dy.chunks_exact(p.ho * p.wo)) {
-        for row in plane.chunks_exact(p.wo) {
-            *d += row.iter().sum::<f32>();
-        }
-    }
+    row_sums(&p, dy, db);
     let shape = phase_shape(g, &p, &offsets);
     conv_wgrad::accumulate(&shape, p.pixels(), o, dy, &s.x, &mut s.wsums);
 }
@@ -284,27 +280,17 @@ pub(crate) fn finish_backward(g: &Geometry, o: usize, dw: &mut [f32], s: &mut Sc
     conv_wgrad::finish(&mut s.wsums, dw);
 }
 
-/// `dy` (`O × H' × W'`) into `dst` in the `Wp`-wide layout, `stride` floats per channel, zero
-/// in the scratch columns and past the span (never written, as the border in `pad_into`);
-/// adds its row sums to `db` when there is one.
-fn widen(
-    p: &Padded,
-    o: usize,
-    stride: usize,
-    dy: &[f32],
-    dst: &mut Vec<f32>,
-    mut db: Option<&mut [f32]>,
-) {
-    dst.resize(o * stride, 0.0);
+/// `dy` (`O × H' × W'`) into `dst` in the `Wp`-wide layout (`O × H'·Wp`), zero in the
+/// scratch columns (never written, as the border in `pad_into`); adds its row sums to `db`.
+fn widen(p: &Padded, o: usize, dy: &[f32], dst: &mut Vec<f32>, db: &mut [f32]) {
+    dst.resize(o * p.span(), 0.0);
     let planes = dy
         .chunks_exact(p.ho * p.wo)
-        .zip(dst.chunks_exact_mut(stride));
-    for (ch, (plane, out)) in planes.enumerate() {
+        .zip(dst.chunks_exact_mut(p.span()));
+    for ((plane, out), d) in planes.zip(db) {
         for (src, row) in plane.chunks_exact(p.wo).zip(out.chunks_exact_mut(p.wp)) {
             row[..p.wo].copy_from_slice(src);
-            if let Some(db) = db.as_deref_mut() {
-                db[ch] += src.iter().sum::<f32>();
-            }
+            *d += src.iter().sum::<f32>();
         }
     }
 }
@@ -316,6 +302,16 @@ pub(crate) fn pack(g: &Geometry, o: usize, w: &[f32]) -> Vec<f32> {
     if winograd_fits(g) && !w.is_empty() {
         conv_winograd::pack(o, g.c, w)
     } else if conv_direct::available() && !w.is_empty() {
+        conv_direct::pack(o, g.rows(), w)
+    } else {
+        vec![]
+    }
+}
+
+/// The weights of a conv with few outputs, run tap by tap ([`forward`] with `taps`), packed
+/// for the direct kernel's forward where that runs (empty otherwise).
+pub(crate) fn pack_direct(g: &Geometry, o: usize, w: &[f32]) -> Vec<f32> {
+    if conv_direct::available() && !w.is_empty() {
         conv_direct::pack(o, g.rows(), w)
     } else {
         vec![]
@@ -376,8 +372,9 @@ fn conv_packed(
 }
 
 /// One sample's forward on the padded layout: `y` (`O × H' × W'`, every value written) `=`
-/// the `bias` `+` the conv, tap by tap (`taps`), by the direct kernel (with the [`pack`]ed
-/// weights `wp`), or as one gemm on the unfolded sample.
+/// the `bias` `+` the conv, tap by tap (`taps`; by the direct kernel with [`pack_direct`]ed
+/// weights `wp` where it runs), by the direct or Winograd kernel (with the [`pack`]ed weights
+/// `wp`), or as one gemm on the unfolded sample.
 pub(crate) fn forward(
     g: &Geometry,
     o: usize,
@@ -388,7 +385,15 @@ pub(crate) fn forward(
     s: &mut Scratch,
 ) {
     let p = Padded::of(g);
-    if taps {
+    if taps && !wp.is_empty() {
+        // A few outputs: the direct kernel's tile runs the taps' multiply-adds in their order
+        // from zero (the same bits as `forward_taps`), from registers instead of `axpy`s that
+        // load and store the outputs at every tap.
+        pad_into(g, &p, x, &mut s.x);
+        s.y.resize(o * p.span(), 0.0);
+        let offsets = p.offsets(g.k);
+        conv_direct::forward(&p.shape(g.c, &offsets), o, wp, &s.x, &mut s.y);
+    } else if taps {
         pad_into(g, &p, x, &mut s.x);
         forward_taps(g, &p, o, w, s);
     } else if !wp.is_empty() {
@@ -458,7 +463,7 @@ pub(crate) fn backward(
     if direct {
         row_sums(&p, dy, db);
     } else {
-        widen(&p, o, p.span(), dy, &mut s.y, Some(db));
+        widen(&p, o, dy, &mut s.y, db);
     }
     if taps {
         pad_into(g, &p, x, &mut s.x);
