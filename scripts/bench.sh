@@ -124,19 +124,25 @@ print(f"| lesson run end to end, wall-clock s (ratio fm/PyTorch: {e2e:.2f}) | {f
 unet_gflop = {"unet_fwd_bwd_b64/unet_lesson_h32": ("unet/lesson_h32", 6 * 64 * 22.15e6 / 1e9),
               "unet_fwd_bwd_b64/unet_h16": ("unet/flowmatch_h16", 6 * 64 * 26.77e6 / 1e9)}
 ceiling = best.get(("flowmatch", "gemm_ceiling/sgemm_512"))
-if ceiling:
-    peak = 2 * 512 ** 3 / (ceiling / 1e3) / 1e9
+torch_mm = best.get(("pytorch", "gemm/sgemm_512"))
+if ceiling and torch_mm:
+    rate = lambda ms: 2 * 512 ** 3 / (ms / 1e3) / 1e9
+    peak, top = rate(ceiling), rate(torch_mm)
     print(f"\n**The U-Nets' arithmetic.** A matrix product of 512³ runs at {peak:.0f} GFLOP/s on one core "
-          f"here (the `gemm` crate the convolutions use). In GFLOP/s of each step (3× the forward's "
-          f"multiply-adds ×2, counted as PyTorch runs the model; flowmatch's `unet` computes its up path "
-          f"at the low resolution with fewer, so its figure is an effective rate):\n")
+          f"here with the `gemm` crate (candle's matmuls; on x86 it runs AVX2 unless its `x86-v4` feature, "
+          f"which would change candle's bits on AVX-512 machines, is on) and at {top:.0f} GFLOP/s in PyTorch "
+          f"(`torch.mm`, with AVX-512 where the CPU has it): the core's sgemm rate. flowmatch's convolutions "
+          f"run on its own direct, Winograd and sub-pixel kernels (AVX-512 where there). In GFLOP/s of each "
+          f"step (3× the forward's multiply-adds ×2, counted as PyTorch runs the model; flowmatch's `unet` "
+          f"computes its up path at the low resolution and Winograd needs fewer products, so its figures are "
+          f"effective rates):\n")
     print("| U-Net step | flops | flowmatch | PyTorch | the goal (0.8× PyTorch's time) needs |")
     print("|---|---:|---:|---:|---:|")
     for fm, (py, g) in unet_gflop.items():
         a, b = best.get(("flowmatch", fm)), best.get(("pytorch", py))
         if a and b:
             print(f"| {fm.split('/')[1]} | {g:.2f} G | {g / a * 1e3:.0f} | {g / b * 1e3:.0f} | "
-                  f"{g / (b * 0.8) * 1e3:.0f} ({100 * g / (b * 0.8) * 1e3 / peak:.0f}% of the 512³ product) |")
+                  f"{g / (b * 0.8) * 1e3:.0f} ({100 * g / (b * 0.8) * 1e3 / top:.0f}% of PyTorch's 512³ product) |")
 print(f"\nLesson run: flowmatch `run configs/lesson_moons.toml` (5000 steps, then the full evaluation: "
       f"exact W2 and MMD at 6 Euler step counts on 2000 samples, straightness, Liu's S; no figures, and no NLL, which the PyTorch script does not compute); "
       f"the PyTorch + SciPy script (`bench_reference.py --lesson-run --metrics`: the same training, "

@@ -17,6 +17,7 @@ Workloads (the same as flowmatch's criterion benches, see scripts/bench.sh):
   unet/lesson_h32     the lesson's VelocityUNet (hidden 32), forward + backward of mean(v²),
                       batch 64 x 1 x 28 x 28
   unet/flowmatch_h16  flowmatch's `unet` (hidden 16) rebuilt here, the same pass
+  gemm/sgemm_512      one 512 x 512 x 512 torch.mm: the core's sgemm rate as PyTorch reaches it
 Threads: torch.set_num_threads(BENCH_THREADS) (default 1, as flowmatch runs small models).
 Run it through scripts/bench.sh, which installs torch, numpy and scipy into .venv-bench.
 """
@@ -240,6 +241,8 @@ def workloads():
     yield "sample/rk4_20", lambda: sample(net, x, 20, "rk4")
     yield "unet/lesson_h32", unet_step(LessonUNet(hidden=32))
     yield "unet/flowmatch_h16", unet_step(FlowmatchUNet(hidden=16))
+    a, b = torch.full((512, 512), 0.5), torch.full((512, 512), 0.25)
+    yield "gemm/sgemm_512", lambda: torch.mm(a, b)
 
 
 def w2_exact(a, b):
