@@ -9,7 +9,7 @@
 
 use super::conv_padded::{self as padded, Scratch};
 use super::conv_subpixel::SubPixel;
-use super::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
+use super::cpu::{f32_slice, matmul, unpack_grads, zeroed, CHUNK};
 use super::geometry::Geometry;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -498,13 +498,6 @@ impl CustomOp3 for ConvGrad {
     }
 }
 
-/// `d` filled with zeros, as floats.
-fn zeroed(d: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    d.fill(MaybeUninit::new(0.0));
-    // SAFETY: every value was just written.
-    unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast::<f32>(), d.len()) }
-}
-
 /// Nearest-neighbour ×2 upsampling `(B, C, H, W)` → `(B, C, 2H, 2W)` (backward: a sum).
 pub fn upsample2(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
@@ -542,18 +535,24 @@ mod tests {
         ];
         // 20 outputs: the stride-2 weight gradient with the channels in the lanes. Then the
         // U-Nets' own stride-2 convs: the lesson's 32 → 64 on 28×28 and 64 → 64 on 14×14, the
-        // unet's 16 → 16 and 32 → 32.
+        // unet's 16 → 16 and 32 → 32, some at batch 1.
         let mut all: Vec<_> = cases
             .into_iter()
-            .flat_map(|c| [1, 4, 6, 20].map(|o| (c, 3, o)))
+            .flat_map(|c| [1, 4, 6, 20].map(|o| (6, c, 3, o)))
             .collect();
         all.extend(
-            [(28, 32, 64), (14, 64, 64), (28, 16, 16), (14, 32, 32)]
-                .map(|(hw, c, o)| ((3, 2, 1, hw), c, o)),
+            [
+                (6, 28, 32, 64),
+                (1, 28, 32, 64),
+                (6, 14, 64, 64),
+                (6, 28, 16, 16),
+                (1, 14, 32, 32),
+            ]
+            .map(|(b, hw, c, o)| (b, (3, 2, 1, hw), c, o)),
         );
-        for ((k, s, p, hw), c, o) in all {
+        for (b, (k, s, p, hw), c, o) in all {
             let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, c, hw, hw), &dev).unwrap()).unwrap();
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, hw, hw), &dev).unwrap()).unwrap();
             let w =
                 Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
@@ -590,7 +589,7 @@ mod tests {
                     let d = crate::grad_diff(&g1, &g2, v) / scale;
                     assert!(
                         d < 2e-5,
-                        "{path} c{c} o{o} k{k} s{s} p{p} hw{hw}, variable {i}: {d}"
+                        "{path} b{b} c{c} o{o} k{k} s{s} p{p} hw{hw}, variable {i}: {d}"
                     );
                 }
             }

@@ -12,11 +12,10 @@
 use super::conv_direct;
 use super::conv_padded::{self as padded, Scratch};
 use super::conv_subpixel::SubPixel;
-use super::cpu::{f32_slice, matmul, unpack_grads, CHUNK};
+use super::cpu::{f32_slice, matmul, unpack_grads, zeroed, CHUNK};
 use super::geometry::Geometry;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 
 /// A `k×k` transposed convolution with stride and zero padding (no output padding, no
 /// dilation); weights in PyTorch's `(in, out, k, k)` layout.
@@ -194,12 +193,6 @@ impl CustomOp3 for ConvTransposeOp {
     }
 }
 
-/// `d` as slots that are written again (the floats stay valid).
-fn as_uninit(d: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: the same memory and layout; only initialised floats are written through it.
-    unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast(), d.len()) }
-}
-
 /// Backward of [`ConvTransposeOp`]: inputs x, W, dy; output `[dx; dW; db]` flattened.
 struct ConvTransposeGrad {
     g: Geometry,
@@ -229,8 +222,11 @@ impl CustomOp3 for ConvTransposeGrad {
         if dy.len() != b * n_out {
             candle_core::bail!("{}: gradient shape mismatch", self.name());
         }
-        let mut out = vec![0f32; b * n_in + ci * k + g.c];
-        let (dx, _) = out.split_at_mut(b * n_in);
+        // dx starts uninitialised: each sample's part is written once (the gemm path zeroes
+        // its own first).
+        let n_all = b * n_in + ci * k + g.c;
+        let mut out = Vec::with_capacity(n_all);
+        let dx = &mut out.spare_capacity_mut()[..b * n_in];
         // A stride-2 transposed conv's data gradient is a stride-2 conv of dy with the same
         // weights: on dy's phases by the direct kernel (no unfolding), and its weight gradient
         // there too; else unfolded dy and gemms.
@@ -254,10 +250,10 @@ impl CustomOp3 for ConvTransposeGrad {
                 {
                     let (dw, db) = acc.split_at_mut(ci * k);
                     if phases {
-                        let dxb = as_uninit(dxb);
                         let (dyxw, s) = ((dyb, xb, &wp[..]), &mut *scratch);
                         padded::transposed_backward_phases(&g, ci, dyxw, dxb, s);
                     } else {
+                        let dxb = zeroed(dxb);
                         g.im2col(dyb, &mut cols);
                         // dx (ci×l) = W (ci×k) · cols (k×l): the adjoint conv's forward.
                         matmul((ci, l, k), dxb, false, ws, (k, 1), &cols, (l, 1), 1);
@@ -272,11 +268,14 @@ impl CustomOp3 for ConvTransposeGrad {
                 acc
             })
             .collect();
+        // SAFETY: every sample's dx was written (above); dW and db follow as zeros.
+        unsafe { out.set_len(b * n_in) };
+        out.resize(n_all, 0.0);
         let tail = &mut out[b * n_in..];
         for p in &partials {
             tail.iter_mut().zip(p).for_each(|(t, v)| *t += v);
         }
-        Ok((CpuStorage::F32(out), Shape::from(b * n_in + ci * k + g.c)))
+        Ok((CpuStorage::F32(out), Shape::from(n_all)))
     }
 }
 
@@ -289,20 +288,21 @@ mod tests {
     fn matches_candle_conv_transpose2d_forward_and_gradients() {
         let dev = Device::Cpu;
         // The lesson's up-convolutions (k 4, s 2, p 1: sub-pixel forward, backward on dy's
-        // phases) at their own sizes, odd and even maps, one channel, and other geometries
-        // (col2im).
-        for (k, s, p, hw, ci, co) in [
-            (4, 2, 1, 7, 64, 64),
-            (4, 2, 1, 14, 128, 32),
-            (4, 2, 1, 7, 6, 4),
-            (4, 2, 1, 14, 8, 3),
-            (4, 2, 1, 1, 1, 1),
-            (4, 2, 1, 3, 1, 5),
-            (3, 2, 1, 5, 3, 5),
-            (3, 1, 1, 6, 4, 4),
-            (2, 2, 0, 4, 2, 3),
+        // phases) at their own sizes (and batch 1), odd and even maps, one channel, k 3 and k 2
+        // at stride 2 (the same phases), and stride 1 (col2im).
+        for (b, (k, s, p, hw, ci, co)) in [
+            (5, (4, 2, 1, 7, 64, 64)),
+            (5, (4, 2, 1, 14, 128, 32)),
+            (1, (4, 2, 1, 14, 128, 32)),
+            (5, (4, 2, 1, 7, 6, 4)),
+            (5, (4, 2, 1, 14, 8, 3)),
+            (1, (4, 2, 1, 1, 1, 1)),
+            (5, (4, 2, 1, 3, 1, 5)),
+            (5, (3, 2, 1, 5, 3, 5)),
+            (5, (3, 1, 1, 6, 4, 4)),
+            (5, (2, 2, 0, 4, 2, 3)),
         ] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, ci, hw, hw), &dev).unwrap())
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, ci, hw, hw), &dev).unwrap())
                 .unwrap();
             let w =
                 Var::from_tensor(&Tensor::randn(0f32, 0.3, (ci, co, k, k), &dev).unwrap()).unwrap();
@@ -326,7 +326,7 @@ mod tests {
                 ("col2im", op.forward_cpu(x.as_tensor()).unwrap()),
                 ("ops", op.forward_ops(x.as_tensor()).unwrap()),
             ] {
-                let what = format!("{path} k{k} s{s} p{p} hw{hw}");
+                let what = format!("{path} b{b} k{k} s{s} p{p} hw{hw} {ci}->{co}");
                 assert_eq!(ours.dims(), theirs.dims(), "{what}");
                 let d = crate::max_abs_diff(&ours, &theirs);
                 assert!(d < 1e-4, "{what} forward: {d}");

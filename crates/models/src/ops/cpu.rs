@@ -1,7 +1,8 @@
 //! What the CPU custom ops share: their f32 inputs, one strided matrix product (the `gemm`
-//! crate candle itself uses), and the unpacking of a backward's gradients.
+//! crate candle itself uses), the unpacking of a backward's gradients, and zeroed output slots.
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
+use std::mem::MaybeUninit;
 
 /// Samples per work item of a backward that sums parameter gradients over the batch: each
 /// chunk sums its own, then the chunks are added in order, so the result does not depend on
@@ -104,4 +105,11 @@ pub(crate) fn matmul(
             par,
         )
     }
+}
+
+/// `d` filled with zeros, as floats.
+pub(crate) fn zeroed(d: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    d.fill(MaybeUninit::new(0.0));
+    // SAFETY: every value was just written.
+    unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast::<f32>(), d.len()) }
 }

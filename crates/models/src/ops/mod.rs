@@ -5,13 +5,16 @@
 //! - [`activation`]: GELU / SiLU (rational `erf` with fused multiply-adds).
 //! - [`linear`]: `Linear`, and `Linear` + activation as one op.
 //! - [`dense`]: an MLP's layers chained in register tiles, for sampling (no gradient).
-//! - [`conv`]: the U-Nets' convolutions (unfold + gemm, backward by col2im); stride 1 on the
-//!   padded layout by Winograd F(2×2, 3×3) (`conv_winograd`, 3×3 on even sides) and direct
-//!   AVX2 / AVX-512 kernels (`conv_direct`), and tap by tap for a few outputs (`conv_padded`).
+//! - [`conv`]: the U-Nets' convolutions, the kernel chosen by shape: stride 1 on the padded
+//!   layout by Winograd F(2×2, 3×3) (`conv_winograd`, 3×3 on even sides) and direct AVX2 /
+//!   AVX-512 kernels (`conv_direct`), tap by tap for a few outputs (`conv_padded`); stride 2 on
+//!   the input's phases; 1×1 and, without AVX2, the rest by unfold + gemm (backward by col2im).
 //! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (sub-pixel phases by the
 //!   direct kernels; gemm + col2im for other geometries).
 //! - `conv_wgrad`: a conv's weight gradient on the direct layout, the output channels in the
-//!   vector lanes (stride-2 convs and the transposed convs).
+//!   vector lanes (wherever Winograd's does not serve).
+//! - `conv_subpixel`: a stride-2 conv's data gradient, which is a stride-2 transposed conv's
+//!   forward, as four sub-pixel convs on the direct kernel.
 //! - `upconv`: a 3×3 conv of a ×2-upsampled map, at the low resolution (`Conv::forward_upsampled`).
 //! - [`norm`]: GroupNorm + SiLU.
 //! - `geometry`: a convolution's shape, unfold (im2col) and fold (col2im).
