@@ -822,6 +822,62 @@ mod tests {
     }
 
     #[test]
+    fn maps_that_are_not_square_match_candle() {
+        // Rows and columns are planned apart (phases, padding, pixels): a stride-2 conv and a
+        // transposed conv on maps of odd and even sides that differ. The stride-2 conv's
+        // reference is the op-built path (candle's own conv2d backward gives a gradient one
+        // column short when only one side is even).
+        let dev = Device::Cpu;
+        for (h, w) in [(9, 6), (6, 11), (1, 4)] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, h, w), &dev).unwrap()).unwrap();
+            let wd =
+                Var::from_tensor(&Tensor::randn(0f32, 0.3, (9, 5, 3, 3), &dev).unwrap()).unwrap();
+            let wu =
+                Var::from_tensor(&Tensor::randn(0f32, 0.3, (5, 9, 4, 4), &dev).unwrap()).unwrap();
+            let bd = Var::from_tensor(&Tensor::randn(0f32, 0.3, 9, &dev).unwrap()).unwrap();
+            let bu = Var::from_tensor(&Tensor::randn(0f32, 0.3, 9, &dev).unwrap()).unwrap();
+            let down = Conv::new(wd.as_tensor().clone(), bd.as_tensor().clone(), 2, 1).unwrap();
+            let (wt, bt) = (wu.as_tensor().clone(), bu.as_tensor().clone());
+            let up = super::super::conv_transpose::ConvTranspose::new(wt, bt, 2, 1).unwrap();
+            let up_ref = candle_nn::ConvTranspose2d::new(
+                wu.as_tensor().clone(),
+                Some(bu.as_tensor().clone()),
+                candle_nn::ConvTranspose2dConfig {
+                    padding: 1,
+                    stride: 2,
+                    ..Default::default()
+                },
+            );
+            let ours = [
+                down.forward(x.as_tensor()).unwrap(),
+                up.forward(x.as_tensor()).unwrap(),
+            ];
+            let theirs = [
+                down.forward_ops(x.as_tensor(), &down.bias).unwrap(),
+                up_ref.forward(x.as_tensor()).unwrap(),
+            ];
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                let what = format!("{h}×{w}, {}", ["stride-2 conv", "transposed conv"][i]);
+                assert_eq!(a.dims(), b.dims(), "{what}");
+                assert!(crate::max_abs_diff(a, b) < 1e-4, "{what} forward");
+                let g1 = a.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = b.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                let vars = if i == 0 {
+                    [&x, &wd, &bd]
+                } else {
+                    [&x, &wu, &bu]
+                };
+                for v in vars {
+                    let scale = crate::max_abs(g2.get(v.as_tensor()).unwrap()).max(1.0);
+                    let d = crate::grad_diff(&g1, &g2, v) / scale;
+                    assert!(d < 1e-5, "{what} grad: {d} of {scale}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_avx512_kernels_give_the_avx2_kernels_bits() {
         use crate::ops::activation::{has_avx512, AVX2_ONLY};
         use std::sync::atomic::Ordering;
