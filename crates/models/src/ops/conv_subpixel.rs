@@ -40,7 +40,7 @@ pub(crate) struct SubPixel {
 /// `u + shift` through tap `i`.
 fn taps(a: usize, k: usize, pad: usize) -> Vec<(usize, isize)> {
     (0..k)
-        .filter(|i| (a + pad + i) % 2 == 0)
+        .filter(|i| (a + pad + i).is_multiple_of(2))
         .map(|i| (i, (a as isize + pad as isize - i as isize) / 2))
         .collect()
 }
