@@ -17,7 +17,8 @@
 //! the bits do not depend on the thread count.
 //!
 //! The same kernel serves every conv whose taps are fixed offsets into a sample's planes: the
-//! data gradient of a stride-1 conv (a conv with the flipped kernel), the four sub-pixel phases
+//! forward of convs with few outputs (the same sums as `conv_padded`'s tap-by-tap `axpy`s),
+//! the data gradient of a stride-1 conv (a conv with the flipped kernel), the four sub-pixel phases
 //! of a stride-2 transposed conv or of a stride-2 conv's data gradient (`conv_subpixel`), and
 //! stride-2 convs on their input's 2×2 phases ([`split_phases`], [`phase_offsets`]).
 //! `conv_wgrad` sums the weight gradient of such a conv in the same layout.
