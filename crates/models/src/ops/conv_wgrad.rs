@@ -15,6 +15,7 @@
 //! count.
 
 use super::conv_direct::{available, Shape};
+use super::conv_winograd::channels_last;
 
 /// Output channels are padded to a multiple of one AVX-512 vector.
 const LANES: usize = 16;
@@ -62,15 +63,9 @@ pub(crate) fn accumulate(s: &Shape, px: Pixels, o: usize, dy: &[f32], xp: &[f32]
     let opad = sums.opad();
     sums.dwt.resize(inner * opad, 0.0);
     sums.dyt.resize(n * opad, 0.0);
-    // By blocks of 16 pixels: each block's 16 rows of `dyt` stay in L1 over the channels.
-    for q0 in (0..n).step_by(LANES) {
-        let q1 = n.min(q0 + LANES);
-        for (ch, row) in dy.chunks_exact(n).take(o).enumerate() {
-            for (q, &v) in (q0..q1).zip(&row[q0..q1]) {
-                sums.dyt[q * opad + ch] = v;
-            }
-        }
-    }
+    // SAFETY: AVX2 is checked (`available`); `dy` holds `o` planes of `n` and `dyt` `n` rows
+    // of `opad >= o`.
+    unsafe { channels_last(&dy[..o * n], (o, n, opad), &mut sums.dyt) };
     let bases: Vec<usize> = (0..inner)
         .map(|i| i / taps * s.plane + s.offsets[i % taps])
         .collect();

@@ -265,10 +265,17 @@ pub(crate) fn finish_grad(sums: &mut GradSums, o: usize, c: usize, dw: &mut [f32
 }
 
 /// `dst[p·op + k] = src[k·pixels + p]` for the `o` planes of `src` (the rest of `dst` as it
-/// is): 8 × 8 blocks transposed in registers, the edges one by one.
+/// is): 8 × 8 blocks transposed in registers, the edges one by one. Also `conv_wgrad`'s.
+///
+/// # Safety
+/// AVX2; `src` holds `o·pixels` floats and `dst` `pixels` rows of `op >= o`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn channels_last(src: &[f32], (o, pixels, op): (usize, usize, usize), dst: &mut [f32]) {
+pub(crate) unsafe fn channels_last(
+    src: &[f32],
+    (o, pixels, op): (usize, usize, usize),
+    dst: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
     let (ob, pb) = (o / 8 * 8, pixels / 8 * 8);
@@ -651,6 +658,6 @@ unsafe fn grad_products<const NR: usize>(_: &[f32], _: (&[f32], usize, [usize; 2
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn channels_last(_: &[f32], _: (usize, usize, usize), _: &mut [f32]) {
+pub(crate) unsafe fn channels_last(_: &[f32], _: (usize, usize, usize), _: &mut [f32]) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
