@@ -398,13 +398,11 @@ impl CustomOp3 for ConvGrad {
         } else {
             (0..b.div_ceil(CHUNK)).map(|_| None).collect()
         };
-        // dW on the input's phases (no unfolding), or by gemm on the unfolded sample.
-        let phase_grad = path == Path::Phases;
-        let unfolded = path == Path::Strided;
-        // dx of a stride-2 conv as four sub-pixel convs of dy where the direct kernel runs
-        // (planned once here), else folded back from the unfolded product by col2im.
+        // Stride 2 on the phases: dx as four sub-pixel convs of dy (planned once here), dW on
+        // the input's phases. The rest by gemm on the unfolded sample, dx folded back by col2im.
         let sub = (path == Path::Phases && want_dx).then(|| SubPixel::new(&g, o, ws));
-        let folded = path == Path::Strided && want_dx;
+        let unfolded = path == Path::Strided;
+        let folded = unfolded && want_dx;
         let wt = match path {
             Path::Padded if want_dx => padded::flip_transpose(&g, o, false, ws),
             _ => vec![],
@@ -445,27 +443,24 @@ impl CustomOp3 for ConvGrad {
                         padded::backward(&g, o, taps, (xb, &weights, dyb), (dxb, dw, db), s);
                         continue;
                     }
-                    let dxb = match (&sub, dxb) {
-                        (Some(sub), Some(dxb)) => {
+                    if path == Path::Phases {
+                        if let (Some(sub), Some(dxb)) = (&sub, dxb) {
                             padded::data_grad_sub_pixel(sub, dyb, dxb, scratch);
-                            None
                         }
-                        (_, dxb) => dxb.map(zeroed),
-                    };
-                    if phase_grad {
                         padded::weight_grad_phases(&g, o, (xb, dyb), db, scratch);
+                        continue;
+                    }
+                    let dxb = dxb.map(zeroed);
+                    let colsb: &[f32] = if path == Path::Pointwise {
+                        xb
                     } else {
-                        let colsb: &[f32] = if path == Path::Pointwise {
-                            xb
-                        } else {
-                            g.im2col(xb, &mut cols);
-                            &cols
-                        };
-                        // dW += dY (o×l) · colsᵀ (l×k); db += row sums of dY.
-                        matmul((o, k, l), dw, true, dyb, (l, 1), colsb, (1, l), 1);
-                        for (d, row) in db.iter_mut().zip(dyb.chunks_exact(l)) {
-                            *d += row.iter().sum::<f32>();
-                        }
+                        g.im2col(xb, &mut cols);
+                        &cols
+                    };
+                    // dW += dY (o×l) · colsᵀ (l×k); db += row sums of dY.
+                    matmul((o, k, l), dw, true, dyb, (l, 1), colsb, (1, l), 1);
+                    for (d, row) in db.iter_mut().zip(dyb.chunks_exact(l)) {
+                        *d += row.iter().sum::<f32>();
                     }
                     // dcols = Wᵀ (k×o) · dY (o×l), folded back onto the pixels.
                     let Some(dxb) = dxb else { continue };
