@@ -508,8 +508,11 @@ type Out<'a> = (&'a mut [MaybeUninit<f32>], &'a [f32], &'a [(usize, usize)]);
 #[target_feature(enable = "avx2,fma")]
 unsafe fn products<const NR: usize>(s: &Shape, (u, stride): (&[f32], usize), v: &[f32], out: Out) {
     use std::arch::x86_64::*;
-    let mut m = [[[_mm256_setzero_ps(); 2]; NR]; 16];
-    for (xi, m) in m.iter_mut().enumerate() {
+    // Every point's sums are written below: no zero fill first (it cost a memset of up to
+    // 6 KiB per call).
+    let mut m = MaybeUninit::<[[[__m256; 2]; NR]; 16]>::uninit();
+    let points = m.as_mut_ptr().cast::<[[__m256; 2]; NR]>();
+    for xi in 0..16 {
         // In registers over the sum; stored once.
         let mut acc = [[_mm256_setzero_ps(); 2]; NR];
         let mut wq = u.as_ptr().add(xi * stride);
@@ -524,9 +527,9 @@ unsafe fn products<const NR: usize>(s: &Shape, (u, stride): (&[f32], usize), v: 
             wq = wq.add(NR);
             vq = vq.add(16);
         }
-        *m = acc;
+        points.add(xi).write(acc);
     }
-    store_tiles(s, &m, out);
+    store_tiles(s, m.assume_init_ref(), out);
 }
 
 /// [`products`] with AVX-512: the 16 tiles in one vector, so half the multiply-adds and loads
@@ -540,8 +543,9 @@ unsafe fn products512<const NR: usize>(
     out: Out,
 ) {
     use std::arch::x86_64::*;
-    let mut m = [[[_mm256_setzero_ps(); 2]; NR]; 16];
-    for (xi, m) in m.iter_mut().enumerate() {
+    let mut m = MaybeUninit::<[[[__m256; 2]; NR]; 16]>::uninit();
+    let points = m.as_mut_ptr().cast::<[[__m256; 2]; NR]>();
+    for xi in 0..16 {
         let mut acc = [_mm512_setzero_ps(); NR];
         let mut wq = u.as_ptr().add(xi * stride);
         let mut vq = v.as_ptr().add(xi * s.c * 16);
@@ -553,12 +557,14 @@ unsafe fn products512<const NR: usize>(
             wq = wq.add(NR);
             vq = vq.add(16);
         }
-        for (m, acc) in m.iter_mut().zip(&acc) {
+        let rows = points.add(xi).cast::<[__m256; 2]>();
+        for (r, acc) in acc.iter().enumerate() {
             let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*acc));
-            *m = [_mm512_castps512_ps256(*acc), _mm256_castpd_ps(high)];
+            rows.add(r)
+                .write([_mm512_castps512_ps256(*acc), _mm256_castpd_ps(high)]);
         }
     }
-    store_tiles(s, &m, out);
+    store_tiles(s, m.assume_init_ref(), out);
 }
 
 /// `add[r] + Aᵀ·M·A` of the sums `m` (per point, row and vector of 8 tiles) into the rows of
