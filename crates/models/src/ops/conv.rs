@@ -407,7 +407,10 @@ impl CustomOp3 for ConvGrad {
             Path::Padded if want_dx => padded::flip_transpose(&g, o, false, ws),
             _ => vec![],
         };
-        let wtp = padded::pack_transposed(&g, o, &wt);
+        let wtp = match path {
+            Path::Direct if want_dx => padded::pack_taps_transposed(&g, o, ws),
+            _ => padded::pack_transposed(&g, o, &wt),
+        };
         let weights = padded::Weights {
             w: ws,
             wt: &wt,

@@ -318,6 +318,33 @@ pub(crate) fn pack_direct(g: &Geometry, o: usize, w: &[f32]) -> Vec<f32> {
     }
 }
 
+/// The data gradient's kernel of a conv run tap by tap, for the direct kernel (empty where
+/// that does not run or the padding exceeds `k − 1`): `(C, O, k, k)`, channels swapped but
+/// each window in the forward's order (not flipped), read at [`taps_offsets`]. So each value
+/// of `dx` is the chain of multiply-adds over `(o, i, j)` in the order the tap-by-tap scatter
+/// (`axpy` per tap) added them: the same bits, from registers.
+pub(crate) fn pack_taps_transposed(g: &Geometry, o: usize, w: &[f32]) -> Vec<f32> {
+    if !conv_direct::available() || transposed(g, o).is_none() || w.is_empty() {
+        return vec![];
+    }
+    let kk = g.k * g.k;
+    let mut wt = Vec::with_capacity(w.len());
+    for ch in 0..g.c {
+        for oc in 0..o {
+            wt.extend_from_slice(&w[(oc * g.c + ch) * kk..][..kk]);
+        }
+    }
+    conv_direct::pack(g.c, o * kk, &wt)
+}
+
+/// The offsets in the data gradient's padded `dy` (layout `pt`) of tap `(i, j)` of the
+/// forward's kernel, in its order: `(k − 1 − i)·Wp + k − 1 − j`.
+fn taps_offsets(k: usize, pt: &Padded) -> Vec<usize> {
+    (0..k * k)
+        .map(|t| (k - 1 - t / k) * pt.wp + (k - 1 - t % k))
+        .collect()
+}
+
 /// [`pack`] for the data gradient's conv: its [`flip_transpose`]d kernel `wt` (empty where
 /// the data gradient is not a conv).
 pub(crate) fn pack_transposed(g: &Geometry, o: usize, wt: &[f32]) -> Vec<f32> {
@@ -424,7 +451,7 @@ fn narrow_bias(p: &Padded, yp: &[f32], bias: &[f32], y: &mut [MaybeUninit<f32>])
 
 /// A conv's weights as its backward reads them: `w`; `wt`, [`flip_transpose`] of `w` (empty
 /// where the data gradient is not a conv); `wtp`, [`pack`] of `wt` (empty where the direct
-/// kernel does not run).
+/// kernel does not run), or for a conv run tap by tap [`pack_taps_transposed`] of `w`.
 #[derive(Clone, Copy)]
 pub(crate) struct Weights<'a> {
     pub(crate) w: &'a [f32],
@@ -467,7 +494,20 @@ pub(crate) fn backward(
     }
     if taps {
         pad_into(g, &p, x, &mut s.x);
-        backward_taps(g, &p, w, dw, dx, s);
+        weight_grad_taps(g, &p, dw, s);
+        let Some(dx) = dx else { return };
+        match transposed(g, o) {
+            Some(gt) if !wtp.is_empty() => {
+                // dx as the conv of dy (padded by k − 1 − pad) by the direct kernel.
+                let pt = Padded::of(&gt);
+                pad_into(&gt, &pt, dy, &mut s.dy);
+                let offsets = taps_offsets(g.k, &pt);
+                s.dx.resize(g.c * pt.span(), 0.0);
+                conv_direct::forward(&pt.shape(o, &offsets), g.c, wtp, &s.dy, &mut s.dx);
+                narrow_write(&pt, &s.dx, dx);
+            }
+            _ => scatter_taps(g, &p, w, dx, s),
+        }
         return;
     }
     // dx is a conv of dy where `wt` is there (then `transposed` is too), else folded back
@@ -708,15 +748,9 @@ fn forward_taps(g: &Geometry, p: &Padded, o: usize, w: &[f32], s: &mut Scratch) 
     }
 }
 
-/// The backward tap by tap, from the padded sample (`s.x`) and the widened gradient (`s.y`).
-fn backward_taps(
-    g: &Geometry,
-    p: &Padded,
-    w: &[f32],
-    dw: &mut [f32],
-    dx: Option<&mut [MaybeUninit<f32>]>,
-    s: &mut Scratch,
-) {
+/// The weight gradient tap by tap, from the padded sample (`s.x`) and the widened gradient
+/// (`s.y`).
+fn weight_grad_taps(g: &Geometry, p: &Padded, dw: &mut [f32], s: &mut Scratch) {
     let k = g.k;
     for (oc, gy) in s.y.chunks_exact(p.span()).enumerate() {
         for ch in 0..g.c {
@@ -728,7 +762,12 @@ fn backward_taps(
             }
         }
     }
-    let Some(dx) = dx else { return };
+}
+
+/// The data gradient tap by tap (where the direct kernel does not run): each tap's `axpy` of
+/// the widened gradient (`s.y`) onto the padded planes, cropped into `dx`.
+fn scatter_taps(g: &Geometry, p: &Padded, w: &[f32], dx: &mut [MaybeUninit<f32>], s: &mut Scratch) {
+    let k = g.k;
     s.dx.clear();
     s.dx.resize(p.len(g.c, k), 0.0);
     for (oc, gy) in s.y.chunks_exact(p.span()).enumerate() {
@@ -748,6 +787,74 @@ fn backward_taps(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_taps_data_gradient_by_the_direct_kernel_has_the_scatters_bits() {
+        if !conv_direct::available() {
+            crate::skipped(
+                "conv_padded::the_taps_data_gradient_by_the_direct_kernel_has_the_scatters_bits",
+                "this CPU has no AVX2 + FMA, so only the scatter runs",
+            );
+            return;
+        }
+        let value = |i: usize, m: usize| ((i * 37 + m) % 29) as f32 / 7.0 - 2.0;
+        // (c, h, w, k, pad, o): the U-Nets' last convs (64 -> 1 and 16 -> 1 on 28 x 28), odd
+        // sides, a 2 x 2 kernel, no padding, and 4 outputs.
+        for (c, h, w, k, pad, o) in [
+            (64, 28, 28, 3, 1, 1),
+            (16, 28, 28, 3, 1, 1),
+            (5, 9, 7, 3, 1, 3),
+            (3, 6, 5, 2, 0, 2),
+            (2, 7, 8, 3, 0, 4),
+            (1, 5, 5, 3, 2, 1),
+        ] {
+            let g = Geometry {
+                c,
+                h,
+                w,
+                k,
+                stride: 1,
+                pad,
+            };
+            let (ho, wo) = g.out_hw();
+            let x: Vec<f32> = (0..c * h * w).map(|i| value(i, 3)).collect();
+            let dy: Vec<f32> = (0..o * ho * wo).map(|i| value(i, 11)).collect();
+            let wv: Vec<f32> = (0..o * g.rows()).map(|i| value(i, 5) / 3.0).collect();
+            let run = |wtp: &[f32]| {
+                let ws = Weights {
+                    w: &wv,
+                    wt: &[],
+                    wtp,
+                };
+                let mut dx = vec![MaybeUninit::new(f32::NAN); c * h * w];
+                let (mut dw, mut db) = (vec![0f32; o * g.rows()], vec![0f32; o]);
+                let mut s = Scratch::default();
+                backward(
+                    &g,
+                    o,
+                    true,
+                    (&x, &ws, &dy),
+                    (Some(&mut dx), &mut dw, &mut db),
+                    &mut s,
+                );
+                // SAFETY: initialised above (and written by `backward`).
+                let dx: Vec<u32> = dx
+                    .iter()
+                    .map(|v| unsafe { v.assume_init() }.to_bits())
+                    .collect();
+                (dx, dw, db)
+            };
+            let packed = pack_taps_transposed(&g, o, &wv);
+            assert!(!packed.is_empty());
+            let (gather, scatter) = (run(&packed), run(&[]));
+            assert!(
+                gather.0 == scatter.0,
+                "{c}x{h}x{w} k{k} p{pad} o{o}: dx bits differ"
+            );
+            assert_eq!(gather.1, scatter.1);
+            assert_eq!(gather.2, scatter.2);
+        }
+    }
 
     #[test]
     fn the_vector_kernels_match_the_portable_ones() {
