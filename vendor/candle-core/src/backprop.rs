@@ -443,7 +443,7 @@ impl Tensor {
                         for arg in args {
                             let len = arg.dims()[*dim];
                             let arg_grad = grad.narrow(*dim, start_idx, len)?;
-                            grads.accumulate(arg, &arg_grad)?;
+                            grads.accumulate_view(arg, &arg_grad)?;
                             start_idx += len;
                         }
                     }
@@ -715,6 +715,21 @@ impl GradStore {
             }
         }
         Ok(())
+    }
+
+    /// [`Self::accumulate`] for a view of a gradient (a slice of a `cat`'s): the first is
+    /// stored as the view, not copied, unless `tensor` is a variable (whose gradient an
+    /// optimizer reads). A second gradient's add then makes it whole in the pass it needs anyway
+    /// (a U-Net's skip connections: each joined tensor also feeds the next layer), and a
+    /// tensor with one consumer is copied where its backward first needs it contiguous.
+    fn accumulate_view(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        match self.0.entry(tensor.id()) {
+            Entry::Vacant(entry) if !tensor.is_variable() => {
+                entry.insert(grad.clone());
+                Ok(())
+            }
+            _ => self.accumulate(tensor, grad),
+        }
     }
 
     /// Subtracts `grad` from the gradient of `tensor` (the first: stored negated).
