@@ -9,7 +9,7 @@
 
 use super::conv_padded::{self as padded, Scratch};
 use super::conv_subpixel::SubPixel;
-use super::cpu::{f32_slice, matmul, unpack_grads, zeroed, CHUNK};
+use super::cpu::{f32_slice, matmul, row_sums, unpack_grads, zeroed, CHUNK};
 use super::geometry::Geometry;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -430,6 +430,7 @@ impl CustomOp3 for ConvGrad {
                 let mut dbc = vec![0f32; if self.per_sample_bias { n * o } else { o }];
                 let mut cols = vec![0f32; if unfolded { k * l } else { 0 }];
                 let mut dcols = vec![0f32; if folded { k * l } else { 0 }];
+                let mut sums = vec![0f32; o];
                 for (i, (xb, dyb)) in xc
                     .chunks_exact(n_in)
                     .zip(dyc.chunks_exact(o * l))
@@ -462,9 +463,8 @@ impl CustomOp3 for ConvGrad {
                     };
                     // dW += dY (o×l) · colsᵀ (l×k); db += row sums of dY.
                     matmul((o, k, l), dw, true, dyb, (l, 1), colsb, (1, l), 1);
-                    for (d, row) in db.iter_mut().zip(dyb.chunks_exact(l)) {
-                        *d += row.iter().sum::<f32>();
-                    }
+                    row_sums(dyb, (o, l, l), &mut sums);
+                    db.iter_mut().zip(&sums).for_each(|(d, v)| *d += v);
                     // dcols = Wᵀ (k×o) · dY (o×l), folded back onto the pixels.
                     let Some(dxb) = dxb else { continue };
                     if path == Path::Pointwise {

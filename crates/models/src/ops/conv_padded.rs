@@ -20,7 +20,7 @@ use super::conv_direct::{self, SLACK};
 use super::conv_subpixel::SubPixel;
 use super::conv_wgrad;
 use super::conv_winograd;
-use super::cpu::matmul;
+use super::cpu::{matmul, row_sums};
 use super::geometry::Geometry;
 use std::mem::MaybeUninit;
 
@@ -184,7 +184,7 @@ pub(crate) fn weight_grad_phases(
     s: &mut Scratch,
 ) {
     let (p, offsets) = split(g, x, s);
-    row_sums(&p, dy, db);
+    add_row_sums(&p, dy, db);
     let shape = phase_shape(g, &p, &offsets);
     conv_wgrad::accumulate(&shape, p.pixels(), o, dy, &s.x, &mut s.wsums);
 }
@@ -264,11 +264,13 @@ pub(crate) fn flip_transpose(g: &Geometry, o: usize, taps: bool, w: &[f32]) -> V
     wt
 }
 
-/// Adds the row sums of each channel of `dy` (`O × H' × W'`) to `db`, as [`widen`] does.
-fn row_sums(p: &Padded, dy: &[f32], db: &mut [f32]) {
+/// Adds the row sums of each channel of `dy` (`O × H' × W'`) to `db`, a row at a time.
+fn add_row_sums(p: &Padded, dy: &[f32], db: &mut [f32]) {
+    let mut sums = vec![0f32; p.ho];
     for (plane, d) in dy.chunks_exact(p.ho * p.wo).zip(db) {
-        for src in plane.chunks_exact(p.wo) {
-            *d += src.iter().sum::<f32>();
+        row_sums(plane, (p.ho, p.wo, p.wo), &mut sums);
+        for v in &sums {
+            *d += v;
         }
     }
 }
@@ -287,12 +289,12 @@ fn widen(p: &Padded, o: usize, dy: &[f32], dst: &mut Vec<f32>, db: &mut [f32]) {
     let planes = dy
         .chunks_exact(p.ho * p.wo)
         .zip(dst.chunks_exact_mut(p.span()));
-    for ((plane, out), d) in planes.zip(db) {
+    for (plane, out) in planes {
         for (src, row) in plane.chunks_exact(p.wo).zip(out.chunks_exact_mut(p.wp)) {
             row[..p.wo].copy_from_slice(src);
-            *d += src.iter().sum::<f32>();
         }
     }
+    add_row_sums(p, dy, db);
 }
 
 /// The weights `w` of a conv of geometry `g` with `o` outputs on the padded layout as its
@@ -488,7 +490,7 @@ pub(crate) fn backward(
     let direct = !taps && conv_direct::available() && (dx.is_none() || !wtp.is_empty());
     let winograd = direct && winograd_fits(g) && g.c >= conv_winograd::MIN_GRAD_CHANNELS;
     if direct {
-        row_sums(&p, dy, db);
+        add_row_sums(&p, dy, db);
     } else {
         widen(&p, o, dy, &mut s.y, db);
     }

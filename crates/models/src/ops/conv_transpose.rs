@@ -12,7 +12,7 @@
 use super::conv_direct;
 use super::conv_padded::{self as padded, Scratch};
 use super::conv_subpixel::SubPixel;
-use super::cpu::{f32_slice, matmul, unpack_grads, zeroed, CHUNK};
+use super::cpu::{f32_slice, matmul, row_sums, unpack_grads, zeroed, CHUNK};
 use super::geometry::Geometry;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -243,6 +243,7 @@ impl CustomOp3 for ConvTransposeGrad {
             .map_init(Scratch::default, |scratch, ((dxc, xc), dyc)| {
                 let mut acc = vec![0f32; ci * k + g.c];
                 let mut cols = vec![0f32; if phases { 0 } else { k * l }];
+                let mut sums = vec![0f32; g.c];
                 for ((dxb, xb), dyb) in dxc
                     .chunks_exact_mut(n_in)
                     .zip(xc.chunks_exact(n_in))
@@ -260,9 +261,8 @@ impl CustomOp3 for ConvTransposeGrad {
                         // dW (ci×k) += x (ci×l) · colsᵀ (l×k).
                         matmul((ci, k, l), dw, true, xb, (l, 1), &cols, (1, l), 1);
                     }
-                    for (d, plane) in db.iter_mut().zip(dyb.chunks_exact(hw)) {
-                        *d += plane.iter().sum::<f32>();
-                    }
+                    row_sums(dyb, (g.c, hw, hw), &mut sums);
+                    db.iter_mut().zip(&sums).for_each(|(d, v)| *d += v);
                 }
                 padded::finish_backward(&g, ci, &mut acc[..ci * k], scratch);
                 acc
