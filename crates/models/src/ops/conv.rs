@@ -278,8 +278,11 @@ impl CustomOp3 for ConvOp {
             let out = padded_forward(&g, (b, o), path, (xs, ws), (bias, per_sample));
             return Ok((CpuStorage::F32(out), Shape::from((b, o, ho, wo))));
         }
-        let mut out = vec![0f32; b * o * l];
-        out.par_chunks_mut(o * l)
+        // Each sample's rows are filled with the bias, then the product is added: no zero
+        // fill before.
+        let mut out = Vec::with_capacity(b * o * l);
+        out.spare_capacity_mut()[..b * o * l]
+            .par_chunks_mut(o * l)
             .zip(xs.par_chunks(n_in))
             .enumerate()
             .for_each_init(
@@ -300,8 +303,10 @@ impl CustomOp3 for ConvOp {
                         bias
                     };
                     for (row, &bv) in yb.chunks_exact_mut(l).zip(bias) {
-                        row.fill(bv);
+                        row.fill(MaybeUninit::new(bv));
                     }
+                    // SAFETY: every value was just written.
+                    let yb = unsafe { &mut *(yb as *mut [MaybeUninit<f32>] as *mut [f32]) };
                     let cols: &[f32] = if path == Path::Pointwise {
                         xb
                     } else {
@@ -320,6 +325,8 @@ impl CustomOp3 for ConvOp {
                     );
                 },
             );
+        // SAFETY: the chunks cover the `b · o · l` values, each filled with its bias above.
+        unsafe { out.set_len(b * o * l) };
         Ok((CpuStorage::F32(out), Shape::from((b, o, ho, wo))))
     }
 
