@@ -264,6 +264,41 @@ pub(crate) fn finish_grad(sums: &mut GradSums, o: usize, c: usize, dw: &mut [f32
     sums.u.clear();
 }
 
+/// The 8 × 8 transpose of eight AVX2 rows (an expression of `[__m256; 8]`): pairs, quads,
+/// then 128-bit halves. A macro, so that it compiles inside its caller's `target_feature`.
+macro_rules! transpose8 {
+    ($r:expr) => {{
+        let r: [__m256; 8] = $r;
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let q0 = _mm256_shuffle_ps::<0b01_00_01_00>(t0, t2);
+        let q1 = _mm256_shuffle_ps::<0b11_10_11_10>(t0, t2);
+        let q2 = _mm256_shuffle_ps::<0b01_00_01_00>(t1, t3);
+        let q3 = _mm256_shuffle_ps::<0b11_10_11_10>(t1, t3);
+        let q4 = _mm256_shuffle_ps::<0b01_00_01_00>(t4, t6);
+        let q5 = _mm256_shuffle_ps::<0b11_10_11_10>(t4, t6);
+        let q6 = _mm256_shuffle_ps::<0b01_00_01_00>(t5, t7);
+        let q7 = _mm256_shuffle_ps::<0b11_10_11_10>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(q0, q4),
+            _mm256_permute2f128_ps::<0x20>(q1, q5),
+            _mm256_permute2f128_ps::<0x20>(q2, q6),
+            _mm256_permute2f128_ps::<0x20>(q3, q7),
+            _mm256_permute2f128_ps::<0x31>(q0, q4),
+            _mm256_permute2f128_ps::<0x31>(q1, q5),
+            _mm256_permute2f128_ps::<0x31>(q2, q6),
+            _mm256_permute2f128_ps::<0x31>(q3, q7),
+        ]
+    }};
+}
+pub(crate) use transpose8;
+
 /// `dst[p·op + k] = src[k·pixels + p]` for the `o` planes of `src` (the rest of `dst` as it
 /// is): 8 × 8 blocks transposed in registers, the edges one by one. Also `conv_wgrad`'s.
 ///
@@ -283,33 +318,7 @@ pub(crate) unsafe fn channels_last(
         for p0 in (0..pb).step_by(8) {
             let r: [__m256; 8] =
                 std::array::from_fn(|k| _mm256_loadu_ps(sp.add((k0 + k) * pixels + p0)));
-            // 8 × 8 transpose: pairs, quads, then 128-bit halves.
-            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            let q0 = _mm256_shuffle_ps::<0b01_00_01_00>(t0, t2);
-            let q1 = _mm256_shuffle_ps::<0b11_10_11_10>(t0, t2);
-            let q2 = _mm256_shuffle_ps::<0b01_00_01_00>(t1, t3);
-            let q3 = _mm256_shuffle_ps::<0b11_10_11_10>(t1, t3);
-            let q4 = _mm256_shuffle_ps::<0b01_00_01_00>(t4, t6);
-            let q5 = _mm256_shuffle_ps::<0b11_10_11_10>(t4, t6);
-            let q6 = _mm256_shuffle_ps::<0b01_00_01_00>(t5, t7);
-            let q7 = _mm256_shuffle_ps::<0b11_10_11_10>(t5, t7);
-            let cols = [
-                _mm256_permute2f128_ps::<0x20>(q0, q4),
-                _mm256_permute2f128_ps::<0x20>(q1, q5),
-                _mm256_permute2f128_ps::<0x20>(q2, q6),
-                _mm256_permute2f128_ps::<0x20>(q3, q7),
-                _mm256_permute2f128_ps::<0x31>(q0, q4),
-                _mm256_permute2f128_ps::<0x31>(q1, q5),
-                _mm256_permute2f128_ps::<0x31>(q2, q6),
-                _mm256_permute2f128_ps::<0x31>(q3, q7),
-            ];
+            let cols = transpose8!(r);
             for (p, v) in cols.iter().enumerate() {
                 _mm256_storeu_ps(dp.add((p0 + p) * op + k0), *v);
             }
