@@ -184,9 +184,9 @@ pub(crate) fn weight_grad_phases(
     s: &mut Scratch,
 ) {
     let (p, offsets) = split(g, x, s);
-    add_row_sums(&p, dy, db);
     let shape = phase_shape(g, &p, &offsets);
     conv_wgrad::accumulate(&shape, p.pixels(), o, dy, &s.x, &mut s.wsums);
+    s.wsums.add_row_sums(p.pixels(), db);
 }
 
 /// One sample's backward of a transposed conv that is the data gradient of the stride-2 conv
@@ -489,9 +489,9 @@ pub(crate) fn backward(
     // (`conv_wgrad`); otherwise unfold + gemm.
     let direct = !taps && conv_direct::available() && (dx.is_none() || !wtp.is_empty());
     let winograd = direct && winograd_fits(g) && g.c >= conv_winograd::MIN_GRAD_CHANNELS;
-    if direct {
-        add_row_sums(&p, dy, db);
-    } else {
+    // db from dy's channels-last copy where a weight gradient kernel makes one, else with
+    // the widened copy.
+    if !direct {
         widen(&p, o, dy, &mut s.y, db);
     }
     if taps {
@@ -523,6 +523,7 @@ pub(crate) fn backward(
         pad_into(g, &p, x, &mut s.x);
         let shape = winograd_shape(g, &p, &mut s.x);
         conv_winograd::weight_grad(&shape, o, dy, &s.x, &mut s.sums);
+        s.sums.add_row_sums((p.ho, p.wo), db);
     } else if direct {
         pad_into(g, &p, x, &mut s.x);
         let offsets = p.offsets(g.k);
@@ -534,6 +535,7 @@ pub(crate) fn backward(
             &s.x,
             &mut s.wsums,
         );
+        s.wsums.add_row_sums(p.pixels(), db);
     } else {
         unfold(g, &p, x, s);
         backward_gemm(g, &p, o, w, dw, dx_fold, s);

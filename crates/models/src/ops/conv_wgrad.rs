@@ -16,6 +16,7 @@
 
 use super::conv_direct::{available, Shape};
 use super::conv_winograd::channels_last;
+use super::cpu::add_row_sums_last;
 
 /// Output channels are padded to a multiple of one AVX-512 vector.
 const LANES: usize = 16;
@@ -33,6 +34,12 @@ pub(crate) struct Sums {
 impl Sums {
     fn opad(&self) -> usize {
         self.o.next_multiple_of(LANES)
+    }
+
+    /// Adds the row sums of the last sample's `dy` (the bias gradient) to `db` (`o` values),
+    /// from its channels-last copy ([`add_row_sums_last`]).
+    pub(crate) fn add_row_sums(&self, px: Pixels, db: &mut [f32]) {
+        add_row_sums_last(&self.dyt, (px.ho, px.wo, self.opad()), &mut db[..self.o]);
     }
 }
 

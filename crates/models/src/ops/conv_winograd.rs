@@ -20,6 +20,7 @@
 //! output's scale (tested against the direct sum in f64, values and weight gradient).
 
 use super::conv_direct::{available, by_rows, panels};
+use super::cpu::add_row_sums_last;
 use std::mem::MaybeUninit;
 
 /// The side of an input tile (4×4 inputs for 2×2 outputs).
@@ -147,6 +148,15 @@ pub(crate) struct GradSums {
     /// `M[ξ][slot][O']` of the block's 16 tiles.
     m: Vec<f32>,
     u: Vec<f32>,
+}
+
+impl GradSums {
+    /// Adds the row sums of the last sample's `dy` (`ho × wo` per channel: the bias gradient)
+    /// to `db` (one value per channel), from its channels-last copy ([`add_row_sums_last`]).
+    pub(crate) fn add_row_sums(&self, (ho, wo): (usize, usize), db: &mut [f32]) {
+        let op = db.len().next_multiple_of(COLS);
+        add_row_sums_last(&self.dyt, (ho, wo, op), db);
+    }
 }
 
 /// The gradient of `U = G·g·Gᵀ` over one sample, added to `sums`:
