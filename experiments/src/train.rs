@@ -161,7 +161,8 @@ impl<'a> Loop<'a> {
     /// One optimiser step: its loss read at once on the CPU, kept on the device elsewhere.
     fn step(&mut self, step: usize) -> Result<()> {
         if self.trainer.model().params.device().is_cpu() {
-            let loss = self.trainer.step(&mut self.rng);
+            let (trainer, rng) = (&mut self.trainer, &mut self.rng);
+            let loss = crate::runtime::on_pool(|| trainer.step(rng));
             let loss = self.checked_loss(step, loss.map(|l| vec![l]))?;
             self.recent.extend(loss);
         } else {

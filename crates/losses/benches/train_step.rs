@@ -8,7 +8,7 @@ use candle_core::Device;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use flowmatch_data::{rng_from_seed, Distribution, Sampler};
 use flowmatch_losses::{
     AffinePath, Coupling, Independent, MinibatchOt, OptimConfig, Schedule, TimeSampler, Trainer,
@@ -154,4 +154,10 @@ fn config() -> Criterion {
 }
 
 criterion_group! { name = benches; config = config(); targets = train_steps, hungarian }
-criterion_main!(benches);
+// As the flowmatch binary runs a training step (experiments' `runtime::on_pool`): on a worker
+// of rayon's pool, so the ops' parallel loops run from it instead of waking a worker and
+// sleeping at every op.
+fn main() {
+    rayon::scope(|_| benches());
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -4,7 +4,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use candle_core::{Device, Tensor, Var};
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use flowmatch_models::{ModelSpec, VelocityField};
 
 fn unets(c: &mut Criterion) {
@@ -197,4 +197,10 @@ fn config() -> Criterion {
 }
 
 criterion_group! { name = benches; config = config(); targets = unets, pieces, conv_kernels, conv_transposes, lesson_layers, gemm_ceiling }
-criterion_main!(benches);
+// As the flowmatch binary runs a training step (experiments' `runtime::on_pool`): on a worker
+// of rayon's pool, so the ops' parallel loops run from it instead of waking a worker and
+// sleeping at every op.
+fn main() {
+    rayon::scope(|_| benches());
+    Criterion::default().configure_from_args().final_summary();
+}
