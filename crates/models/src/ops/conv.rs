@@ -8,6 +8,7 @@
 //! `pad` / `narrow` / `stack` and one batched matmul.
 
 use super::conv_padded::{self as padded, Scratch};
+use super::conv_pointwise;
 use super::conv_subpixel::SubPixel;
 use super::cpu::{f32_slice, matmul, row_sums, unpack_grads, zeroed, CHUNK};
 use super::geometry::Geometry;
@@ -158,7 +159,8 @@ fn bias_per_sample(n: usize, b: usize, o: usize, op: &str) -> Result<bool> {
 /// How a conv runs on the CPU, per sample.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Path {
-    /// 1×1, stride 1, unpadded: the input is its own unfolding; one gemm.
+    /// 1×1, stride 1, unpadded: with AVX2 the direct kernels on the input as it is
+    /// (`conv_pointwise`), else one gemm (the input is its own unfolding).
     Pointwise,
     /// Stride 1, at most [`padded::MAX_DIRECT_OUT`] output channels: tap by tap.
     Direct,
@@ -176,6 +178,16 @@ enum Path {
 }
 
 impl Path {
+    /// Whether the conv runs on the direct kernels (the padded layout, the phases, or a 1×1
+    /// conv's input as it is), else by gemm.
+    fn direct(self) -> bool {
+        match self {
+            Self::Direct | Self::Padded | Self::Phases => true,
+            Self::Pointwise => conv_pointwise::available(),
+            Self::Strided => false,
+        }
+    }
+
     fn of(g: &Geometry, o: usize) -> Self {
         if g.is_pointwise() {
             Self::Pointwise
@@ -203,10 +215,10 @@ fn padded_forward(
 ) -> Vec<f32> {
     let (n_in, n_out) = (g.c * g.h * g.w, o * g.cols());
     let taps = path == Path::Direct;
-    let wp = if taps {
-        padded::pack_direct(g, o, ws)
-    } else {
-        padded::pack(g, o, ws)
+    let wp = match path {
+        Path::Direct => padded::pack_direct(g, o, ws),
+        Path::Pointwise => conv_pointwise::pack(o, g.c, ws),
+        _ => padded::pack(g, o, ws),
     };
     let mut out = Vec::with_capacity(b * n_out);
     out.spare_capacity_mut()[..b * n_out]
@@ -221,6 +233,8 @@ fn padded_forward(
             };
             if path == Path::Phases {
                 padded::forward_phases(g, o, (xb, &wp), bias, yb, scratch);
+            } else if path == Path::Pointwise {
+                padded::forward_pointwise(g, o, ((xs, i), &wp), bias, yb, scratch);
             } else {
                 padded::forward(g, o, taps, (xb, ws, &wp), bias, yb, scratch);
             }
@@ -274,7 +288,7 @@ impl CustomOp3 for ConvOp {
         let per_sample = bias_per_sample(bias.len(), b, o, self.name())?;
         let (n_in, l, (ho, wo)) = (g.c * g.h * g.w, g.cols(), g.out_hw());
         let path = Path::of(&g, o);
-        if matches!(path, Path::Direct | Path::Padded | Path::Phases) {
+        if path.direct() {
             let out = padded_forward(&g, (b, o), path, (xs, ws), (bias, per_sample));
             return Ok((CpuStorage::F32(out), Shape::from((b, o, ho, wo))));
         }
@@ -414,8 +428,10 @@ impl CustomOp3 for ConvGrad {
             Path::Padded if want_dx => padded::flip_transpose(&g, o, false, ws),
             _ => vec![],
         };
+        let pointwise = path == Path::Pointwise && path.direct();
         let wtp = match path {
             Path::Direct if want_dx => padded::pack_taps_transposed(&g, o, ws),
+            Path::Pointwise if want_dx && pointwise => conv_pointwise::pack_transposed(o, g.c, ws),
             _ => padded::pack_transposed(&g, o, &wt),
         };
         let weights = padded::Weights {
@@ -429,61 +445,70 @@ impl CustomOp3 for ConvGrad {
             .into_par_iter()
             .zip(xs.par_chunks(CHUNK * n_in))
             .zip(dy.par_chunks(CHUNK * o * l))
+            .enumerate()
             // A worker's buffers serve each chunk it takes (one geometry: the padding never
             // written stays zero).
-            .map_init(Scratch::default, |scratch, ((mut dxc, xc), dyc)| {
-                let mut dw = vec![0f32; o * k];
-                let n = xc.len() / n_in;
-                let mut dbc = vec![0f32; if self.per_sample_bias { n * o } else { o }];
-                let mut cols = vec![0f32; if unfolded { k * l } else { 0 }];
-                let mut dcols = vec![0f32; if folded { k * l } else { 0 }];
-                let mut sums = vec![0f32; o];
-                for (i, (xb, dyb)) in xc
-                    .chunks_exact(n_in)
-                    .zip(dyc.chunks_exact(o * l))
-                    .enumerate()
-                {
-                    let dxb = dxc.as_deref_mut().map(|d| &mut d[i * n_in..(i + 1) * n_in]);
-                    let (dw, db) = if self.per_sample_bias {
-                        (&mut dw[..], &mut dbc[i * o..(i + 1) * o])
-                    } else {
-                        (&mut dw[..], &mut dbc[..])
-                    };
-                    if matches!(path, Path::Direct | Path::Padded) {
-                        let (taps, s) = (path == Path::Direct, &mut *scratch);
-                        padded::backward(&g, o, taps, (xb, &weights, dyb), (dxb, dw, db), s);
-                        continue;
-                    }
-                    if path == Path::Phases {
-                        if let (Some(sub), Some(dxb)) = (&sub, dxb) {
-                            padded::data_grad_sub_pixel(sub, dyb, dxb, scratch);
+            .map_init(
+                Scratch::default,
+                |scratch, (chunk, ((mut dxc, xc), dyc))| {
+                    let mut dw = vec![0f32; o * k];
+                    let n = xc.len() / n_in;
+                    let mut dbc = vec![0f32; if self.per_sample_bias { n * o } else { o }];
+                    let mut cols = vec![0f32; if unfolded { k * l } else { 0 }];
+                    let mut dcols = vec![0f32; if folded { k * l } else { 0 }];
+                    let mut sums = vec![0f32; o];
+                    for (i, (xb, dyb)) in xc
+                        .chunks_exact(n_in)
+                        .zip(dyc.chunks_exact(o * l))
+                        .enumerate()
+                    {
+                        let dxb = dxc.as_deref_mut().map(|d| &mut d[i * n_in..(i + 1) * n_in]);
+                        let (dw, db) = if self.per_sample_bias {
+                            (&mut dw[..], &mut dbc[i * o..(i + 1) * o])
+                        } else {
+                            (&mut dw[..], &mut dbc[..])
+                        };
+                        if matches!(path, Path::Direct | Path::Padded) {
+                            let (taps, s) = (path == Path::Direct, &mut *scratch);
+                            padded::backward(&g, o, taps, (xb, &weights, dyb), (dxb, dw, db), s);
+                            continue;
                         }
-                        padded::weight_grad_phases(&g, o, (xb, dyb), db, scratch);
-                        continue;
+                        if pointwise {
+                            let at = ((xs, dy, chunk * CHUNK + i), &wtp[..]);
+                            padded::backward_pointwise(&g, o, at, (dxb, db), scratch);
+                            continue;
+                        }
+                        if path == Path::Phases {
+                            if let (Some(sub), Some(dxb)) = (&sub, dxb) {
+                                padded::data_grad_sub_pixel(sub, dyb, dxb, scratch);
+                            }
+                            padded::weight_grad_phases(&g, o, (xb, dyb), db, scratch);
+                            continue;
+                        }
+                        let dxb = dxb.map(zeroed);
+                        let colsb: &[f32] = if path == Path::Pointwise {
+                            xb
+                        } else {
+                            g.im2col(xb, &mut cols);
+                            &cols
+                        };
+                        // dW += dY (o×l) · colsᵀ (l×k); db += row sums of dY.
+                        matmul((o, k, l), dw, true, dyb, (l, 1), colsb, (1, l), 1);
+                        row_sums(dyb, (o, l, l), &mut sums);
+                        db.iter_mut().zip(&sums).for_each(|(d, v)| *d += v);
+                        // dcols = Wᵀ (k×o) · dY (o×l), folded back onto the pixels.
+                        let Some(dxb) = dxb else { continue };
+                        if path == Path::Pointwise {
+                            matmul((k, l, o), dxb, false, ws, (1, k), dyb, (l, 1), 1);
+                        } else {
+                            matmul((k, l, o), &mut dcols, false, ws, (1, k), dyb, (l, 1), 1);
+                            g.col2im(&dcols, dxb);
+                        }
                     }
-                    let dxb = dxb.map(zeroed);
-                    let colsb: &[f32] = if path == Path::Pointwise {
-                        xb
-                    } else {
-                        g.im2col(xb, &mut cols);
-                        &cols
-                    };
-                    // dW += dY (o×l) · colsᵀ (l×k); db += row sums of dY.
-                    matmul((o, k, l), dw, true, dyb, (l, 1), colsb, (1, l), 1);
-                    row_sums(dyb, (o, l, l), &mut sums);
-                    db.iter_mut().zip(&sums).for_each(|(d, v)| *d += v);
-                    // dcols = Wᵀ (k×o) · dY (o×l), folded back onto the pixels.
-                    let Some(dxb) = dxb else { continue };
-                    if path == Path::Pointwise {
-                        matmul((k, l, o), dxb, false, ws, (1, k), dyb, (l, 1), 1);
-                    } else {
-                        matmul((k, l, o), &mut dcols, false, ws, (1, k), dyb, (l, 1), 1);
-                        g.col2im(&dcols, dxb);
-                    }
-                }
-                padded::finish_backward(&g, o, &mut dw, scratch);
-                (dw, dbc)
-            })
+                    padded::finish_backward(&g, o, &mut dw, scratch);
+                    (dw, dbc)
+                },
+            )
             .collect();
         // SAFETY: every chunk of dx is written (above); dW and db follow as zeros.
         unsafe { out.set_len(n_dx) };
@@ -554,6 +579,17 @@ mod tests {
                 (1, 14, 32, 32),
             ]
             .map(|(b, hw, c, o)| (b, (3, 2, 1, hw), c, o)),
+        );
+        // The unet's 1×1 skips (64 → 32 on 14×14, 32 → 16 on 28×28, on the direct kernels),
+        // at batch 6 and 1 (the last sample read from a buffer with room after it).
+        all.extend(
+            [
+                (6, 14, 64, 32),
+                (1, 14, 64, 32),
+                (5, 28, 32, 16),
+                (1, 28, 32, 16),
+            ]
+            .map(|(b, hw, c, o)| (b, (1, 1, 0, hw), c, o)),
         );
         for (b, (k, s, p, hw), c, o) in all {
             let x =
@@ -894,30 +930,29 @@ mod tests {
         // Winograd (forward, data and weight gradients) on 28×28, 14×14 and 6×6; the direct
         // kernel on 7×7, 9×9 and 11×11 with every kind of register tile (1 to 32 output
         // channels), on a stride-2 conv's phases and in a transposed conv's sub-pixel phases
-        // (k 4: `up`).
-        for (c, o, hw, stride, up) in [
-            (16, 16, 28, 1, false),
-            (32, 24, 14, 1, false),
-            (8, 5, 6, 1, false),
-            (16, 32, 7, 1, false),
-            (3, 7, 9, 1, false),
-            (16, 32, 28, 2, false),
-            (4, 1, 7, 1, false),
-            (4, 2, 9, 1, false),
-            (5, 3, 7, 1, false),
-            (6, 8, 7, 1, false),
-            (6, 13, 11, 1, false),
-            (3, 1, 28, 2, false),
-            (8, 12, 7, 2, true),
-            (6, 3, 14, 2, true),
+        // (k 4: transposed), and 1×1 convs (k 1).
+        for (c, o, hw, stride, k) in [
+            (16, 16, 28, 1, 3),
+            (32, 24, 14, 1, 3),
+            (8, 5, 6, 1, 3),
+            (16, 32, 7, 1, 3),
+            (3, 7, 9, 1, 3),
+            (16, 32, 28, 2, 3),
+            (4, 1, 7, 1, 3),
+            (4, 2, 9, 1, 3),
+            (5, 3, 7, 1, 3),
+            (6, 8, 7, 1, 3),
+            (6, 13, 11, 1, 3),
+            (3, 1, 28, 2, 3),
+            (8, 12, 7, 2, 4),
+            (6, 3, 14, 2, 4),
+            (64, 32, 14, 1, 1),
+            (32, 16, 28, 1, 1),
+            (5, 13, 9, 1, 1),
         ] {
             let x =
                 Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, c, hw, hw), &dev).unwrap()).unwrap();
-            let (k, shape) = if up {
-                (4, (c, o, 4, 4))
-            } else {
-                (3, (o, c, 3, 3))
-            };
+            let (up, shape) = (k == 4, if k == 4 { (c, o, 4, 4) } else { (o, c, k, k) });
             let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, shape, &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, o, &dev).unwrap()).unwrap();
             let (wt, bt) = (w.as_tensor().clone(), bias.as_tensor().clone());
@@ -925,7 +960,7 @@ mod tests {
                 let up = super::super::conv_transpose::ConvTranspose::new(wt, bt, 2, 1).unwrap();
                 Box::new(move |x| up.forward(x).unwrap())
             } else {
-                let conv = Conv::new(wt, bt, stride, 1).unwrap();
+                let conv = Conv::new(wt, bt, stride, k / 2).unwrap();
                 Box::new(move |x| conv.forward(x).unwrap())
             };
             let run = |avx2: bool| {

@@ -17,6 +17,7 @@
 //!   gradient's conv runs the same way, its gemm summing over `O·k²` rather than `O`.
 
 use super::conv_direct::{self, SLACK};
+use super::conv_pointwise;
 use super::conv_subpixel::SubPixel;
 use super::conv_wgrad;
 use super::conv_winograd;
@@ -208,6 +209,35 @@ pub(crate) fn transposed_backward_phases(
     conv_direct::forward(&shape, ci, wp, &s.x, &mut s.y);
     narrow_write(&p, &s.y, dx);
     conv_wgrad::accumulate(&shape, p.pixels(), ci, x, &s.x, &mut s.wsums);
+}
+
+/// One sample of a 1×1 conv's forward on the direct kernel (`conv_pointwise`): `y` (every
+/// value written) `= bias +` the conv of sample `i` of `xs` with the packed `wp`.
+pub(crate) fn forward_pointwise(
+    g: &Geometry,
+    o: usize,
+    ((xs, i), wp): ((&[f32], usize), &[f32]),
+    bias: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    s: &mut Scratch,
+) {
+    let bufs = (&mut s.y, &mut s.x);
+    conv_pointwise::forward((g.c, g.h * g.w, o), wp, (xs, i), bias, y, bufs);
+}
+
+/// One sample of a 1×1 conv's backward on the direct kernels (`conv_pointwise`): the weight
+/// gradient into the chunk's sums ([`finish_backward`] hands them out), `db`, and `dx` when
+/// asked, from sample `i` of `xs` and `dys` and the packed `Wᵀ` `wtp`.
+pub(crate) fn backward_pointwise(
+    g: &Geometry,
+    o: usize,
+    ((xs, dys, i), wtp): ((&[f32], &[f32], usize), &[f32]),
+    (dx, db): (Option<&mut [MaybeUninit<f32>]>, &mut [f32]),
+    s: &mut Scratch,
+) {
+    let bufs = (&mut s.dx, &mut s.dy);
+    let (c, hw) = (g.c, (g.h, g.w));
+    conv_pointwise::backward((c, hw, o), wtp, (xs, dys, i), (dx, db), &mut s.wsums, bufs);
 }
 
 /// Unfolds one sample into `s.cols` (`C·k² × H'·Wp`): row `(c, i, j)` is the padded plane `c`

@@ -8,7 +8,8 @@
 //! - [`conv`]: the U-Nets' convolutions, the kernel chosen by shape: stride 1 on the padded
 //!   layout by Winograd F(2×2, 3×3) (`conv_winograd`, 3×3 on even sides) and direct AVX2 /
 //!   AVX-512 kernels (`conv_direct`), tap by tap for a few outputs (`conv_padded`); stride 2 on
-//!   the input's phases; 1×1 and, without AVX2, the rest by unfold + gemm (backward by col2im).
+//!   the input's phases; 1×1 on the direct kernel (`conv_pointwise`); without AVX2 by unfold +
+//!   gemm (backward by col2im).
 //! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (sub-pixel phases by the
 //!   direct kernels; gemm + col2im for other geometries).
 //! - `conv_wgrad`: a conv's weight gradient on the direct layout, the output channels in the
@@ -24,6 +25,7 @@ pub mod activation;
 pub mod conv;
 mod conv_direct;
 mod conv_padded;
+mod conv_pointwise;
 mod conv_subpixel;
 pub mod conv_transpose;
 mod conv_wgrad;
