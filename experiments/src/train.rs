@@ -162,7 +162,13 @@ impl<'a> Loop<'a> {
     fn step(&mut self, step: usize) -> Result<()> {
         if self.trainer.model().params.device().is_cpu() {
             let (trainer, rng) = (&mut self.trainer, &mut self.rng);
-            let loss = crate::runtime::on_pool(|| trainer.step(rng));
+            // Not with a prefetching worker: the step waits for it, and a pool worker that
+            // waits can hold the very loop the prefetcher's ops wait on (a deadlock).
+            let loss = if trainer.prefetches() {
+                trainer.step(rng)
+            } else {
+                crate::runtime::on_pool(|| trainer.step(rng))
+            };
             let loss = self.checked_loss(step, loss.map(|l| vec![l]))?;
             self.recent.extend(loss);
         } else {

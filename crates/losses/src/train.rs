@@ -186,6 +186,11 @@ impl Trainer {
         Ok(self)
     }
 
+    /// Whether a worker thread pairs the next batch while this one trains ([`Self::with_prefetch`]).
+    pub fn prefetches(&self) -> bool {
+        self.prefetch.is_some()
+    }
+
     /// Pairs the next batch on a second thread while the current step trains, for couplings
     /// with a pairing stage (OT, reflow's teacher) on CPU; otherwise a no-op. The random draws
     /// stay on the training thread in the same order, so the numbers are the same as without.

@@ -15,7 +15,7 @@
 //! count.
 
 use super::conv_direct::{available, Shape};
-use super::conv_winograd::channels_last;
+use super::conv_winograd::{channels_last, transpose_into};
 use super::cpu::add_row_sums_last;
 
 /// Output channels are padded to a multiple of one AVX-512 vector.
@@ -117,8 +117,11 @@ pub(crate) fn finish(sums: &mut Sums, dw: &mut [f32]) {
         return;
     }
     if available() {
+        // `dw[ch][t] += dwt[t][ch]`, by 8 × 8 register transposes (a value at a time, the
+        // strided reads cost 9 % of the weight gradient's tiles); one add per value.
+        assert!(sums.dwt.len() >= inner * opad && opad >= o && dw.len() >= o * inner);
         // SAFETY: AVX2 is checked; `dwt` holds `inner` rows of `opad >= o`, `dw` `o` of `inner`.
-        unsafe { add_transposed(&sums.dwt, (o, inner, opad), dw) };
+        unsafe { transpose_into::<true>(&sums.dwt, (inner, o, opad), dw, inner) };
         sums.dwt.fill(0.0);
         return;
     }
@@ -134,47 +137,6 @@ pub(crate) fn finish(sums: &mut Sums, dw: &mut [f32]) {
         }
     }
     sums.dwt.fill(0.0);
-}
-
-/// `dw[ch][t] += dwt[t][ch]` for `ch < o`, `t < inner` (`dwt` rows `opad` apart): 8 × 8
-/// blocks transposed in registers (a value at a time, the strided reads cost 9 % of the weight
-/// gradient's tiles), the edges one by one. The same adds: the same bits.
-///
-/// # Safety
-/// AVX2; `dwt` holds `inner` rows of `opad >= o` floats, `dw` `o` rows of `inner`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn add_transposed(dwt: &[f32], (o, inner, opad): (usize, usize, usize), dw: &mut [f32]) {
-    use super::conv_winograd::transpose8;
-    use std::arch::x86_64::*;
-    assert!(dwt.len() >= inner * opad && opad >= o && dw.len() >= o * inner);
-    let (sp, dp) = (dwt.as_ptr(), dw.as_mut_ptr());
-    let (ob, tb) = (o / 8 * 8, inner / 8 * 8);
-    for c0 in (0..ob).step_by(8) {
-        for t0 in (0..tb).step_by(8) {
-            let r: [__m256; 8] =
-                std::array::from_fn(|t| _mm256_loadu_ps(sp.add((t0 + t) * opad + c0)));
-            for (c, v) in transpose8!(r).iter().enumerate() {
-                let d = dp.add((c0 + c) * inner + t0);
-                _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), *v));
-            }
-        }
-        for t in tb..inner {
-            for c in c0..c0 + 8 {
-                *dp.add(c * inner + t) += *sp.add(t * opad + c);
-            }
-        }
-    }
-    for c in ob..o {
-        for t in 0..inner {
-            *dp.add(c * inner + t) += *sp.add(t * opad + c);
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn add_transposed(_: &[f32], _: (usize, usize, usize), _: &mut [f32]) {
-    unreachable!("the direct kernels run only where `available` holds")
 }
 
 /// Taps per AVX2 tile (2 × 6 sums of 8 channels).

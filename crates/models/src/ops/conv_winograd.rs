@@ -307,10 +307,9 @@ macro_rules! transpose8 {
         ]
     }};
 }
-pub(crate) use transpose8;
 
 /// `dst[p·op + k] = src[k·pixels + p]` for the `o` planes of `src` (the rest of `dst` as it
-/// is): 8 × 8 blocks transposed in registers, the edges one by one. Also `conv_wgrad`'s.
+/// is): [`transpose_into`]. Also `conv_wgrad`'s.
 ///
 /// # Safety
 /// AVX2; `src` holds `o·pixels` floats and `dst` `pixels` rows of `op >= o`.
@@ -321,27 +320,51 @@ pub(crate) unsafe fn channels_last(
     (o, pixels, op): (usize, usize, usize),
     dst: &mut [f32],
 ) {
+    transpose_into::<false>(src, (o, pixels, pixels), dst, op);
+}
+
+/// `dst[j·dst_stride + i]` `=` `src[i·src_stride + j]` (`+=` with `ADD`) for `i < rows`,
+/// `j < cols`: 8 × 8 blocks transposed in registers, the edges one by one. Each value is
+/// written (or added) once.
+///
+/// # Safety
+/// AVX2; `src` holds `rows` rows of `src_stride >= cols` floats, `dst` `cols` rows of
+/// `dst_stride >= rows`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn transpose_into<const ADD: bool>(
+    src: &[f32],
+    (rows, cols, src_stride): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_stride: usize,
+) {
     use std::arch::x86_64::*;
     let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
-    let (ob, pb) = (o / 8 * 8, pixels / 8 * 8);
-    for k0 in (0..ob).step_by(8) {
-        for p0 in (0..pb).step_by(8) {
+    let put = |d: *mut f32, v: f32| if ADD { *d += v } else { *d = v };
+    let (rb, cb) = (rows / 8 * 8, cols / 8 * 8);
+    for i0 in (0..rb).step_by(8) {
+        for j0 in (0..cb).step_by(8) {
             let r: [__m256; 8] =
-                std::array::from_fn(|k| _mm256_loadu_ps(sp.add((k0 + k) * pixels + p0)));
-            let cols = transpose8!(r);
-            for (p, v) in cols.iter().enumerate() {
-                _mm256_storeu_ps(dp.add((p0 + p) * op + k0), *v);
+                std::array::from_fn(|i| _mm256_loadu_ps(sp.add((i0 + i) * src_stride + j0)));
+            for (j, v) in transpose8!(r).iter().enumerate() {
+                let d = dp.add((j0 + j) * dst_stride + i0);
+                let v = if ADD {
+                    _mm256_add_ps(_mm256_loadu_ps(d), *v)
+                } else {
+                    *v
+                };
+                _mm256_storeu_ps(d, v);
             }
         }
-        for p in pb..pixels {
-            for k in k0..k0 + 8 {
-                *dp.add(p * op + k) = *sp.add(k * pixels + p);
+        for j in cb..cols {
+            for i in i0..i0 + 8 {
+                put(dp.add(j * dst_stride + i), *sp.add(i * src_stride + j));
             }
         }
     }
-    for k in ob..o {
-        for p in 0..pixels {
-            *dp.add(p * op + k) = *sp.add(k * pixels + p);
+    for i in rb..rows {
+        for j in 0..cols {
+            put(dp.add(j * dst_stride + i), *sp.add(i * src_stride + j));
         }
     }
 }
@@ -685,4 +708,14 @@ unsafe fn grad_products<const NR: usize>(_: &[f32], _: (&[f32], usize, [usize; 2
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) unsafe fn channels_last(_: &[f32], _: (usize, usize, usize), _: &mut [f32]) {
     unreachable!("the Winograd kernel runs only where `available` holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn transpose_into<const ADD: bool>(
+    _: &[f32],
+    _: (usize, usize, usize),
+    _: &mut [f32],
+    _: usize,
+) {
+    unreachable!("the kernels run only where AVX2 is available")
 }
