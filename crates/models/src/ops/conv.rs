@@ -216,8 +216,7 @@ fn padded_forward(
     let (n_in, n_out) = (g.c * g.h * g.w, o * g.cols());
     let taps = path == Path::Direct;
     let wp = match path {
-        Path::Direct => padded::pack_direct(g, o, ws),
-        Path::Pointwise => conv_pointwise::pack(o, g.c, ws),
+        Path::Direct | Path::Pointwise => padded::pack_direct(g, o, ws),
         _ => padded::pack(g, o, ws),
     };
     let mut out = Vec::with_capacity(b * n_out);
@@ -430,8 +429,8 @@ impl CustomOp3 for ConvGrad {
         };
         let pointwise = path == Path::Pointwise && path.direct();
         let wtp = match path {
-            Path::Direct if want_dx => padded::pack_taps_transposed(&g, o, ws),
-            Path::Pointwise if want_dx && pointwise => conv_pointwise::pack_transposed(o, g.c, ws),
+            // A 1×1 conv's `Wᵀ` is the taps' unflipped transpose of one tap.
+            Path::Direct | Path::Pointwise if want_dx => padded::pack_taps_transposed(&g, o, ws),
             _ => padded::pack_transposed(&g, o, &wt),
         };
         let weights = padded::Weights {

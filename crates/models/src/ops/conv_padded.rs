@@ -231,13 +231,17 @@ pub(crate) fn forward_pointwise(
 pub(crate) fn backward_pointwise(
     g: &Geometry,
     o: usize,
-    ((xs, dys, i), wtp): ((&[f32], &[f32], usize), &[f32]),
+    (samples, wtp): (conv_pointwise::Samples, &[f32]),
     (dx, db): (Option<&mut [MaybeUninit<f32>]>, &mut [f32]),
     s: &mut Scratch,
 ) {
+    if s.zeros.len() < g.c {
+        s.zeros.resize(g.c, 0.0);
+    }
+    let dx = dx.map(|d| (d, &s.zeros[..g.c]));
     let bufs = (&mut s.dx, &mut s.dy);
     let (c, hw) = (g.c, (g.h, g.w));
-    conv_pointwise::backward((c, hw, o), wtp, (xs, dys, i), (dx, db), &mut s.wsums, bufs);
+    conv_pointwise::backward((c, hw, o), wtp, samples, (dx, db), &mut s.wsums, bufs);
 }
 
 /// Unfolds one sample into `s.cols` (`C·k² × H'·Wp`): row `(c, i, j)` is the padded plane `c`

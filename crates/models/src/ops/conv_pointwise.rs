@@ -1,6 +1,7 @@
 //! A 1×1 conv (stride 1, unpadded: the U-Nets' channel-changing skips) on the direct kernel:
 //! a sample's `C × L` input is its own layout, one tap at offset 0. The forward and the data
-//! gradient (`Wᵀ · dy`, the same kernel with the channels swapped) are register tiles of up to
+//! gradient (`Wᵀ · dy`, the same kernel with the channels swapped; the weights packed by
+//! `conv_padded::pack_direct` and `pack_taps_transposed`) are register tiles of up to
 //! 12 output channels × 32-128 pixels summing over the input channels in order; the weight
 //! gradient runs with the output channels in the lanes (`conv_wgrad`), the bias gradient from
 //! its channels-last `dy`. Without AVX2 the conv is one gemm per sample (`conv.rs`).
@@ -18,21 +19,11 @@ pub(crate) fn available() -> bool {
     conv_direct::available()
 }
 
-/// `w` `(O, C)` packed for the forward.
-pub(crate) fn pack(o: usize, c: usize, w: &[f32]) -> Vec<f32> {
-    conv_direct::pack(o, c, w)
-}
+/// A sample's `x`, `dy` and its index in the batch: sample `i` of `xs` and of `dys`.
+pub(crate) type Samples<'a> = (&'a [f32], &'a [f32], usize);
 
-/// `Wᵀ` `(C, O)` of `w` `(O, C)` packed for the data gradient.
-pub(crate) fn pack_transposed(o: usize, c: usize, w: &[f32]) -> Vec<f32> {
-    let mut wt = vec![0f32; o * c];
-    for (oc, row) in w.chunks_exact(c).enumerate() {
-        for (ch, v) in row.iter().enumerate() {
-            wt[ch * o + oc] = *v;
-        }
-    }
-    conv_direct::pack(c, o, &wt)
-}
+/// Where the data gradient goes, when asked, and the zeros it is added onto.
+type DataGrad<'a> = Option<(&'a mut [MaybeUninit<f32>], &'a [f32])>;
 
 /// Sample `i` of the samples of `per` floats in `all`, with at least [`SLACK`] readable floats
 /// after its end: in place, or the last copied into `buf`.
@@ -78,13 +69,13 @@ pub(crate) fn forward(
 
 /// One sample's backward: the weight gradient added to `sums` (handed out by
 /// `conv_wgrad::finish`), `db +=` the row sums of `dy`, and, when asked, `dx` (every value
-/// written) `= 0 + Wᵀ·dy`; `x` is sample `i` of `xs`, `dy` sample `i` of `dys`.
+/// written) `= 0 + Wᵀ·dy` (with `C` zeros to add onto); `x` is sample `i` of `xs`, `dy` sample `i` of `dys`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     (c, (h, w), o): (usize, (usize, usize), usize),
     wtp: &[f32],
-    (xs, dys, i): (&[f32], &[f32], usize),
-    (dx, db): (Option<&mut [MaybeUninit<f32>]>, &mut [f32]),
+    (xs, dys, i): Samples,
+    (dx, db): (DataGrad, &mut [f32]),
     sums: &mut conv_wgrad::Sums,
     (wide, buf): (&mut Vec<f32>, &mut Vec<f32>),
 ) {
@@ -104,8 +95,7 @@ pub(crate) fn backward(
     };
     conv_wgrad::accumulate(&shape, px, o, dy, x, sums);
     sums.add_row_sums(px, db);
-    let Some(dx) = dx else { return };
+    let Some((dx, zeros)) = dx else { return };
     // `0 + v`: the bits of an add onto a zeroed dx.
-    let zeros = vec![0f32; c];
-    forward((o, l, c), wtp, (dys, i), &zeros, dx, (wide, buf));
+    forward((o, l, c), wtp, (dys, i), zeros, dx, (wide, buf));
 }
