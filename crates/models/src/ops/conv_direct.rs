@@ -23,6 +23,8 @@
 //! stride-2 convs on their input's 2×2 phases ([`split_phases`], [`phase_offsets`]).
 //! `conv_wgrad` sums the weight gradient of such a conv in the same layout.
 
+use super::pairs;
+
 /// Output channels per register tile.
 const ROWS: usize = 6;
 /// Output pixels per register tile (two AVX2 vectors).
@@ -317,20 +319,24 @@ pub(crate) fn split_phases(
 ) -> (usize, usize) {
     let (hq, wq) = ((h + 2 * pad).div_ceil(2), (w + 2 * pad).div_ceil(2));
     dst.resize(c * 4 * hq * wq + SLACK, 0.0);
+    // Padded column m lands in phase m % 2 at m / 2: the even columns 2j of a row in phase
+    // `pad % 2` from `pad / 2` on, the odd ones in the other phase from `(pad + 1) / 2` on.
+    let (ne, no) = (w.div_ceil(2), w / 2);
     for (ch, plane) in x.chunks_exact(h * w).enumerate() {
         for (r, row) in plane.chunks_exact(w).enumerate() {
             let (alpha, u) = ((r + pad) % 2, (r + pad) / 2);
-            for beta in 0..2 {
-                // The columns n with (n + pad) % 2 == β, from n0 on, land at v = (n + pad) / 2.
-                let n0 = (beta + 2 - pad % 2) % 2;
-                if n0 >= w {
-                    continue;
-                }
-                let at = ((ch * 4 + alpha * 2 + beta) * hq + u) * wq + (n0 + pad) / 2;
-                for (d, v) in dst[at..].iter_mut().zip(row[n0..].iter().step_by(2)) {
-                    *d = *v;
-                }
-            }
+            let at = |beta: usize| ((ch * 4 + alpha * 2 + beta) * hq + u) * wq;
+            let even = at(pad % 2) + pad / 2;
+            let odd = at((pad + 1) % 2) + (pad + 1) / 2;
+            // Two phases' planes: disjoint.
+            let (ev, od) = if even < odd {
+                let (a, b) = dst.split_at_mut(odd);
+                (&mut a[even..even + ne], &mut b[..no])
+            } else {
+                let (a, b) = dst.split_at_mut(even);
+                (&mut b[..ne], &mut a[odd..odd + no])
+            };
+            pairs::deinterleave(row, ev, od);
         }
     }
     (hq, wq)

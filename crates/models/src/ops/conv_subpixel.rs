@@ -11,6 +11,7 @@
 
 use super::conv_direct::{self, SLACK};
 use super::geometry::Geometry;
+use super::pairs;
 use std::mem::MaybeUninit;
 
 /// One phase `(α, β)`: its rows and columns of `dx`, the taps' offsets in the padded `dy`
@@ -141,22 +142,51 @@ impl SubPixel {
                 dyp[at..at + wo].copy_from_slice(row);
             }
         }
-        for ph in &self.phases {
-            let span = ph.rows * self.wd;
-            let shape = conv_direct::Shape {
-                c: self.o,
-                plane,
-                offsets: &ph.offsets,
-                span,
+        // The phases of a row parity α side by side: their rows woven into every row
+        // `2u + α` of dx at once (`pairs::interleave`), each value `add + v` as before.
+        for alpha in 0..2 {
+            let mut pair = [None, None];
+            for ph in self.phases.iter().filter(|ph| ph.alpha == alpha) {
+                pair[ph.beta] = Some(ph);
+            }
+            let Some(rows) = pair.iter().flatten().map(|ph| ph.rows).next() else {
+                continue;
             };
-            y.resize(g.c * span, 0.0);
-            conv_direct::forward(&shape, g.c, &ph.packed, dyp, y);
-            let planes = dx.chunks_exact_mut(g.h * g.w).zip(y.chunks_exact(span));
-            for ((out, res), &b) in planes.zip(add) {
-                for (u, src) in res.chunks_exact(self.wd).enumerate() {
-                    let row = &mut out[(2 * u + ph.alpha) * g.w..][..g.w];
-                    for (d, v) in row[ph.beta..].iter_mut().step_by(2).zip(&src[..ph.cols]) {
-                        d.write(b + v);
+            let span = rows * self.wd;
+            y.resize(2 * g.c * span, 0.0);
+            let (y0, y1) = y.split_at_mut(g.c * span);
+            for (ph, res) in pair.iter().zip([&mut *y0, &mut y1[..g.c * span]]) {
+                if let Some(ph) = ph {
+                    let shape = conv_direct::Shape {
+                        c: self.o,
+                        plane,
+                        offsets: &ph.offsets,
+                        span,
+                    };
+                    conv_direct::forward(&shape, g.c, &ph.packed, dyp, res);
+                }
+            }
+            let (y0, y1) = (&*y0, &y1[..g.c * span]);
+            for (c, (out, &b)) in dx.chunks_exact_mut(g.h * g.w).zip(add).enumerate() {
+                for u in 0..rows {
+                    let row = &mut out[(2 * u + alpha) * g.w..][..g.w];
+                    let at = c * span + u * self.wd;
+                    match pair {
+                        [Some(p0), Some(p1)] => pairs::interleave::<true>(
+                            &y0[at..][..p0.cols],
+                            &y1[at..][..p1.cols],
+                            b,
+                            row,
+                        ),
+                        _ => {
+                            for (ph, res) in pair.iter().zip([y0, y1]) {
+                                let Some(ph) = ph else { continue };
+                                let dst = row[ph.beta..].iter_mut().step_by(2);
+                                for (d, v) in dst.zip(&res[at..at + ph.cols]) {
+                                    d.write(b + v);
+                                }
+                            }
+                        }
                     }
                 }
             }

@@ -18,6 +18,7 @@
 //!   forward, as four sub-pixel convs on the direct kernel.
 //! - `upconv`: a 3×3 conv of a ×2-upsampled map, at the low resolution (`Conv::forward_upsampled`).
 //! - [`norm`]: GroupNorm + SiLU.
+//! - `pairs`: the every-other-value copies of the stride-2 ops (phases, interleaves).
 //! - `geometry`: a convolution's shape, unfold (im2col) and fold (col2im).
 //! - `cpu`: shared helpers (slices of CPU storage, parallel batches).
 
@@ -35,4 +36,5 @@ pub(crate) mod dense;
 mod geometry;
 pub mod linear;
 pub mod norm;
+mod pairs;
 mod upconv;

@@ -10,6 +10,7 @@
 
 use super::conv::{upsample2, Conv};
 use super::cpu::f32_slice;
+use super::pairs;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -77,22 +78,24 @@ impl CustomOp1 for Interleave {
         let (b, side) = dims(l, self.o, self.name())?;
         let (o, n) = (self.o, side + 1);
         let y = f32_slice(s, l, self.name())?;
-        let mut out = vec![0f32; b * o * 4 * side * side];
-        out.par_chunks_mut(4 * side * side)
+        let len = b * o * 4 * side * side;
+        let mut out = Vec::with_capacity(len);
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(4 * side * side)
             .enumerate()
             .for_each(|(plane, dst)| {
                 let (bi, oi) = (plane / o, plane % o);
                 for (r, row) in dst.chunks_exact_mut(2 * side).enumerate() {
                     let (i, py) = (r / 2, r % 2);
-                    for px in 0..2 {
-                        let src = ((bi * 4 + 2 * py + px) * o + oi) * n * n + (i + py) * n + px;
-                        let src = &y[src..src + side];
-                        for (d, &v) in row[px..].iter_mut().step_by(2).zip(src) {
-                            *d = v;
-                        }
-                    }
+                    let src = |px: usize| {
+                        let at = ((bi * 4 + 2 * py + px) * o + oi) * n * n + (i + py) * n + px;
+                        &y[at..at + side]
+                    };
+                    pairs::interleave::<false>(src(0), src(1), 0.0, row);
                 }
             });
+        // SAFETY: every row of every plane was written above.
+        unsafe { out.set_len(len) };
         Ok((
             CpuStorage::F32(out),
             Shape::from((b, o, 2 * side, 2 * side)),
@@ -125,17 +128,24 @@ impl CustomOp1 for Scatter {
         let (side, n) = (h / 2, h / 2 + 1);
         let g = f32_slice(s, l, self.name())?;
         let mut out = vec![0f32; b * 4 * o * n * n];
-        out.par_chunks_mut(n * n)
+        // The two column parities of a row parity `py` of a sample: 2·O planes in a row,
+        // filled from each gradient row at once (`pairs::deinterleave`); the rest stays zero.
+        out.par_chunks_mut(2 * o * n * n)
             .enumerate()
-            .for_each(|(plane, dst)| {
-                let (bi, p, oi) = (plane / (4 * o), plane / o % 4, plane % o);
-                let (py, px) = (p / 2, p % 2);
-                let src = &g[(bi * o + oi) * 4 * side * side..][..4 * side * side];
-                for i in 0..side {
-                    let row = &src[(2 * i + py) * 2 * side..][..2 * side];
-                    let d = &mut dst[(i + py) * n + px..][..side];
-                    for (d, &v) in d.iter_mut().zip(row[px..].iter().step_by(2)) {
-                        *d = v;
+            .for_each(|(k, dst)| {
+                let (bi, py) = (k / 2, k % 2);
+                let (px0, px1) = dst.split_at_mut(o * n * n);
+                for oi in 0..o {
+                    let src = &g[(bi * o + oi) * 4 * side * side..][..4 * side * side];
+                    let (d0, d1) = (&mut px0[oi * n * n..], &mut px1[oi * n * n..]);
+                    for i in 0..side {
+                        let row = &src[(2 * i + py) * 2 * side..][..2 * side];
+                        let at = (i + py) * n;
+                        pairs::deinterleave(
+                            row,
+                            &mut d0[at..at + side],
+                            &mut d1[at + 1..at + 1 + side],
+                        );
                     }
                 }
             });
