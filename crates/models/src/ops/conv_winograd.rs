@@ -117,7 +117,11 @@ pub(crate) fn forward(
         // SAFETY: AVX2 and FMA are checked (`available`); the loads stay inside `xp` (the
         // assert above), and the stores write `min(16, wo − q)` columns of rows below `ho`.
         unsafe {
-            input_transform(s, xp, both, v);
+            if wide {
+                input_transform512(s, xp, both, v);
+            } else {
+                input_transform(s, xp, both, v);
+            }
             for (r0, nr) in panels(o) {
                 let panel = (&u[r0 * s.c..], o * s.c);
                 let rows = &mut y[r0 * s.ho * s.wo..];
@@ -203,7 +207,11 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
         // `dyt` holds `ho·wo` rows of `op` and the slots written lie inside the output; the
         // stores stay in `v` (`16·c` rows of 16) and `m` (`16·16` rows of `op`).
         unsafe {
-            input_transform(s, xp, both, &mut sums.v);
+            if wide {
+                input_transform512(s, xp, both, &mut sums.v);
+            } else {
+                input_transform(s, xp, both, &mut sums.v);
+            }
             grad_transform(s, op, &sums.dyt, (both, slots), &mut sums.m);
         }
         for xi in 0..16 {
@@ -540,6 +548,85 @@ unsafe fn input_transform(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v: &
     }
 }
 
+/// [`input_transform`] with AVX-512: the 16 tiles of the two vectors in one vector, each
+/// lane running the AVX2 code's subtractions and additions in the same order (the same bits),
+/// so half the transform's arithmetic and stores. Two vectors in one row of tiles (16 tiles
+/// of a row 32 columns wide or more) are four loads of 16 and four two-source permutes per
+/// input row; two in different rows are split as in [`input_transform`] and joined.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn input_transform512(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v: &mut [f32]) {
+    use std::arch::x86_64::*;
+    macro_rules! split {
+        ($p:expr) => {{
+            let (a, b) = (_mm256_loadu_ps($p), _mm256_loadu_ps($p.add(8)));
+            let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
+            let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
+            (
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even)),
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odd)),
+            )
+        }};
+    }
+    // Two AVX2 vectors as the low and high halves of one.
+    macro_rules! join {
+        ($lo:expr, $hi:expr) => {
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castpd256_pd512(_mm256_castps_pd($lo)),
+                _mm256_castps_pd($hi),
+            ))
+        };
+    }
+    let even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let [(ty0, q0), (ty1, q1)] = both;
+    let one_row = ty0 == ty1 && q1 == q0 + COLS;
+    let vp = v.as_mut_ptr();
+    for ch in 0..s.c {
+        let plane = xp.as_ptr().add(ch * s.plane);
+        let mut d = [[_mm512_setzero_ps(); TILE_IN]; TILE_IN];
+        for (i, row) in d.iter_mut().enumerate() {
+            let p0 = plane.add((2 * ty0 + i) * s.wp + q0);
+            if one_row {
+                for (half, at) in [(0, 0), (2, 2)] {
+                    let (a, b) = (
+                        _mm512_loadu_ps(p0.add(at)),
+                        _mm512_loadu_ps(p0.add(at + 16)),
+                    );
+                    row[half] = _mm512_permutex2var_ps(a, even_idx, b);
+                    row[half + 1] = _mm512_permutex2var_ps(a, odd_idx, b);
+                }
+            } else {
+                let p1 = plane.add((2 * ty1 + i) * s.wp + q1);
+                let ((e0, o0), (e1, o1)) = (split!(p0), split!(p1));
+                let ((e2, o2), (e3, o3)) = (split!(p0.add(2)), split!(p1.add(2)));
+                *row = [join!(e0, e1), join!(o0, o1), join!(e2, e3), join!(o2, o3)];
+            }
+        }
+        // Rows: Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1].
+        let mut t = [[_mm512_setzero_ps(); TILE_IN]; TILE_IN];
+        for j in 0..TILE_IN {
+            t[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+            t[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+            t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+            t[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+        }
+        // Columns: the same, on the right.
+        for (i, t) in t.iter().enumerate() {
+            let w = [
+                _mm512_sub_ps(t[0], t[2]),
+                _mm512_add_ps(t[1], t[2]),
+                _mm512_sub_ps(t[2], t[1]),
+                _mm512_sub_ps(t[1], t[3]),
+            ];
+            for (j, w) in w.iter().enumerate() {
+                let xi = i * TILE_IN + j;
+                _mm512_storeu_ps(vp.add((xi * s.c + ch) * 16), *w);
+            }
+        }
+    }
+}
+
 /// A panel's outputs: its rows of `y`, their addends, and the vectors of tiles to store.
 type Out<'a> = (&'a mut [MaybeUninit<f32>], &'a [f32], &'a [(usize, usize)]);
 
@@ -663,6 +750,11 @@ unsafe fn store_tiles<const NR: usize>(
             }
         }
     }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn input_transform512(_: &Shape, _: &[f32], _: [(usize, usize); 2], _: &mut [f32]) {
+    unreachable!("the Winograd kernel runs only where `available` holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
