@@ -50,6 +50,17 @@ pub(crate) fn panels(o: usize) -> impl Iterator<Item = (usize, usize)> {
 /// Calls `f::<NR>(args)` for a panel of `nr` rows (1 to 6): the kernels' register tiles are
 /// sized at compile time.
 macro_rules! by_rows {
+    // A kernel with a second const parameter after the rows: `f[K](args)`.
+    ($nr:expr, $f:ident[$k:expr]($($arg:expr),* $(,)?)) => {
+        match $nr {
+            1 => $f::<1, { $k }>($($arg),*),
+            2 => $f::<2, { $k }>($($arg),*),
+            3 => $f::<3, { $k }>($($arg),*),
+            4 => $f::<4, { $k }>($($arg),*),
+            5 => $f::<5, { $k }>($($arg),*),
+            _ => $f::<6, { $k }>($($arg),*),
+        }
+    };
     ($nr:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $nr {
             1 => $f::<1>($($arg),*),
@@ -320,14 +331,14 @@ pub(crate) fn split_phases(
     let (hq, wq) = ((h + 2 * pad).div_ceil(2), (w + 2 * pad).div_ceil(2));
     dst.resize(c * 4 * hq * wq + SLACK, 0.0);
     // Padded column m lands in phase m % 2 at m / 2: the even columns 2j of a row in phase
-    // `pad % 2` from `pad / 2` on, the odd ones in the other phase from `(pad + 1) / 2` on.
+    // `pad % 2` from `pad / 2` on, the odd ones in the other phase from `⌈pad / 2⌉` on.
     let (ne, no) = (w.div_ceil(2), w / 2);
     for (ch, plane) in x.chunks_exact(h * w).enumerate() {
         for (r, row) in plane.chunks_exact(w).enumerate() {
             let (alpha, u) = ((r + pad) % 2, (r + pad) / 2);
             let at = |beta: usize| ((ch * 4 + alpha * 2 + beta) * hq + u) * wq;
             let even = at(pad % 2) + pad / 2;
-            let odd = at((pad + 1) % 2) + (pad + 1) / 2;
+            let odd = at((pad + 1) % 2) + pad.div_ceil(2);
             // Two phases' planes: disjoint.
             let (ev, od) = if even < odd {
                 let (a, b) = dst.split_at_mut(odd);

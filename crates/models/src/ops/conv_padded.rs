@@ -172,7 +172,7 @@ pub(crate) fn data_grad_sub_pixel(
     if s.zeros.len() < c {
         s.zeros.resize(c, 0.0);
     }
-    sub.apply(dy, (dx, &s.zeros[..c]), (&mut s.dy, &mut s.y));
+    sub.apply(dy, (dx, &s.zeros[..c]), (&mut s.dy, &mut s.y, &mut s.v));
 }
 
 /// One sample's weight gradient of a stride-2 conv on its input's phases:
@@ -199,16 +199,72 @@ pub(crate) fn weight_grad_phases(
 pub(crate) fn transposed_backward_phases(
     g: &Geometry,
     ci: usize,
-    (dy, x, wp): (&[f32], &[f32], &[f32]),
+    (dy, x, wp): (&[f32], &[f32], &Packed),
     dx: &mut [MaybeUninit<f32>],
     s: &mut Scratch,
 ) {
     let (p, offsets) = split(g, dy, s);
     let shape = phase_shape(g, &p, &offsets);
-    s.y.resize(ci * p.span(), 0.0);
-    conv_direct::forward(&shape, ci, wp, &s.x, &mut s.y);
-    narrow_write(&p, &s.y, dx);
+    match wp {
+        Packed::Direct(wp) => {
+            s.y.resize(ci * p.span(), 0.0);
+            conv_direct::forward(&shape, ci, wp, &s.x, &mut s.y);
+            narrow_write(&p, &s.y, dx);
+        }
+        Packed::Winograd2(u) => {
+            // Each phase plane a channel of a 2×2 conv (its taps at shifts 0 and 1).
+            let ws = conv_winograd::Shape {
+                c: 4 * g.c,
+                plane: p.plane(),
+                wp: p.wp,
+                ho: p.ho,
+                wo: p.wo,
+            };
+            let need = ws.reach_side(2);
+            if s.x.len() < need {
+                s.x.resize(need, 0.0);
+            }
+            if s.zeros.len() < ci {
+                s.zeros.resize(ci, 0.0);
+            }
+            conv_winograd::forward2(&ws, ci, u, &s.x, (dx, &s.zeros[..ci]), &mut s.v);
+        }
+    }
     conv_wgrad::accumulate(&shape, p.pixels(), ci, x, &s.x, &mut s.wsums);
+}
+
+/// The weights of a stride-2 transposed conv's data gradient (`ci` outputs), packed once per
+/// op: for the direct kernel, or, for a k-4 kernel on whole 2×2 tiles, for Winograd
+/// F(2×2, 2×2) on dy's phases (each phase plane a channel with a 2×2 window).
+pub(crate) enum Packed {
+    Direct(Vec<f32>),
+    Winograd2(Vec<f32>),
+}
+
+impl Packed {
+    /// `ws` `(ci, O, k, k)` for the conv `g` of [`transposed_backward_phases`].
+    pub(crate) fn new(g: &Geometry, ci: usize, ws: &[f32]) -> Self {
+        let (ho, wo) = g.out_hw();
+        let even = |n: usize| n > 0 && n.is_multiple_of(2);
+        if g.k != 4 || !even(ho) || !even(wo) {
+            return Self::Direct(conv_direct::pack(ci, g.rows(), ws));
+        }
+        // Channel (oc, α, β) of the phases, window tap (a, b): kernel tap (2a + α, 2b + β).
+        let mut kernel = Vec::with_capacity(ci * g.c * 16);
+        for c in 0..ci {
+            for oc in 0..g.c {
+                let taps = &ws[(c * g.c + oc) * 16..][..16];
+                for (alpha, beta) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    for a in 0..2 {
+                        for b in 0..2 {
+                            kernel.push(taps[(2 * a + alpha) * 4 + 2 * b + beta]);
+                        }
+                    }
+                }
+            }
+        }
+        Self::Winograd2(conv_winograd::pack2(ci, 4 * g.c, &kernel))
+    }
 }
 
 /// One sample of a 1×1 conv's forward on the direct kernel (`conv_pointwise`): `y` (every

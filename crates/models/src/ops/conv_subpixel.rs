@@ -7,9 +7,11 @@
 //! columns) of each phase `(α, β)` of `dx` are a small stride-1 conv of `dy` (1 or 2 taps a
 //! side for k 3, 2 for k 4) with its own slice of the kernel. Each phase runs on the direct
 //! kernel (`conv_direct`) over `dy` zero-padded once per sample, and its values go to every
-//! other pixel of `dx`, each written once.
+//! other pixel of `dx`, each written once. Where every phase is a 2×2 window (k 4) on whole
+//! 2×2 tiles, the phases run on Winograd F(2×2, 2×2) instead (`conv_winograd::forward2`).
 
 use super::conv_direct::{self, SLACK};
+use super::conv_winograd;
 use super::geometry::Geometry;
 use super::pairs;
 use std::mem::MaybeUninit;
@@ -25,6 +27,13 @@ struct Phase {
     packed: Vec<f32>,
 }
 
+/// The four phases of a k-4 kernel as Winograd F(2×2, 2×2) convs (each phase's taps are a
+/// 2×2 window of the padded `dy`): per phase, the window's first offset and its kernel
+/// ([`conv_winograd::pack2`]); 9 products per 2×2 tile instead of 16.
+struct Winograd {
+    phases: Vec<(usize, Vec<f32>)>,
+}
+
 /// The four phases of the data gradient of a stride-2 conv of geometry `g` with `o` outputs,
 /// planned once per op from its weights.
 pub(crate) struct SubPixel {
@@ -35,6 +44,7 @@ pub(crate) struct SubPixel {
     hd: usize,
     wd: usize,
     phases: Vec<Phase>,
+    winograd: Option<Winograd>,
 }
 
 /// The kernel taps of phase `a` along one side: `(i, shift)` with input `u` reading output
@@ -107,6 +117,7 @@ impl SubPixel {
                 packed: conv_direct::pack(g.c, o * n, &kernel),
             });
         }
+        let winograd = Self::winograd_plan(g, o, w, lo, wd, &phases);
         Self {
             g: *g,
             o,
@@ -114,7 +125,54 @@ impl SubPixel {
             hd,
             wd,
             phases,
+            winograd,
         }
+    }
+
+    /// The Winograd plan where every phase is a 2×2 window on whole 2×2 tiles: all four
+    /// phases present with 2 taps a side at consecutive shifts (k 4) and even sides.
+    fn winograd_plan(
+        g: &Geometry,
+        o: usize,
+        w: &[f32],
+        lo: usize,
+        wd: usize,
+        phases: &[Phase],
+    ) -> Option<Winograd> {
+        let (k, pad) = (g.k, g.pad);
+        let even = |n: usize| n > 0 && n.is_multiple_of(2);
+        if phases.len() != 4 || !phases.iter().all(|ph| even(ph.rows) && even(ph.cols)) {
+            return None;
+        }
+        if !conv_direct::available() {
+            return None;
+        }
+        // A side's two taps by shift, the window's first shift.
+        let window = |a: usize| -> Option<([usize; 2], isize)> {
+            let mut t = taps(a, k, pad);
+            t.sort_by_key(|&(_, shift)| shift);
+            match t[..] {
+                [(i0, s0), (i1, s1)] if s1 == s0 + 1 => Some(([i0, i1], s0)),
+                _ => None,
+            }
+        };
+        let mut plan = Vec::with_capacity(4);
+        for ph in phases {
+            let ((ti, si), (tj, sj)) = (window(ph.alpha)?, window(ph.beta)?);
+            let at = |s: isize| (s + lo as isize) as usize;
+            // Output channel c (of dx), input channel oc (of dy), window tap (a, b).
+            let mut kernel = Vec::with_capacity(g.c * o * 4);
+            for c in 0..g.c {
+                for oc in 0..o {
+                    let taps = &w[(oc * g.c + c) * k * k..][..k * k];
+                    for i in ti {
+                        kernel.extend(tj.iter().map(|&j| taps[i * k + j]));
+                    }
+                }
+            }
+            plan.push((at(si) * wd + at(sj), conv_winograd::pack2(g.c, o, &kernel)));
+        }
+        Some(Winograd { phases: plan })
     }
 
     /// Channels of `dx`.
@@ -129,7 +187,7 @@ impl SubPixel {
         &self,
         dy: &[f32],
         (dx, add): (&mut [MaybeUninit<f32>], &[f32]),
-        (dyp, y): (&mut Vec<f32>, &mut Vec<f32>),
+        (dyp, y, v): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
     ) {
         let g = &self.g;
         let (ho, wo) = g.out_hw();
@@ -141,6 +199,9 @@ impl SubPixel {
                 let at = c * plane + (r + self.lo) * self.wd + self.lo;
                 dyp[at..at + wo].copy_from_slice(row);
             }
+        }
+        if let Some(wino) = &self.winograd {
+            return self.apply_winograd(wino, dyp, (dx, add), (y, v));
         }
         // The phases of a row parity α side by side: their rows woven into every row
         // `2u + α` of dx at once (`pairs::interleave`), each value `add + v` as before.
@@ -189,6 +250,52 @@ impl SubPixel {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// [`SubPixel::apply`] by Winograd, `dyp` already padded: each phase `add[c] +` its conv
+    /// into a compact `C × rows × cols` buffer, then a row parity's two phases woven into dx.
+    fn apply_winograd(
+        &self,
+        wino: &Winograd,
+        dyp: &mut Vec<f32>,
+        (dx, add): (&mut [MaybeUninit<f32>], &[f32]),
+        (y, v): (&mut Vec<f32>, &mut Vec<f32>),
+    ) {
+        let g = &self.g;
+        let (rows, cols) = (self.phases[0].rows, self.phases[0].cols);
+        let shape = conv_winograd::Shape {
+            c: self.o,
+            plane: self.hd * self.wd,
+            wp: self.wd,
+            ho: rows,
+            wo: cols,
+        };
+        let need =
+            wino.phases.iter().map(|(base, _)| base).max().unwrap_or(&0) + shape.reach_side(2);
+        if dyp.len() < need {
+            dyp.resize(need, 0.0);
+        }
+        let n = g.c * rows * cols;
+        y.resize(4 * n, 0.0);
+        {
+            // SAFETY: the kernel writes only initialised values (f32s over f32s).
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(y.as_mut_ptr().cast::<MaybeUninit<f32>>(), 4 * n)
+            };
+            for ((base, u), res) in wino.phases.iter().zip(out.chunks_exact_mut(n)) {
+                conv_winograd::forward2(&shape, g.c, u, &dyp[*base..], (res, add), v);
+            }
+        }
+        // The phases in the order (0, 0), (0, 1), (1, 0), (1, 1).
+        let phase = |i: usize| &y[i * n..(i + 1) * n];
+        for (c, out) in dx.chunks_exact_mut(g.h * g.w).enumerate().take(g.c) {
+            for (r, row) in out.chunks_exact_mut(g.w).enumerate() {
+                let (alpha, u) = (r % 2, r / 2);
+                let at = (c * rows + u) * cols;
+                let (a, b) = (phase(2 * alpha), phase(2 * alpha + 1));
+                pairs::interleave::<false>(&a[at..at + cols], &b[at..at + cols], 0.0, row);
             }
         }
     }

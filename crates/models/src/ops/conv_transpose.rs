@@ -3,13 +3,13 @@
 //! With stride 2 (the U-Nets' upsampling: k 4, padding 1) and the direct kernel, everything
 //! runs on 2×2 phases with nothing unfolded or folded back: the forward as four sub-pixel
 //! convolutions of x (`conv_subpixel`), the data gradient as the adjoint conv of dy on dy's
-//! phases (direct kernel), and the weight gradient there with the output channels in the lanes
+//! phases (direct kernel; for k 4 on even maps both by Winograd F(2×2, 2×2): each phase a
+//! 2×2 window, 9 products per 2×2 tile instead of 16), and the weight gradient there with the output channels in the lanes
 //! (`conv_wgrad`). Other geometries unfold: the forward is one gemm `Wᵀ · x` into patch
 //! columns folded onto the output by col2im, the backward im2col of dy and two gemms. Samples
 //! run in parallel with the weight gradient summed in fixed chunks (the same bits for any
 //! thread count). Other devices run candle's `conv_transpose2d`.
 
-use super::conv_direct;
 use super::conv_padded::{self as padded, Scratch};
 use super::conv_subpixel::SubPixel;
 use super::cpu::{f32_slice, matmul, row_sums, unpack_grads, zeroed, CHUNK};
@@ -149,8 +149,10 @@ impl CustomOp3 for ConvTransposeOp {
                 .par_chunks_mut(n_out)
                 .zip(xs.par_chunks(ci * l))
                 .for_each_init(
-                    || (vec![], vec![]),
-                    |bufs, (yb, xb)| sub.apply(xb, (yb, bias), (&mut bufs.0, &mut bufs.1)),
+                    || (vec![], vec![], vec![]),
+                    |bufs, (yb, xb)| {
+                        sub.apply(xb, (yb, bias), (&mut bufs.0, &mut bufs.1, &mut bufs.2))
+                    },
                 );
             // SAFETY: every value of every sample was written (`SubPixel::apply`).
             unsafe { out.set_len(b * n_out) };
@@ -232,9 +234,9 @@ impl CustomOp3 for ConvTransposeGrad {
         // there too; else unfolded dy and gemms.
         let phases = padded::phases_fit(&g);
         let wp = if phases {
-            conv_direct::pack(ci, k, ws)
+            padded::Packed::new(&g, ci, ws)
         } else {
-            vec![]
+            padded::Packed::Direct(vec![])
         };
         let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(CHUNK * n_in)
@@ -251,7 +253,7 @@ impl CustomOp3 for ConvTransposeGrad {
                 {
                     let (dw, db) = acc.split_at_mut(ci * k);
                     if phases {
-                        let (dyxw, s) = ((dyb, xb, &wp[..]), &mut *scratch);
+                        let (dyxw, s) = ((dyb, xb, &wp), &mut *scratch);
                         padded::transposed_backward_phases(&g, ci, dyxw, dxb, s);
                     } else {
                         let dxb = zeroed(dxb);

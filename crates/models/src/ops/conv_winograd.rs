@@ -1,23 +1,28 @@
 //! Winograd F(2×2, 3×3) (Lavin & Gray 2016) on the padded layout of `conv_padded`, fused per
-//! block of tiles: 16 multiplies per 2×2 output tile and input channel instead of 36.
+//! block of tiles: 16 multiplies per 2×2 output tile and input channel instead of 36. And
+//! F(2×2, 2×2) ([`forward2`]: 9 instead of 16) for the 2×2 windows of a k-4 stride-2
+//! (transposed) conv's sub-pixel phases.
 //!
 //! The AVX2 lanes are 8 output tiles side by side in a row of tiles (16 output columns), as
-//! the direct kernel's lanes are 16 pixels. For two such vectors (16 tiles) at a time:
+//! the direct kernel's lanes are 16 pixels. For a block of four such vectors (32 tiles; two
+//! where fewer than three are left) at a time:
 //! - the input transform `Bᵀ·d·B` of every channel's 4×4 patches (loads of 16 consecutive
 //!   padded inputs, split into even and odd columns) goes into a small buffer `V[ξ][c]`;
 //! - for each panel of output channels and each of the 16 points `ξ`, a register tile of
-//!   up to 6 channels × 16 tiles sums `U[ξ][o][c]·V[ξ][c]` over `c`, as the direct kernel's;
+//!   up to 6 channels × 16 tiles sums `U[ξ][o][c]·V[ξ][c]` over `c`, as the direct kernel's
+//!   (with AVX-512, 6 channels × 32 tiles: each weight broadcast feeds two vectors);
 //! - the output transform `Aᵀ·M·A` gives each tile's 2×2 outputs, interleaved back into rows
 //!   and written once, with the bias, into the output (no `Wp`-wide copy to narrow).
 //!
-//! With AVX-512 the 16 tiles of a block are one vector (and the weight gradient's 16 output
-//! channels), each lane running the AVX2 code's operations in the same order: the same bits.
+//! With AVX-512 16 tiles are one vector (and the weight gradient's 16 output channels), each
+//! lane running the AVX2 code's operations in the same order: the same bits.
 //!
 //! `U = G·g·Gᵀ` is computed once per op ([`pack`]). The weight gradient ([`weight_grad`]) is
 //! the same algebra run backwards: `Gᵀ·(Σ_tiles (A·dy·Aᵀ) ⊙ (Bᵀ·d·B))·G`, 16 products per
 //! tile and channel pair instead of 36. Each output is the same fixed sequence of operations
 //! whatever the thread count. The error is f32 round-off of the transforms, about 1e-6 of the
-//! output's scale (tested against the direct sum in f64, values and weight gradient).
+//! output's scale (tested against the direct sum in f64, values and weight gradient); for
+//! F(2×2, 2×2), whose transforms only add and subtract, about 2e-7 of the terms' sizes.
 
 use super::conv_direct::{available, by_rows, panels};
 use super::cpu::add_row_sums_last;
@@ -44,23 +49,43 @@ pub(crate) fn fits(k: usize, stride: usize, pad: usize, (ho, wo): (usize, usize)
 /// `ξ`, in the direct kernel's panels: point `ξ`'s panel of rows `r0..r0 + nr` starts at
 /// `ξ·O·C + r0·C` and holds, for every `c`, the `nr` values of its channels.
 pub(crate) fn pack(o: usize, c: usize, w: &[f32]) -> Vec<f32> {
-    const G: [[f64; 3]; 4] = [
-        [1., 0., 0.],
-        [0.5, 0.5, 0.5],
-        [0.5, -0.5, 0.5],
-        [0., 0., 1.],
-    ];
-    let mut out = vec![0f32; 16 * o * c];
+    pack_side::<3>(o, c, w)
+}
+
+/// [`pack`] for F(2×2, 2×2): `w` `(O, C, 2, 2)`, 9 points.
+pub(crate) fn pack2(o: usize, c: usize, w: &[f32]) -> Vec<f32> {
+    pack_side::<2>(o, c, w)
+}
+
+/// `G` of F(2×2, K×K) (its first `K + 1` rows and `K` columns).
+const fn g_matrix(k: usize) -> [[f64; 3]; 4] {
+    if k == 3 {
+        [
+            [1., 0., 0.],
+            [0.5, 0.5, 0.5],
+            [0.5, -0.5, 0.5],
+            [0., 0., 1.],
+        ]
+    } else {
+        // F(2, 2): m₀ = (d₀ − d₁)·g₀, m₁ = d₁·(g₀ + g₁), m₂ = (d₂ − d₁)·g₁.
+        [[1., 0., 0.], [1., 1., 0.], [0., 1., 0.], [0., 0., 0.]]
+    }
+}
+
+fn pack_side<const K: usize>(o: usize, c: usize, w: &[f32]) -> Vec<f32> {
+    let g_m = g_matrix(K);
+    let (side, points) = (K + 1, (K + 1) * (K + 1));
+    let mut out = vec![0f32; points * o * c];
     for (r0, nr) in panels(o) {
         for r in 0..nr {
             for ch in 0..c {
-                let g = &w[((r0 + r) * c + ch) * 9..][..9];
-                for xi in 0..16 {
-                    let (a, b) = (xi / 4, xi % 4);
+                let g = &w[((r0 + r) * c + ch) * K * K..][..K * K];
+                for xi in 0..points {
+                    let (a, b) = (xi / side, xi % side);
                     let mut u = 0f64;
-                    for i in 0..3 {
-                        for j in 0..3 {
-                            u += G[a][i] * g[i * 3 + j] as f64 * G[b][j];
+                    for i in 0..K {
+                        for j in 0..K {
+                            u += g_m[a][i] * g[i * K + j] as f64 * g_m[b][j];
                         }
                     }
                     out[xi * o * c + r0 * c + ch * nr + r] = u as f32;
@@ -84,8 +109,13 @@ impl Shape {
     /// The floats of the padded sample that the loads reach: the last vector's 4 rows from
     /// its tile row, 24 columns each (two loads of 8 at offsets 0, 2, 8 and 10).
     pub(crate) fn reach(&self) -> usize {
+        self.reach_side(3)
+    }
+
+    /// [`Shape::reach`] of F(2×2, k×k): `k + 1` rows from each tile row.
+    pub(crate) fn reach_side(&self, k: usize) -> usize {
         let last_q = (self.wo.max(1) - 1) / COLS * COLS;
-        (self.c.max(1) - 1) * self.plane + (self.ho + 1) * self.wp + last_q + 24
+        (self.c.max(1) - 1) * self.plane + (self.ho + k - 2) * self.wp + last_q + 24
     }
 }
 
@@ -100,39 +130,86 @@ pub(crate) fn forward(
     (y, add): (&mut [MaybeUninit<f32>], &[f32]),
     v: &mut Vec<f32>,
 ) {
-    assert!(available() && s.wp >= s.wo + 2 && s.ho.is_multiple_of(2) && s.wo.is_multiple_of(2));
-    assert!(u.len() >= 16 * o * s.c && y.len() >= o * s.ho * s.wo && add.len() >= o);
-    assert!(xp.len() >= s.reach());
-    // The vectors of 8 tiles: (tile row, first output column), taken two at a time.
+    forward_side::<3>(s, o, u, xp, (y, add), v)
+}
+
+/// [`forward`] for F(2×2, 2×2) (a stride-1 2×2 conv without padding: output `(u, v)` reads
+/// `xp` at rows `u, u + 1` and columns `v, v + 1`) with the [`pack2`]ed `u`: 9 products per
+/// 2×2 output tile and input channel instead of 16. `xp` holds at least
+/// [`Shape::reach_side`]`(2)` floats.
+pub(crate) fn forward2(
+    s: &Shape,
+    o: usize,
+    u: &[f32],
+    xp: &[f32],
+    (y, add): (&mut [MaybeUninit<f32>], &[f32]),
+    v: &mut Vec<f32>,
+) {
+    forward_side::<2>(s, o, u, xp, (y, add), v)
+}
+
+fn forward_side<const K: usize>(
+    s: &Shape,
+    o: usize,
+    u: &[f32],
+    xp: &[f32],
+    (y, add): (&mut [MaybeUninit<f32>], &[f32]),
+    v: &mut Vec<f32>,
+) {
+    let points = (K + 1) * (K + 1);
+    assert!(available() && s.wp >= s.wo + K - 1);
+    assert!(s.ho.is_multiple_of(2) && s.wo.is_multiple_of(2));
+    assert!(u.len() >= points * o * s.c && y.len() >= o * s.ho * s.wo && add.len() >= o);
+    assert!(xp.len() >= s.reach_side(K));
+    // The vectors of 8 tiles: (tile row, first output column), four at a time (32 tiles:
+    // with AVX-512 two vectors of tiles per weight broadcast), the last two or one as a pair.
     let per_row = s.wo.div_ceil(COLS);
     let count = s.ho / 2 * per_row;
     let vector = |i: usize| (i / per_row, i % per_row * COLS);
-    v.resize(16 * s.c * 16, 0.0);
+    v.resize(points * s.c * 32, 0.0);
     // AVX-512 where the CPU has it (the same bits).
     let wide = super::activation::wide_kernels();
-    for first in (0..count).step_by(2) {
-        // The last of an odd count is transformed twice and stored once.
-        let both = [vector(first), vector((first + 1).min(count - 1))];
-        let pair = &both[..(count - first).min(2)];
+    let mut first = 0;
+    while first < count {
+        // A vector past the last repeats the last (transformed and summed, never stored).
+        let n = if count - first >= 3 { 4 } else { 2 };
+        let block: [(usize, usize); 4] =
+            std::array::from_fn(|k| vector((first + k.min(n - 1)).min(count - 1)));
+        let live = &block[..(count - first).min(n)];
+        let lanes = 8 * n;
         // SAFETY: AVX2 and FMA are checked (`available`); the loads stay inside `xp` (the
         // assert above), and the stores write `min(16, wo − q)` columns of rows below `ho`.
         unsafe {
-            if wide {
-                input_transform512(s, xp, both, v);
-            } else {
-                input_transform(s, xp, both, v);
+            for (h, both) in [[block[0], block[1]], [block[2], block[3]]][..n / 2]
+                .iter()
+                .enumerate()
+            {
+                let place = (&mut v[..], lanes, 16 * h);
+                match (K, wide) {
+                    (3, true) => input_transform512(s, xp, *both, place),
+                    (3, false) => input_transform(s, xp, *both, place),
+                    _ => input_transform2(s, xp, *both, place),
+                }
             }
             for (r0, nr) in panels(o) {
                 let panel = (&u[r0 * s.c..], o * s.c);
                 let rows = &mut y[r0 * s.ho * s.wo..];
-                let out = (rows, &add[r0..], pair);
-                if wide {
-                    by_rows!(nr, products512(s, panel, v, out))
-                } else {
-                    by_rows!(nr, products(s, panel, v, out))
+                let add = &add[r0..];
+                match (wide, n) {
+                    (true, 4) => by_rows!(nr, products512x2[K](s, panel, v, (rows, add, live))),
+                    (true, _) => by_rows!(nr, products512[K](s, panel, v, (rows, add, live))),
+                    _ => {
+                        // AVX2: 16 lanes at a time.
+                        for (h, pair) in live.chunks(2).enumerate() {
+                            let rows = &mut *rows;
+                            let vs = (&v[..], lanes, 16 * h);
+                            by_rows!(nr, products[K](s, panel, vs, (rows, add, pair)))
+                        }
+                    }
                 }
             }
         }
+        first += n;
     }
 }
 
@@ -207,10 +284,11 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
         // `dyt` holds `ho·wo` rows of `op` and the slots written lie inside the output; the
         // stores stay in `v` (`16·c` rows of 16) and `m` (`16·16` rows of `op`).
         unsafe {
+            let place = (&mut sums.v[..], 16, 0);
             if wide {
-                input_transform512(s, xp, both, &mut sums.v);
+                input_transform512(s, xp, both, place);
             } else {
-                input_transform(s, xp, both, &mut sums.v);
+                input_transform(s, xp, both, place);
             }
             grad_transform(s, op, &sums.dyt, (both, slots), &mut sums.m);
         }
@@ -498,7 +576,12 @@ unsafe fn grad_products<const NR: usize>(
 /// `V[ξ][c][16]` `=` `Bᵀ·d·B` of the 4×4 patches of the two vectors of tiles `both`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn input_transform(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v: &mut [f32]) {
+unsafe fn input_transform(
+    s: &Shape,
+    xp: &[f32],
+    both: [(usize, usize); 2],
+    (v, lanes, at): (&mut [f32], usize, usize),
+) {
     use std::arch::x86_64::*;
     // Even and odd lanes of the 16 consecutive floats from `p` (a macro, not a function or a
     // closure: those would be compiled without AVX2 and not inlined).
@@ -541,7 +624,7 @@ unsafe fn input_transform(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v: &
                 ];
                 for (j, w) in w.iter().enumerate() {
                     let xi = i * TILE_IN + j;
-                    _mm256_storeu_ps(vp.add((xi * s.c + ch) * 16 + half * 8), *w);
+                    _mm256_storeu_ps(vp.add((xi * s.c + ch) * lanes + at + half * 8), *w);
                 }
             }
         }
@@ -555,7 +638,12 @@ unsafe fn input_transform(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v: &
 /// input row; two in different rows are split as in [`input_transform`] and joined.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn input_transform512(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v: &mut [f32]) {
+unsafe fn input_transform512(
+    s: &Shape,
+    xp: &[f32],
+    both: [(usize, usize); 2],
+    (v, lanes, at): (&mut [f32], usize, usize),
+) {
     use std::arch::x86_64::*;
     macro_rules! split {
         ($p:expr) => {{
@@ -621,7 +709,7 @@ unsafe fn input_transform512(s: &Shape, xp: &[f32], both: [(usize, usize); 2], v
             ];
             for (j, w) in w.iter().enumerate() {
                 let xi = i * TILE_IN + j;
-                _mm512_storeu_ps(vp.add((xi * s.c + ch) * 16), *w);
+                _mm512_storeu_ps(vp.add((xi * s.c + ch) * lanes + at), *w);
             }
         }
     }
@@ -632,20 +720,25 @@ type Out<'a> = (&'a mut [MaybeUninit<f32>], &'a [f32], &'a [(usize, usize)]);
 
 /// For the panel of `NR` output channels at `u` (point `ξ`'s values `ξ·stride` further on):
 /// `M[ξ] = Σ_c U[ξ][·][c]·V[ξ][c]` in registers, then `add[r] + Aᵀ·M·A` into the rows of `y`
-/// (`NR` planes of `ho × wo`).
+/// (`NR` planes of `ho × wo`); F(2×2, K×K), `(K + 1)²` points.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn products<const NR: usize>(s: &Shape, (u, stride): (&[f32], usize), v: &[f32], out: Out) {
+unsafe fn products<const NR: usize, const K: usize>(
+    s: &Shape,
+    (u, stride): (&[f32], usize),
+    (v, lanes, at): (&[f32], usize, usize),
+    out: Out,
+) {
     use std::arch::x86_64::*;
     // Every point's sums are written below: no zero fill first (it cost a memset of up to
     // 6 KiB per call).
     let mut m = MaybeUninit::<[[[__m256; 2]; NR]; 16]>::uninit();
     let points = m.as_mut_ptr().cast::<[[__m256; 2]; NR]>();
-    for xi in 0..16 {
+    for xi in 0..(K + 1) * (K + 1) {
         // In registers over the sum; stored once.
         let mut acc = [[_mm256_setzero_ps(); 2]; NR];
         let mut wq = u.as_ptr().add(xi * stride);
-        let mut vq = v.as_ptr().add(xi * s.c * 16);
+        let mut vq = v.as_ptr().add(xi * s.c * lanes + at);
         for _ in 0..s.c {
             let (a, b) = (_mm256_loadu_ps(vq), _mm256_loadu_ps(vq.add(8)));
             for (r, acc) in acc.iter_mut().enumerate() {
@@ -654,55 +747,134 @@ unsafe fn products<const NR: usize>(s: &Shape, (u, stride): (&[f32], usize), v: 
                 acc[1] = _mm256_fmadd_ps(wv, b, acc[1]);
             }
             wq = wq.add(NR);
-            vq = vq.add(16);
+            vq = vq.add(lanes);
         }
         points.add(xi).write(acc);
     }
-    store_tiles(s, m.assume_init_ref(), out);
+    store::<NR, K, 2>(s, &m, out);
+}
+
+/// The output transform of F(2×2, K×K) of the points' sums `m` (its first `(K + 1)²`
+/// written).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store<const NR: usize, const K: usize, const H: usize>(
+    s: &Shape,
+    m: &MaybeUninit<[[[std::arch::x86_64::__m256; H]; NR]; 16]>,
+    out: Out,
+) {
+    if K == 3 {
+        // SAFETY: all 16 points were written.
+        store_tiles(s, m.assume_init_ref(), out);
+    } else {
+        // SAFETY: the first 9 points were written; the rest is never read.
+        let first = &*m
+            .as_ptr()
+            .cast::<[[[std::arch::x86_64::__m256; H]; NR]; 9]>();
+        store_tiles2(s, first, out);
+    }
 }
 
 /// [`products`] with AVX-512: the 16 tiles in one vector, so half the multiply-adds and loads
 /// of the tiles; each lane runs the same operations in the same order (the same bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn products512<const NR: usize>(
+unsafe fn products512<const NR: usize, const K: usize>(
+    s: &Shape,
+    (u, stride): (&[f32], usize),
+    v: &[f32],
+    out: Out,
+) {
+    // The pair's 16 lanes are the whole row of `v`.
+    use std::arch::x86_64::*;
+    let mut m = MaybeUninit::<[[[__m256; 2]; NR]; 16]>::uninit();
+    let points = m.as_mut_ptr().cast::<[[__m256; 2]; NR]>();
+    // Two points at a time: 2·NR independent sums (NR alone leave the FMA units waiting on
+    // their latency), each the same chain over `c` as before. With 9 points the last is
+    // summed twice (and written twice, the same values).
+    let n = (K + 1) * (K + 1);
+    for xi in (0..n).step_by(2) {
+        let both = [xi, (xi + 1).min(n - 1)];
+        let mut acc = [[_mm512_setzero_ps(); NR]; 2];
+        let mut wq = both.map(|x| u.as_ptr().add(x * stride));
+        let mut vq = both.map(|x| v.as_ptr().add(x * s.c * 16));
+        for _ in 0..s.c {
+            let a = [_mm512_loadu_ps(vq[0]), _mm512_loadu_ps(vq[1])];
+            #[allow(clippy::needless_range_loop)] // `r` picks the row in both points' sums
+            for r in 0..NR {
+                for k in 0..2 {
+                    acc[k][r] = _mm512_fmadd_ps(_mm512_set1_ps(*wq[k].add(r)), a[k], acc[k][r]);
+                }
+            }
+            wq = wq.map(|p| p.add(NR));
+            vq = vq.map(|p| p.add(16));
+        }
+        for (&x, acc) in both.iter().zip(&acc) {
+            let rows = points.add(x).cast::<[__m256; 2]>();
+            for (r, acc) in acc.iter().enumerate() {
+                let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*acc));
+                rows.add(r)
+                    .write([_mm512_castps512_ps256(*acc), _mm256_castpd_ps(high)]);
+            }
+        }
+    }
+    store::<NR, K, 2>(s, &m, out);
+}
+
+/// [`products512`] on a block of 32 tiles (four vectors of 8, two AVX-512 vectors): each
+/// weight broadcast feeds two multiply-adds, so the loads no longer outnumber them (one
+/// broadcast per multiply-add left the kernel waiting on loads). Each lane's sum is the same
+/// chain as before: the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn products512x2<const NR: usize, const K: usize>(
     s: &Shape,
     (u, stride): (&[f32], usize),
     v: &[f32],
     out: Out,
 ) {
     use std::arch::x86_64::*;
-    let mut m = MaybeUninit::<[[[__m256; 2]; NR]; 16]>::uninit();
-    let points = m.as_mut_ptr().cast::<[[__m256; 2]; NR]>();
-    for xi in 0..16 {
-        let mut acc = [_mm512_setzero_ps(); NR];
+    let mut m = MaybeUninit::<[[[__m256; 4]; NR]; 16]>::uninit();
+    let points = m.as_mut_ptr().cast::<[[__m256; 4]; NR]>();
+    for xi in 0..(K + 1) * (K + 1) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; NR];
         let mut wq = u.as_ptr().add(xi * stride);
-        let mut vq = v.as_ptr().add(xi * s.c * 16);
+        let mut vq = v.as_ptr().add(xi * s.c * 32);
         for _ in 0..s.c {
-            let a = _mm512_loadu_ps(vq);
+            let (a, b) = (_mm512_loadu_ps(vq), _mm512_loadu_ps(vq.add(16)));
             for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*wq.add(r)), a, *acc);
+                let w = _mm512_set1_ps(*wq.add(r));
+                acc[0] = _mm512_fmadd_ps(w, a, acc[0]);
+                acc[1] = _mm512_fmadd_ps(w, b, acc[1]);
             }
             wq = wq.add(NR);
-            vq = vq.add(16);
+            vq = vq.add(32);
         }
-        let rows = points.add(xi).cast::<[__m256; 2]>();
+        let rows = points.add(xi).cast::<[__m256; 4]>();
         for (r, acc) in acc.iter().enumerate() {
-            let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*acc));
-            rows.add(r)
-                .write([_mm512_castps512_ps256(*acc), _mm256_castpd_ps(high)]);
+            macro_rules! high {
+                ($z:expr) => {
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd($z)))
+                };
+            }
+            rows.add(r).write([
+                _mm512_castps512_ps256(acc[0]),
+                high!(acc[0]),
+                _mm512_castps512_ps256(acc[1]),
+                high!(acc[1]),
+            ]);
         }
     }
-    store_tiles(s, m.assume_init_ref(), out);
+    store::<NR, K, 4>(s, &m, out);
 }
 
 /// `add[r] + Aᵀ·M·A` of the sums `m` (per point, row and vector of 8 tiles) into the rows of
 /// `y` (`NR` planes of `ho × wo`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn store_tiles<const NR: usize>(
+unsafe fn store_tiles<const NR: usize, const H: usize>(
     s: &Shape,
-    m: &[[[std::arch::x86_64::__m256; 2]; NR]; 16],
+    m: &[[[std::arch::x86_64::__m256; H]; NR]; 16],
     (y, add, pair): Out,
 ) {
     use std::arch::x86_64::*;
@@ -752,18 +924,143 @@ unsafe fn store_tiles<const NR: usize>(
     }
 }
 
+/// `V[ξ][c][16]` `=` `Bᵀ·d·B` of the 3×3 patches of the two vectors of tiles `both`, for
+/// F(2×2, 2×2): `Bᵀ = [1 −1 0; 0 1 0; 0 −1 1]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_transform2(
+    s: &Shape,
+    xp: &[f32],
+    both: [(usize, usize); 2],
+    (v, lanes, at): (&mut [f32], usize, usize),
+) {
+    use std::arch::x86_64::*;
+    macro_rules! split {
+        ($p:expr) => {{
+            let (a, b) = (_mm256_loadu_ps($p), _mm256_loadu_ps($p.add(8)));
+            let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
+            let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
+            (
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even)),
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odd)),
+            )
+        }};
+    }
+    let vp = v.as_mut_ptr();
+    for ch in 0..s.c {
+        for (half, &(ty, q)) in both.iter().enumerate() {
+            let base = xp.as_ptr().add(ch * s.plane + 2 * ty * s.wp + q);
+            let mut d = [[_mm256_setzero_ps(); 3]; 3];
+            for (i, row) in d.iter_mut().enumerate() {
+                let p = base.add(i * s.wp);
+                (row[0], row[1]) = split!(p);
+                row[2] = split!(p.add(2)).0;
+            }
+            let mut t = [[_mm256_setzero_ps(); 3]; 3];
+            for j in 0..3 {
+                t[0][j] = _mm256_sub_ps(d[0][j], d[1][j]);
+                t[1][j] = d[1][j];
+                t[2][j] = _mm256_sub_ps(d[2][j], d[1][j]);
+            }
+            for (i, t) in t.iter().enumerate() {
+                let w = [_mm256_sub_ps(t[0], t[1]), t[1], _mm256_sub_ps(t[2], t[1])];
+                for (j, w) in w.iter().enumerate() {
+                    _mm256_storeu_ps(vp.add(((i * 3 + j) * s.c + ch) * lanes + at + half * 8), *w);
+                }
+            }
+        }
+    }
+}
+
+/// [`store_tiles`] for F(2×2, 2×2): `add[r] + Aᵀ·M·A` with `Aᵀ = [1 1 0; 0 1 1]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_tiles2<const NR: usize, const H: usize>(
+    s: &Shape,
+    m: &[[[std::arch::x86_64::__m256; H]; NR]; 9],
+    (y, add, pair): Out,
+) {
+    use std::arch::x86_64::*;
+    let plane = s.ho * s.wo;
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    #[allow(clippy::needless_range_loop)] // `r` picks the row in all 9 points' sums
+    for r in 0..NR {
+        let bias = _mm256_set1_ps(add[r]);
+        for (half, &(ty, q)) in pair.iter().enumerate() {
+            macro_rules! mm {
+                ($i:expr, $j:expr) => {
+                    m[$i * 3 + $j][r][half]
+                };
+            }
+            let mut sr = [[_mm256_setzero_ps(); 3]; 2];
+            for j in 0..3 {
+                sr[0][j] = _mm256_add_ps(mm!(0, j), mm!(1, j));
+                sr[1][j] = _mm256_add_ps(mm!(1, j), mm!(2, j));
+            }
+            let n = COLS.min(s.wo - q);
+            let masks = [
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane),
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32 - 8), lane),
+            ];
+            for (a, sr) in sr.iter().enumerate() {
+                let y0 = _mm256_add_ps(sr[0], sr[1]);
+                let y1 = _mm256_add_ps(sr[1], sr[2]);
+                let (lo, hi) = (_mm256_unpacklo_ps(y0, y1), _mm256_unpackhi_ps(y0, y1));
+                let first = _mm256_add_ps(bias, _mm256_permute2f128_ps::<0x20>(lo, hi));
+                let second = _mm256_add_ps(bias, _mm256_permute2f128_ps::<0x31>(lo, hi));
+                let dst = y
+                    .as_mut_ptr()
+                    .cast::<f32>()
+                    .add(r * plane + (2 * ty + a) * s.wo + q);
+                if n == COLS {
+                    _mm256_storeu_ps(dst, first);
+                    _mm256_storeu_ps(dst.add(8), second);
+                } else {
+                    _mm256_maskstore_ps(dst, masks[0], first);
+                    _mm256_maskstore_ps(dst.add(8), masks[1], second);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn input_transform512(_: &Shape, _: &[f32], _: [(usize, usize); 2], _: &mut [f32]) {
+unsafe fn input_transform2(
+    _: &Shape,
+    _: &[f32],
+    _: [(usize, usize); 2],
+    _: (&mut [f32], usize, usize),
+) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn input_transform(_: &Shape, _: &[f32], _: [(usize, usize); 2], _: &mut [f32]) {
+unsafe fn input_transform512(
+    _: &Shape,
+    _: &[f32],
+    _: [(usize, usize); 2],
+    _: (&mut [f32], usize, usize),
+) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn products<const NR: usize>(_: &Shape, _: (&[f32], usize), _: &[f32], _: Out) {
+unsafe fn input_transform(
+    _: &Shape,
+    _: &[f32],
+    _: [(usize, usize); 2],
+    _: (&mut [f32], usize, usize),
+) {
+    unreachable!("the Winograd kernel runs only where `available` holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn products<const NR: usize, const K: usize>(
+    _: &Shape,
+    _: (&[f32], usize),
+    _: (&[f32], usize, usize),
+    _: Out,
+) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
 
@@ -777,7 +1074,22 @@ unsafe fn grad_products512<const NR: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn products512<const NR: usize>(_: &Shape, _: (&[f32], usize), _: &[f32], _: Out) {
+unsafe fn products512x2<const NR: usize, const K: usize>(
+    _: &Shape,
+    _: (&[f32], usize),
+    _: &[f32],
+    _: Out,
+) {
+    unreachable!("the Winograd kernel runs only where `available` holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn products512<const NR: usize, const K: usize>(
+    _: &Shape,
+    _: (&[f32], usize),
+    _: &[f32],
+    _: Out,
+) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
 
@@ -810,4 +1122,95 @@ pub(crate) unsafe fn transpose_into<const ADD: bool>(
     _: usize,
 ) {
     unreachable!("the kernels run only where AVX2 is available")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::activation::{has_avx512, AVX2_ONLY};
+    use std::sync::atomic::Ordering;
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// F(2×2, 2×2) against the direct 2×2 sum in f64 (the error relative to the sum of the
+    /// terms' sizes), and AVX-512 against AVX2 bit for bit: the sub-pixel phases' shapes
+    /// (14×14 from 128 and from 32 channels), a row of tiles 32 wide, odd output counts,
+    /// one output channel and sides that leave part of a vector.
+    #[test]
+    fn winograd_2x2_matches_the_direct_sum() {
+        if !available() {
+            eprintln!("skipped: no AVX2 and FMA here, so the Winograd kernels do not run");
+            return;
+        }
+        for (c, o, ho, wo, wp) in [
+            (128, 32, 14, 14, 16),
+            (32, 128, 14, 14, 15),
+            (3, 5, 14, 14, 16),
+            (2, 7, 28, 28, 30),
+            (4, 1, 2, 6, 8),
+            (5, 12, 6, 36, 38),
+        ] {
+            let plane = (ho + 1) * wp;
+            let shape = Shape {
+                c,
+                plane,
+                wp,
+                ho,
+                wo,
+            };
+            let xp = noise(shape.reach_side(2).max(c * plane), c as u64);
+            let (w, bias) = (noise(o * c * 4, 7), noise(o, 9));
+            let u = pack2(o, c, &w);
+            let run = |avx2: bool| {
+                AVX2_ONLY.store(avx2, Ordering::Relaxed);
+                let mut y = vec![MaybeUninit::new(f32::NAN); o * ho * wo];
+                forward2(&shape, o, &u, &xp, (&mut y, &bias), &mut Vec::new());
+                AVX2_ONLY.store(false, Ordering::Relaxed);
+                // SAFETY: initialised above (and every value written: no NaN is left).
+                y.iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect::<Vec<f32>>()
+            };
+            let y = run(false);
+            let mut worst = 0f64;
+            for oc in 0..o {
+                for i in 0..ho {
+                    for j in 0..wo {
+                        let (mut sum, mut size) = (bias[oc] as f64, bias[oc].abs() as f64);
+                        for ch in 0..c {
+                            for (a, b) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                                let term = w[((oc * c + ch) * 2 + a) * 2 + b] as f64
+                                    * xp[ch * plane + (i + a) * wp + j + b] as f64;
+                                sum += term;
+                                size += term.abs();
+                            }
+                        }
+                        let got = y[(oc * ho + i) * wo + j] as f64;
+                        worst = worst.max((got - sum).abs() / size);
+                    }
+                }
+            }
+            eprintln!("c{c} o{o} {ho}×{wo}: error {worst:e} of the terms");
+            assert!(
+                worst < 1e-6,
+                "c{c} o{o} {ho}×{wo}: error {worst:e} of the terms"
+            );
+            if has_avx512() {
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&run(true)), bits(&y), "c{c} o{o} {ho}×{wo}");
+            }
+        }
+    }
 }

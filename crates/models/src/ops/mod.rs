@@ -11,7 +11,8 @@
 //!   the input's phases; 1×1 on the direct kernel (`conv_pointwise`); without AVX2 by unfold +
 //!   gemm (backward by col2im).
 //! - [`conv_transpose`]: the lesson U-Net's transposed convolutions (sub-pixel phases by the
-//!   direct kernels; gemm + col2im for other geometries).
+//!   direct kernels, or Winograd F(2×2, 2×2) for k 4 on even phases; gemm + col2im for other
+//!   geometries).
 //! - `conv_wgrad`: a conv's weight gradient on the direct layout, the output channels in the
 //!   vector lanes (wherever Winograd's does not serve).
 //! - `conv_subpixel`: a stride-2 conv's data gradient, which is a stride-2 transposed conv's
