@@ -5,7 +5,7 @@
 //! use a Cephes-style polynomial `exp` (relative error < 2e-7) and a rational `erf` (absolute
 //! error < 4e-7 in f32). Other devices and dtypes fall back to candle's kernels.
 
-use super::cpu::{f32_slice, f32_slices3};
+use super::cpu::{f32_blocks, f32_slice, uniform_blocks};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
 /// Which activation a network uses between its linear layers.
@@ -159,10 +159,10 @@ macro_rules! kernels {
             }
         }
         $(#[$attr])?
-        unsafe fn $bwd(kind: Kind, xs: &[f32], ys: &[f32], gs: &[f32]) -> Vec<f32> {
+        unsafe fn $bwd(kind: Kind, xs: &[f32], ys: &[f32], gs: &[f32], out: &mut Vec<f32>) {
             match kind {
-                Kind::Gelu => xs.iter().zip(ys).zip(gs).map(|((&x, &y), &g)| g * gelu_derivative_from_output::<$fma>(x, y)).collect(),
-                Kind::Silu => xs.iter().zip(gs).map(|(&x, &g)| g * silu_derivative::<$fma>(x)).collect(),
+                Kind::Gelu => out.extend(xs.iter().zip(ys).zip(gs).map(|((&x, &y), &g)| g * gelu_derivative_from_output::<$fma>(x, y))),
+                Kind::Silu => out.extend(xs.iter().zip(gs).map(|(&x, &g)| g * silu_derivative::<$fma>(x))),
             }
         }
     };
@@ -225,18 +225,18 @@ pub(crate) fn map_kind(kind: Kind, xs: &[f32]) -> Vec<f32> {
     }
 }
 
-fn map_grad(kind: Kind, xs: &[f32], ys: &[f32], gs: &[f32]) -> Vec<f32> {
+fn map_grad(kind: Kind, xs: &[f32], ys: &[f32], gs: &[f32], out: &mut Vec<f32>) {
     // SAFETY: as in `map_kind`.
     unsafe {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
-            return bwd_avx512(kind, xs, ys, gs);
+            return bwd_avx512(kind, xs, ys, gs, out);
         }
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
-            return bwd_avx2(kind, xs, ys, gs);
+            return bwd_avx2(kind, xs, ys, gs, out);
         }
-        bwd_base(kind, xs, ys, gs)
+        bwd_base(kind, xs, ys, gs, out)
     }
 }
 
@@ -254,7 +254,12 @@ impl CustomOp1 for Fast {
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.contiguous()?;
+        // A gradient in equal blocks (a `cat`'s, kept as a view) is read where it lies: the
+        // kernel runs block by block, with no contiguous copy first.
+        let g = match uniform_blocks(grad_res.layout()) {
+            Some(_) if matches!(grad_res.device(), Device::Cpu) => grad_res.clone(),
+            _ => grad_res.contiguous()?,
+        };
         Ok(Some(arg.apply_op3_no_bwd(res, &g, &FastGrad(self.0))?))
     }
 }
@@ -273,11 +278,22 @@ impl CustomOp3 for FastGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [xs, ys, gs] = f32_slices3(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
-        if xs.len() != gs.len() || ys.len() != xs.len() {
+        let (xs, ys) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+        );
+        let (gs, (block, stride, count)) = f32_blocks(s3, l3, self.name())?;
+        if xs.len() != block * count || ys.len() != xs.len() {
             candle_core::bail!("{}: shape mismatch", self.name());
         }
-        let out = map_grad(self.0, xs, ys, gs);
+        let mut out = Vec::with_capacity(xs.len());
+        for (i, (x, y)) in xs
+            .chunks(block.max(1))
+            .zip(ys.chunks(block.max(1)))
+            .enumerate()
+        {
+            map_grad(self.0, x, y, &gs[i * stride..][..block], &mut out);
+        }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -329,12 +345,32 @@ mod tests {
             unsafe {
                 if has_avx512() {
                     assert_eq!(bits(fwd_avx512(kind, &xs)), bits(fwd_avx2(kind, &xs)));
-                    assert_eq!(
-                        bits(bwd_avx512(kind, &xs, &ys, &gs)),
-                        bits(bwd_avx2(kind, &xs, &ys, &gs))
-                    );
+                    let (mut wide, mut narrow) = (vec![], vec![]);
+                    bwd_avx512(kind, &xs, &ys, &gs, &mut wide);
+                    bwd_avx2(kind, &xs, &ys, &gs, &mut narrow);
+                    assert_eq!(bits(wide), bits(narrow));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_gradient_in_blocks_gives_the_contiguous_gradients_bits() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (4, 3, 5, 5), &dev).unwrap();
+        // A `cat`'s gradient kept as a view: channels 2..5 of a (4, 7, 5, 5) tensor.
+        let whole = Tensor::randn(0f32, 1.0, (4, 7, 5, 5), &dev).unwrap();
+        let view = whole.narrow(1, 2, 3).unwrap();
+        assert!(!view.is_contiguous() && uniform_blocks(view.layout()).is_some());
+        for kind in [Kind::Gelu, Kind::Silu] {
+            let op = Fast(kind);
+            let y = x.apply_op1_no_bwd(&op).unwrap();
+            let grad = |g: &Tensor| -> Vec<u32> {
+                let d = op.bwd(&x, &y, g).unwrap().unwrap();
+                let v: Vec<f32> = d.flatten_all().unwrap().to_vec1().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            };
+            assert_eq!(grad(&view), grad(&view.contiguous().unwrap()), "{}", op.name());
         }
     }
 

@@ -186,8 +186,9 @@ fn forward_side<const K: usize>(
             {
                 let place = (&mut v[..], lanes, 16 * h);
                 match (K, wide) {
-                    (3, true) => input_transform512(s, xp, *both, place),
+                    (3, true) => input_transform512::<3>(s, xp, *both, place),
                     (3, false) => input_transform(s, xp, *both, place),
+                    (_, true) => input_transform512::<2>(s, xp, *both, place),
                     _ => input_transform2(s, xp, *both, place),
                 }
             }
@@ -286,7 +287,7 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
         unsafe {
             let place = (&mut sums.v[..], 16, 0);
             if wide {
-                input_transform512(s, xp, both, place);
+                input_transform512::<3>(s, xp, both, place);
             } else {
                 input_transform(s, xp, both, place);
             }
@@ -638,7 +639,7 @@ unsafe fn input_transform(
 /// input row; two in different rows are split as in [`input_transform`] and joined.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn input_transform512(
+unsafe fn input_transform512<const K: usize>(
     s: &Shape,
     xp: &[f32],
     both: [(usize, usize); 2],
@@ -673,7 +674,7 @@ unsafe fn input_transform512(
     for ch in 0..s.c {
         let plane = xp.as_ptr().add(ch * s.plane);
         let mut d = [[_mm512_setzero_ps(); TILE_IN]; TILE_IN];
-        for (i, row) in d.iter_mut().enumerate() {
+        for (i, row) in d.iter_mut().enumerate().take(K + 1) {
             let p0 = plane.add((2 * ty0 + i) * s.wp + q0);
             if one_row {
                 for (half, at) in [(0, 0), (2, 2)] {
@@ -690,6 +691,22 @@ unsafe fn input_transform512(
                 let ((e2, o2), (e3, o3)) = (split!(p0.add(2)), split!(p1.add(2)));
                 *row = [join!(e0, e1), join!(o0, o1), join!(e2, e3), join!(o2, o3)];
             }
+        }
+        if K == 2 {
+            // F(2×2, 2×2): Bᵀ = [1 −1 0; 0 1 0; 0 −1 1], as `input_transform2`.
+            let mut t = [[_mm512_setzero_ps(); 3]; 3];
+            for j in 0..3 {
+                t[0][j] = _mm512_sub_ps(d[0][j], d[1][j]);
+                t[1][j] = d[1][j];
+                t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+            }
+            for (i, t) in t.iter().enumerate() {
+                let w = [_mm512_sub_ps(t[0], t[1]), t[1], _mm512_sub_ps(t[2], t[1])];
+                for (j, w) in w.iter().enumerate() {
+                    _mm512_storeu_ps(vp.add(((i * 3 + j) * s.c + ch) * lanes + at), *w);
+                }
+            }
+            continue;
         }
         // Rows: Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1].
         let mut t = [[_mm512_setzero_ps(); TILE_IN]; TILE_IN];
@@ -1035,7 +1052,7 @@ unsafe fn input_transform2(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn input_transform512(
+unsafe fn input_transform512<const K: usize>(
     _: &Shape,
     _: &[f32],
     _: [(usize, usize); 2],

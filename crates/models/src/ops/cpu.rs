@@ -107,6 +107,51 @@ pub(crate) fn matmul(
     }
 }
 
+/// A layout as equal contiguous blocks at a fixed stride: `(start, block, stride, count)`.
+/// A contiguous tensor is one block; a slice along dim 1 of a contiguous `(B, C, …)` tensor
+/// (a `cat`'s gradient kept as a view) is `B` blocks. None for anything else.
+pub(crate) fn uniform_blocks(l: &Layout) -> Option<(usize, usize, usize, usize)> {
+    let (dims, strides) = (l.dims(), l.stride());
+    let mut block = 1usize;
+    let mut inner = 0;
+    for (&stride, &dim) in strides.iter().zip(dims).rev() {
+        if dim != 1 && stride != block {
+            break;
+        }
+        block *= dim;
+        inner += 1;
+    }
+    match dims.len() - inner {
+        0 => Some((l.start_offset(), block, block, 1)),
+        1 => Some((l.start_offset(), block, strides[0], dims[0])),
+        _ => None,
+    }
+}
+
+/// The f32 data of a custom op's input laid out in [`uniform_blocks`]: the data from the
+/// first block on, and `(block, stride, count)`.
+pub(crate) fn f32_blocks<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<(&'a [f32], (usize, usize, usize))> {
+    let data = match s {
+        CpuStorage::F32(v) => v,
+        _ => candle_core::bail!("{op}: expected f32 storage"),
+    };
+    match uniform_blocks(l) {
+        Some((start, block, stride, count)) if count > 0 => {
+            let end = start + (count - 1) * stride + block;
+            if end > data.len() {
+                candle_core::bail!("{op}: layout past its storage");
+            }
+            Ok((&data[start..end], (block, stride, count)))
+        }
+        Some(_) => Ok((&[], (0, 0, 0))),
+        None => candle_core::bail!("{op}: expected contiguous blocks"),
+    }
+}
+
 /// `d` filled with zeros, as floats.
 pub(crate) fn zeroed(d: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     d.fill(MaybeUninit::new(0.0));
