@@ -370,7 +370,12 @@ mod tests {
                 let v: Vec<f32> = d.flatten_all().unwrap().to_vec1().unwrap();
                 v.iter().map(|f| f.to_bits()).collect()
             };
-            assert_eq!(grad(&view), grad(&view.contiguous().unwrap()), "{}", op.name());
+            assert_eq!(
+                grad(&view),
+                grad(&view.contiguous().unwrap()),
+                "{}",
+                op.name()
+            );
         }
     }
 

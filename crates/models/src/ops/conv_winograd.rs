@@ -296,21 +296,30 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
         for xi in 0..16 {
             let v = &sums.v[xi * s.c * 16..];
             let m = &sums.m[xi * 16 * op..];
-            for ob in (0..op).step_by(COLS) {
+            // With AVX-512, 32 output channels at a time where there are: each broadcast
+            // of V feeds two multiply-adds (one left the kernel waiting on loads and on the
+            // adds' latency).
+            let mut ob = 0;
+            while ob < op {
+                let two = wide && ob + 2 * COLS <= op;
                 for (c0, nr) in panels(s.c) {
                     let panel = &v[c0 * 16..];
                     let grad = (&m[ob..], op, slots);
                     let u = &mut sums.u[(xi * s.c + c0) * op + ob..];
                     // SAFETY: AVX2 and FMA are checked; the panel's rows, the slots and the
-                    // 16 channels from `ob` are inside `v`, `m` and `u` (their sizes above).
+                    // 16 (32) channels from `ob` are inside `v`, `m` and `u` (their sizes
+                    // above).
                     unsafe {
-                        if wide {
+                        if two {
+                            by_rows!(nr, grad_products512x2(panel, grad, u))
+                        } else if wide {
                             by_rows!(nr, grad_products512(panel, grad, u))
                         } else {
                             by_rows!(nr, grad_products(panel, grad, u))
                         }
                     }
                 }
+                ob += if two { 2 * COLS } else { COLS };
             }
         }
     }
@@ -537,6 +546,37 @@ unsafe fn grad_products512<const NR: usize>(
     for (r, acc) in acc.iter().enumerate() {
         let dst = u.as_mut_ptr().add(r * op);
         _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), *acc));
+    }
+}
+
+/// [`grad_products512`] for 32 output channels (two vectors): each lane's sum is the same
+/// chain as there (the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn grad_products512x2<const NR: usize>(
+    v: &[f32],
+    (m, op, slots): (&[f32], usize, [usize; 2]),
+    u: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; NR];
+    for (half, &n) in slots.iter().enumerate() {
+        for slot in half * 8..half * 8 + n {
+            let mq = m.as_ptr().add(slot * op);
+            let (a, b) = (_mm512_loadu_ps(mq), _mm512_loadu_ps(mq.add(16)));
+            let vq = v.as_ptr().add(slot);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*vq.add(r * 16));
+                acc[0] = _mm512_fmadd_ps(w, a, acc[0]);
+                acc[1] = _mm512_fmadd_ps(w, b, acc[1]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let dst = u.as_mut_ptr().add(r * op);
+        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[0]));
+        let dst = dst.add(16);
+        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[1]));
     }
 }
 
@@ -1077,6 +1117,15 @@ unsafe fn products<const NR: usize, const K: usize>(
     _: (&[f32], usize),
     _: (&[f32], usize, usize),
     _: Out,
+) {
+    unreachable!("the Winograd kernel runs only where `available` holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn grad_products512x2<const NR: usize>(
+    _: &[f32],
+    _: (&[f32], usize, [usize; 2]),
+    _: &mut [f32],
 ) {
     unreachable!("the Winograd kernel runs only where `available` holds")
 }
