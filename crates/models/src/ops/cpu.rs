@@ -128,13 +128,11 @@ pub(crate) fn uniform_blocks(l: &Layout) -> Option<(usize, usize, usize, usize)>
     }
 }
 
-/// The f32 data of a custom op's input laid out in [`uniform_blocks`]: the data from the
-/// first block on, and `(block, stride, count)`.
-pub(crate) fn f32_blocks<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &str,
-) -> Result<(&'a [f32], (usize, usize, usize))> {
+/// Data in equal blocks: the data from the first block on, and `(block, stride, count)`.
+pub(crate) type Blocks<'a> = (&'a [f32], (usize, usize, usize));
+
+/// The f32 data of a custom op's input laid out in [`uniform_blocks`].
+pub(crate) fn f32_blocks<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Blocks<'a>> {
     let data = match s {
         CpuStorage::F32(v) => v,
         _ => candle_core::bail!("{op}: expected f32 storage"),
