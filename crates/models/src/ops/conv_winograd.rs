@@ -187,9 +187,9 @@ fn forward_side<const K: usize>(
                 let place = (&mut v[..], lanes, 16 * h);
                 match (K, wide) {
                     (3, true) => input_transform512::<3>(s, xp, *both, place),
-                    (3, false) => input_transform(s, xp, *both, place),
+                    (3, false) => input_transform::<3>(s, xp, *both, place),
                     (_, true) => input_transform512::<2>(s, xp, *both, place),
-                    _ => input_transform2(s, xp, *both, place),
+                    _ => input_transform::<2>(s, xp, *both, place),
                 }
             }
             for (r0, nr) in panels(o) {
@@ -289,7 +289,7 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
             if wide {
                 input_transform512::<3>(s, xp, both, place);
             } else {
-                input_transform(s, xp, both, place);
+                input_transform::<3>(s, xp, both, place);
             }
             grad_transform(s, op, &sums.dyt, (both, slots), &mut sums.m);
         }
@@ -614,60 +614,99 @@ unsafe fn grad_products<const NR: usize>(
     }
 }
 
+/// The even and odd lanes of the 16 consecutive floats from `p`, as two AVX2 vectors (a
+/// macro, not a function or a closure: those would be compiled without AVX2 and not inlined).
+#[cfg(target_arch = "x86_64")]
+macro_rules! split16 {
+    ($p:expr) => {{
+        let (a, b) = (_mm256_loadu_ps($p), _mm256_loadu_ps($p.add(8)));
+        let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
+        let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
+        (
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even)),
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odd)),
+        )
+    }};
+}
+
+/// `Bᵀ·d·B` of one tile `d` (`K + 1` rows of `K + 1` vectors), each of its `(K + 1)²` points
+/// handed to the closure-like `|ξ, value| store`; `$add` and `$sub` are the vector width's
+/// intrinsics, so AVX2 and AVX-512 run the same operations in the same order (a macro, so
+/// that it compiles inside its caller's `target_feature`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! input_tile {
+    ($k:expr, $d:expr, $zero:expr, $add:ident, $sub:ident, |$xi:ident, $w:ident| $store:expr) => {{
+        let d = &$d;
+        if $k == 2 {
+            // F(2×2, 2×2): Bᵀ = [1 −1 0; 0 1 0; 0 −1 1], rows then columns.
+            let mut t = [[$zero; 3]; 3];
+            for j in 0..3 {
+                t[0][j] = $sub(d[0][j], d[1][j]);
+                t[1][j] = d[1][j];
+                t[2][j] = $sub(d[2][j], d[1][j]);
+            }
+            for (i, t) in t.iter().enumerate() {
+                let w = [$sub(t[0], t[1]), t[1], $sub(t[2], t[1])];
+                for (j, &$w) in w.iter().enumerate() {
+                    let $xi = i * 3 + j;
+                    $store;
+                }
+            }
+        } else {
+            // Rows: Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1].
+            let mut t = [[$zero; 4]; 4];
+            for j in 0..4 {
+                t[0][j] = $sub(d[0][j], d[2][j]);
+                t[1][j] = $add(d[1][j], d[2][j]);
+                t[2][j] = $sub(d[2][j], d[1][j]);
+                t[3][j] = $sub(d[1][j], d[3][j]);
+            }
+            // Columns: the same, on the right.
+            for (i, t) in t.iter().enumerate() {
+                let w = [
+                    $sub(t[0], t[2]),
+                    $add(t[1], t[2]),
+                    $sub(t[2], t[1]),
+                    $sub(t[1], t[3]),
+                ];
+                for (j, &$w) in w.iter().enumerate() {
+                    let $xi = i * 4 + j;
+                    $store;
+                }
+            }
+        }
+    }};
+}
+
 /// `V[ξ][c][16]` `=` `Bᵀ·d·B` of the 4×4 patches of the two vectors of tiles `both`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn input_transform(
+unsafe fn input_transform<const K: usize>(
     s: &Shape,
     xp: &[f32],
     both: [(usize, usize); 2],
     (v, lanes, at): (&mut [f32], usize, usize),
 ) {
     use std::arch::x86_64::*;
-    // Even and odd lanes of the 16 consecutive floats from `p` (a macro, not a function or a
-    // closure: those would be compiled without AVX2 and not inlined).
-    macro_rules! split {
-        ($p:expr) => {{
-            let (a, b) = (_mm256_loadu_ps($p), _mm256_loadu_ps($p.add(8)));
-            let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
-            let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
-            (
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even)),
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odd)),
-            )
-        }};
-    }
     let vp = v.as_mut_ptr();
     for ch in 0..s.c {
         for (half, &(ty, q)) in both.iter().enumerate() {
             let base = xp.as_ptr().add(ch * s.plane + 2 * ty * s.wp + q);
             let mut d = [[_mm256_setzero_ps(); TILE_IN]; TILE_IN];
-            for (i, row) in d.iter_mut().enumerate() {
+            for (i, row) in d.iter_mut().enumerate().take(K + 1) {
                 let p = base.add(i * s.wp);
-                (row[0], row[1]) = split!(p);
-                (row[2], row[3]) = split!(p.add(2));
+                (row[0], row[1]) = split16!(p);
+                (row[2], row[3]) = split16!(p.add(2));
             }
-            // Rows: Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1].
-            let mut t = [[_mm256_setzero_ps(); TILE_IN]; TILE_IN];
-            for j in 0..TILE_IN {
-                t[0][j] = _mm256_sub_ps(d[0][j], d[2][j]);
-                t[1][j] = _mm256_add_ps(d[1][j], d[2][j]);
-                t[2][j] = _mm256_sub_ps(d[2][j], d[1][j]);
-                t[3][j] = _mm256_sub_ps(d[1][j], d[3][j]);
-            }
-            // Columns: the same, on the right.
-            for (i, t) in t.iter().enumerate() {
-                let w = [
-                    _mm256_sub_ps(t[0], t[2]),
-                    _mm256_add_ps(t[1], t[2]),
-                    _mm256_sub_ps(t[2], t[1]),
-                    _mm256_sub_ps(t[1], t[3]),
-                ];
-                for (j, w) in w.iter().enumerate() {
-                    let xi = i * TILE_IN + j;
-                    _mm256_storeu_ps(vp.add((xi * s.c + ch) * lanes + at + half * 8), *w);
-                }
-            }
+            let store = |xi: usize| vp.add((xi * s.c + ch) * lanes + at + half * 8);
+            input_tile!(
+                K,
+                d,
+                _mm256_setzero_ps(),
+                _mm256_add_ps,
+                _mm256_sub_ps,
+                |xi, w| { _mm256_storeu_ps(store(xi), w) }
+            );
         }
     }
 }
@@ -686,17 +725,6 @@ unsafe fn input_transform512<const K: usize>(
     (v, lanes, at): (&mut [f32], usize, usize),
 ) {
     use std::arch::x86_64::*;
-    macro_rules! split {
-        ($p:expr) => {{
-            let (a, b) = (_mm256_loadu_ps($p), _mm256_loadu_ps($p.add(8)));
-            let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
-            let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
-            (
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even)),
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odd)),
-            )
-        }};
-    }
     // Two AVX2 vectors as the low and high halves of one.
     macro_rules! join {
         ($lo:expr, $hi:expr) => {
@@ -727,48 +755,20 @@ unsafe fn input_transform512<const K: usize>(
                 }
             } else {
                 let p1 = plane.add((2 * ty1 + i) * s.wp + q1);
-                let ((e0, o0), (e1, o1)) = (split!(p0), split!(p1));
-                let ((e2, o2), (e3, o3)) = (split!(p0.add(2)), split!(p1.add(2)));
+                let ((e0, o0), (e1, o1)) = (split16!(p0), split16!(p1));
+                let ((e2, o2), (e3, o3)) = (split16!(p0.add(2)), split16!(p1.add(2)));
                 *row = [join!(e0, e1), join!(o0, o1), join!(e2, e3), join!(o2, o3)];
             }
         }
-        if K == 2 {
-            // F(2×2, 2×2): Bᵀ = [1 −1 0; 0 1 0; 0 −1 1], as `input_transform2`.
-            let mut t = [[_mm512_setzero_ps(); 3]; 3];
-            for j in 0..3 {
-                t[0][j] = _mm512_sub_ps(d[0][j], d[1][j]);
-                t[1][j] = d[1][j];
-                t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-            }
-            for (i, t) in t.iter().enumerate() {
-                let w = [_mm512_sub_ps(t[0], t[1]), t[1], _mm512_sub_ps(t[2], t[1])];
-                for (j, w) in w.iter().enumerate() {
-                    _mm512_storeu_ps(vp.add(((i * 3 + j) * s.c + ch) * lanes + at), *w);
-                }
-            }
-            continue;
-        }
-        // Rows: Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1].
-        let mut t = [[_mm512_setzero_ps(); TILE_IN]; TILE_IN];
-        for j in 0..TILE_IN {
-            t[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-            t[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-            t[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-            t[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
-        }
-        // Columns: the same, on the right.
-        for (i, t) in t.iter().enumerate() {
-            let w = [
-                _mm512_sub_ps(t[0], t[2]),
-                _mm512_add_ps(t[1], t[2]),
-                _mm512_sub_ps(t[2], t[1]),
-                _mm512_sub_ps(t[1], t[3]),
-            ];
-            for (j, w) in w.iter().enumerate() {
-                let xi = i * TILE_IN + j;
-                _mm512_storeu_ps(vp.add((xi * s.c + ch) * lanes + at), *w);
-            }
-        }
+        let store = |xi: usize| vp.add((xi * s.c + ch) * lanes + at);
+        input_tile!(
+            K,
+            d,
+            _mm512_setzero_ps(),
+            _mm512_add_ps,
+            _mm512_sub_ps,
+            |xi, w| { _mm512_storeu_ps(store(xi), w) }
+        );
     }
 }
 
@@ -820,16 +820,12 @@ unsafe fn store<const NR: usize, const K: usize, const H: usize>(
     m: &MaybeUninit<[[[std::arch::x86_64::__m256; H]; NR]; 16]>,
     out: Out,
 ) {
-    if K == 3 {
-        // SAFETY: all 16 points were written.
-        store_tiles(s, m.assume_init_ref(), out);
-    } else {
-        // SAFETY: the first 9 points were written; the rest is never read.
-        let first = &*m
-            .as_ptr()
-            .cast::<[[[std::arch::x86_64::__m256; H]; NR]; 9]>();
-        store_tiles2(s, first, out);
-    }
+    // SAFETY: the first `(K + 1)²` points were written; the rest is never read.
+    let points = std::slice::from_raw_parts(
+        m.as_ptr().cast::<[[std::arch::x86_64::__m256; H]; NR]>(),
+        (K + 1) * (K + 1),
+    );
+    store_tiles::<NR, H, K>(s, points, out);
 }
 
 /// [`products`] with AVX-512: the 16 tiles in one vector, so half the multiply-adds and loads
@@ -929,9 +925,9 @@ unsafe fn products512x2<const NR: usize, const K: usize>(
 /// `y` (`NR` planes of `ho × wo`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn store_tiles<const NR: usize, const H: usize>(
+unsafe fn store_tiles<const NR: usize, const H: usize, const K: usize>(
     s: &Shape,
-    m: &[[[std::arch::x86_64::__m256; H]; NR]; 16],
+    m: &[[[std::arch::x86_64::__m256; H]; NR]],
     (y, add, pair): Out,
 ) {
     use std::arch::x86_64::*;
@@ -943,14 +939,20 @@ unsafe fn store_tiles<const NR: usize, const H: usize>(
         for (half, &(ty, q)) in pair.iter().enumerate() {
             macro_rules! mm {
                 ($i:expr, $j:expr) => {
-                    m[$i * TILE_IN + $j][r][half]
+                    m[$i * (K + 1) + $j][r][half]
                 };
             }
-            // Aᵀ = [1 1 1 0; 0 1 −1 −1], on the left, then on the right.
             let mut sr = [[_mm256_setzero_ps(); TILE_IN]; 2];
-            for j in 0..TILE_IN {
-                sr[0][j] = _mm256_add_ps(_mm256_add_ps(mm!(0, j), mm!(1, j)), mm!(2, j));
-                sr[1][j] = _mm256_sub_ps(_mm256_sub_ps(mm!(1, j), mm!(2, j)), mm!(3, j));
+            for j in 0..K + 1 {
+                if K == 2 {
+                    // F(2×2, 2×2): Aᵀ = [1 1 0; 0 1 1].
+                    sr[0][j] = _mm256_add_ps(mm!(0, j), mm!(1, j));
+                    sr[1][j] = _mm256_add_ps(mm!(1, j), mm!(2, j));
+                } else {
+                    // Aᵀ = [1 1 1 0; 0 1 −1 −1], on the left, then on the right.
+                    sr[0][j] = _mm256_add_ps(_mm256_add_ps(mm!(0, j), mm!(1, j)), mm!(2, j));
+                    sr[1][j] = _mm256_sub_ps(_mm256_sub_ps(mm!(1, j), mm!(2, j)), mm!(3, j));
+                }
             }
             // The columns from `q` inside the row: all 16, or the first `n` (masked).
             let n = COLS.min(s.wo - q);
@@ -959,8 +961,14 @@ unsafe fn store_tiles<const NR: usize, const H: usize>(
                 _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32 - 8), lane),
             ];
             for (a, sr) in sr.iter().enumerate() {
-                let y0 = _mm256_add_ps(_mm256_add_ps(sr[0], sr[1]), sr[2]);
-                let y1 = _mm256_sub_ps(_mm256_sub_ps(sr[1], sr[2]), sr[3]);
+                let (y0, y1) = if K == 2 {
+                    (_mm256_add_ps(sr[0], sr[1]), _mm256_add_ps(sr[1], sr[2]))
+                } else {
+                    (
+                        _mm256_add_ps(_mm256_add_ps(sr[0], sr[1]), sr[2]),
+                        _mm256_sub_ps(_mm256_sub_ps(sr[1], sr[2]), sr[3]),
+                    )
+                };
                 // Tile t's two columns side by side: 16 consecutive outputs.
                 let (lo, hi) = (_mm256_unpacklo_ps(y0, y1), _mm256_unpackhi_ps(y0, y1));
                 let first = _mm256_add_ps(bias, _mm256_permute2f128_ps::<0x20>(lo, hi));
@@ -981,116 +989,6 @@ unsafe fn store_tiles<const NR: usize, const H: usize>(
     }
 }
 
-/// `V[ξ][c][16]` `=` `Bᵀ·d·B` of the 3×3 patches of the two vectors of tiles `both`, for
-/// F(2×2, 2×2): `Bᵀ = [1 −1 0; 0 1 0; 0 −1 1]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn input_transform2(
-    s: &Shape,
-    xp: &[f32],
-    both: [(usize, usize); 2],
-    (v, lanes, at): (&mut [f32], usize, usize),
-) {
-    use std::arch::x86_64::*;
-    macro_rules! split {
-        ($p:expr) => {{
-            let (a, b) = (_mm256_loadu_ps($p), _mm256_loadu_ps($p.add(8)));
-            let even = _mm256_castps_pd(_mm256_shuffle_ps::<0b10_00_10_00>(a, b));
-            let odd = _mm256_castps_pd(_mm256_shuffle_ps::<0b11_01_11_01>(a, b));
-            (
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(even)),
-                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(odd)),
-            )
-        }};
-    }
-    let vp = v.as_mut_ptr();
-    for ch in 0..s.c {
-        for (half, &(ty, q)) in both.iter().enumerate() {
-            let base = xp.as_ptr().add(ch * s.plane + 2 * ty * s.wp + q);
-            let mut d = [[_mm256_setzero_ps(); 3]; 3];
-            for (i, row) in d.iter_mut().enumerate() {
-                let p = base.add(i * s.wp);
-                (row[0], row[1]) = split!(p);
-                row[2] = split!(p.add(2)).0;
-            }
-            let mut t = [[_mm256_setzero_ps(); 3]; 3];
-            for j in 0..3 {
-                t[0][j] = _mm256_sub_ps(d[0][j], d[1][j]);
-                t[1][j] = d[1][j];
-                t[2][j] = _mm256_sub_ps(d[2][j], d[1][j]);
-            }
-            for (i, t) in t.iter().enumerate() {
-                let w = [_mm256_sub_ps(t[0], t[1]), t[1], _mm256_sub_ps(t[2], t[1])];
-                for (j, w) in w.iter().enumerate() {
-                    _mm256_storeu_ps(vp.add(((i * 3 + j) * s.c + ch) * lanes + at + half * 8), *w);
-                }
-            }
-        }
-    }
-}
-
-/// [`store_tiles`] for F(2×2, 2×2): `add[r] + Aᵀ·M·A` with `Aᵀ = [1 1 0; 0 1 1]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn store_tiles2<const NR: usize, const H: usize>(
-    s: &Shape,
-    m: &[[[std::arch::x86_64::__m256; H]; NR]; 9],
-    (y, add, pair): Out,
-) {
-    use std::arch::x86_64::*;
-    let plane = s.ho * s.wo;
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    #[allow(clippy::needless_range_loop)] // `r` picks the row in all 9 points' sums
-    for r in 0..NR {
-        let bias = _mm256_set1_ps(add[r]);
-        for (half, &(ty, q)) in pair.iter().enumerate() {
-            macro_rules! mm {
-                ($i:expr, $j:expr) => {
-                    m[$i * 3 + $j][r][half]
-                };
-            }
-            let mut sr = [[_mm256_setzero_ps(); 3]; 2];
-            for j in 0..3 {
-                sr[0][j] = _mm256_add_ps(mm!(0, j), mm!(1, j));
-                sr[1][j] = _mm256_add_ps(mm!(1, j), mm!(2, j));
-            }
-            let n = COLS.min(s.wo - q);
-            let masks = [
-                _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane),
-                _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32 - 8), lane),
-            ];
-            for (a, sr) in sr.iter().enumerate() {
-                let y0 = _mm256_add_ps(sr[0], sr[1]);
-                let y1 = _mm256_add_ps(sr[1], sr[2]);
-                let (lo, hi) = (_mm256_unpacklo_ps(y0, y1), _mm256_unpackhi_ps(y0, y1));
-                let first = _mm256_add_ps(bias, _mm256_permute2f128_ps::<0x20>(lo, hi));
-                let second = _mm256_add_ps(bias, _mm256_permute2f128_ps::<0x31>(lo, hi));
-                let dst = y
-                    .as_mut_ptr()
-                    .cast::<f32>()
-                    .add(r * plane + (2 * ty + a) * s.wo + q);
-                if n == COLS {
-                    _mm256_storeu_ps(dst, first);
-                    _mm256_storeu_ps(dst.add(8), second);
-                } else {
-                    _mm256_maskstore_ps(dst, masks[0], first);
-                    _mm256_maskstore_ps(dst.add(8), masks[1], second);
-                }
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn input_transform2(
-    _: &Shape,
-    _: &[f32],
-    _: [(usize, usize); 2],
-    _: (&mut [f32], usize, usize),
-) {
-    unreachable!("the Winograd kernel runs only where `available` holds")
-}
-
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn input_transform512<const K: usize>(
     _: &Shape,
@@ -1102,7 +1000,7 @@ unsafe fn input_transform512<const K: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn input_transform(
+unsafe fn input_transform<const K: usize>(
     _: &Shape,
     _: &[f32],
     _: [(usize, usize); 2],
