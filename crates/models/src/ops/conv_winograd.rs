@@ -311,9 +311,9 @@ pub(crate) fn weight_grad(s: &Shape, o: usize, dy: &[f32], xp: &[f32], sums: &mu
                     // above).
                     unsafe {
                         if two {
-                            by_rows!(nr, grad_products512x2(panel, grad, u))
+                            by_rows!(nr, grad_products512[2](panel, grad, u))
                         } else if wide {
-                            by_rows!(nr, grad_products512(panel, grad, u))
+                            by_rows!(nr, grad_products512[1](panel, grad, u))
                         } else {
                             by_rows!(nr, grad_products(panel, grad, u))
                         }
@@ -523,60 +523,39 @@ unsafe fn grad_transform(
     }
 }
 
-/// [`grad_products`] with AVX-512: the 16 output channels in one vector; each lane runs the
-/// same operations in the same order (the same bits).
+/// [`grad_products`] with AVX-512 for `16·W` output channels (`W` vectors: 32 channels at a
+/// time let each broadcast of V feed two multiply-adds); each lane runs the same operations
+/// in the same order (the same bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn grad_products512<const NR: usize>(
+unsafe fn grad_products512<const NR: usize, const W: usize>(
     v: &[f32],
     (m, op, slots): (&[f32], usize, [usize; 2]),
     u: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); NR];
-    for (half, &n) in slots.iter().enumerate() {
-        for slot in half * 8..half * 8 + n {
-            let a = _mm512_loadu_ps(m.as_ptr().add(slot * op));
-            let vq = v.as_ptr().add(slot);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*vq.add(r * 16)), a, *acc);
-            }
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        let dst = u.as_mut_ptr().add(r * op);
-        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), *acc));
-    }
-}
-
-/// [`grad_products512`] for 32 output channels (two vectors): each lane's sum is the same
-/// chain as there (the same bits).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn grad_products512x2<const NR: usize>(
-    v: &[f32],
-    (m, op, slots): (&[f32], usize, [usize; 2]),
-    u: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; NR];
+    let mut acc = [[_mm512_setzero_ps(); W]; NR];
     for (half, &n) in slots.iter().enumerate() {
         for slot in half * 8..half * 8 + n {
             let mq = m.as_ptr().add(slot * op);
-            let (a, b) = (_mm512_loadu_ps(mq), _mm512_loadu_ps(mq.add(16)));
+            let mut a = [_mm512_setzero_ps(); W];
+            for (k, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(mq.add(16 * k));
+            }
             let vq = v.as_ptr().add(slot);
             for (r, acc) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*vq.add(r * 16));
-                acc[0] = _mm512_fmadd_ps(w, a, acc[0]);
-                acc[1] = _mm512_fmadd_ps(w, b, acc[1]);
+                for (acc, a) in acc.iter_mut().zip(&a) {
+                    *acc = _mm512_fmadd_ps(w, *a, *acc);
+                }
             }
         }
     }
     for (r, acc) in acc.iter().enumerate() {
-        let dst = u.as_mut_ptr().add(r * op);
-        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[0]));
-        let dst = dst.add(16);
-        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[1]));
+        for (k, acc) in acc.iter().enumerate() {
+            let dst = u.as_mut_ptr().add(r * op + 16 * k);
+            _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), *acc));
+        }
     }
 }
 
@@ -1020,16 +999,7 @@ unsafe fn products<const NR: usize, const K: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn grad_products512x2<const NR: usize>(
-    _: &[f32],
-    _: (&[f32], usize, [usize; 2]),
-    _: &mut [f32],
-) {
-    unreachable!("the Winograd kernel runs only where `available` holds")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn grad_products512<const NR: usize>(
+unsafe fn grad_products512<const NR: usize, const W: usize>(
     _: &[f32],
     _: (&[f32], usize, [usize; 2]),
     _: &mut [f32],
